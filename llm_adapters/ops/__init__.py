@@ -1,0 +1,218 @@
+"""Functional adapter ops with autograd and backend dispatch (torch | triton | cuda).
+
+    y = lora_linear(x, weight, bias, lora_a, lora_b, scaling=2.0, dropout_p=0.0)
+    y = lora_linear(x, weight, bias, down, up, scaling=1.0, activation="tanh")  # parallel
+    z = series_adapter(h, down, up, scaling=1.0, activation="tanh", dropout_p=0.0)
+
+Every input is validated here, once, so each backend sees 2-D contiguous activations and
+consistent shapes, dtypes and devices.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+from ._activations import ACTIVATIONS, check_activation
+from ._custom import lora_op, series_op
+from ._dispatch import (
+    BACKENDS,
+    BackendUnavailableError,
+    available_backends,
+    backend_status,
+    resolve_backend,
+)
+
+__all__ = [
+    "ACTIVATIONS",
+    "BACKENDS",
+    "BackendUnavailableError",
+    "available_backends",
+    "backend_status",
+    "dropout_mask",
+    "lora_linear",
+    "new_seed",
+    "resolve_backend",
+    "series_adapter",
+]
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+Scale = Union[float, Tensor]
+
+
+def new_seed() -> Tensor:
+    """A fresh dropout seed drawn from torch's CPU generator (so `torch.manual_seed` and the
+    RNG-state replay of activation checkpointing reproduce it); a 0-dim int64 CPU tensor."""
+    return torch.randint(0, 2**62, (), dtype=torch.int64)
+
+
+def _seed_tensor(seed: Union[int, Tensor, None], dropout_p: float) -> Tensor:
+    if seed is None:
+        return new_seed() if dropout_p > 0 else torch.zeros((), dtype=torch.int64)
+    if isinstance(seed, Tensor):
+        if seed.numel() != 1 or seed.dtype != torch.int64:
+            raise ValueError(f"seed must be an int or a one-element int64 tensor, got {seed!r}")
+        return seed.reshape(()).cpu()
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
+        raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
+    return torch.tensor(seed, dtype=torch.int64)
+
+
+def _check_tensor(name: str, t: Tensor, shape: tuple[int, ...], device: torch.device) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {tuple(shape)}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device}, but the input is on {device}")
+    if t.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} has dtype {t.dtype}; expected a floating dtype")
+
+
+def _check_common(
+    x: Tensor, x_name: str, rank: int, dropout_p: float, activation: str, scaling: Scale
+):
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{x_name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() < 1:
+        raise ValueError(f"{x_name} must have at least one dimension, got a 0-dim tensor")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{x_name} has dtype {x.dtype}; expected float16, bfloat16 or float32")
+    if rank < 1:
+        raise ValueError(f"the adapter rank must be at least 1, got {rank}")
+    if not 0.0 <= float(dropout_p) < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    check_activation(activation)
+    if isinstance(scaling, Tensor):
+        if scaling.numel() != 1:
+            raise ValueError(f"a tensor scaling must have one element, got shape {scaling.shape}")
+        if scaling.device != x.device:
+            raise ValueError(f"scaling is on {scaling.device}, but {x_name} is on {x.device}")
+    elif not isinstance(scaling, (int, float)):
+        raise TypeError(f"scaling must be a float or a one-element tensor, got {scaling!r}")
+
+
+def _split_scale(scaling: Scale) -> tuple[Optional[Tensor], float]:
+    if isinstance(scaling, Tensor):
+        return scaling.reshape(()), 1.0
+    return None, float(scaling)
+
+
+def _rows(t: Tensor, width: int) -> Tensor:
+    # reshape is a view for contiguous inputs; copy only when the layout needs it
+    return t.reshape(-1, width).contiguous()
+
+
+def lora_linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    lora_a: Tensor,
+    lora_b: Tensor,
+    scaling: Scale = 1.0,
+    dropout_p: float = 0.0,
+    activation: str = "identity",
+    seed: Union[int, Tensor, None] = None,
+    lora_a_bias: Optional[Tensor] = None,
+    lora_b_bias: Optional[Tensor] = None,
+    backend: Optional[str] = None,
+) -> Tensor:
+    """y = x Wᵀ + b + s·φ(D(x) Aᵀ + a_b) Bᵀ + b_b — LoRA (φ = identity) and parallel adapters.
+
+    x: [..., K]; weight: [N, K] (frozen; a transposed view is fine); bias: [N] or None;
+    lora_a: [r, K]; lora_b: [N, r]; scaling: float, or a one-element tensor (learned);
+    dropout_p: inverted dropout on the branch input; seed: the dropout seed (drawn from torch's
+    CPU generator when None). Adapter weights may be float32 while x is half precision: they
+    are cast to x's dtype; x is never upcast. Returns [..., N] in x's dtype.
+    """
+    _check_common(x, "x", lora_a.shape[0] if lora_a.dim() else 0, dropout_p, activation, scaling)
+    k = x.shape[-1]
+    if weight.dim() != 2 or weight.shape[1] != k:
+        raise ValueError(f"weight has shape {tuple(weight.shape)}, expected [N, {k}] for x [..., {k}]")
+    n = weight.shape[0]
+    if lora_a.dim() != 2:
+        raise ValueError(f"lora_a must be 2-D [r, {k}], got shape {tuple(lora_a.shape)}")
+    r = lora_a.shape[0]
+    _check_tensor("weight", weight, (n, k), x.device)
+    if weight.dtype != x.dtype:
+        raise TypeError(f"weight dtype {weight.dtype} does not match x dtype {x.dtype}")
+    if weight.requires_grad and torch.is_grad_enabled():
+        raise ValueError(
+            "the base weight must be frozen (requires_grad=False): lora_linear computes no "
+            "gradient for it"
+        )
+    if bias is not None:
+        _check_tensor("bias", bias, (n,), x.device)
+        if bias.dtype != x.dtype:
+            raise TypeError(f"bias dtype {bias.dtype} does not match x dtype {x.dtype}")
+    _check_tensor("lora_a", lora_a, (r, k), x.device)
+    _check_tensor("lora_b", lora_b, (n, r), x.device)
+    if lora_a_bias is not None:
+        _check_tensor("lora_a_bias", lora_a_bias, (r,), x.device)
+    if lora_b_bias is not None:
+        _check_tensor("lora_b_bias", lora_b_bias, (n,), x.device)
+    impl = resolve_backend("lora", x.device, backend)
+    scale_t, scale_f = _split_scale(scaling)
+    lead = x.shape[:-1]
+    y, _, _ = lora_op(impl)(
+        _rows(x, k), weight, bias, lora_a, lora_b, lora_a_bias, lora_b_bias, scale_t, scale_f,
+        float(dropout_p), _seed_tensor(seed, dropout_p), activation,
+    )
+    return y.view(*lead, n)
+
+
+def series_adapter(
+    h: Tensor,
+    down: Tensor,
+    up: Tensor,
+    scaling: Scale = 1.0,
+    activation: str = "tanh",
+    dropout_p: float = 0.0,
+    seed: Union[int, Tensor, None] = None,
+    down_bias: Optional[Tensor] = None,
+    up_bias: Optional[Tensor] = None,
+    backend: Optional[str] = None,
+) -> Tensor:
+    """z = h + s·φ(D(h) Dnᵀ + d_b) Upᵀ + u_b — the series bottleneck adapter (AdapterH/P).
+
+    h: [..., N]; down: [r, N]; up: [N, r]; other arguments as in `lora_linear`.
+    Returns [..., N] in h's dtype.
+    """
+    _check_common(h, "h", down.shape[0] if down.dim() else 0, dropout_p, activation, scaling)
+    n = h.shape[-1]
+    if down.dim() != 2:
+        raise ValueError(f"down must be 2-D [r, {n}], got shape {tuple(down.shape)}")
+    r = down.shape[0]
+    _check_tensor("down", down, (r, n), h.device)
+    _check_tensor("up", up, (n, r), h.device)
+    if down_bias is not None:
+        _check_tensor("down_bias", down_bias, (r,), h.device)
+    if up_bias is not None:
+        _check_tensor("up_bias", up_bias, (n,), h.device)
+    impl = resolve_backend("series", h.device, backend)
+    scale_t, scale_f = _split_scale(scaling)
+    lead = h.shape[:-1]
+    z, _, _ = series_op(impl)(
+        _rows(h, n), down, up, down_bias, up_bias, scale_t, scale_f, float(dropout_p),
+        _seed_tensor(seed, dropout_p), activation,
+    )
+    return z.view(*lead, n)
+
+
+def dropout_mask(
+    shape: tuple[int, ...],
+    dropout_p: float,
+    seed: Union[int, Tensor],
+    device: Union[str, torch.device] = "cpu",
+    backend: Optional[str] = None,
+) -> Tensor:
+    """The bool keep-mask (True = kept) that `backend` uses for this seed and the 2-D input
+    shape [M, K] (the flattened x of lora_linear, or h of series_adapter). Kept elements are
+    scaled by 1 / (realised keep probability); see each backend for how p is realised."""
+    if not 0.0 <= float(dropout_p) < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    device = torch.device(device)
+    impl = resolve_backend(None, device, backend)
+    return impl.keep_mask(tuple(shape), float(dropout_p), int(_seed_tensor(seed, 1.0)), device)

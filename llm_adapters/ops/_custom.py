@@ -1,0 +1,211 @@
+"""One `torch.library` custom op pair (forward + backward) per backend and op.
+
+`custom_op` + `register_fake` + `register_autograd` makes each backend opaque to
+`torch.compile` (no graph breaks, traced by shape) and checkable by `torch.library.opcheck`.
+The ops are created lazily, the first time a backend is used, so importing the package never
+imports Triton or loads the CUDA extension.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import torch
+from torch import Tensor
+
+from .torch_backend import acc_dtype
+
+_ops: dict[tuple[str, str], Callable[..., Any]] = {}
+
+
+def _fake_grads(g: Tensor, shapes: list[tuple[int, ...]], needs: list[bool], first_dtype):
+    acc = acc_dtype(g.dtype)
+    out = []
+    for i, (shape, need) in enumerate(zip(shapes, needs)):
+        dtype = first_dtype if i == 0 else acc
+        out.append(g.new_empty(shape if need else (0,), dtype=dtype))
+    return tuple(out)
+
+
+def lora_op(backend: Any) -> Callable[..., Tensor]:
+    """The autograd-aware custom op running `backend`'s LoRA / parallel-adapter kernels."""
+    key = (backend.name, "lora")
+    if key in _ops:
+        return _ops[key]
+    prefix = f"llm_adapters::lora_linear_{backend.name}"
+
+    @torch.library.custom_op(prefix, mutates_args=())
+    def fwd(
+        x: Tensor,
+        weight: Tensor,
+        bias: Optional[Tensor],
+        a: Tensor,
+        b: Tensor,
+        a_bias: Optional[Tensor],
+        b_bias: Optional[Tensor],
+        scale_t: Optional[Tensor],
+        scaling: float,
+        dropout_p: float,
+        seed: Tensor,
+        activation: str,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        return backend.lora_forward(
+            x, weight, bias, a, b, a_bias, b_bias, scale_t, scaling, dropout_p,
+            int(seed), activation,
+        )
+
+    @fwd.register_fake
+    def _(x, weight, bias, a, b, a_bias, b_bias, scale_t, scaling, dropout_p, seed, activation):
+        m, k = x.shape
+        mask_shape = (m, k) if (backend.stores_mask and dropout_p > 0) else (0,)
+        return (
+            x.new_empty((m, weight.shape[0])),
+            x.new_empty((m, a.shape[0]), dtype=acc_dtype(x.dtype)),
+            x.new_empty(mask_shape, dtype=torch.bool),
+        )
+
+    @torch.library.custom_op(prefix + "_backward", mutates_args=())
+    def bwd(
+        g: Tensor,
+        x: Tensor,
+        weight: Tensor,
+        a: Tensor,
+        b: Tensor,
+        scale_t: Optional[Tensor],
+        scaling: float,
+        dropout_p: float,
+        seed: Tensor,
+        activation: str,
+        s_pre: Tensor,
+        mask: Tensor,
+        needs: list[bool],
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        return backend.lora_backward(
+            g, x, weight, a, b, scale_t, scaling, dropout_p, int(seed), activation,
+            s_pre, mask, needs,
+        )
+
+    @bwd.register_fake
+    def _(g, x, weight, a, b, scale_t, scaling, dropout_p, seed, activation, s_pre, mask, needs):
+        m, k = x.shape
+        n, r = b.shape
+        shapes = [(m, k), (n,), (r, k), (n, r), (r,), (n,), ()]
+        return _fake_grads(g, shapes, needs, g.dtype)
+
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, a, b, a_bias, b_bias, scale_t, scaling, p, seed, activation = inputs
+        _, s_pre, mask = output
+        ctx.save_for_backward(x, weight, a, b, scale_t, seed, s_pre, mask)
+        refs = (x, bias, a, b, a_bias, b_bias, scale_t)
+        ctx.refs = tuple(None if t is None else (t.dtype, t.shape) for t in refs)
+        ctx.args = (scaling, p, activation)
+        ctx.mark_non_differentiable(s_pre, mask)
+
+    def backward(ctx, gy, _gs, _gm):
+        x, weight, a, b, scale_t, seed, s_pre, mask = ctx.saved_tensors
+        ni = ctx.needs_input_grad
+        needs = [bool(ni[i]) for i in (0, 2, 3, 4, 5, 6, 7)]
+        scaling, p, activation = ctx.args
+        grads = bwd(
+            gy.contiguous(), x, weight, a, b, scale_t, scaling, p, seed, activation,
+            s_pre, mask, needs,
+        )
+        out = [
+            None if not need or ref is None else g.to(ref[0]).reshape(ref[1])
+            for g, need, ref in zip(grads, needs, ctx.refs)
+        ]
+        dx, dbias, da, db, dab, dbb, dscale = out
+        return dx, None, dbias, da, db, dab, dbb, dscale, None, None, None, None
+
+    fwd.register_autograd(backward, setup_context=setup_context)
+    _ops[key] = fwd
+    return fwd
+
+
+def series_op(backend: Any) -> Callable[..., Tensor]:
+    """The autograd-aware custom op running `backend`'s series bottleneck adapter kernels."""
+    key = (backend.name, "series")
+    if key in _ops:
+        return _ops[key]
+    prefix = f"llm_adapters::series_adapter_{backend.name}"
+
+    @torch.library.custom_op(prefix, mutates_args=())
+    def fwd(
+        h: Tensor,
+        down: Tensor,
+        up: Tensor,
+        down_bias: Optional[Tensor],
+        up_bias: Optional[Tensor],
+        scale_t: Optional[Tensor],
+        scaling: float,
+        dropout_p: float,
+        seed: Tensor,
+        activation: str,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        return backend.series_forward(
+            h, down, up, down_bias, up_bias, scale_t, scaling, dropout_p, int(seed), activation
+        )
+
+    @fwd.register_fake
+    def _(h, down, up, down_bias, up_bias, scale_t, scaling, dropout_p, seed, activation):
+        m, n = h.shape
+        mask_shape = (m, n) if (backend.stores_mask and dropout_p > 0) else (0,)
+        return (
+            h.new_empty((m, n)),
+            h.new_empty((m, down.shape[0]), dtype=acc_dtype(h.dtype)),
+            h.new_empty(mask_shape, dtype=torch.bool),
+        )
+
+    @torch.library.custom_op(prefix + "_backward", mutates_args=())
+    def bwd(
+        g: Tensor,
+        h: Tensor,
+        down: Tensor,
+        up: Tensor,
+        scale_t: Optional[Tensor],
+        scaling: float,
+        dropout_p: float,
+        seed: Tensor,
+        activation: str,
+        s_pre: Tensor,
+        mask: Tensor,
+        needs: list[bool],
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        return backend.series_backward(
+            g, h, down, up, scale_t, scaling, dropout_p, int(seed), activation, s_pre, mask,
+            needs,
+        )
+
+    @bwd.register_fake
+    def _(g, h, down, up, scale_t, scaling, dropout_p, seed, activation, s_pre, mask, needs):
+        m, n = h.shape
+        r = down.shape[0]
+        shapes = [(m, n), (r, n), (n, r), (r,), (n,), ()]
+        return _fake_grads(g, shapes, needs, g.dtype)
+
+    def setup_context(ctx, inputs, output):
+        h, down, up, down_bias, up_bias, scale_t, scaling, p, seed, activation = inputs
+        _, s_pre, mask = output
+        ctx.save_for_backward(h, down, up, scale_t, seed, s_pre, mask)
+        refs = (h, down, up, down_bias, up_bias, scale_t)
+        ctx.refs = tuple(None if t is None else (t.dtype, t.shape) for t in refs)
+        ctx.args = (scaling, p, activation)
+        ctx.mark_non_differentiable(s_pre, mask)
+
+    def backward(ctx, gz, _gs, _gm):
+        h, down, up, scale_t, seed, s_pre, mask = ctx.saved_tensors
+        needs = [bool(n) for n in ctx.needs_input_grad[:6]]
+        scaling, p, activation = ctx.args
+        grads = bwd(
+            gz.contiguous(), h, down, up, scale_t, scaling, p, seed, activation, s_pre, mask,
+            needs,
+        )
+        out = [
+            None if not need or ref is None else g.to(ref[0]).reshape(ref[1])
+            for g, need, ref in zip(grads, needs, ctx.refs)
+        ]
+        return (*out, None, None, None, None)
+
+    fwd.register_autograd(backward, setup_context=setup_context)
+    _ops[key] = fwd
+    return fwd
