@@ -1,0 +1,712 @@
+"""Series bottleneck adapter (AdapterH / AdapterP) in Triton: z = h + s·φ(D(h) Dnᵀ + d_b) Upᵀ + u_b.
+
+Shapes: h [M, N] (hidden size N up to 16384), Dn [r, N], Up [N, r], bottleneck r in 1..1024.
+Contract (argument order, dtypes, empty tensors for unneeded grads): `ops/torch_backend.py`.
+
+Reference and memory traffic (eager PyTorch, M rows, bytes of h's dtype):
+    hd = dropout(h)                 read MN, write MN (plus a stored mask)
+    S = hd @ Dn.T + d_b             read MN
+    A = φ(S)                        rank-sized
+    z = h + s * (A @ Up.T) + u_b    write MN (A @ Up.T), read 2 MN, write MN
+Forward kernel here: one program per [BM, N] row block. Pass 1 walks the row in BN-wide chunks
+accumulating S in fp32 (dropout regenerated from the Philox seed, never stored); pass 2 walks
+it again, re-reading h (from L2: the row block was just read) and writing z. DRAM floor: read
+MN, write MN; saved for backward: S only ([M, r] fp32).
+
+Backward, g = dL/dz:
+    GU = g Up [M, r];   dS = s·GU ⊙ φ'(S);   d(scale) = Σ GU ⊙ φ(S);   d_b grad = Σ_m dS
+    dh = g + D'(dS Dn)          (row-block kernel: pass 1 computes GU, pass 2 re-reads g, writes dh)
+    dDn = dSᵀ D(h),  dUp = s·gᵀ φ(S),  u_b grad = Σ_m g   (column-tile kernel, reads g and h)
+DRAM traffic: g twice, h once, dh once. The floor (g once) would need the [r, N] weight
+gradients reduced across row blocks with atomics; we keep the backward deterministic instead:
+the column-tile kernel splits M into a few chunks whose fp32 partials are summed in a fixed
+order. When only dh is needed (frozen adapter) the backward reads g once and writes dh once.
+
+Dropout: the keep-mask of element (m, n) is `keep_bits(seed, m * N + n, t)` from `dropout.py`,
+identical to `dropout.keep_mask((M, N), p, seed)`; kept values are scaled by 65536 / (65536 - t).
+The scaling is applied to the rank-sized products, never to h.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from ..ops._activations import activation_grad, apply_activation
+from ..ops.torch_backend import dropout_threshold
+from .dropout import keep_bits
+from .dropout import keep_mask as _keep_mask
+
+# Activation codes: compile-time constants so each kernel specialises on one φ.
+_ACT_CODES = {"identity": 0, "tanh": 1, "relu": 2, "gelu": 3, "silu": 4}
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+# Largest bottleneck kept in registers as one tile. S [BM, r] in fp32 plus the [BN, r] weight
+# tile bound the register budget; above this r is tiled (correct, not tuned for speed).
+_MAX_BLOCK_R = 64 if _INTERPRET else 256
+
+_INV_SQRT2 = 0.7071067811865476
+
+
+def _configs(kernel: str) -> list[triton.Config]:
+    """Autotuning space. Under the interpreter one small config (speed is meaningless there
+    and every config would be run for timing). On sm_80 / sm_90 the row-block kernels want a
+    BM that keeps S and the output tile in registers (BM·r + BM·BN fp32 values per program)."""
+    if _INTERPRET:
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4)]
+    if kernel == "rows":
+        return [
+            triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+            for bm, bn, w, s in [
+                (32, 64, 4, 3),
+                (32, 128, 4, 3),
+                (64, 64, 8, 3),
+                (64, 128, 8, 3),
+                (64, 64, 4, 4),
+                (128, 64, 8, 3),
+            ]
+        ]
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+        for bm, bn, w, s in [
+            (32, 64, 4, 3),
+            (64, 64, 4, 3),
+            (64, 128, 8, 3),
+            (128, 64, 8, 3),
+            (64, 64, 8, 4),
+        ]
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _tanh(x):
+    # tanh through exp (no libdevice, so the interpreter runs it too); the |x| form never
+    # overflows: e = exp(-2|x|) is in (0, 1].
+    e = tl.exp(-2.0 * tl.abs(x))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def _act(s, ACT: tl.constexpr):
+    """φ(S) in fp32."""
+    if ACT == 0:
+        out = s
+    elif ACT == 1:
+        out = _tanh(s)
+    elif ACT == 2:
+        out = tl.maximum(s, 0.0)
+    elif ACT == 3:
+        out = 0.5 * s * (1.0 + tl.erf(s * 0.7071067811865476))
+    else:
+        out = s / (1.0 + tl.exp(-s))
+    return out
+
+
+@triton.jit
+def _act_grad(s, ACT: tl.constexpr):
+    """φ'(S) in fp32 (1 for identity; relu' is 0 at 0, as torch)."""
+    if ACT == 0:
+        out = tl.full(s.shape, 1.0, tl.float32)
+    elif ACT == 1:
+        t = _tanh(s)
+        out = 1.0 - t * t
+    elif ACT == 2:
+        out = tl.where(s > 0, 1.0, 0.0)
+    elif ACT == 3:
+        cdf = 0.5 * (1.0 + tl.erf(s * 0.7071067811865476))
+        pdf = tl.exp(-0.5 * s * s) * 0.3989422804014327
+        out = cdf + s * pdf
+    else:
+        sig = 1.0 / (1.0 + tl.exp(-s))
+        out = sig * (1.0 + s * (1.0 - sig))
+    return out
+
+
+@triton.jit
+def _shrink_tile(
+    h_ptr, dn_ptr, db_ptr, rows, row_ok, r0, N, R, stride_dn_r, stride_dn_n,
+    seed, threshold, inv_keep,
+    HAS_DB: tl.constexpr, HAS_DROPOUT: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """S[:, r0:r0+BR] = D(h[rows]) Dn[r0:r0+BR]ᵀ (+ d_b) in fp32, walking N in BN chunks."""
+    dt = h_ptr.dtype.element_ty
+    rr = r0 + tl.arange(0, BLOCK_R)
+    r_ok = rr < R
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        col_ok = cols < N
+        offs = rows[:, None] * N + cols[None, :]
+        x = tl.load(h_ptr + offs, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        if HAS_DROPOUT:
+            x = tl.where(keep_bits(seed, offs, threshold), x, 0.0)
+        # Dn tile read as [BN, BR] (Dnᵀ); adapter weights are cast to h's dtype, h never upcast.
+        w = tl.load(
+            dn_ptr + rr[None, :] * stride_dn_r + cols[:, None] * stride_dn_n,
+            mask=col_ok[:, None] & r_ok[None, :],
+            other=0.0,
+        ).to(dt)
+        acc = tl.dot(x, w, acc, input_precision=PREC)
+    if HAS_DROPOUT:
+        acc = acc * inv_keep
+    if HAS_DB:
+        acc += tl.load(db_ptr + rr, mask=r_ok, other=0.0).to(tl.float32)[None, :]
+    return acc
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.autotune(configs=_configs("rows"), key=["N", "R"])
+@triton.jit
+def _series_forward_kernel(
+    h_ptr, dn_ptr, up_ptr, db_ptr, ub_ptr, scale_ptr, z_ptr, s_ptr,
+    M, N, R,
+    stride_dn_r, stride_dn_n, stride_up_n, stride_up_r,
+    scaling, seed, threshold, inv_keep,
+    ACT: tl.constexpr, HAS_DB: tl.constexpr, HAS_UB: tl.constexpr,
+    HAS_SCALE_T: tl.constexpr, HAS_DROPOUT: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_R: tl.constexpr, ONE_R_TILE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    dt = h_ptr.dtype.element_ty
+    pid = tl.program_id(0).to(tl.int64)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    if HAS_SCALE_T:
+        s = tl.load(scale_ptr).to(tl.float32)
+    else:
+        s = scaling
+
+    if ONE_R_TILE:
+        # Pass 1: S for the whole bottleneck stays in registers.
+        rr = tl.arange(0, BLOCK_R)
+        r_ok = rr < R
+        pre = _shrink_tile(
+            h_ptr, dn_ptr, db_ptr, rows, row_ok, 0, N, R, stride_dn_r, stride_dn_n,
+            seed, threshold, inv_keep, HAS_DB, HAS_DROPOUT, PREC, BLOCK_M, BLOCK_N, BLOCK_R,
+        )
+        tl.store(s_ptr + rows[:, None] * R + rr[None, :], pre, mask=row_ok[:, None] & r_ok[None, :])
+        a = _act(pre, ACT).to(dt)
+        # Pass 2: z = h + s·φ(S) Upᵀ + u_b, one BN chunk at a time (h re-read from cache).
+        for n0 in range(0, N, BLOCK_N):
+            cols = n0 + tl.arange(0, BLOCK_N)
+            col_ok = cols < N
+            u = tl.load(
+                up_ptr + cols[None, :] * stride_up_n + rr[:, None] * stride_up_r,
+                mask=r_ok[:, None] & col_ok[None, :],
+                other=0.0,
+            ).to(dt)
+            out = tl.dot(a, u, input_precision=PREC)
+            offs = rows[:, None] * N + cols[None, :]
+            io_mask = row_ok[:, None] & col_ok[None, :]
+            x = tl.load(h_ptr + offs, mask=io_mask, other=0.0).to(tl.float32)
+            z = x + s * out
+            if HAS_UB:
+                z += tl.load(ub_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+            tl.store(z_ptr + offs, z.to(dt), mask=io_mask)
+    else:
+        # Large bottleneck: S is built one r tile at a time (h re-read per tile), written to
+        # s_pre, and read back tile by tile in pass 2.
+        for r0 in range(0, R, BLOCK_R):
+            rr = r0 + tl.arange(0, BLOCK_R)
+            r_ok = rr < R
+            pre = _shrink_tile(
+                h_ptr, dn_ptr, db_ptr, rows, row_ok, r0, N, R, stride_dn_r, stride_dn_n,
+                seed, threshold, inv_keep, HAS_DB, HAS_DROPOUT, PREC, BLOCK_M, BLOCK_N, BLOCK_R,
+            )
+            tl.store(
+                s_ptr + rows[:, None] * R + rr[None, :], pre, mask=row_ok[:, None] & r_ok[None, :]
+            )
+        # s_pre was written by other threads of this program: make it visible before reading.
+        tl.debug_barrier()
+        for n0 in range(0, N, BLOCK_N):
+            cols = n0 + tl.arange(0, BLOCK_N)
+            col_ok = cols < N
+            out = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for r0 in range(0, R, BLOCK_R):
+                rr = r0 + tl.arange(0, BLOCK_R)
+                r_ok = rr < R
+                pre = tl.load(
+                    s_ptr + rows[:, None] * R + rr[None, :],
+                    mask=row_ok[:, None] & r_ok[None, :],
+                    other=0.0,
+                )
+                a = _act(pre, ACT).to(dt)
+                u = tl.load(
+                    up_ptr + cols[None, :] * stride_up_n + rr[:, None] * stride_up_r,
+                    mask=r_ok[:, None] & col_ok[None, :],
+                    other=0.0,
+                ).to(dt)
+                out = tl.dot(a, u, out, input_precision=PREC)
+            offs = rows[:, None] * N + cols[None, :]
+            io_mask = row_ok[:, None] & col_ok[None, :]
+            x = tl.load(h_ptr + offs, mask=io_mask, other=0.0).to(tl.float32)
+            z = x + s * out
+            if HAS_UB:
+                z += tl.load(ub_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+            tl.store(z_ptr + offs, z.to(dt), mask=io_mask)
+
+
+@triton.jit
+def _grad_s_tile(
+    g_ptr, up_ptr, s_ptr, rows, row_ok, r0, N, R, stride_up_n, stride_up_r, s,
+    ACT: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """(dS, GU ⊙ φ(S)) for columns r0:r0+BR of the bottleneck, both [BM, BR] fp32."""
+    dt = g_ptr.dtype.element_ty
+    rr = r0 + tl.arange(0, BLOCK_R)
+    r_ok = rr < R
+    gu = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        col_ok = cols < N
+        gt = tl.load(
+            g_ptr + rows[:, None] * N + cols[None, :],
+            mask=row_ok[:, None] & col_ok[None, :],
+            other=0.0,
+        )
+        u = tl.load(
+            up_ptr + cols[:, None] * stride_up_n + rr[None, :] * stride_up_r,
+            mask=col_ok[:, None] & r_ok[None, :],
+            other=0.0,
+        ).to(dt)
+        gu = tl.dot(gt, u, gu, input_precision=PREC)
+    pre = tl.load(
+        s_ptr + rows[:, None] * R + rr[None, :], mask=row_ok[:, None] & r_ok[None, :], other=0.0
+    )
+    ds = s * gu * _act_grad(pre, ACT)
+    return ds, gu * _act(pre, ACT)
+
+
+@triton.autotune(configs=_configs("rows"), key=["N", "R"])
+@triton.jit
+def _series_backward_rows_kernel(
+    g_ptr, up_ptr, dn_ptr, s_ptr, scale_ptr, ds_ptr, dscale_ptr, dh_ptr,
+    M, N, R,
+    stride_dn_r, stride_dn_n, stride_up_n, stride_up_r,
+    scaling, seed, threshold, inv_keep,
+    ACT: tl.constexpr, HAS_SCALE_T: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    NEED_DS: tl.constexpr, NEED_DH: tl.constexpr, NEED_SCALE: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_R: tl.constexpr, ONE_R_TILE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Per row block: GU = g Up, dS (stored, fp32), per-row Σ_r GU⊙φ(S), and
+    dh = g + D'(dS Dn) (g re-read from cache)."""
+    dt = g_ptr.dtype.element_ty
+    pid = tl.program_id(0).to(tl.int64)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    if HAS_SCALE_T:
+        s = tl.load(scale_ptr).to(tl.float32)
+    else:
+        s = scaling
+    dscale = tl.zeros((BLOCK_M,), dtype=tl.float32)
+
+    if ONE_R_TILE:
+        rr = tl.arange(0, BLOCK_R)
+        r_ok = rr < R
+        ds, gh = _grad_s_tile(
+            g_ptr, up_ptr, s_ptr, rows, row_ok, 0, N, R, stride_up_n, stride_up_r, s,
+            ACT, PREC, BLOCK_M, BLOCK_N, BLOCK_R,
+        )
+        if NEED_SCALE:
+            dscale += tl.sum(gh, axis=1)
+        if NEED_DS:
+            tl.store(
+                ds_ptr + rows[:, None] * R + rr[None, :], ds, mask=row_ok[:, None] & r_ok[None, :]
+            )
+        if NEED_DH:
+            ds_lo = ds.to(dt)
+            for n0 in range(0, N, BLOCK_N):
+                cols = n0 + tl.arange(0, BLOCK_N)
+                col_ok = cols < N
+                w = tl.load(
+                    dn_ptr + rr[:, None] * stride_dn_r + cols[None, :] * stride_dn_n,
+                    mask=r_ok[:, None] & col_ok[None, :],
+                    other=0.0,
+                ).to(dt)
+                t = tl.dot(ds_lo, w, input_precision=PREC)
+                offs = rows[:, None] * N + cols[None, :]
+                io_mask = row_ok[:, None] & col_ok[None, :]
+                if HAS_DROPOUT:
+                    t = tl.where(keep_bits(seed, offs, threshold), t * inv_keep, 0.0)
+                gt = tl.load(g_ptr + offs, mask=io_mask, other=0.0).to(tl.float32)
+                tl.store(dh_ptr + offs, (gt + t).to(dt), mask=io_mask)
+    else:
+        for r0 in range(0, R, BLOCK_R):
+            rr = r0 + tl.arange(0, BLOCK_R)
+            r_ok = rr < R
+            ds, gh = _grad_s_tile(
+                g_ptr, up_ptr, s_ptr, rows, row_ok, r0, N, R, stride_up_n, stride_up_r, s,
+                ACT, PREC, BLOCK_M, BLOCK_N, BLOCK_R,
+            )
+            if NEED_SCALE:
+                dscale += tl.sum(gh, axis=1)
+            tl.store(
+                ds_ptr + rows[:, None] * R + rr[None, :], ds, mask=row_ok[:, None] & r_ok[None, :]
+            )
+        if NEED_DH:
+            # dS was written by other threads of this program: make it visible first.
+            tl.debug_barrier()
+            for n0 in range(0, N, BLOCK_N):
+                cols = n0 + tl.arange(0, BLOCK_N)
+                col_ok = cols < N
+                t = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                for r0 in range(0, R, BLOCK_R):
+                    rr = r0 + tl.arange(0, BLOCK_R)
+                    r_ok = rr < R
+                    ds_lo = tl.load(
+                        ds_ptr + rows[:, None] * R + rr[None, :],
+                        mask=row_ok[:, None] & r_ok[None, :],
+                        other=0.0,
+                    ).to(dt)
+                    w = tl.load(
+                        dn_ptr + rr[:, None] * stride_dn_r + cols[None, :] * stride_dn_n,
+                        mask=r_ok[:, None] & col_ok[None, :],
+                        other=0.0,
+                    ).to(dt)
+                    t = tl.dot(ds_lo, w, t, input_precision=PREC)
+                offs = rows[:, None] * N + cols[None, :]
+                io_mask = row_ok[:, None] & col_ok[None, :]
+                if HAS_DROPOUT:
+                    t = tl.where(keep_bits(seed, offs, threshold), t * inv_keep, 0.0)
+                gt = tl.load(g_ptr + offs, mask=io_mask, other=0.0).to(tl.float32)
+                tl.store(dh_ptr + offs, (gt + t).to(dt), mask=io_mask)
+    if NEED_SCALE:
+        tl.store(dscale_ptr + rows, dscale, mask=row_ok)
+
+
+@triton.autotune(configs=_configs("weights"), key=["N", "R"])
+@triton.jit
+def _series_backward_weights_kernel(
+    g_ptr, h_ptr, s_ptr, ds_ptr, scale_ptr, ddn_ptr, dup_ptr, dub_ptr,
+    M, N, R, ROWS_PER_SPLIT,
+    scaling, seed, threshold, inv_keep,
+    ACT: tl.constexpr, HAS_SCALE_T: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    NEED_DOWN: tl.constexpr, NEED_UP: tl.constexpr, NEED_UB: tl.constexpr,
+    PREC: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Partial sums over one chunk of rows, for one [BR, BN] tile:
+    dDn = dSᵀ D(h) [R, N], dUp = s·gᵀ φ(S) [N, R] and u_b grad = Σ_m g [N], all fp32.
+    Partial p of each lives at offset p·(its size); the launcher sums them in order."""
+    dt = g_ptr.dtype.element_ty
+    pid_n = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    pid_s = tl.program_id(2).to(tl.int64)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    rr = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_ok = rr < R
+    row_start = pid_s * ROWS_PER_SPLIT
+    row_end = tl.minimum(row_start + ROWS_PER_SPLIT, M)
+
+    ddn = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
+    dup = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
+    dub = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for m0 in range(row_start, row_end, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M)
+        row_ok = rows < row_end
+        offs = rows[:, None] * N + cols[None, :]
+        io_mask = row_ok[:, None] & col_ok[None, :]
+        rmask = row_ok[:, None] & r_ok[None, :]
+        if NEED_DOWN:
+            x = tl.load(h_ptr + offs, mask=io_mask, other=0.0)
+            if HAS_DROPOUT:
+                x = tl.where(keep_bits(seed, offs, threshold), x, 0.0)
+            ds = tl.load(ds_ptr + rows[:, None] * R + rr[None, :], mask=rmask, other=0.0)
+            ddn = tl.dot(tl.trans(ds.to(dt)), x, ddn, input_precision=PREC)
+        if NEED_UP or NEED_UB:
+            gt = tl.load(g_ptr + offs, mask=io_mask, other=0.0)
+            if NEED_UP:
+                pre = tl.load(s_ptr + rows[:, None] * R + rr[None, :], mask=rmask, other=0.0)
+                a = _act(pre, ACT).to(dt)
+                dup = tl.dot(tl.trans(gt), a, dup, input_precision=PREC)
+            if NEED_UB:
+                dub += tl.sum(gt.to(tl.float32), axis=0)
+    if NEED_DOWN:
+        if HAS_DROPOUT:
+            ddn = ddn * inv_keep
+        base = pid_s * R * N
+        tl.store(
+            ddn_ptr + base + rr[:, None] * N + cols[None, :],
+            ddn,
+            mask=r_ok[:, None] & col_ok[None, :],
+        )
+    if NEED_UP:
+        if HAS_SCALE_T:
+            s = tl.load(scale_ptr).to(tl.float32)
+        else:
+            s = scaling
+        base = pid_s * N * R
+        tl.store(
+            dup_ptr + base + cols[:, None] * R + rr[None, :],
+            dup * s,
+            mask=col_ok[:, None] & r_ok[None, :],
+        )
+    if NEED_UB:
+        tl.store(dub_ptr + pid_s * N + cols, dub, mask=col_ok & (pid_r == 0))
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------------------------
+
+
+def _block_r(r: int) -> int:
+    # tl.dot needs every dimension >= 16.
+    return max(16, min(triton.next_power_of_2(r), _MAX_BLOCK_R))
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # fp32 inputs must not silently drop to TF32: parity with torch's fp32 matmul.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _splits(m: int, n: int, r: int, block_r: int, device: torch.device) -> int:
+    """How many row chunks the weight-gradient kernel reduces separately. More chunks fill
+    more SMs but cost a [chunks, r, N] fp32 partial buffer and a final sum."""
+    if _INTERPRET:
+        return 1 if m < 64 else 2  # exercises the partial-sum path on small shapes
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    tiles = triton.cdiv(n, 64) * triton.cdiv(r, block_r)
+    want = triton.cdiv(2 * sms, tiles)
+    return max(1, min(want, triton.cdiv(m, 256), 8))
+
+
+def _dropout_args(p: float) -> tuple[bool, int, float]:
+    if p > 0.0:
+        t, inv_keep = dropout_threshold(p)
+        return True, t, inv_keep
+    return False, 0, 1.0
+
+
+def _check(h: torch.Tensor, down: torch.Tensor, up: torch.Tensor, activation: str) -> None:
+    if h.dim() != 2:
+        raise ValueError(f"h must be 2-D [M, N], got shape {tuple(h.shape)}")
+    n = h.shape[1]
+    r = down.shape[0] if down.dim() == 2 else -1
+    if down.dim() != 2 or down.shape[1] != n or r < 1:
+        raise ValueError(f"down has shape {tuple(down.shape)}, expected [r >= 1, {n}]")
+    if tuple(up.shape) != (n, r):
+        raise ValueError(f"up has shape {tuple(up.shape)}, expected [{n}, {r}]")
+    if activation not in _ACT_CODES:
+        raise ValueError(
+            f"unknown activation {activation!r}: expected one of {', '.join(_ACT_CODES)}"
+        )
+
+
+# float64 (gradcheck) has no tensor-core path: it runs in PyTorch with the same Philox mask.
+def _series_forward_f64(h, down, up, down_bias, up_bias, scale_t, scaling, p, seed, activation):
+    hd = h
+    if p > 0.0:
+        mask = _keep_mask(tuple(h.shape), p, seed, h.device)
+        hd = torch.where(mask, h, 0.0)
+    s_pre = hd @ down.to(h.dtype).t()
+    if p > 0.0:
+        s_pre = s_pre * dropout_threshold(p)[1]
+    if down_bias is not None:
+        s_pre = s_pre + down_bias.to(h.dtype)
+    act = apply_activation(s_pre, activation)
+    s = scaling if scale_t is None else scale_t.to(h.dtype)
+    z = h + s * (act @ up.to(h.dtype).t())
+    if up_bias is not None:
+        z = z + up_bias.to(h.dtype)
+    return z, s_pre, h.new_empty(0, dtype=torch.bool)
+
+
+def _series_backward_f64(g, h, down, up, scale_t, scaling, p, seed, activation, s_pre, needs):
+    need_dh, need_down, need_up, need_db, need_ub, need_scale = needs
+    inv_keep = dropout_threshold(p)[1] if p > 0.0 else 1.0
+    mask = _keep_mask(tuple(h.shape), p, seed, h.device) if p > 0.0 else None
+    act = apply_activation(s_pre, activation)
+    s = scaling if scale_t is None else scale_t.to(g.dtype)
+    gu = g @ up.to(g.dtype)
+    grad = activation_grad(s_pre, activation)
+    ds = s * gu if grad is None else s * gu * grad
+    empty = g.new_empty(0)
+    dh = empty
+    if need_dh:
+        t = ds @ down.to(g.dtype)
+        dh = g + (t if mask is None else torch.where(mask, t, 0.0) * inv_keep)
+    d_down = empty
+    if need_down:
+        hd = h if mask is None else torch.where(mask, h, 0.0)
+        d_down = (ds.t() @ hd) * inv_keep
+    return (
+        dh,
+        d_down,
+        s * (g.t() @ act) if need_up else empty,
+        ds.sum(0) if need_db else empty,
+        g.sum(0) if need_ub else empty,
+        (gu * act).sum() if need_scale else empty,
+    )
+
+
+def series_forward(h, down, up, down_bias, up_bias, scale_t, scaling, p, seed, activation):
+    """z = h + s·φ(D(h) Dnᵀ + d_b) Upᵀ + u_b.
+
+    h [M, N] fp32/fp16/bf16 (float64 runs in PyTorch); down [r, N], up [N, r] in any float
+    dtype and strides (cast to h's dtype tile by tile); down_bias [r] | None; up_bias [N] | None;
+    scale_t: 0-dim learned scale (read in the kernel) | None, then the float `scaling`;
+    p: dropout probability on the shrink input; seed: int (Philox key).
+    Returns (z [M, N] h.dtype, s_pre [M, r] fp32 (fp64 for fp64 h), empty bool mask): the
+    mask is regenerated from the seed in backward.
+    """
+    _check(h, down, up, activation)
+    if h.dtype == torch.float64:
+        return _series_forward_f64(
+            h, down, up, down_bias, up_bias, scale_t, scaling, p, seed, activation
+        )
+    h = h.contiguous()
+    m, n = h.shape
+    r = down.shape[0]
+    z = torch.empty_like(h)
+    s_pre = torch.empty((m, r), dtype=torch.float32, device=h.device)
+    mask = h.new_empty(0, dtype=torch.bool)
+    if m == 0:
+        return z, s_pre, mask
+    has_dropout, threshold, inv_keep = _dropout_args(p)
+    block_r = _block_r(r)
+    dummy = s_pre  # never read when the matching HAS_* flag is off
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),)  # noqa: E731
+    _series_forward_kernel[grid](
+        h, down, up,
+        down_bias if down_bias is not None else dummy,
+        up_bias if up_bias is not None else dummy,
+        scale_t if scale_t is not None else dummy,
+        z, s_pre,
+        m, n, r,
+        down.stride(0), down.stride(1), up.stride(0), up.stride(1),
+        float(scaling), int(seed), threshold, inv_keep,
+        ACT=_ACT_CODES[activation],
+        HAS_DB=down_bias is not None,
+        HAS_UB=up_bias is not None,
+        HAS_SCALE_T=scale_t is not None,
+        HAS_DROPOUT=has_dropout,
+        PREC=_precision(h.dtype),
+        BLOCK_R=block_r,
+        ONE_R_TILE=block_r >= r,
+    )
+    return z, s_pre, mask
+
+
+def series_backward(g, h, down, up, scale_t, scaling, p, seed, activation, s_pre, mask, needs):
+    """Gradients of `series_forward` from g = dL/dz [M, N].
+
+    needs = (dh, ddown, dup, ddown_bias, dup_bias, dscale) booleans. Returns 6 tensors in that
+    order: dh [M, N] in g.dtype; ddown [r, N], dup [N, r], ddown_bias [r], dup_bias [N] and
+    dscale (0-dim) in fp32 (fp64 for fp64 g); an empty [0] tensor where not needed.
+    `mask` is ignored (empty: this backend regenerates the dropout mask from `seed`).
+    Deterministic: every reduction runs in a fixed order, no atomics.
+    """
+    _check(h, down, up, activation)
+    needs = tuple(bool(x) for x in needs)
+    if g.dtype == torch.float64:
+        return _series_backward_f64(
+            g, h, down, up, scale_t, scaling, p, seed, activation, s_pre, needs
+        )
+    need_dh, need_down, need_up, need_db, need_ub, need_scale = needs
+    g = g.contiguous()
+    h = h.contiguous()
+    s_pre = s_pre.contiguous()
+    m, n = h.shape
+    r = down.shape[0]
+    f32 = torch.float32
+    empty = g.new_empty(0, dtype=f32)
+    dh = torch.empty_like(g) if need_dh else g.new_empty(0)
+    if m == 0:
+        zeros = lambda *shape: torch.zeros(shape, dtype=f32, device=g.device)  # noqa: E731
+        return (
+            dh if need_dh else g.new_empty(0),
+            zeros(r, n) if need_down else empty,
+            zeros(n, r) if need_up else empty,
+            zeros(r) if need_db else empty,
+            zeros(n) if need_ub else empty,
+            zeros() if need_scale else empty,
+        )
+    has_dropout, threshold, inv_keep = _dropout_args(p)
+    block_r = _block_r(r)
+    one_r_tile = block_r >= r
+    prec = _precision(g.dtype)
+    need_ds = need_dh or need_down or need_db
+    scale_arg = scale_t if scale_t is not None else s_pre
+
+    ds = torch.empty((m, r), dtype=f32, device=g.device) if need_ds or not one_r_tile else empty
+    dscale_rows = torch.empty(m, dtype=f32, device=g.device) if need_scale else empty
+    if need_ds or need_scale:
+        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),)  # noqa: E731
+        _series_backward_rows_kernel[grid](
+            g, up, down, s_pre, scale_arg, ds if ds.numel() else s_pre, dscale_rows, dh,
+            m, n, r,
+            down.stride(0), down.stride(1), up.stride(0), up.stride(1),
+            float(scaling), int(seed), threshold, inv_keep,
+            ACT=_ACT_CODES[activation],
+            HAS_SCALE_T=scale_t is not None,
+            HAS_DROPOUT=has_dropout,
+            NEED_DS=need_ds,
+            NEED_DH=need_dh,
+            NEED_SCALE=need_scale,
+            PREC=prec,
+            BLOCK_R=block_r,
+            ONE_R_TILE=one_r_tile,
+        )
+
+    d_down = d_up = d_ub = empty
+    if need_down or need_up or need_ub:
+        splits = _splits(m, n, r, block_r, g.device)
+        rows_per_split = triton.cdiv(triton.cdiv(m, splits), 128) * 128
+        splits = triton.cdiv(m, rows_per_split)
+        alloc = lambda *shape: torch.empty(shape, dtype=f32, device=g.device)  # noqa: E731
+        d_down = alloc(splits, r, n) if need_down else empty
+        d_up = alloc(splits, n, r) if need_up else empty
+        d_ub = alloc(splits, n) if need_ub else empty
+        grid = lambda meta: (  # noqa: E731
+            triton.cdiv(n, meta["BLOCK_N"]),
+            triton.cdiv(r, block_r),
+            splits,
+        )
+        _series_backward_weights_kernel[grid](
+            g, h, s_pre, ds if ds.numel() else s_pre, scale_arg,
+            d_down if need_down else s_pre,
+            d_up if need_up else s_pre,
+            d_ub if need_ub else s_pre,
+            m, n, r, rows_per_split,
+            float(scaling), int(seed), threshold, inv_keep,
+            ACT=_ACT_CODES[activation],
+            HAS_SCALE_T=scale_t is not None,
+            HAS_DROPOUT=has_dropout,
+            NEED_DOWN=need_down,
+            NEED_UP=need_up,
+            NEED_UB=need_ub,
+            PREC=prec,
+            BLOCK_R=block_r,
+        )
+        # Fixed-order sum of the per-chunk partials (no atomics: deterministic).
+        d_down = d_down.sum(0) if need_down else empty
+        d_up = d_up.sum(0) if need_up else empty
+        d_ub = d_ub.sum(0) if need_ub else empty
+
+    return (
+        dh,
+        d_down,
+        d_up,
+        ds.sum(0) if need_db else empty,
+        d_ub,
+        dscale_rows.sum() if need_scale else empty,
+    )
