@@ -1,0 +1,662 @@
+"""Fused Triton kernels for the low-rank branch linear (LoRA and parallel adapters).
+
+    y = x Wᵀ + b + s · φ(D(x) Aᵀ + a_b) Bᵀ + b_b       x [M, K], W [N, K], A [r, K], B [N, r]
+
+The "split at S" plan (DESIGN §2.1). Reference in plain PyTorch, with its memory traffic:
+
+    s_pre = (x * keep * inv_keep) @ A.T + a_b     # read MK (+ write MK masked copy); write Mr
+    y = x @ W.T + b + s * phi(s_pre) @ B.T + b_b  # read MK + NK, write MN (+ an MN temporary)
+
+The kernels here:
+  forward   `_shrink_kernel`   S = D(x) Aᵀ + a_b: reads x once, dropout regenerated from the
+                               Philox seed in registers (never stored, no masked copy of x).
+            `_main_kernel`     y = x Wᵀ + b + b_b + s·φ(S) Bᵀ: one GEMM whose epilogue adds the
+                               rank-r product (no [M, N] branch output, no separate add).
+  backward  `_reduce_kernel`   one pass over g: gB = g B (rows, [M, r]) and dB = s gᵀ φ(S)
+                               (columns, [N, r]); the same kernel, run over x with the mask
+                               regenerated, gives dA = dSᵀ D(x).
+            `_dx_kernel`       dx = g W + D'(dS A): one GEMM, the rank-r product and the
+                               regenerated mask in its epilogue.
+  dS = s · gB ⊙ φ'(S), d(scale) = Σ gB ⊙ φ(S) and the bias gradients are rank- or N-sized and
+  are finished in PyTorch.
+
+Reductions over M (dB, dA) are split into a fixed number of row ranges whose partial sums are
+written to a small fp32 buffer and summed afterwards: no atomics, so backward is deterministic.
+Offsets are int64 throughout (M·N exceeds 2**31 at LLaMA shapes with long sequences).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ..ops._activations import activation_grad, apply_activation
+from ..ops import torch_backend
+from ..ops.torch_backend import acc_dtype, dropout_threshold
+from .dropout import keep_bits, keep_mask
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+# Activation codes shared by the launchers and the kernels' constexpr switch.
+_ACT_CODE = {"identity": 0, "tanh": 1, "relu": 2, "gelu": 3, "silu": 4}
+
+# The rank is processed in chunks of at most this many columns: the [BLOCK_M, R] tiles of S
+# and the [R, BLOCK_N] tiles of B share registers with the GEMM accumulator in the epilogue.
+_MAX_R_CHUNK = 64
+# The reductions over M keep a [BLOCK_C, R] accumulator per program: r up to 128 in one pass.
+_MAX_R_REDUCE = 128
+
+
+def _gemm_configs() -> list[triton.Config]:
+    if _INTERPRET:
+        # One small config: the interpreter runs each program in numpy, and several K
+        # iterations plus ragged tails keep the odd test shapes honest.
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4})]
+    # sm_80 / sm_90 tensor-core tiles; the epilogue's rank-r product adds register pressure,
+    # so 128x128 tiles are listed with both 4 and 8 warps.
+    cfg = [
+        (128, 256, 64, 3, 8),
+        (256, 128, 64, 3, 8),
+        (128, 128, 64, 4, 4),
+        (128, 128, 64, 3, 8),
+        (128, 128, 32, 4, 4),
+        (64, 128, 64, 4, 4),
+        (64, 64, 64, 4, 4),
+        (32, 64, 64, 4, 4),  # decode-sized M
+    ]
+    return [
+        triton.Config(
+            {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
+            num_stages=st,
+            num_warps=w,
+        )
+        for bm, bn, bk, st, w in cfg
+    ]
+
+
+def _shrink_configs() -> list[triton.Config]:
+    if _INTERPRET:
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_K": 32})]
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_stages=st, num_warps=w)
+        for bm, bk, st, w in [(64, 128, 4, 4), (128, 64, 4, 4), (64, 64, 4, 4), (32, 128, 4, 4)]
+    ]
+
+
+def _reduce_configs() -> list[triton.Config]:
+    if _INTERPRET:
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_C": 32})]
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_C": bc}, num_stages=st, num_warps=w)
+        for bm, bc, st, w in [(64, 64, 4, 4), (64, 128, 3, 4), (128, 64, 3, 8), (32, 128, 4, 4)]
+    ]
+
+
+# ----------------------------------------------------------------------------------------------
+# jit helpers
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _dot(a, b, acc, IEEE: tl.constexpr):
+    # fp32 operands follow torch's allow_tf32 setting (off by default): "ieee" keeps full
+    # fp32 products; half-precision operands ignore the flag.
+    if IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _tanh(x):
+    # 1 - 2 / (exp(2x) + 1): exact limits at ±inf, no libdevice dependency.
+    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+
+
+@triton.jit
+def _activation(s, ACT: tl.constexpr):
+    """φ(s) in fp32 for the activation code ACT (see _ACT_CODE)."""
+    if ACT == 1:
+        s = _tanh(s)
+    elif ACT == 2:
+        s = tl.maximum(s, 0.0)
+    elif ACT == 3:
+        s = 0.5 * s * (1.0 + tl.math.erf(s * 0.7071067811865476))
+    elif ACT == 4:
+        s = s * tl.sigmoid(s)
+    return s
+
+
+@triton.jit
+def _grouped_pid(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    # Programs walk GROUP_M row tiles per column tile so the W tiles they share stay in L2.
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    in_group = GROUP_M * num_pid_n
+    first_m = (pid // in_group) * GROUP_M
+    group_size = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % in_group) % group_size
+    pid_n = (pid % in_group) // group_size
+    return pid_m, pid_n
+
+
+# ----------------------------------------------------------------------------------------------
+# forward kernels
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.autotune(configs=_shrink_configs(), key=["M_BUCKET", "K", "R"])
+@triton.jit
+def _shrink_kernel(
+    x_ptr, stride_xm, stride_xk,
+    a_ptr, stride_ar, stride_ak,
+    ab_ptr,
+    s_ptr, stride_sm,
+    M, K, R, M_BUCKET,
+    seed, threshold, inv_keep,
+    HAS_AB: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """S[m, j] = inv_keep · Σ_k keep(m, k) x[m, k] A[j, k] + a_b[j], fp32, one [BLOCK_M, BLOCK_R]
+    tile per program. The keep bits are regenerated from (seed, m·K + k)."""
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_r = tl.program_id(1).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
+    offs_k = tl.arange(0, BLOCK_K).to(tl.int64)
+    m_in = offs_m < M
+    r_in = offs_r < R
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + offs_k
+        k_in = ks < K
+        x = tl.load(
+            x_ptr + offs_m[:, None] * stride_xm + ks[None, :] * stride_xk,
+            mask=m_in[:, None] & k_in[None, :], other=0.0,
+        )
+        if DROPOUT:
+            keep = keep_bits(seed, offs_m[:, None] * K + ks[None, :], threshold)
+            x = tl.where(keep, x, tl.zeros_like(x))
+        a = tl.load(
+            a_ptr + offs_r[None, :] * stride_ar + ks[:, None] * stride_ak,
+            mask=r_in[None, :] & k_in[:, None], other=0.0,
+        )
+        acc = _dot(x, a.to(x.dtype), acc, IEEE)
+    if DROPOUT:
+        acc = acc * inv_keep  # scale the rank-sized result, not x
+    if HAS_AB:
+        acc += tl.load(ab_ptr + offs_r, mask=r_in, other=0.0).to(tl.float32)[None, :]
+    tl.store(
+        s_ptr + offs_m[:, None] * stride_sm + offs_r[None, :], acc,
+        mask=m_in[:, None] & r_in[None, :],
+    )
+
+
+@triton.autotune(configs=_gemm_configs(), key=["M_BUCKET", "N", "K", "R"])
+@triton.jit
+def _main_kernel(
+    x_ptr, stride_xm, stride_xk,
+    w_ptr, stride_wn, stride_wk,
+    bias_ptr, bb_ptr,
+    s_ptr, stride_sm,
+    b_ptr, stride_bn, stride_br,
+    scale_ptr, scaling,
+    y_ptr, stride_ym, stride_yn,
+    M, N, K, R, M_BUCKET,
+    ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_BB: tl.constexpr,
+    HAS_SCALE_T: tl.constexpr, IEEE: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """y tile = x Wᵀ (K loop) + b + b_b + s·φ(S) Bᵀ (epilogue, r in BLOCK_R chunks)."""
+    pid = tl.program_id(0)
+    pid_m, pid_n = _grouped_pid(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+    offs_k = tl.arange(0, BLOCK_K).to(tl.int64)
+    m_in = offs_m < M
+    n_in = offs_n < N
+    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
+    w_ptrs = w_ptr + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_in = offs_k < K - k0
+        x = tl.load(x_ptrs, mask=m_in[:, None] & k_in[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=n_in[None, :] & k_in[:, None], other=0.0)
+        acc = _dot(x, w, acc, IEEE)
+        x_ptrs += BLOCK_K * stride_xk
+        w_ptrs += BLOCK_K * stride_wk
+    dt = x_ptr.dtype.element_ty
+    if HAS_SCALE_T:
+        s = tl.load(scale_ptr).to(tl.float32)
+    else:
+        s = scaling
+    offs_r = tl.arange(0, BLOCK_R).to(tl.int64)
+    for r0 in range(0, R, BLOCK_R):
+        rs = r0 + offs_r
+        r_in = rs < R
+        sp = tl.load(
+            s_ptr + offs_m[:, None] * stride_sm + rs[None, :],
+            mask=m_in[:, None] & r_in[None, :], other=0.0,
+        )
+        h = (_activation(sp, ACT) * s).to(dt)
+        bt = tl.load(
+            b_ptr + offs_n[None, :] * stride_bn + rs[:, None] * stride_br,
+            mask=n_in[None, :] & r_in[:, None], other=0.0,
+        )
+        acc = _dot(h, bt.to(dt), acc, IEEE)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_in, other=0.0).to(tl.float32)[None, :]
+    if HAS_BB:
+        acc += tl.load(bb_ptr + offs_n, mask=n_in, other=0.0).to(tl.float32)[None, :]
+    tl.store(
+        y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn, acc.to(dt),
+        mask=m_in[:, None] & n_in[None, :],
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# backward kernels
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.autotune(configs=_reduce_configs(), key=["M_BUCKET", "C", "R", "DO_ROW", "DO_COL"])
+@triton.jit
+def _reduce_kernel(
+    x_ptr, stride_xm, stride_xc,
+    y_ptr, stride_yc, stride_yr,
+    z_ptr, stride_zm,
+    row_ptr, col_ptr,
+    M, C, R, M_BUCKET,
+    seed, threshold,
+    DO_ROW: tl.constexpr, DO_COL: tl.constexpr, ACT: tl.constexpr, DROPOUT: tl.constexpr,
+    IEEE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """One pass over a wide [M, C] operand X (optionally dropout-masked) producing
+        rows[pc, m, j] = Σ_{c in range pc} X[m, c] Y[c, j]     (DO_ROW; Y [C, R])
+        cols[pm, c, j] = Σ_{m in range pm} X[m, c] φ(Z[m, j])  (DO_COL; Z [M, R] fp32)
+    Grid (split_m, split_c, r chunks); partial sums go to contiguous fp32 buffers
+    rows [split_c, M, R] and cols [split_m, C, R], summed by the caller."""
+    pm = tl.program_id(0)
+    pc = tl.program_id(1)
+    pr = tl.program_id(2).to(tl.int64)
+    # Each program owns a range of row tiles and a range of column tiles.
+    m_tiles = tl.cdiv(tl.cdiv(M, BLOCK_M), tl.num_programs(0))
+    c_tiles = tl.cdiv(tl.cdiv(C, BLOCK_C), tl.num_programs(1))
+    m_start = pm * m_tiles * BLOCK_M
+    m_end = tl.minimum(m_start + m_tiles * BLOCK_M, M)
+    c_start = pc * c_tiles * BLOCK_C
+    c_end = tl.minimum(c_start + c_tiles * BLOCK_C, C)
+    dt = x_ptr.dtype.element_ty
+    offs_r = pr * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
+    r_in = offs_r < R
+    ar_m = tl.arange(0, BLOCK_M).to(tl.int64)
+    ar_c = tl.arange(0, BLOCK_C).to(tl.int64)
+    for c0 in range(c_start, c_end, BLOCK_C):
+        offs_c = c0 + ar_c
+        c_in = offs_c < c_end
+        if DO_ROW:
+            y = tl.load(
+                y_ptr + offs_c[:, None] * stride_yc + offs_r[None, :] * stride_yr,
+                mask=c_in[:, None] & r_in[None, :], other=0.0,
+            ).to(dt)
+        col_acc = tl.zeros((BLOCK_C, BLOCK_R), dtype=tl.float32)
+        for m0 in range(m_start, m_end, BLOCK_M):
+            offs_m = m0 + ar_m
+            m_in = offs_m < m_end
+            x = tl.load(
+                x_ptr + offs_m[:, None] * stride_xm + offs_c[None, :] * stride_xc,
+                mask=m_in[:, None] & c_in[None, :], other=0.0,
+            )
+            if DROPOUT:
+                keep = keep_bits(seed, offs_m[:, None] * C + offs_c[None, :], threshold)
+                x = tl.where(keep, x, tl.zeros_like(x))
+            if DO_ROW:
+                # The first column tile of this range writes, the others accumulate: rerunning
+                # the kernel (autotuning) gives the same result.
+                row_ptrs = row_ptr + (pc * M + offs_m[:, None]) * R + offs_r[None, :]
+                row_mask = m_in[:, None] & r_in[None, :]
+                prev = tl.load(row_ptrs, mask=row_mask & (c0 != c_start), other=0.0)
+                part = _dot(x, y, prev, IEEE)
+                tl.store(row_ptrs, part, mask=row_mask)
+            if DO_COL:
+                z = tl.load(
+                    z_ptr + offs_m[:, None] * stride_zm + offs_r[None, :],
+                    mask=m_in[:, None] & r_in[None, :], other=0.0,
+                )
+                h = _activation(z, ACT).to(dt)
+                col_acc = _dot(tl.trans(x), h, col_acc, IEEE)
+        if DO_COL:
+            tl.store(
+                col_ptr + (pm * C + offs_c[:, None]) * R + offs_r[None, :], col_acc,
+                mask=c_in[:, None] & r_in[None, :],
+            )
+
+
+@triton.autotune(configs=_gemm_configs(), key=["M_BUCKET", "N", "K", "R"])
+@triton.jit
+def _dx_kernel(
+    g_ptr, stride_gm, stride_gn,
+    w_ptr, stride_wn, stride_wk,
+    ds_ptr, stride_dsm,
+    a_ptr, stride_ar, stride_ak,
+    dx_ptr, stride_dxm, stride_dxk,
+    M, N, K, R, M_BUCKET,
+    seed, threshold, inv_keep,
+    DROPOUT: tl.constexpr, IEEE: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """dx tile = g W (N loop) + D'(dS A) (epilogue: r in chunks, keep bits regenerated)."""
+    pid = tl.program_id(0)
+    # The output is [M, K]: "columns" here are K, the reduction runs over N.
+    pid_m, pid_k = _grouped_pid(pid, M, K, BLOCK_M, BLOCK_K, GROUP_M)
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    offs_k = pid_k.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K).to(tl.int64)
+    offs_n = tl.arange(0, BLOCK_N).to(tl.int64)
+    m_in = offs_m < M
+    k_in = offs_k < K
+    g_ptrs = g_ptr + offs_m[:, None] * stride_gm + offs_n[None, :] * stride_gn
+    w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        n_in = offs_n < N - n0
+        g = tl.load(g_ptrs, mask=m_in[:, None] & n_in[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=n_in[:, None] & k_in[None, :], other=0.0)
+        acc = _dot(g, w, acc, IEEE)
+        g_ptrs += BLOCK_N * stride_gn
+        w_ptrs += BLOCK_N * stride_wn
+    dt = g_ptr.dtype.element_ty
+    lr = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    offs_r = tl.arange(0, BLOCK_R).to(tl.int64)
+    for r0 in range(0, R, BLOCK_R):
+        rs = r0 + offs_r
+        r_in = rs < R
+        ds = tl.load(
+            ds_ptr + offs_m[:, None] * stride_dsm + rs[None, :],
+            mask=m_in[:, None] & r_in[None, :], other=0.0,
+        ).to(dt)
+        a = tl.load(
+            a_ptr + rs[:, None] * stride_ar + offs_k[None, :] * stride_ak,
+            mask=r_in[:, None] & k_in[None, :], other=0.0,
+        ).to(dt)
+        lr = _dot(ds, a, lr, IEEE)
+    if DROPOUT:
+        keep = keep_bits(seed, offs_m[:, None] * K + offs_k[None, :], threshold)
+        lr = tl.where(keep, lr * inv_keep, 0.0)
+    acc += lr
+    tl.store(
+        dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk, acc.to(dt),
+        mask=m_in[:, None] & k_in[None, :],
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# launchers
+# ----------------------------------------------------------------------------------------------
+
+
+def _m_bucket(m: int) -> int:
+    # Autotuning key for M: retune per power of two of the token count, not per batch shape.
+    return triton.next_power_of_2(max(int(m), 16))
+
+
+def _r_block(r: int, cap: int) -> int:
+    return min(max(16, triton.next_power_of_2(int(r))), cap)
+
+
+def _ieee(dtype: torch.dtype) -> bool:
+    return dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def _splits(m: int, c: int, r: int, device: torch.device, with_rows: bool) -> tuple[int, int]:
+    """Row and column split counts for `_reduce_kernel`: about one program per SM, balanced so
+    the partial buffers (split_c·M·r + split_m·C·r floats) stay small next to X itself."""
+    target = _num_sms(device)
+    max_m = max(1, triton.cdiv(m, 32))
+    max_c = max(1, triton.cdiv(c, 32))
+    if not with_rows:  # column partials only: split the columns as far as they go
+        split_c = min(max_c, target)
+        return max(1, min(max_m, triton.cdiv(target, split_c))), split_c
+    split_c = int(round((target * c / max(m, 1)) ** 0.5))
+    split_c = max(1, min(max_c, split_c))
+    split_m = max(1, min(max_m, triton.cdiv(target, split_c)))
+    return split_m, split_c
+
+
+def _reduce(x, y, z, act, p, seed, do_row, do_col, r):
+    """Launch `_reduce_kernel`; returns (rows [M, r] or None, cols [C, r] or None), fp32."""
+    m, c = x.shape
+    t, _ = dropout_threshold(p)
+    split_m, split_c = _splits(m, c, r, x.device, do_row)
+    block_r = _r_block(r, _MAX_R_REDUCE)
+    rows = torch.zeros((split_c, m, r), dtype=torch.float32, device=x.device) if do_row else None
+    cols = torch.empty((split_m, c, r), dtype=torch.float32, device=x.device) if do_col else None
+    dummy = x  # any valid pointer; the kernel never touches an operand it was not given
+    grid = (split_m, split_c, triton.cdiv(r, block_r))
+    _reduce_kernel[grid](
+        x, x.stride(0), x.stride(1),
+        y if y is not None else dummy,
+        y.stride(0) if y is not None else 0, y.stride(1) if y is not None else 0,
+        z if z is not None else dummy, z.stride(0) if z is not None else 0,
+        rows if rows is not None else dummy, cols if cols is not None else dummy,
+        m, c, r, _m_bucket(m), int(seed), t,
+        DO_ROW=do_row, DO_COL=do_col, ACT=_ACT_CODE[act], DROPOUT=p > 0.0,
+        IEEE=_ieee(x.dtype), BLOCK_R=block_r,
+    )
+    rows = None if rows is None else (rows[0] if split_c == 1 else rows.sum(0))
+    cols = None if cols is None else (cols[0] if split_m == 1 else cols.sum(0))
+    return rows, cols
+
+
+def _check(x: Tensor, weight: Tensor, a: Tensor, b: Tensor) -> None:
+    if x.dim() != 2 or weight.dim() != 2 or a.dim() != 2 or b.dim() != 2:
+        raise ValueError(
+            f"lora_forward expects 2-D x, weight, a, b; got shapes {tuple(x.shape)}, "
+            f"{tuple(weight.shape)}, {tuple(a.shape)}, {tuple(b.shape)}"
+        )
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        raise TypeError(f"x has dtype {x.dtype}; expected float16, bfloat16, float32 or float64")
+    if weight.dtype != x.dtype:
+        raise TypeError(f"weight dtype {weight.dtype} does not match x dtype {x.dtype}")
+
+
+# float64 (gradcheck and references only) has no tensor-core path in Triton, so the triton
+# backend runs it in PyTorch, through the torch backend's functions, with this backend's own
+# Philox keep-mask regenerated from the seed: same mask, same contract, nothing stored.
+def _f64_forward(x, weight, bias, a, b, a_bias, b_bias, scale_t, scaling, p, seed, activation):
+    xa = x
+    if p > 0.0:
+        _, inv_keep = dropout_threshold(p)
+        xa = torch.where(keep_mask(tuple(x.shape), p, seed, x.device), x, 0.0)
+    s_pre = xa @ a.to(x.dtype).t()
+    if p > 0.0:
+        s_pre = s_pre.mul_(inv_keep)
+    if a_bias is not None:
+        s_pre = s_pre.add_(a_bias.to(x.dtype))
+    y = x @ weight.t() if bias is None else torch.addmm(bias, x, weight.t())
+    if b_bias is not None:
+        y = y.add_(b_bias.to(x.dtype))
+    s = scaling if scale_t is None else scale_t.to(x.dtype)
+    y = y.addmm_(apply_activation(s_pre, activation) * s, b.to(x.dtype).t())
+    return y, s_pre, x.new_empty(0, dtype=torch.bool)
+
+
+def _f64_backward(g, x, weight, a, b, scale_t, scaling, p, seed, activation, s_pre, needs):
+    mask = keep_mask(tuple(x.shape), p, seed, x.device) if p > 0.0 else x.new_empty(0, dtype=bool)
+    return torch_backend.lora_backward(
+        g, x, weight, a, b, scale_t, scaling, p, seed, activation, s_pre, mask, needs
+    )
+
+
+def lora_forward(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    a: Tensor,
+    b: Tensor,
+    a_bias: Tensor | None,
+    b_bias: Tensor | None,
+    scale_t: Tensor | None,
+    scaling: float,
+    p: float,
+    seed: int,
+    activation: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """y = x Wᵀ + b + s·φ(D(x) Aᵀ + a_b) Bᵀ + b_b.
+
+    x [M, K] (any strides), weight [N, K] (any strides, x.dtype), bias [N] | None, a [r, K],
+    b [N, r], a_bias [r] | None, b_bias [N] | None, scale_t 0-dim | None (else `scaling`).
+    Returns (y [M, N] x.dtype, s_pre [M, r] fp32 (fp64 for fp64 x), an empty bool mask: the
+    keep-mask is regenerated from `seed` in backward).
+    """
+    _check(x, weight, a, b)
+    if x.dtype == torch.float64:
+        return _f64_forward(
+            x, weight, bias, a, b, a_bias, b_bias, scale_t, scaling, p, seed, activation
+        )
+    m, k = x.shape
+    n, r = b.shape
+    t, inv_keep = dropout_threshold(p)
+    dropout = p > 0.0 and t > 0
+    s_pre = torch.empty((m, r), dtype=torch.float32, device=x.device)
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    empty_mask = x.new_empty(0, dtype=torch.bool)
+    if m == 0:
+        return y, s_pre, empty_mask
+    ieee = _ieee(x.dtype)
+    bucket = _m_bucket(m)
+    dummy = s_pre  # any valid pointer; the kernels never touch an operand they were not given
+    block_r = _r_block(r, _MAX_R_REDUCE)
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(r, block_r))  # noqa: E731
+    _shrink_kernel[grid](
+        x, x.stride(0), x.stride(1),
+        a, a.stride(0), a.stride(1),
+        a_bias if a_bias is not None else dummy,
+        s_pre, s_pre.stride(0),
+        m, k, r, bucket, int(seed), t, inv_keep,
+        HAS_AB=a_bias is not None, DROPOUT=dropout, IEEE=ieee, BLOCK_R=block_r,
+    )
+    if n == 0:
+        return y, s_pre, empty_mask
+    grid = lambda meta: (  # noqa: E731
+        triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),
+    )
+    _main_kernel[grid](
+        x, x.stride(0), x.stride(1),
+        weight, weight.stride(0), weight.stride(1),
+        bias if bias is not None else dummy,
+        b_bias if b_bias is not None else dummy,
+        s_pre, s_pre.stride(0),
+        b, b.stride(0), b.stride(1),
+        scale_t if scale_t is not None else dummy, float(scaling),
+        y, y.stride(0), y.stride(1),
+        m, n, k, r, bucket,
+        ACT=_ACT_CODE[activation], HAS_BIAS=bias is not None, HAS_BB=b_bias is not None,
+        HAS_SCALE_T=scale_t is not None, IEEE=ieee, BLOCK_R=_r_block(r, _MAX_R_CHUNK),
+    )
+    return y, s_pre, empty_mask
+
+
+def lora_backward(
+    g: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    a: Tensor,
+    b: Tensor,
+    scale_t: Tensor | None,
+    scaling: float,
+    p: float,
+    seed: int,
+    activation: str,
+    s_pre: Tensor,
+    mask: Tensor,
+    needs,
+) -> tuple[Tensor, ...]:
+    """Gradients of `lora_forward` for g = dL/dy [M, N].
+
+    needs = (dx, dbias, da, db, da_bias, db_bias, dscale). Returns those 7 tensors: dx [M, K]
+    in g.dtype, dbias [N], da [r, K], db [N, r], da_bias [r], db_bias [N], dscale [] in fp32
+    (fp64 for fp64 g); an empty [0] tensor where not needed. `mask` is unused (empty): the
+    keep-mask is regenerated from `seed`.
+    """
+    if g.dtype == torch.float64:
+        return _f64_backward(
+            g, x, weight, a, b, scale_t, scaling, p, seed, activation, s_pre, needs
+        )
+    need_dx, need_bias, need_a, need_b, need_ab, need_bb, need_scale = (bool(v) for v in needs)
+    s_pre = s_pre.contiguous()
+    m, k = x.shape
+    n, r = b.shape
+    acc = acc_dtype(g.dtype)
+    t, inv_keep = dropout_threshold(p)
+    dropout = p > 0.0 and t > 0
+    p_eff = p if dropout else 0.0
+
+    def empty():
+        return g.new_empty(0, dtype=acc)
+
+    s = scaling if scale_t is None else scale_t.to(acc)
+    need_gb = need_dx or need_a or need_ab or need_scale
+    gb = d_b = None
+    if (need_gb or need_b) and m > 0 and n > 0:
+        # One pass over g: gB = g B and gᵀ φ(S).
+        gb, d_b = _reduce(g, b, s_pre, activation, 0.0, 0, need_gb, need_b, r)
+    elif need_gb or need_b:
+        gb = torch.zeros((m, r), dtype=acc, device=g.device)
+        d_b = torch.zeros((n, r), dtype=acc, device=g.device)
+    if need_b:
+        d_b = d_b.mul_(s) if scale_t is None else d_b * s
+    ds = None
+    d_scale = None
+    if need_gb:
+        if need_scale:
+            d_scale = (gb * apply_activation(s_pre, activation)).sum()
+        ds = gb.mul_(s) if scale_t is None else gb * s
+        grad = activation_grad(s_pre, activation)
+        if grad is not None:
+            ds.mul_(grad)
+    dx = g.new_empty(0)
+    if need_dx:
+        dx = torch.empty((m, k), dtype=g.dtype, device=g.device)
+        if m > 0 and k > 0:
+            grid = lambda meta: (  # noqa: E731
+                triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(k, meta["BLOCK_K"]),
+            )
+            _dx_kernel[grid](
+                g, g.stride(0), g.stride(1),
+                weight, weight.stride(0), weight.stride(1),
+                ds, ds.stride(0),
+                a, a.stride(0), a.stride(1),
+                dx, dx.stride(0), dx.stride(1),
+                m, n, k, r, _m_bucket(m), int(seed), t, inv_keep,
+                DROPOUT=dropout, IEEE=_ieee(g.dtype), BLOCK_R=_r_block(r, _MAX_R_CHUNK),
+            )
+    d_a = empty()
+    if need_a:
+        if m > 0 and k > 0:
+            # dAᵀ = D(x)ᵀ dS: the column reduction over x, the mask regenerated in registers.
+            _, cols = _reduce(x, None, ds, "identity", p_eff, seed, False, True, r)
+            d_a = cols.t().contiguous()
+            if dropout:
+                d_a.mul_(inv_keep)
+        else:
+            d_a = torch.zeros((r, k), dtype=acc, device=g.device)
+    g_sum = g.to(acc).sum(0) if (need_bias or need_bb) else None
+    return (
+        dx,
+        g_sum.clone() if need_bias else empty(),
+        d_a,
+        d_b if need_b else empty(),
+        ds.sum(0) if need_ab else empty(),
+        g_sum if need_bb else empty(),
+        d_scale if need_scale else empty(),
+    )
