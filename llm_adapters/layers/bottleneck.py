@@ -1,0 +1,106 @@
+"""Bottleneck adapters around a Linear, in LLM-Adapters' three placements.
+
+    input    z = x + s·up(φ(down(D(x))));  y = base(z)        (AdapterH on gate/up-type layers)
+    output   h = base(x);  y = h + s·up(φ(down(D(h))))        (AdapterH on the others; AdapterP)
+    parallel y = base(x) + s·up(φ(down(D(x))))                (parallel adapter)
+
+Series placements run on the fused `ops.series_adapter`, the parallel one on
+`ops.lora_linear` with φ. Parameter names follow LLM-Adapters: `adapter_down`,
+`adapter_up`, and `adapter_scale` when the scaling is learned.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .. import ops
+from ._base import autocast_inputs, linear_dims, weight_nk
+
+PLACEMENTS = ("input", "output", "parallel")
+
+
+class BottleneckAdapter(nn.Module):
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        bottleneck_size: int,
+        placement: str,
+        non_linearity: str = "tanh",
+        adapter_dropout: float = 0.0,
+        scaling: float | str = 1.0,
+        init_weights: str = "bert",
+        use_bias: bool = False,
+    ) -> None:
+        super().__init__()
+        if placement not in PLACEMENTS:
+            raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
+        k, n = linear_dims(base_layer)
+        self.base_layer = base_layer
+        self.placement = placement
+        self.non_linearity = non_linearity
+        self.adapter_dropout = float(adapter_dropout)
+        inner_in = k if placement in ("input", "parallel") else n
+        outer = k if placement == "input" else n
+        weight = base_layer.weight
+        factory = {"device": weight.device, "dtype": torch.float32 if weight.dtype in
+                   (torch.float16, torch.bfloat16) else weight.dtype}
+        self.adapter_down = nn.Linear(inner_in, bottleneck_size, bias=use_bias, **factory)
+        self.adapter_up = nn.Linear(bottleneck_size, outer, bias=use_bias, **factory)
+        nn.init.normal_(self.adapter_down.weight, std=0.02)
+        if init_weights == "zero_up":
+            nn.init.zeros_(self.adapter_up.weight)
+        else:
+            nn.init.normal_(self.adapter_up.weight, std=0.02)
+        if use_bias:
+            nn.init.zeros_(self.adapter_down.bias)
+            nn.init.zeros_(self.adapter_up.bias)
+        if scaling == "learned":
+            self.adapter_scale = nn.Parameter(torch.ones((), **factory))
+            self.scaling = None
+        else:
+            self.adapter_scale = None
+            self.scaling = float(scaling)
+        self.disable_adapters = False
+
+    def _scale(self):
+        return self.adapter_scale if self.adapter_scale is not None else self.scaling
+
+    def _series(self, h: Tensor) -> Tensor:
+        return ops.series_adapter(
+            h,
+            self.adapter_down.weight,
+            self.adapter_up.weight,
+            scaling=self._scale(),
+            activation=self.non_linearity,
+            dropout_p=self.adapter_dropout if self.training else 0.0,
+            down_bias=self.adapter_down.bias,
+            up_bias=self.adapter_up.bias,
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.disable_adapters:
+            return self.base_layer(x)
+        if self.placement == "input":
+            return self.base_layer(self._series(x))
+        if self.placement == "output":
+            return self._series(self.base_layer(x))
+        x, w, b = autocast_inputs(x, weight_nk(self.base_layer), self.base_layer.bias)
+        return ops.lora_linear(
+            x,
+            w,
+            b,
+            self.adapter_down.weight,
+            self.adapter_up.weight,
+            scaling=self._scale(),
+            dropout_p=self.adapter_dropout if self.training else 0.0,
+            activation=self.non_linearity,
+            lora_a_bias=self.adapter_down.bias,
+            lora_b_bias=self.adapter_up.bias,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"placement={self.placement}, bottleneck={self.adapter_down.out_features}, "
+            f"non_linearity={self.non_linearity}"
+        )

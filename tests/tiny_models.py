@@ -1,0 +1,50 @@
+"""Tiny random Hugging Face causal LMs, one per supported family (no downloads)."""
+
+from __future__ import annotations
+
+import torch
+import transformers as tf
+
+VOCAB = 96
+_COMMON = dict(vocab_size=VOCAB, hidden_size=32, num_attention_heads=4, num_hidden_layers=2)
+_LLAMA = dict(_COMMON, intermediate_size=48, num_key_value_heads=2, max_position_embeddings=128)
+
+FAMILY_CONFIGS = {
+    "llama": lambda: tf.LlamaConfig(**_LLAMA),
+    "mistral": lambda: tf.MistralConfig(**_LLAMA),
+    "qwen2": lambda: tf.Qwen2Config(**_LLAMA),
+    "qwen3": lambda: tf.Qwen3Config(**_LLAMA, head_dim=8),
+    "gemma": lambda: tf.GemmaConfig(**_LLAMA, head_dim=8),
+    "phi3": lambda: tf.Phi3Config(**_LLAMA, pad_token_id=0, bos_token_id=1, eos_token_id=2),
+    "bloom": lambda: tf.BloomConfig(vocab_size=VOCAB, hidden_size=32, n_layer=2, n_head=4),
+    "falcon": lambda: tf.FalconConfig(**_COMMON),
+    "gpt_neox": lambda: tf.GPTNeoXConfig(**_COMMON, intermediate_size=48),
+    "gptj": lambda: tf.GPTJConfig(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, rotary_dim=4, n_positions=128),
+    "gpt_neo": lambda: tf.GPTNeoConfig(
+        vocab_size=VOCAB, hidden_size=32, num_layers=2, num_heads=4,
+        attention_types=[[["global", "local"], 1]], max_position_embeddings=128, window_size=16,
+    ),
+    "opt": lambda: tf.OPTConfig(
+        vocab_size=VOCAB, hidden_size=32, ffn_dim=48, num_hidden_layers=2, num_attention_heads=4,
+        word_embed_proj_dim=32, max_position_embeddings=128,
+    ),
+    "gpt2": lambda: tf.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=128),
+}
+FAMILIES = sorted(FAMILY_CONFIGS)
+
+
+def tiny_model(family: str = "llama", seed: int = 0) -> torch.nn.Module:
+    """A float32 causal LM of `family` with random weights, in eval mode."""
+    torch.manual_seed(seed)
+    model = tf.AutoModelForCausalLM.from_config(FAMILY_CONFIGS[family]())
+    return model.eval()
+
+
+def tiny_batch(batch: int = 2, length: int = 9, seed: int = 1) -> dict[str, torch.Tensor]:
+    """input_ids, an attention mask with left padding on the first row, and labels."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (batch, length), generator=g)
+    mask = torch.ones(batch, length, dtype=torch.long)
+    mask[0, :2] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
