@@ -539,22 +539,21 @@ def _series_backward_f64(g, h, down, up, scale_t, scaling, p, seed, activation, 
     gu = g @ up.to(g.dtype)
     grad = activation_grad(s_pre, activation)
     ds = s * gu if grad is None else s * gu * grad
-    empty = g.new_empty(0)
-    dh = empty
+    dh = g.new_empty(0)
     if need_dh:
         t = ds @ down.to(g.dtype)
         dh = g + (t if mask is None else torch.where(mask, t, 0.0) * inv_keep)
-    d_down = empty
+    d_down = g.new_empty(0)
     if need_down:
         hd = h if mask is None else torch.where(mask, h, 0.0)
         d_down = (ds.t() @ hd) * inv_keep
     return (
         dh,
         d_down,
-        s * (g.t() @ act) if need_up else empty,
-        ds.sum(0) if need_db else empty,
-        g.sum(0) if need_ub else empty,
-        (gu * act).sum() if need_scale else empty,
+        s * (g.t() @ act) if need_up else g.new_empty(0),
+        ds.sum(0) if need_db else g.new_empty(0),
+        g.sum(0) if need_ub else g.new_empty(0),
+        (gu * act).sum() if need_scale else g.new_empty(0),
     )
 
 
@@ -628,17 +627,17 @@ def series_backward(g, h, down, up, scale_t, scaling, p, seed, activation, s_pre
     m, n = h.shape
     r = down.shape[0]
     f32 = torch.float32
-    empty = g.new_empty(0, dtype=f32)
+    empty = lambda: g.new_empty(0, dtype=f32)  # noqa: E731  (outputs must not alias)
     dh = torch.empty_like(g) if need_dh else g.new_empty(0)
     if m == 0:
         zeros = lambda *shape: torch.zeros(shape, dtype=f32, device=g.device)  # noqa: E731
         return (
             dh if need_dh else g.new_empty(0),
-            zeros(r, n) if need_down else empty,
-            zeros(n, r) if need_up else empty,
-            zeros(r) if need_db else empty,
-            zeros(n) if need_ub else empty,
-            zeros() if need_scale else empty,
+            zeros(r, n) if need_down else empty(),
+            zeros(n, r) if need_up else empty(),
+            zeros(r) if need_db else empty(),
+            zeros(n) if need_ub else empty(),
+            zeros() if need_scale else empty(),
         )
     has_dropout, threshold, inv_keep = _dropout_args(p)
     block_r = _block_r(r)
@@ -647,8 +646,8 @@ def series_backward(g, h, down, up, scale_t, scaling, p, seed, activation, s_pre
     need_ds = need_dh or need_down or need_db
     scale_arg = scale_t if scale_t is not None else s_pre
 
-    ds = torch.empty((m, r), dtype=f32, device=g.device) if need_ds or not one_r_tile else empty
-    dscale_rows = torch.empty(m, dtype=f32, device=g.device) if need_scale else empty
+    ds = torch.empty((m, r), dtype=f32, device=g.device) if need_ds or not one_r_tile else empty()
+    dscale_rows = torch.empty(m, dtype=f32, device=g.device) if need_scale else empty()
     if need_ds or need_scale:
         grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),)  # noqa: E731
         _series_backward_rows_kernel[grid](
@@ -667,15 +666,15 @@ def series_backward(g, h, down, up, scale_t, scaling, p, seed, activation, s_pre
             ONE_R_TILE=one_r_tile,
         )
 
-    d_down = d_up = d_ub = empty
+    d_down, d_up, d_ub = empty(), empty(), empty()
     if need_down or need_up or need_ub:
         splits = _splits(m, n, r, block_r, g.device)
         rows_per_split = triton.cdiv(triton.cdiv(m, splits), 128) * 128
         splits = triton.cdiv(m, rows_per_split)
         alloc = lambda *shape: torch.empty(shape, dtype=f32, device=g.device)  # noqa: E731
-        d_down = alloc(splits, r, n) if need_down else empty
-        d_up = alloc(splits, n, r) if need_up else empty
-        d_ub = alloc(splits, n) if need_ub else empty
+        d_down = alloc(splits, r, n) if need_down else empty()
+        d_up = alloc(splits, n, r) if need_up else empty()
+        d_ub = alloc(splits, n) if need_ub else empty()
         grid = lambda meta: (  # noqa: E731
             triton.cdiv(n, meta["BLOCK_N"]),
             triton.cdiv(r, block_r),
@@ -698,15 +697,15 @@ def series_backward(g, h, down, up, scale_t, scaling, p, seed, activation, s_pre
             BLOCK_R=block_r,
         )
         # Fixed-order sum of the per-chunk partials (no atomics: deterministic).
-        d_down = d_down.sum(0) if need_down else empty
-        d_up = d_up.sum(0) if need_up else empty
-        d_ub = d_ub.sum(0) if need_ub else empty
+        d_down = d_down.sum(0) if need_down else empty()
+        d_up = d_up.sum(0) if need_up else empty()
+        d_ub = d_ub.sum(0) if need_ub else empty()
 
     return (
         dh,
         d_down,
         d_up,
-        ds.sum(0) if need_db else empty,
+        ds.sum(0) if need_db else empty(),
         d_ub,
-        dscale_rows.sum() if need_scale else empty,
+        dscale_rows.sum() if need_scale else empty(),
     )

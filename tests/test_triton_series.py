@@ -1,0 +1,374 @@
+"""The Triton series bottleneck adapter (`triton_kernels/series.py`) against a float64 reference.
+
+On CPU the kernels run under the Triton interpreter (conftest sets TRITON_INTERPRET=1), in fp32
+and fp16 on small odd shapes. Parity rule (DESIGN §6): the kernel's error against the float64
+reference is at most twice that of the same computation done by PyTorch in the same dtype,
+plus one unit of the dtype's precision at the reference's magnitude. bf16 and LLaMA shapes run
+only on a GPU (`pytest -m gpu`): the interpreter computes bf16 `tl.dot` wrongly.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llm_adapters import ops
+from llm_adapters.ops._custom import series_op
+from llm_adapters.ops.torch_backend import dropout_threshold
+
+triton = pytest.importorskip("triton")
+
+CPU = torch.device("cpu")
+GRAD_NAMES = ("h", "down", "up", "down_bias", "up_bias", "scale")
+
+_ACTS = {
+    "identity": lambda s: s,
+    "tanh": torch.tanh,
+    "relu": torch.relu,
+    "gelu": torch.nn.functional.gelu,
+    "silu": torch.nn.functional.silu,
+}
+
+
+def _device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else CPU
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference: the formula itself, differentiated by autograd, in any dtype
+# ---------------------------------------------------------------------------------------------
+
+
+def reference(inputs: dict, g: torch.Tensor, activation: str, mask, p: float, dtype):
+    """(z, grads by GRAD_NAMES) of z = h + s·φ(D(h) Dnᵀ + d_b) Upᵀ + u_b computed in `dtype`.
+
+    Weights are cast to `dtype` first, as the backends do; `mask` is the [M, N] keep-mask."""
+    leaves = {}
+    for name, t in inputs.items():
+        if isinstance(t, torch.Tensor):
+            leaves[name] = t.detach().to(dtype).requires_grad_(True)
+        else:
+            leaves[name] = t
+    h = leaves["h"]
+    h2 = h.reshape(-1, h.shape[-1])
+    hd = h2
+    if p > 0:
+        hd = torch.where(mask, h2, torch.zeros((), dtype=dtype, device=h.device))
+    s_pre = hd @ leaves["down"].t()
+    if p > 0:
+        s_pre = s_pre * dropout_threshold(p)[1]
+    if leaves.get("down_bias") is not None:
+        s_pre = s_pre + leaves["down_bias"]
+    branch = _ACTS[activation](s_pre) @ leaves["up"].t()
+    z = h2 + leaves["scale"] * branch
+    if leaves.get("up_bias") is not None:
+        z = z + leaves["up_bias"]
+    z = z.reshape(h.shape)
+    wrt = [n for n in GRAD_NAMES if isinstance(leaves.get(n), torch.Tensor)]
+    g2 = g.to(dtype).reshape(h2.shape)
+    grads = torch.autograd.grad(z, [leaves[n] for n in wrt], g2.reshape(h.shape))
+    # d(scale) = Σ (g Up) ⊙ φ(S) is one long sum with cancellation: its rounding error scales
+    # with Σ |g||Up| |φ(S)|, not with its (small) value.
+    with torch.no_grad():
+        mag = ((g2.abs() @ leaves["up"].abs()) * _ACTS[activation](s_pre).abs()).sum()
+    return z.detach(), dict(zip(wrt, grads, strict=True)), {"scale": mag.item()}
+
+
+def assert_parity(name, got, ref, base, dtype, magnitude=None):
+    """|got - ref| <= 2 |base - ref| + eps(dtype)·magnitude (default max|ref|), in the max norm;
+    verbose on failure."""
+    assert got.shape == ref.shape, f"{name}: shape {tuple(got.shape)} != {tuple(ref.shape)}"
+    assert torch.isfinite(got).all(), f"{name}: non-finite values"
+    diff = (got.double() - ref).abs()
+    err = diff.max().item() if diff.numel() else 0.0
+    base_err = (base.double() - ref).abs().max().item() if diff.numel() else 0.0
+    if magnitude is None:
+        magnitude = ref.abs().max().item() if diff.numel() else 0.0
+    floor = torch.finfo(dtype).eps * magnitude
+    tol = 2.0 * base_err + floor
+    if err > tol:
+        where = divmod(int(diff.argmax()), diff.shape[-1]) if diff.dim() > 1 else int(diff.argmax())
+        raise AssertionError(
+            f"{name}: max error {err:.3e} at {where} > tolerance {tol:.3e} "
+            f"(PyTorch {dtype} error {base_err:.3e}, floor {floor:.3e})"
+        )
+
+
+def make_inputs(m, n, r, dtype, *, bias, learned, weight_dtype=torch.float32, device=CPU,
+                lead=None):
+    h = torch.randn(*(lead or (m,)), n, dtype=dtype, device=device)
+    down = (torch.randn(r, n, device=device) / n**0.5).to(weight_dtype)
+    up = (torch.randn(n, r, device=device) / r**0.5).to(weight_dtype)
+    inputs = {"h": h, "down": down, "up": up}
+    if bias:
+        inputs["down_bias"] = (0.1 * torch.randn(r, device=device)).to(weight_dtype)
+        inputs["up_bias"] = (0.1 * torch.randn(n, device=device)).to(weight_dtype)
+    inputs["scale"] = torch.tensor(0.75, device=device) if learned else 0.75
+    return inputs
+
+
+def run_op(inputs: dict, g, activation, p, seed, backend="triton"):
+    """z and the grads (by GRAD_NAMES) of ops.series_adapter on `backend`."""
+    leaves = {
+        k: (v.detach().clone().requires_grad_(True) if isinstance(v, torch.Tensor) else v)
+        for k, v in inputs.items()
+    }
+    z = ops.series_adapter(
+        leaves["h"], leaves["down"], leaves["up"], scaling=leaves["scale"],
+        activation=activation, dropout_p=p, seed=seed, down_bias=leaves.get("down_bias"),
+        up_bias=leaves.get("up_bias"), backend=backend,
+    )
+    z.backward(g)
+    grads = {n: leaves[n].grad for n in GRAD_NAMES if isinstance(leaves.get(n), torch.Tensor)}
+    for name, grad in grads.items():
+        assert grad is not None, f"no gradient for {name}"
+        assert grad.dtype == leaves[name].dtype, f"{name} grad dtype {grad.dtype}"
+    return z.detach(), grads
+
+
+def check_against_reference(inputs, activation, p, seed, dtype):
+    h = inputs["h"]
+    m, n = h.reshape(-1, h.shape[-1]).shape
+    mask = ops.dropout_mask((m, n), p, seed, device=h.device, backend="triton") if p else None
+    g = torch.randn_like(h)
+    z, grads = run_op(inputs, g, activation, p, seed)
+    z64, ref, mags = reference(inputs, g, activation, mask, p, torch.float64)
+    z_lo, base, _ = reference(inputs, g, activation, mask, p, dtype)
+    assert z.dtype == h.dtype and z.shape == h.shape
+    assert_parity("z", z, z64, z_lo, dtype)
+    for name in ref:
+        assert_parity(f"d{name}", grads[name], ref[name], base[name], dtype, mags.get(name))
+
+
+# ---------------------------------------------------------------------------------------------
+# Parity on odd shapes: every activation, fp32 and fp16, dropout off and on, every gradient
+# ---------------------------------------------------------------------------------------------
+
+# (rows, hidden, bottleneck, dtype, activation, dropout p, biases, learned scale)
+CASES = [
+    (1, 45, 1, torch.float32, "identity", 0.0, False, False),
+    (300, 45, 1, torch.float16, "identity", 0.1, True, True),
+    (37, 100, 12, torch.float32, "tanh", 0.0, True, True),
+    (37, 100, 12, torch.float16, "tanh", 0.1, True, False),
+    (300, 70, 24, torch.float32, "gelu", 0.2, True, True),
+    (37, 45, 256, torch.float16, "gelu", 0.0, True, False),
+    (37, 45, 256, torch.float32, "relu", 0.1, True, True),
+    (1, 100, 12, torch.float16, "relu", 0.3, True, True),
+    (37, 70, 24, torch.float32, "silu", 0.5, False, False),
+    (300, 70, 24, torch.float16, "silu", 0.0, False, True),
+    (1, 70, 256, torch.float16, "tanh", 0.2, True, True),
+]
+
+
+@pytest.mark.parametrize(
+    "m,n,r,dtype,activation,p,bias,learned",
+    CASES,
+    ids=[f"{c[0]}x{c[1]}r{c[2]}-{str(c[3])[6:]}-{c[4]}-p{c[5]}" for c in CASES],
+)
+def test_parity_with_float64(m, n, r, dtype, activation, p, bias, learned):
+    inputs = make_inputs(m, n, r, dtype, bias=bias, learned=learned)
+    check_against_reference(inputs, activation, p, seed=1234 + m, dtype=dtype)
+
+
+def test_low_precision_weights():
+    """fp16 adapter weights (and biases, and scale) with fp16 h: no upcast anywhere."""
+    inputs = make_inputs(37, 70, 12, torch.float16, bias=True, learned=True,
+                         weight_dtype=torch.float16)
+    inputs["scale"] = inputs["scale"].half()
+    check_against_reference(inputs, "tanh", 0.1, seed=5, dtype=torch.float16)
+
+
+def test_three_dim_and_non_contiguous_h():
+    base = make_inputs(37, 70, 12, torch.float32, bias=True, learned=False)
+    h3 = torch.randn(2, 19, 70)
+    check_against_reference({**base, "h": h3}, "gelu", 0.2, seed=9, dtype=torch.float32)
+
+    # A transposed view: rows are not contiguous; the op must see the logical [M, N] layout
+    # (dropout index m * N + n refers to the logical position).
+    h_nc = torch.randn(70, 37).t()
+    assert not h_nc.is_contiguous()
+    g = torch.randn(37, 70)
+    z_nc, grads_nc = run_op({**base, "h": h_nc}, g, "gelu", 0.2, seed=9)
+    z_c, grads_c = run_op({**base, "h": h_nc.contiguous()}, g, "gelu", 0.2, seed=9)
+    torch.testing.assert_close(z_nc, z_c, rtol=0, atol=0)
+    for name in grads_c:
+        torch.testing.assert_close(grads_nc[name], grads_c[name], rtol=0, atol=0)
+    check_against_reference({**base, "h": h_nc}, "gelu", 0.2, seed=9, dtype=torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Dropout: the mask is the shared Philox definition, identical in forward and backward
+# ---------------------------------------------------------------------------------------------
+
+
+def test_dropout_mask_is_shared_and_reused_in_backward():
+    from llm_adapters.triton_kernels.dropout import keep_mask
+    from llm_adapters.triton_kernels.series import series_backward, series_forward
+
+    m, n, r, p, seed = 37, 70, 12, 0.3, 2**40 + 17
+    h = torch.randn(m, n)
+    down = torch.randn(r, n) / n**0.5
+    up = torch.randn(n, r)
+    mask = ops.dropout_mask((m, n), p, seed, backend="triton")
+    assert torch.equal(mask, keep_mask((m, n), p, seed, CPU))
+    assert 0.6 < mask.float().mean().item() < 0.8
+
+    z, s_pre, stored = series_forward(h, down, up, None, None, None, 1.0, p, seed, "identity")
+    assert stored.dtype == torch.bool and stored.numel() == 0  # stores_mask=False
+    assert s_pre.dtype == torch.float32 and s_pre.shape == (m, r)
+    inv_keep = dropout_threshold(p)[1]
+    s_ref = (torch.where(mask, h.double(), 0.0) @ down.double().t()) * inv_keep
+    torch.testing.assert_close(s_pre.double(), s_ref, rtol=1e-5, atol=1e-5)
+
+    # dh = g + D'(dS Dn): exactly g wherever the forward dropped the element.
+    g = torch.randn(m, n)
+    needs = [True, False, False, False, False, False]
+    dh = series_backward(g, h, down, up, None, 1.0, p, seed, "identity", s_pre, stored, needs)[0]
+    assert torch.equal(dh[~mask], g[~mask])
+    assert (dh[mask] != g[mask]).float().mean() > 0.9
+
+    # Same seed, same result; another seed, another mask.
+    z2 = series_forward(h, down, up, None, None, None, 1.0, p, seed, "identity")[0]
+    z3 = series_forward(h, down, up, None, None, None, 1.0, p, seed + 1, "identity")[0]
+    assert torch.equal(z, z2)
+    assert not torch.equal(z, z3)
+
+
+# ---------------------------------------------------------------------------------------------
+# Backend contract: `needs` flags, dtypes, determinism, float64, custom-op registration
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("r", [12, 256])
+def test_needs_flags_and_determinism(r):
+    from llm_adapters.triton_kernels.series import series_backward, series_forward
+
+    m, n, p, seed = 300 if r < 64 else 37, 45, 0.1, 77
+    h = torch.randn(m, n, dtype=torch.float16)
+    down = torch.randn(r, n) / n**0.5
+    up = torch.randn(n, r) / r**0.5
+    scale_t = torch.tensor(1.5)
+    z, s_pre, mask = series_forward(h, down, up, None, None, scale_t, 1.0, p, seed, "silu")
+    g = torch.randn(m, n, dtype=torch.float16)
+    args = (g, h, down, up, scale_t, 1.0, p, seed, "silu", s_pre, mask)
+    full = series_backward(*args, [True] * 6)
+    again = series_backward(*args, [True] * 6)
+    shapes = [(m, n), (r, n), (n, r), (r,), (n,), ()]
+    for i, (t, t2) in enumerate(zip(full, again, strict=True)):
+        assert torch.equal(t, t2), f"gradient {i} is not deterministic"
+        assert tuple(t.shape) == shapes[i]
+        assert t.dtype == (torch.float16 if i == 0 else torch.float32)
+    for i in range(6):
+        needs = [j == i for j in range(6)]
+        out = series_backward(*args, needs)
+        for j, t in enumerate(out):
+            if j == i:
+                assert torch.equal(t, full[i]), f"gradient {i} differs when computed alone"
+            else:
+                assert t.numel() == 0 and t.shape == (0,)
+
+
+def test_float64_falls_back_with_the_same_mask():
+    inputs = make_inputs(3, 10, 2, torch.float64, bias=True, learned=True,
+                         weight_dtype=torch.float64)
+    inputs["scale"] = inputs["scale"].double()
+    leaves = [
+        inputs[k].detach().double().requires_grad_(True)
+        for k in ("h", "down", "up", "down_bias", "up_bias", "scale")
+    ]
+
+    def fn(h, down, up, db, ub, scale):
+        return ops.series_adapter(
+            h, down, up, scaling=scale, activation="gelu", dropout_p=0.2, seed=3,
+            down_bias=db, up_bias=ub, backend="triton",
+        )
+
+    assert torch.autograd.gradcheck(fn, leaves)
+    # The float64 path uses the kernels' Philox mask, not the torch backend's.
+    mask = ops.dropout_mask((3, 10), 0.2, 3, backend="triton")
+    g = torch.randn(3, 10, dtype=torch.float64)
+    z, grads = run_op(inputs, g, "tanh", 0.2, seed=3)
+    z_ref, ref, _ = reference(inputs, g, "tanh", mask, 0.2, torch.float64)
+    torch.testing.assert_close(z, z_ref, rtol=1e-12, atol=1e-12)
+    for name in ref:
+        torch.testing.assert_close(grads[name], ref[name], rtol=1e-12, atol=1e-12)
+
+
+def test_opcheck():
+    backend = ops.resolve_backend("series", CPU, "triton")
+    op = series_op(backend)
+    m, n, r = 5, 40, 3
+    h = torch.randn(m, n, requires_grad=True)
+    down = torch.randn(r, n, requires_grad=True)
+    up = torch.randn(n, r, requires_grad=True)
+    db = torch.randn(r, requires_grad=True)
+    ub = torch.randn(n, requires_grad=True)
+    scale = torch.tensor(0.5, requires_grad=True)
+    seed = torch.tensor(11, dtype=torch.int64)
+    torch.library.opcheck(op, (h, down, up, db, ub, scale, 1.0, 0.1, seed, "tanh"))
+    torch.library.opcheck(op, (h, down, up, None, None, None, 2.0, 0.0, seed, "relu"))
+
+
+def test_bad_input_is_named():
+    from llm_adapters.triton_kernels.series import series_forward
+
+    h = torch.randn(4, 8)
+    with pytest.raises(ValueError, match="up has shape"):
+        series_forward(h, torch.randn(2, 8), torch.randn(8, 3), None, None, None, 1.0, 0.0, 0,
+                       "tanh")
+    with pytest.raises(ValueError, match="unknown activation"):
+        series_forward(h, torch.randn(2, 8), torch.randn(8, 2), None, None, None, 1.0, 0.0, 0,
+                       "swish")
+    with pytest.raises(ValueError, match="down has shape"):
+        series_forward(h, torch.randn(2, 7), torch.randn(8, 2), None, None, None, 1.0, 0.0, 0,
+                       "tanh")
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU: LLaMA shapes in bf16 / fp16, large bottleneck and hidden sizes
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_gpu_llama_shapes(dtype, p):
+    inputs = make_inputs(8192, 4096, 256, dtype, bias=False, learned=False, device=_device())
+    check_against_reference(inputs, "tanh", p, seed=4321, dtype=dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "m,n,r,activation",
+    [(1000, 16384, 64, "gelu"), (777, 4096, 1024, "silu"), (513, 5120, 1, "relu")],
+)
+def test_gpu_large_hidden_and_bottleneck(m, n, r, activation):
+    inputs = make_inputs(m, n, r, torch.bfloat16, bias=True, learned=True, device=_device())
+    check_against_reference(inputs, activation, 0.1, seed=99, dtype=torch.bfloat16)
+
+
+@pytest.mark.gpu
+def test_gpu_fp32_is_not_tf32():
+    inputs = make_inputs(1000, 4096, 64, torch.float32, bias=True, learned=True, device=_device())
+    check_against_reference(inputs, "gelu", 0.1, seed=5, dtype=torch.float32)
+
+
+@pytest.mark.gpu
+def test_gpu_deterministic_backward_and_mask():
+    from llm_adapters.triton_kernels.dropout import keep_mask
+
+    dev = _device()
+    inputs = make_inputs(4096, 4096, 256, torch.bfloat16, bias=True, learned=True, device=dev)
+    g = torch.randn_like(inputs["h"])
+    z1, g1 = run_op(inputs, g, "tanh", 0.1, seed=2**50 + 3)
+    z2, g2 = run_op(inputs, g, "tanh", 0.1, seed=2**50 + 3)
+    assert torch.equal(z1, z2)
+    for name in g1:
+        assert torch.equal(g1[name], g2[name]), f"d{name} is not deterministic"
+    mask = ops.dropout_mask((4096, 4096), 0.1, 2**50 + 3, device=dev, backend="triton")
+    assert torch.equal(mask, keep_mask((4096, 4096), 0.1, 2**50 + 3, dev))
+
+
+# ---------------------------------------------------------------------------------------------
+# Model level: a tiny LLaMA with AdapterH / AdapterP trains the same on triton as on torch
+# ---------------------------------------------------------------------------------------------
