@@ -34,8 +34,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..ops._activations import activation_grad, apply_activation
 from ..ops import torch_backend
+from ..ops._activations import activation_grad, apply_activation
 from ..ops.torch_backend import acc_dtype, dropout_threshold
 from .dropout import keep_bits, keep_mask
 

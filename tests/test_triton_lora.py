@@ -1,0 +1,369 @@
+"""The `triton` backend of ops.lora_linear (LoRA and parallel adapters) against float64.
+
+On CPU the kernels run under the Triton interpreter (TRITON_INTERPRET=1, set by conftest) in
+fp32 and fp16; bf16 `tl.dot` is wrong under the interpreter, so bf16 runs in the GPU tests.
+Parity rule (DESIGN §6): the kernel's error against a float64 reference is at most about twice
+the error of the same computation done by PyTorch in the same dtype.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llm_adapters import ops
+from llm_adapters.ops._custom import lora_op
+from llm_adapters.ops._dispatch import resolve_backend
+from llm_adapters.ops.torch_backend import dropout_threshold
+
+BACKEND = "triton"
+_PHI = {
+    "identity": lambda s: s,
+    "tanh": torch.tanh,
+    "relu": torch.relu,
+    "gelu": F.gelu,
+    "silu": F.silu,
+}
+_NAMES = ("x", "bias", "lora_a", "lora_b", "lora_a_bias", "lora_b_bias", "scale")
+
+
+def _device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# ---------------------------------------------------------------------------------------------
+# references and helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def _reference(x, w, bias, a, b, ab, bb, scale, act, keep, p):
+    """Plain PyTorch in x's dtype (small weights cast to it, as the op does), explicit mask."""
+    dt = x.dtype
+    xd = x
+    if keep is not None:
+        _, inv_keep = dropout_threshold(p)
+        xd = x * keep.to(dt) * inv_keep
+    s = xd @ a.to(dt).t()
+    if ab is not None:
+        s = s + ab.to(dt)
+    h = _PHI[act](s)
+    s_ = scale.to(dt) if isinstance(scale, torch.Tensor) else scale
+    y = x @ w.t() + (h * s_) @ b.to(dt).t()
+    if bias is not None:
+        y = y + bias
+    if bb is not None:
+        y = y + bb.to(dt)
+    return y
+
+
+def _make(m, k, n, r, dtype, *, bias=True, branch_bias=True, learned=True, wdtype=torch.float32,
+          device=None, lead=()):
+    """Inputs with the magnitudes of a real layer (unit x, W and A ~ 1/sqrt(fan_in))."""
+    device = device or _device()
+    x = torch.randn(*lead, m, k, device=device).to(dtype)
+    w = (torch.randn(n, k, device=device) / k**0.5).to(dtype)
+    t = {
+        "x": x,
+        "bias": (torch.randn(n, device=device) * 0.1).to(dtype) if bias else None,
+        "lora_a": torch.randn(r, k, device=device, dtype=wdtype) / k**0.5,
+        "lora_b": torch.randn(n, r, device=device, dtype=wdtype) / r**0.5,
+        "lora_a_bias": torch.randn(r, device=device, dtype=wdtype) * 0.1 if branch_bias else None,
+        "lora_b_bias": torch.randn(n, device=device, dtype=wdtype) * 0.1 if branch_bias else None,
+        "scale": torch.tensor(0.7, device=device, dtype=wdtype) if learned else 1.3,
+    }
+    return w, t
+
+
+def _leaves(t, dtype=None, x_grad=True):
+    out = {}
+    for name, v in t.items():
+        if isinstance(v, torch.Tensor):
+            v = v.detach().clone()
+            if dtype is not None:
+                v = v.to(dtype)
+            v.requires_grad_(x_grad or name != "x")
+        out[name] = v
+    return out
+
+
+def _grads(y, leaves, g):
+    y.backward(g)
+    return {k: v.grad for k, v in leaves.items() if isinstance(v, torch.Tensor)}
+
+
+def _run_op(w, t, act, p, seed, x_grad=True, backend=BACKEND):
+    lv = _leaves(t, x_grad=x_grad)
+    y = ops.lora_linear(
+        lv["x"], w, lv["bias"], lv["lora_a"], lv["lora_b"], scaling=lv["scale"], dropout_p=p,
+        activation=act, seed=seed, lora_a_bias=lv["lora_a_bias"], lora_b_bias=lv["lora_b_bias"],
+        backend=backend,
+    )
+    return y, lv
+
+
+def _run_ref(w, t, act, p, keep, dtype, ref_dtype=torch.float64, x_grad=True):
+    lv = _leaves(t, dtype=None if dtype is None else ref_dtype, x_grad=x_grad)
+    if dtype is None:  # same-dtype PyTorch computation: leaves keep their own dtypes
+        wr = w
+    else:
+        wr = w.to(ref_dtype)
+    x2 = lv["x"].reshape(-1, lv["x"].shape[-1])
+    y = _reference(
+        x2, wr, lv["bias"], lv["lora_a"], lv["lora_b"], lv["lora_a_bias"], lv["lora_b_bias"],
+        lv["scale"], act, keep, p,
+    )
+    return y.reshape(*lv["x"].shape[:-1], -1), lv
+
+
+def _assert_parity(name, ours, ref, same, dtype):
+    """|ours - ref| <= 2 |same - ref| + a floor: a few float32 roundings of the largest value.
+    A single number (d(scale), a sum over M·r products) gets a floor of a few roundings in the
+    computation dtype instead: one same-dtype sample of a scalar can land on the reference by
+    luck of the quantisation grid, so its error alone is no measure of the dtype's accuracy."""
+    assert ours is not None, f"{name}: no gradient"
+    assert ours.shape == ref.shape, f"{name}: shape {tuple(ours.shape)} != {tuple(ref.shape)}"
+    assert ours.dtype == same.dtype, f"{name}: dtype {ours.dtype} != {same.dtype}"
+    ours, ref, same = ours.double(), ref.double(), same.double()
+    assert torch.isfinite(ours).all(), f"{name}: non-finite values"
+    err = (ours - ref).abs()
+    base = (same - ref).abs().max().item()
+    if ref.numel() == 1:
+        floor = 8 * torch.finfo(dtype).eps * ref.abs().item()
+    else:
+        floor = 4 * torch.finfo(torch.float32).eps * ref.abs().max().item()
+    tol = 2.0 * base + floor
+    worst = err.max().item()
+    if worst > tol:
+        idx = tuple(int(i) for i in torch.nonzero(err == err.max())[0])
+        raise AssertionError(
+            f"{name}: max error {worst:.3e} at {idx} (ours {ours[idx].item():.6g}, "
+            f"ref {ref[idx].item():.6g}) > tol {tol:.3e} (PyTorch same-dtype error {base:.3e})"
+        )
+
+
+def _check_case(m, k, n, r, dtype, act, p, seed=1234, lead=(), x_grad=True, w_transposed=False,
+                ref_dtype=torch.float64, **kw):
+    w, t = _make(m, k, n, r, dtype, lead=lead, **kw)
+    if w_transposed:  # GPT-2 Conv1D stores [K, N]; the op sees its transposed view
+        w = w.t().contiguous().t()
+        assert not w.is_contiguous()
+    m_rows = t["x"].numel() // k
+    keep = ops.dropout_mask((m_rows, k), p, seed, t["x"].device, backend=BACKEND) if p else None
+    g = torch.randn(*lead, m, n, device=t["x"].device).to(dtype)
+    y, lv = _run_op(w, t, act, p, seed, x_grad=x_grad)
+    assert y.dtype == dtype and y.shape == (*lead, m, n)
+    ours = _grads(y, lv, g)
+    y_ref, lv_ref = _run_ref(w, t, act, p, keep, dtype=ref_dtype, ref_dtype=ref_dtype,
+                             x_grad=x_grad)
+    refs = _grads(y_ref, lv_ref, g.to(ref_dtype))
+    y_same, lv_same = _run_ref(w, t, act, p, keep, dtype=None, x_grad=x_grad)
+    sames = _grads(y_same, lv_same, g)
+    _assert_parity("y", y.detach(), y_ref.detach(), y_same.detach(), dtype)
+    for name in _NAMES:
+        if lv[name] is None or not isinstance(lv[name], torch.Tensor):
+            continue
+        if name == "x" and not x_grad:
+            assert ours["x"] is None
+            continue
+        _assert_parity(f"d{name}", ours[name], refs[name], sames[name], dtype)
+    return y.detach()
+
+
+# ---------------------------------------------------------------------------------------------
+# CPU (interpreter) tests: fp32 and fp16
+# ---------------------------------------------------------------------------------------------
+
+_CPU_DTYPES = [torch.float32, torch.float16]
+
+
+@pytest.mark.parametrize("dtype", _CPU_DTYPES, ids=["fp32", "fp16"])
+@pytest.mark.parametrize(
+    "m,k,n,r,act,p",
+    [
+        (1, 33, 19, 1, "identity", 0.0),
+        (37, 50, 45, 12, "tanh", 0.1),
+        (300, 70, 41, 24, "identity", 0.3),
+        (37, 40, 72, 64, "silu", 0.0),
+    ],
+    ids=["M1-r1", "M37-r12", "M300-r24", "M37-r64"],
+)
+def test_shapes(m, k, n, r, act, p, dtype):
+    _check_case(m, k, n, r, dtype, act, p)
+
+
+@pytest.mark.parametrize("dtype", _CPU_DTYPES, ids=["fp32", "fp16"])
+@pytest.mark.parametrize("act", ["identity", "tanh", "relu", "gelu", "silu"])
+def test_activations_with_dropout(act, dtype):
+    _check_case(37, 50, 45, 12, dtype, act, 0.2)
+
+
+def test_rank_over_one_chunk():
+    # r > 128: the shrink and the reductions run over several rank chunks (grid dim)
+    _check_case(21, 40, 30, 200, torch.float32, "gelu", 0.1)
+
+
+@pytest.mark.parametrize("dtype", _CPU_DTYPES, ids=["fp32", "fp16"])
+def test_float_scaling_no_biases_half_adapter(dtype):
+    # float scaling (no learned scale), no biases at all, adapter weights in x's dtype
+    _check_case(37, 50, 45, 12, dtype, "identity", 0.0, bias=False, branch_bias=False,
+                learned=False, wdtype=dtype)
+
+
+def test_x_without_grad():
+    _check_case(37, 50, 45, 12, torch.float32, "tanh", 0.2, x_grad=False)
+
+
+def test_needs_skip_dx(monkeypatch):
+    # x.requires_grad False: the dx GEMM is not launched at all
+    from llm_adapters.triton_kernels import lora as kernels
+
+    launched = []
+    real = kernels._dx_kernel
+
+    class _Spy:
+        def __getitem__(self, grid):
+            launched.append(grid)
+            return real[grid]
+
+    monkeypatch.setattr(kernels, "_dx_kernel", _Spy())
+    w, t = _make(37, 50, 45, 12, torch.float32)
+    y, lv = _run_op(w, t, "identity", 0.0, 0, x_grad=False)
+    y.sum().backward()
+    assert not launched and lv["x"].grad is None and lv["lora_a"].grad is not None
+    y, lv = _run_op(w, t, "identity", 0.0, 0, x_grad=True)
+    y.sum().backward()
+    assert launched and lv["x"].grad is not None
+
+
+def test_three_dim_x():
+    _check_case(19, 50, 45, 12, torch.float32, "relu", 0.2, lead=(2,))
+
+
+@pytest.mark.parametrize("dtype", _CPU_DTYPES, ids=["fp32", "fp16"])
+def test_transposed_weight(dtype):
+    _check_case(37, 50, 45, 12, dtype, "identity", 0.1, w_transposed=True)
+
+
+def test_non_contiguous_x():
+    # Through the op (which flattens), and straight into the kernels with a strided x.
+    from llm_adapters.triton_kernels import lora as kernels
+
+    w, t = _make(37, 50, 45, 12, torch.float32)
+    wide = torch.randn(37, 100)
+    x = wide[:, ::2]
+    assert not x.is_contiguous()
+    args = (w, None, t["lora_a"], t["lora_b"], None, None, None, 0.5, 0.2, 77, "tanh")
+    y, s, _ = kernels.lora_forward(x, *args)
+    y2, s2, _ = kernels.lora_forward(x.contiguous(), *args)
+    torch.testing.assert_close(y, y2, rtol=0, atol=0)
+    torch.testing.assert_close(s, s2, rtol=0, atol=0)
+    xg = x.clone().requires_grad_()
+    y3 = ops.lora_linear(xg, w, None, t["lora_a"], t["lora_b"], scaling=0.5, dropout_p=0.2,
+                         activation="tanh", seed=77, backend=BACKEND)
+    torch.testing.assert_close(y3.detach(), y, rtol=0, atol=0)
+
+
+def test_dropout_mask_is_the_philox_mask():
+    """Same seed -> same mask in forward and backward, equal to ops.dropout_mask(triton)."""
+    from llm_adapters.triton_kernels import lora as kernels
+
+    m, k, n, r, p, seed = 37, 50, 45, 12, 0.3, 2**40 + 5
+    w, t = _make(m, k, n, r, torch.float32, branch_bias=False)
+    x, a = t["x"], t["lora_a"]
+    keep = ops.dropout_mask((m, k), p, seed, backend=BACKEND)
+    _, inv = dropout_threshold(p)
+    assert 0.6 < keep.float().mean().item() < 0.8
+    y, s_pre, mask = kernels.lora_forward(x, w, None, a, t["lora_b"], None, None, None, 1.0,
+                                          p, seed, "identity")
+    assert mask.numel() == 0 and mask.dtype == torch.bool  # never stored
+    assert s_pre.dtype == torch.float32 and s_pre.shape == (m, r)
+    s_ref = (x.double() * keep * inv) @ a.double().t()
+    torch.testing.assert_close(s_pre.double(), s_ref, rtol=1e-5, atol=1e-5)
+    # Backward regenerates it. Probe: W = 0, B's first row all ones and g = e_0 in every row
+    # give dS = 1 everywhere, so dA = 1ᵀ D(x) and dx = D'(1 A) expose the mask directly.
+    b1 = torch.zeros(n, r)
+    b1[0, :] = 1.0
+    g1 = torch.zeros(m, n)
+    g1[:, 0] = 1.0
+    w0 = torch.zeros_like(w)
+    grads = kernels.lora_backward(g1, x, w0, a, b1, None, 1.0, p, seed, "identity",
+                                  s_pre, mask, [True, False, True, False, False, False, False])
+    dx_ref = (torch.ones(m, r, dtype=torch.float64) @ a.double()) * keep * inv
+    da_ref = torch.ones(r, m, dtype=torch.float64) @ (x.double() * keep * inv)
+    torch.testing.assert_close(grads[0].double(), dx_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grads[2].double(), da_ref, rtol=1e-5, atol=1e-5)
+    # Same seed, same output; another seed, another mask.
+    y2, _, _ = kernels.lora_forward(x, w, None, a, t["lora_b"], None, None, None, 1.0, p, seed,
+                                    "identity")
+    y3, _, _ = kernels.lora_forward(x, w, None, a, t["lora_b"], None, None, None, 1.0, p,
+                                    seed + 1, "identity")
+    assert torch.equal(y, y2) and not torch.equal(y, y3)
+
+
+def test_float64_falls_back_with_the_same_mask():
+    # float64 runs in PyTorch on this backend, but with the Philox mask: gradcheck it.
+    m, k, n, r, p, seed = 7, 9, 6, 3, 0.3, 11
+    w, t = _make(m, k, n, r, torch.float64, wdtype=torch.float64)
+    lv = _leaves(t)
+    args = [lv[name] for name in _NAMES]
+
+    def fn(x, bias, a, b, ab, bb, scale):
+        return ops.lora_linear(x, w, bias, a, b, scaling=scale, dropout_p=p, activation="tanh",
+                               seed=seed, lora_a_bias=ab, lora_b_bias=bb, backend=BACKEND)
+
+    assert torch.autograd.gradcheck(fn, args)
+    keep = ops.dropout_mask((m, k), p, seed, backend=BACKEND)
+    y_ref = _reference(lv["x"], w, *(lv[nm] for nm in _NAMES[1:]), "tanh", keep, p)
+    torch.testing.assert_close(fn(*args), y_ref)
+
+
+def test_errors():
+    from llm_adapters.triton_kernels import lora as kernels
+
+    x = torch.randn(2, 3, 8)
+    with pytest.raises(ValueError, match="2-D"):
+        kernels.lora_forward(x, torch.randn(4, 8), None, torch.randn(2, 8), torch.randn(4, 2),
+                             None, None, None, 1.0, 0.0, 0, "identity")
+    with pytest.raises(TypeError, match="weight dtype"):
+        kernels.lora_forward(x[0], torch.randn(4, 8).half(), None, torch.randn(2, 8),
+                             torch.randn(4, 2), None, None, None, 1.0, 0.0, 0, "identity")
+
+
+def test_opcheck():
+    impl = resolve_backend("lora", torch.device("cpu"), BACKEND)
+    op = lora_op(impl)
+    w, t = _make(21, 40, 30, 12, torch.float32)
+    seed = torch.tensor(5, dtype=torch.int64)
+    lv = _leaves(t)
+    full = (lv["x"], w, lv["bias"], lv["lora_a"], lv["lora_b"], lv["lora_a_bias"],
+            lv["lora_b_bias"], lv["scale"], 1.0, 0.2, seed, "gelu")
+    torch.library.opcheck(op, full)
+    lv2 = _leaves(t, x_grad=False)
+    bare = (lv2["x"], w, None, lv2["lora_a"], lv2["lora_b"], None, None, None, 0.5, 0.0, seed,
+            "identity")
+    torch.library.opcheck(op, bare)
+
+
+def test_torch_compile_fullgraph():
+    w, t = _make(9, 20, 12, 4, torch.float32)
+    lv = _leaves(t)
+
+    def f(x, a, b, scale):
+        y = ops.lora_linear(x, w, None, a, b, scaling=scale, dropout_p=0.1, activation="silu",
+                            seed=3, backend=BACKEND)
+        return (y * y).sum()
+
+    start = time.time()
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    loss = compiled(lv["x"], lv["lora_a"], lv["lora_b"], lv["scale"])
+    loss.backward()
+    lv_e = _leaves(t)
+    loss_e = f(lv_e["x"], lv_e["lora_a"], lv_e["lora_b"], lv_e["scale"])
+    loss_e.backward()
+    torch.testing.assert_close(loss, loss_e)
+    for name in ("x", "lora_a", "lora_b", "scale"):
+        torch.testing.assert_close(lv[name].grad, lv_e[name].grad)
+    assert time.time() - start < 120
