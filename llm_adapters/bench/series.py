@@ -1,0 +1,219 @@
+"""Series bottleneck adapter benchmark (AdapterH / AdapterP): the op, its counts, providers.
+
+    z = h + s · φ(D(h) Dnᵀ + d_b) Upᵀ + u_b        h [M, N], Dn [r, N], Up [N, r]
+
+Providers: `eager` (LLM-Adapters' formulation: h + up(act(down(dropout(h)))) * s),
+`adapterhub` (AdapterHub's bottleneck order written out without installing it: down → act →
+up, scaled, dropout on the adapter *output*, residual added after; layer norms off), and
+`ours-<backend>` for each backend of `llm_adapters.ops`.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .. import ops
+from ..ops.torch_backend import dropout_threshold
+from .harness import Case, OpSpec, Provider, Runner
+from .lora import ACTIVATION_FNS, backend_skip_reason
+
+# --------------------------------------------------------------------------------------------
+# Counts. Sizes: M tokens, N hidden, r bottleneck; e = activation bytes, w = adapter bytes.
+# --------------------------------------------------------------------------------------------
+
+
+def series_flops(case: Case) -> float:
+    """Multiply-adds x 2 of one call of `case.mode`: four rank-r GEMM-sized products."""
+    m, n, r = case.tokens, case.n, case.rank
+    fwd = 2 * m * n * r + 2 * m * n * r  # S = D(h) Dnᵀ, then φ(S) Upᵀ
+    bwd = 2 * m * n * r + 2 * m * n * r + 2 * m * n * r  # dUp = s gᵀH, g Up, dDn = dSᵀ D(h)
+    if case.x_grad:
+        bwd += 2 * m * n * r  # dh = g + D'(dS Dn)
+    return {"forward": fwd, "backward": bwd, "full": fwd + bwd}[case.mode]
+
+
+def series_min_bytes(case: Case) -> float:
+    """Compulsory traffic: the op is memory-bound, so this is the number that matters."""
+    m, n, r = case.tokens, case.n, case.rank
+    e, w = case.torch_dtype.itemsize, case.weight_dtype.itemsize
+    adapters = 2 * n * r * w + ((r + n) * w if case.bias else 0)
+    fwd = 2 * m * n * e + adapters  # read h, write z
+    bwd = 2 * m * n * e + 2 * adapters  # read g and h; read and write the adapter weights
+    if case.x_grad:
+        bwd += m * n * e  # write dh
+    return {"forward": fwd, "backward": bwd, "full": fwd + bwd}[case.mode]
+
+
+# --------------------------------------------------------------------------------------------
+# Inputs and the float64 reference
+# --------------------------------------------------------------------------------------------
+
+
+def make_tensors(case: Case, seed: int) -> dict[str, Tensor]:
+    """One input set: h (requires grad per case), trainable Dn and Up (N(0, 0.02)-sized, as
+    LLM-Adapters' "bert" init, but Up non-zero), optional biases, and the output gradient."""
+    if case.k != case.n:
+        raise ValueError(f"the series adapter maps N to N: k ({case.k}) must equal n ({case.n})")
+    device = torch.device(case.device)
+    gen = torch.Generator(device=device)
+    gen.manual_seed(2000 + seed)
+    m, n, r = case.tokens, case.n, case.rank
+    dt, wt = case.torch_dtype, case.weight_dtype
+
+    def randn(*shape: int, dtype: torch.dtype, std: float = 1.0) -> Tensor:
+        return torch.randn(*shape, generator=gen, device=device, dtype=dtype).mul_(std)
+
+    t = {
+        "h": randn(m, n, dtype=dt).requires_grad_(case.x_grad),
+        "down": randn(r, n, dtype=wt, std=n**-0.5).requires_grad_(True),
+        "up": randn(n, r, dtype=wt, std=r**-0.5).requires_grad_(True),
+        "out_grad": randn(m, n, dtype=dt),
+    }
+    if case.bias:
+        t["down_bias"] = randn(r, dtype=wt, std=0.1).requires_grad_(True)
+        t["up_bias"] = randn(n, dtype=wt, std=0.1).requires_grad_(True)
+    return t
+
+
+def grad_names(case: Case) -> list[str]:
+    names = (["h"] if case.x_grad else []) + ["down", "up"]
+    return names + (["down_bias", "up_bias"] if case.bias else [])
+
+
+def reference(t: dict[str, Tensor], mask: Optional[Tensor], scale: float, case: Case) -> Tensor:
+    """The op in float64 with the provider's keep-mask (on h, the adapter input)."""
+    h = t["h"]
+    d = h if mask is None else h * mask.to(h.dtype) * scale
+    s = F.linear(d, t["down"], t.get("down_bias"))
+    branch = F.linear(ACTIVATION_FNS[case.activation](s), t["up"], t.get("up_bias"))
+    return h + case.scaling * branch
+
+
+# --------------------------------------------------------------------------------------------
+# Providers
+# --------------------------------------------------------------------------------------------
+
+
+class _Base(Runner):
+    def __init__(self, case: Case, t: dict[str, Tensor]) -> None:
+        self.case, self.t = case, t
+        self.out_grad = t["out_grad"]
+        self.record = False
+        self._last: Optional[Tensor] = None
+
+    def grads(self) -> list[Optional[Tensor]]:
+        return [self.t[n].grad for n in grad_names(self.case)]
+
+    def leaves(self) -> list[Tensor]:
+        return [self.t[n] for n in grad_names(self.case)]
+
+    def inputs(self) -> list[Tensor]:
+        return [v for k, v in self.t.items() if k != "out_grad"]
+
+
+class _EagerRunner(_Base):
+    def forward(self) -> Tensor:
+        c, t = self.case, self.t
+        h = t["h"]
+        d = F.dropout(h, c.dropout, training=True) if c.dropout > 0 else h
+        if self.record:
+            self._last = d
+        down = F.linear(d.to(t["down"].dtype), t["down"], t.get("down_bias"))
+        out = F.linear(ACTIVATION_FNS[c.activation](down), t["up"], t.get("up_bias")) * c.scaling
+        return h + out.to(h.dtype)
+
+    def keep_mask(self) -> tuple[Optional[Tensor], float]:
+        if self.case.dropout == 0 or self._last is None:
+            return None, 1.0
+        return self._last != 0, 1.0 / (1.0 - self.case.dropout)
+
+
+class Eager(Provider):
+    """LLM-Adapters' bottleneck adapter: h + up(act(down(dropout(h)))) * s."""
+
+    name = "eager"
+
+    def build(self, case: Case, tensors: dict[str, Tensor]) -> Runner:
+        return _EagerRunner(case, tensors)
+
+
+class _AdapterHubRunner(_Base):
+    def forward(self) -> Tensor:
+        c, t = self.case, self.t
+        h = t["h"]
+        down = ACTIVATION_FNS[c.activation](F.linear(h.to(t["down"].dtype), t["down"],
+                                                     t.get("down_bias")))
+        up = F.linear(down, t["up"], t.get("up_bias")) * c.scaling
+        out = F.dropout(up, c.dropout, training=True) if c.dropout > 0 else up
+        return out.to(h.dtype) + h  # residual after (residual_before_ln, no layer norms)
+
+
+class AdapterHub(Provider):
+    """AdapterHub's bottleneck order: down → act → up, scale, dropout on the output, + h."""
+
+    name = "adapterhub"
+
+    def parity_skip_reason(self, case: Case) -> Optional[str]:
+        if case.dropout > 0:
+            return "dropout on the adapter output: a different function when p > 0"
+        return None
+
+    def build(self, case: Case, tensors: dict[str, Tensor]) -> Runner:
+        return _AdapterHubRunner(case, tensors)
+
+
+class _OursRunner(_Base):
+    def __init__(self, case: Case, t: dict[str, Tensor], backend: str) -> None:
+        super().__init__(case, t)
+        self.backend = backend
+        self.seed = 4321
+
+    def forward(self) -> Tensor:
+        c, t = self.case, self.t
+        return ops.series_adapter(
+            t["h"], t["down"], t["up"], scaling=c.scaling, activation=c.activation,
+            dropout_p=c.dropout, seed=self.seed, down_bias=t.get("down_bias"),
+            up_bias=t.get("up_bias"), backend=self.backend,
+        )
+
+    def keep_mask(self) -> tuple[Optional[Tensor], float]:
+        if self.case.dropout == 0:
+            return None, 1.0
+        shape = (self.case.tokens, self.case.n)
+        mask = ops.dropout_mask(shape, self.case.dropout, self.seed, self.case.device,
+                                backend=self.backend)
+        return mask, dropout_threshold(self.case.dropout)[1]
+
+
+class Ours(Provider):
+    """`llm_adapters.ops.series_adapter` on one backend."""
+
+    def __init__(self, backend: str, allow_interpreter: bool = False) -> None:
+        self.backend = backend
+        self.name = f"ours-{backend}"
+        self.allow_interpreter = allow_interpreter
+
+    def skip_reason(self, case: Case) -> Optional[str]:
+        return backend_skip_reason("series", self.backend, case.device, self.allow_interpreter)
+
+    def build(self, case: Case, tensors: dict[str, Tensor]) -> Runner:
+        return _OursRunner(case, tensors, self.backend)
+
+
+def providers(backends=ops.BACKENDS, allow_interpreter: bool = False) -> list[Provider]:
+    return [Eager(), AdapterHub(), *(Ours(b, allow_interpreter) for b in backends)]
+
+
+SPEC = OpSpec(
+    name="series",
+    make_tensors=make_tensors,
+    grad_names=grad_names,
+    reference=reference,
+    flops=series_flops,
+    min_bytes=series_min_bytes,
+    providers=providers,
+)
