@@ -1,0 +1,256 @@
+"""The benchmark harness: parity catches wrong results, timings are sane, results round-trip,
+and `llm-adapters bench --quick` runs (in-process and as the installed console script)."""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llm_adapters import ops
+from llm_adapters.bench import harness, lora, series
+from llm_adapters.bench.harness import Budget, Case
+
+QUICK = Budget(warmup=1, min_reps=3, max_reps=4, seconds=0.01, sets=2)
+
+
+def _lora_case(**kw) -> Case:
+    base = dict(op="lora", mode="full", tokens=37, k=24, n=40, rank=5)
+    base.update(kw)
+    return Case(**base)
+
+
+def _series_case(**kw) -> Case:
+    base = dict(op="series", mode="full", tokens=37, k=40, n=40, rank=6, activation="tanh",
+                scaling=1.0)
+    base.update(kw)
+    return Case(**base)
+
+
+# -- providers that are fast and wrong -----------------------------------------------------
+
+
+class _ScaleGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, t, factor):
+        ctx.factor = factor
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * ctx.factor, None
+
+
+class _WrongOutRunner(lora._EagerRunner):
+    def forward(self):
+        return super().forward() * 1.001  # 0.1 % off: far above fp32 rounding
+
+
+class _WrongGradRunner(lora._EagerRunner):
+    def forward(self):
+        t = dict(self.t)
+        t["lora_a"] = _ScaleGrad.apply(self.t["lora_a"], 1.5)  # right output, wrong dA
+        saved, self.t = self.t, t
+        try:
+            return super().forward()
+        finally:
+            self.t = saved
+
+
+class _NoBranchRunner(lora._EagerRunner):
+    def forward(self):  # "fast": skips the adapter branch entirely
+        y = F.linear(self.t["x"], self.t["weight"])
+        return y + 0.0 * (self.t["lora_a"].sum() + self.t["lora_b"].sum())
+
+
+class _WrongMaskRunner(lora._OursRunner):
+    def keep_mask(self):  # reports a mask other than the one its forward used
+        mask, scale = super().keep_mask()
+        return torch.roll(mask, 1, dims=1), scale
+
+
+def _provider(name, runner_cls, base=lora.Eager):
+    class P(base):
+        def build(self, case, tensors):
+            if issubclass(runner_cls, lora._OursRunner):
+                return runner_cls(case, tensors, "torch")
+            return runner_cls(case, tensors)
+
+    p = P() if base is not lora.Ours else P("torch")
+    p.name = name
+    return p
+
+
+def _rows_by_provider(rows):
+    return {r.provider: r for r in rows}
+
+
+def test_wrong_results_fail_parity():
+    wrong = [
+        _provider("wrong-out", _WrongOutRunner),
+        _provider("wrong-grad", _WrongGradRunner),
+        _provider("no-branch", _NoBranchRunner),
+    ]
+    rows = harness.run_cases(
+        lora.SPEC, [_lora_case()], [lora.Eager(), lora.Ours("torch"), *wrong], QUICK
+    )
+    by = _rows_by_provider(rows)
+    assert by["eager"].parity == "pass"
+    assert by["ours-torch"].parity == "pass"
+    for name in ("wrong-out", "wrong-grad", "no-branch"):
+        assert by[name].status == "ok"
+        assert by[name].parity == "FAIL", (name, by[name].parity_errors, by[name].parity_tol)
+    # the failing tensor is named: the output for a wrong forward, dA for a wrong backward
+    bad = by["wrong-grad"]
+    assert bad.parity_errors["out"] <= bad.parity_tol["out"]
+    assert bad.parity_errors["d_lora_a"] > bad.parity_tol["d_lora_a"]
+    assert "FAIL (d_lora_a" in harness.format_table(rows)
+
+
+def test_dropout_parity_uses_each_providers_mask():
+    case = _lora_case(dropout=0.3)
+    provs = [lora.Eager(), lora.Peft(), lora.Ours("torch"),
+             _provider("wrong-mask", _WrongMaskRunner, base=lora.Ours)]
+    by = _rows_by_provider(harness.run_cases(lora.SPEC, [case], provs, QUICK))
+    for name in ("eager", "peft", "ours-torch"):
+        assert by[name].parity == "pass", (name, by[name].parity_errors)
+    assert by["wrong-mask"].parity == "FAIL"
+
+
+def test_parity_tolerance_cannot_be_loosened_by_a_broken_baseline():
+    errors = {"out": 0.3}
+    ok, tol = harness.parity_verdict(errors, {"out": 0.4}, torch.float32)
+    assert not ok and tol["out"] < 1e-3
+    ok, _ = harness.parity_verdict({"out": 1e-7}, {"out": 1e-7}, torch.float32)
+    assert ok
+    ok, _ = harness.parity_verdict({"out": math.inf}, {"out": 1e-7}, torch.float32)
+    assert not ok
+
+
+@pytest.mark.parametrize("mode", harness.MODES)
+def test_timings_positive_and_quantiles_ordered(mode):
+    case = _series_case(mode=mode, dropout=0.1)
+    rows = harness.run_cases(series.SPEC, [case], series.providers(("torch",)), QUICK)
+    ok = [r for r in rows if r.status == "ok"]
+    assert {r.provider for r in ok} == {"eager", "adapterhub", "ours-torch"}
+    for r in ok:
+        assert r.reps >= QUICK.min_reps
+        assert 0 < r.p20_ms <= r.time_ms <= r.p80_ms
+        assert r.tflops > 0 and r.gbps > 0 and r.mem_bytes > 0
+    by = _rows_by_provider(rows)
+    assert by["ours-torch"].parity == "pass" and by["eager"].parity == "pass"
+    assert by["adapterhub"].parity == "n/a"  # dropout on its output: another function
+
+
+def test_quantiles_and_time_runners():
+    assert harness.quantiles([3.0, 1.0, 2.0, 5.0, 4.0]) == pytest.approx((1.8, 3.0, 4.2))
+    case = _lora_case(mode="backward", x_grad=False)
+    sets = [lora.make_tensors(case, s) for s in range(2)]
+    runners = [lora.Ours("torch").build(case, t) for t in sets]
+    times = harness.time_runners(runners, "backward", torch.device("cpu"), 1, 4, 4, 0.0)
+    assert len(times) == 4 and all(t > 0 for t in times)
+
+
+def test_saved_bytes_counts_what_backward_keeps():
+    # eager LoRA with dropout keeps a float copy of the dropped x; ours keeps a bool mask
+    case = _lora_case(tokens=64, k=32, n=32, rank=4, dropout=0.2)
+    t = lora.make_tensors(case, 0)
+    eager, _ = harness.saved_bytes(lora.Eager().build(case, t))
+    ours, out = harness.saved_bytes(lora.Ours("torch").build(case, t))
+    assert out == 64 * 32 * 4
+    assert eager >= 64 * 32 * 4  # the dropped copy of x, float32
+    assert ours < eager
+
+
+def test_counts():
+    c = _lora_case(mode="forward", tokens=10, k=20, n=30, rank=4)
+    assert lora.lora_flops(c) == 2 * 10 * 30 * 20 + 2 * 10 * 20 * 4 + 2 * 10 * 30 * 4
+    full = lora.lora_flops(_lora_case(mode="full", tokens=10, k=20, n=30, rank=4))
+    bwd = lora.lora_flops(_lora_case(mode="backward", tokens=10, k=20, n=30, rank=4))
+    assert full == lora.lora_flops(c) + bwd
+    s = _series_case(mode="forward", tokens=10, k=30, n=30, rank=4)
+    assert series.series_min_bytes(s) == 2 * 10 * 30 * 4 + 2 * 30 * 4 * 4
+
+
+def test_results_round_trip(tmp_path):
+    rows = harness.run_cases(lora.SPEC, [_lora_case()], [lora.Eager(), lora.Gemm()], QUICK)
+    env = harness.environment(torch.device("cpu"))
+    records = [r.to_dict(env) for r in rows]
+    records[0]["weird"] = math.inf  # non-finite floats are written as null
+    path = tmp_path / "res" / "cpu.jsonl"
+    harness.append_results(str(path), records)
+    harness.append_results(str(path), records[:1])
+    back = harness.read_results(str(path))
+    assert len(back) == len(records) + 1
+    assert back[0]["weird"] is None
+    for rec, got in zip(records, back, strict=False):
+        for key in ("device", "torch", "transformers", "git_commit", "date", "op", "mode",
+                    "tokens", "k", "n", "rank", "dtype", "dropout", "x_grad", "provider"):
+            assert key in got
+            assert got[key] == rec[key]
+        assert got["time_ms"] == pytest.approx(rec["time_ms"])
+        assert got["parity_errors"] == pytest.approx(rec["parity_errors"])
+
+
+def test_case_validation():
+    with pytest.raises(ValueError, match="mode"):
+        _lora_case(mode="sideways")
+    with pytest.raises(ValueError, match="dtype"):
+        _lora_case(dtype="int8")
+    with pytest.raises(ValueError, match="k .* must equal n"):
+        series.make_tensors(_series_case(k=12), 0)
+
+
+def test_triton_provider_under_the_interpreter():
+    why = lora.backend_skip_reason("lora", "triton", "cpu", allow_interpreter=True)
+    if why is not None:
+        pytest.skip(why)
+    case = _lora_case(tokens=19, k=24, n=40, rank=5, dropout=0.25)
+    rows = harness.run_cases(lora.SPEC, [case], [lora.Eager(), lora.Ours("triton", True)],
+                             Budget(warmup=1, min_reps=1, max_reps=1, seconds=0.0, sets=1))
+    by = _rows_by_provider(rows)
+    assert by["ours-triton"].parity == "pass", by["ours-triton"].parity_errors
+    # not allowed: skipped with the reason
+    assert "interpreter" in lora.Ours("triton").skip_reason(case)
+
+
+def _check_outputs(out_dir):
+    files = os.listdir(out_dir)
+    jsonl = [f for f in files if f.endswith(".jsonl")]
+    assert len(jsonl) == 1, files
+    recs = harness.read_results(os.path.join(out_dir, jsonl[0]))
+    assert recs and all(r["status"] in ("ok", "skipped") for r in recs)
+    assert all(r["parity"] in ("pass", "n/a", None) for r in recs)
+    assert {r["op"] for r in recs} == {"lora", "series"}
+    return files
+
+
+def test_cli_quick_in_process(tmp_path, capsys):
+    from llm_adapters.cli import main
+
+    assert main(["bench", "--quick", "--out", str(tmp_path)]) == 0
+    files = _check_outputs(tmp_path)
+    assert any(f.endswith(".png") for f in files)
+    printed = capsys.readouterr().out
+    assert "vs peft" in printed and "ours-torch" in printed
+    assert ops.backend_status("torch") is None
+
+
+def test_cli_quick_console_script(tmp_path):
+    exe = shutil.which("llm-adapters") or os.path.join(os.path.dirname(sys.executable),
+                                                       "llm-adapters")
+    if not os.path.exists(exe):
+        pytest.skip("the llm-adapters console script is not installed")
+    proc = subprocess.run(
+        [exe, "bench", "--quick", "--no-plot", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "parity" in proc.stdout
+    _check_outputs(tmp_path)
