@@ -197,6 +197,14 @@ def test_three_dim_and_non_contiguous_h():
         torch.testing.assert_close(grads_nc[name], grads_c[name], rtol=0, atol=0)
     check_against_reference({**base, "h": h_nc}, "gelu", 0.2, seed=9, dtype=torch.float32)
 
+    # Transposed weight views (e.g. a tied or Conv1D-style layout): read through their strides.
+    weights_nc = {"down": base["down"].t().contiguous().t(), "up": base["up"].t().contiguous().t()}
+    assert not weights_nc["down"].is_contiguous() and not weights_nc["up"].is_contiguous()
+    z_w, grads_w = run_op({**base, **weights_nc, "h": h_nc}, g, "gelu", 0.2, seed=9)
+    torch.testing.assert_close(z_w, z_c, rtol=0, atol=0)
+    for name in grads_c:
+        torch.testing.assert_close(grads_w[name], grads_c[name], rtol=0, atol=0)
+
 
 # ---------------------------------------------------------------------------------------------
 # Dropout: the mask is the shared Philox definition, identical in forward and backward

@@ -29,6 +29,7 @@ The scaling is applied to the rank-sized products, never to h.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -54,14 +55,17 @@ _INV_SQRT2 = 0.7071067811865476
 
 def _configs(kernel: str) -> list[triton.Config]:
     """Autotuning space. Under the interpreter one small config (speed is meaningless there
-    and every config would be run for timing). On sm_80 / sm_90 the row-block kernels want a
-    BM that keeps S and the output tile in registers (BM·r + BM·BN fp32 values per program)."""
+    and every config would be run for timing). On sm_80 / sm_90 the row-block kernels trade a
+    large BM (fewer re-reads of the weights, bigger tensor-core tiles) against a small one (the
+    [BM, N] row block must still be in L2 when pass 2 re-reads it, and S [BM, r] must fit in
+    registers); BM = 16 keeps a 16384-wide bf16 row block at 512 KiB."""
     if _INTERPRET:
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4)]
     if kernel == "rows":
         return [
             triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
             for bm, bn, w, s in [
+                (16, 128, 4, 3),
                 (32, 64, 4, 3),
                 (32, 128, 4, 3),
                 (64, 64, 8, 3),
@@ -489,6 +493,11 @@ def _splits(m: int, n: int, r: int, block_r: int, device: torch.device) -> int:
     return max(1, min(want, triton.cdiv(m, 256), 8))
 
 
+def _device_of(t: torch.Tensor):
+    # Triton launches on the current CUDA device: make it the tensor's.
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 def _dropout_args(p: float) -> tuple[bool, int, float]:
     if p > 0.0:
         t, inv_keep = dropout_threshold(p)
@@ -584,24 +593,25 @@ def series_forward(h, down, up, down_bias, up_bias, scale_t, scaling, p, seed, a
     block_r = _block_r(r)
     dummy = s_pre  # never read when the matching HAS_* flag is off
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),)  # noqa: E731
-    _series_forward_kernel[grid](
-        h, down, up,
-        down_bias if down_bias is not None else dummy,
-        up_bias if up_bias is not None else dummy,
-        scale_t if scale_t is not None else dummy,
-        z, s_pre,
-        m, n, r,
-        down.stride(0), down.stride(1), up.stride(0), up.stride(1),
-        float(scaling), int(seed), threshold, inv_keep,
-        ACT=_ACT_CODES[activation],
-        HAS_DB=down_bias is not None,
-        HAS_UB=up_bias is not None,
-        HAS_SCALE_T=scale_t is not None,
-        HAS_DROPOUT=has_dropout,
-        PREC=_precision(h.dtype),
-        BLOCK_R=block_r,
-        ONE_R_TILE=block_r >= r,
-    )
+    with _device_of(h):
+        _series_forward_kernel[grid](
+            h, down, up,
+            down_bias if down_bias is not None else dummy,
+            up_bias if up_bias is not None else dummy,
+            scale_t if scale_t is not None else dummy,
+            z, s_pre,
+            m, n, r,
+            down.stride(0), down.stride(1), up.stride(0), up.stride(1),
+            float(scaling), int(seed), threshold, inv_keep,
+            ACT=_ACT_CODES[activation],
+            HAS_DB=down_bias is not None,
+            HAS_UB=up_bias is not None,
+            HAS_SCALE_T=scale_t is not None,
+            HAS_DROPOUT=has_dropout,
+            PREC=_precision(h.dtype),
+            BLOCK_R=block_r,
+            ONE_R_TILE=block_r >= r,
+        )
     return z, s_pre, mask
 
 
@@ -650,21 +660,22 @@ def series_backward(g, h, down, up, scale_t, scaling, p, seed, activation, s_pre
     dscale_rows = torch.empty(m, dtype=f32, device=g.device) if need_scale else empty()
     if need_ds or need_scale:
         grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),)  # noqa: E731
-        _series_backward_rows_kernel[grid](
-            g, up, down, s_pre, scale_arg, ds if ds.numel() else s_pre, dscale_rows, dh,
-            m, n, r,
-            down.stride(0), down.stride(1), up.stride(0), up.stride(1),
-            float(scaling), int(seed), threshold, inv_keep,
-            ACT=_ACT_CODES[activation],
-            HAS_SCALE_T=scale_t is not None,
-            HAS_DROPOUT=has_dropout,
-            NEED_DS=need_ds,
-            NEED_DH=need_dh,
-            NEED_SCALE=need_scale,
-            PREC=prec,
-            BLOCK_R=block_r,
-            ONE_R_TILE=one_r_tile,
-        )
+        with _device_of(g):
+            _series_backward_rows_kernel[grid](
+                g, up, down, s_pre, scale_arg, ds if ds.numel() else s_pre, dscale_rows, dh,
+                m, n, r,
+                down.stride(0), down.stride(1), up.stride(0), up.stride(1),
+                float(scaling), int(seed), threshold, inv_keep,
+                ACT=_ACT_CODES[activation],
+                HAS_SCALE_T=scale_t is not None,
+                HAS_DROPOUT=has_dropout,
+                NEED_DS=need_ds,
+                NEED_DH=need_dh,
+                NEED_SCALE=need_scale,
+                PREC=prec,
+                BLOCK_R=block_r,
+                ONE_R_TILE=one_r_tile,
+            )
 
     d_down, d_up, d_ub = empty(), empty(), empty()
     if need_down or need_up or need_ub:
@@ -680,22 +691,23 @@ def series_backward(g, h, down, up, scale_t, scaling, p, seed, activation, s_pre
             triton.cdiv(r, block_r),
             splits,
         )
-        _series_backward_weights_kernel[grid](
-            g, h, s_pre, ds if ds.numel() else s_pre, scale_arg,
-            d_down if need_down else s_pre,
-            d_up if need_up else s_pre,
-            d_ub if need_ub else s_pre,
-            m, n, r, rows_per_split,
-            float(scaling), int(seed), threshold, inv_keep,
-            ACT=_ACT_CODES[activation],
-            HAS_SCALE_T=scale_t is not None,
-            HAS_DROPOUT=has_dropout,
-            NEED_DOWN=need_down,
-            NEED_UP=need_up,
-            NEED_UB=need_ub,
-            PREC=prec,
-            BLOCK_R=block_r,
-        )
+        with _device_of(g):
+            _series_backward_weights_kernel[grid](
+                g, h, s_pre, ds if ds.numel() else s_pre, scale_arg,
+                d_down if need_down else s_pre,
+                d_up if need_up else s_pre,
+                d_ub if need_ub else s_pre,
+                m, n, r, rows_per_split,
+                float(scaling), int(seed), threshold, inv_keep,
+                ACT=_ACT_CODES[activation],
+                HAS_SCALE_T=scale_t is not None,
+                HAS_DROPOUT=has_dropout,
+                NEED_DOWN=need_down,
+                NEED_UP=need_up,
+                NEED_UB=need_ub,
+                PREC=prec,
+                BLOCK_R=block_r,
+            )
         # Fixed-order sum of the per-chunk partials (no atomics: deterministic).
         d_down = d_down.sum(0) if need_down else empty()
         d_up = d_up.sum(0) if need_up else empty()
