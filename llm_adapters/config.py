@@ -20,11 +20,11 @@ from .ops import ACTIVATIONS
 CONFIG_NAME = "adapter_config.json"
 
 
-def _check_targets(value: Any) -> Optional[list[str]]:
-    if value is None:
-        return None
-    if isinstance(value, str):
-        return [value]
+def _check_targets(value: Any) -> Optional[Union[list[str], str]]:
+    """A list of module names (or dotted suffixes), or one string: a regular expression that
+    must match the whole module name, as in PEFT."""
+    if value is None or isinstance(value, str):
+        return value
     if not isinstance(value, (list, tuple, set)) or not all(isinstance(v, str) for v in value):
         raise ValueError(f"target_modules must be a list of module names, got {value!r}")
     if not value:
@@ -65,9 +65,9 @@ class LoraConfig(AdapterConfig):
     r: int = field(default=8, metadata={"help": "rank of the update, 1..256 or more"})
     lora_alpha: float = field(default=8, metadata={"help": "scaling numerator: s = alpha / r"})
     lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the branch input"})
-    target_modules: Optional[list[str]] = field(
+    target_modules: Optional[Union[list[str], str]] = field(
         default=None,
-        metadata={"help": "module names (or dotted suffixes) to adapt; None: the family default"},
+        metadata={"help": "module names (or dotted suffixes), or a regex; None: family default"},
     )
     use_rslora: bool = field(default=False, metadata={"help": "s = alpha / sqrt(r)"})
     bias: str = field(
@@ -101,7 +101,10 @@ class LoraConfig(AdapterConfig):
             "r": self.r,
             "lora_alpha": self.lora_alpha,
             "lora_dropout": self.lora_dropout,
-            "target_modules": sorted(self.target_modules or []),
+            "target_modules": (
+                self.target_modules if isinstance(self.target_modules, str)
+                else sorted(self.target_modules or [])
+            ),
             "use_rslora": self.use_rslora,
             "bias": self.bias,
             "fan_in_fan_out": self.fan_in_fan_out,
@@ -131,8 +134,8 @@ class BottleneckConfig(AdapterConfig):
     adapter_dropout: float = field(default=0.0, metadata={"help": "dropout on the adapter input"})
     use_parallel_adapter: bool = field(default=False, metadata={"help": "parallel placement"})
     use_adapterp: bool = field(default=False, metadata={"help": "AdapterP placement"})
-    target_modules: Optional[list[str]] = field(
-        default=None, metadata={"help": "module names to adapt; None: the family default"}
+    target_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "module names, or a regex; None: the family default"}
     )
     scaling: Union[float, str] = field(
         default=1.0, metadata={"help": "a float, or 'learned' for one trainable scalar"}

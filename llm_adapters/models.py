@@ -8,6 +8,7 @@ exactly as it was.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import os
 import re
@@ -136,9 +137,11 @@ class _Swap:
 
 
 def _plan_linear_adapters(model: nn.Module, config: AdapterConfig) -> list[_Swap]:
-    """Which modules to replace by what, validated; nothing in `model` changes here."""
+    """Which modules to replace by what, validated; nothing in `model` changes here.
+    Fills in `config.target_modules` with the family default when it was None."""
     kind = _config_kind(config)
     targets = config.target_modules or default_target_modules(_model_type(model), kind)
+    config.target_modules = targets
     modules = dict(model.named_modules())
     for name, module in modules.items():
         if isinstance(module, (LoraLinear, BottleneckAdapter)):
@@ -355,7 +358,6 @@ def _adapter_modules(model: nn.Module):
 
 def _freeze_base(wrapper: AdapterModel, config: AdapterConfig) -> None:
     base = wrapper.base_model
-    wrapper._frozen_state = {n: p.requires_grad for n, p in base.named_parameters()}
     for p in base.parameters():
         p.requires_grad_(False)
     for _, module in _adapter_modules(base):
@@ -420,6 +422,7 @@ def _build(model: nn.Module, config: AdapterConfig):
 
 def _attach(model: nn.Module, config: AdapterConfig, plan, soft) -> AdapterModel:
     wrapper = AdapterModel(model, config)
+    wrapper._frozen_state = {n: p.requires_grad for n, p in model.named_parameters()}
     for swap in plan:
         setattr(swap.parent, swap.attr, swap.new)
     if isinstance(config, PrefixTuningConfig):
@@ -442,6 +445,7 @@ def get_adapter_model(model: nn.Module, config: AdapterConfig, verbose: bool = F
     The base model is frozen; only adapter parameters (and, for LoRA with `bias != "none"`, the
     chosen biases) train. On any error the model is left unchanged.
     """
+    config = dataclasses.replace(config)  # the model gets its own copy, targets resolved
     plan, soft = _build(model, config)
     wrapper = _attach(model, config, plan, soft)
     if verbose:
@@ -558,7 +562,9 @@ def load_adapter(model: nn.Module, adapter_path: str, is_trainable: bool = False
     for key, t in bias_values.items():
         name = key[len(PEFT_PREFIX):]
         # bias keys name the wrapped layer's bias as PEFT does (".base_layer.bias")
-        target = base_params.get(name) or base_params.get(name.replace(".base_layer.", "."))
+        target = base_params.get(name)
+        if target is None:
+            target = base_params.get(name.replace(".base_layer.", "."))
         if target is None or target.shape != t.shape:
             raise ValueError(f"adapter tensor {key!r} does not match a bias of this model")
         bias_values[key] = (target, t)
