@@ -27,6 +27,7 @@ Offsets are int64 throughout (M·N exceeds 2**31 at LLaMA shapes with long seque
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -106,9 +107,10 @@ def _dot(a, b, acc, IEEE: tl.constexpr):
     # fp32 operands follow torch's allow_tf32 setting (off by default): "ieee" keeps full
     # fp32 products; half-precision operands ignore the flag.
     if IEEE:
-        return tl.dot(a, b, acc, input_precision="ieee")
+        acc = tl.dot(a, b, acc, input_precision="ieee")
     else:
-        return tl.dot(a, b, acc)
+        acc = tl.dot(a, b, acc)
+    return acc
 
 
 @triton.jit
@@ -411,6 +413,7 @@ def _ieee(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
 
 
+@functools.cache
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
