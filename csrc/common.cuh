@@ -4,7 +4,9 @@
 
 // Only c10/cuda headers: ATen/cuda/CUDAContext.h pulls in cuBLAS and cuSPARSE headers, which a
 // bare nvcc install (the CI build machine) does not have.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>

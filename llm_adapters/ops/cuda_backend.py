@@ -1,0 +1,266 @@
+"""The `cuda` backend: hand-written CUDA kernels from `csrc/` (the extension `llm_adapters._C`).
+
+The extension is optional. It is imported when `LLM_ADAPTERS_BUILD_CUDA=1 pip install` built
+it; otherwise it is compiled on first use through torch's JIT loader (ninja, nvcc) into a cache
+folder (see `llm_adapters/_cuda_build.py`). `extension_status()` says which, or why neither.
+Nothing here is imported by the package until `backend="cuda"` (or auto on a GPU) asks for it.
+
+The C++ registers four low-level ops under `torch.ops.llm_adapters_C` (see csrc/ops.cpp):
+    shrink       S = D(x) wᵀ·c (+ bias)          one read of x, Philox dropout fused
+    expand_add_  out = in + keep·s·φ(H) wᵀ + bias  in place into the cuBLAS output when in = out
+    reduce_rows  Σ_m D(X)[m, :]ᵀ φ(H)[m, :]        skinny reduction over M (dB, dA, dUp, dDn)
+    keep_mask_   the keep-mask itself (also on CPU, for tests)
+and this module composes them with the base GEMMs (torch / cuBLAS) into the backend contract
+documented in `ops/torch_backend.py`:
+
+LoRA / parallel forward:  S = shrink(x, A) + a_b;  y = x Wᵀ + b + b_b (cuBLAS);
+                          y += s·φ(S) Bᵀ (expand_add_, in place)
+LoRA backward:            G = g B (shrink of g, no dropout); dS = s·G ⊙ φ'(S);
+                          dB = s·reduce_rows(g, φ(S));  dx = g W (cuBLAS) += D'(dS A);
+                          dA = reduce_rows(x with the mask, dS)ᵀ / keep
+Series forward/backward:  the same kernels with z = h + ..., dh = g + D'(dS Dn).
+The dropout keep-mask is regenerated from the seed in every kernel that needs it, never
+stored; it is bit-identical to the Triton kernels' (llm_adapters/triton_kernels/dropout.py).
+Rank-sized intermediates (S, G, dS: [M, r]) are float32; the non-linearity's derivative is
+applied to them with the same formulas as the torch backend. Activations: float16, bfloat16
+and float32 (float64 stays on the torch backend). Adapter weights are read in float32.
+"""
+
+from __future__ import annotations
+
+import importlib
+import threading
+
+import torch
+from torch import Tensor
+
+from .. import _cuda_build
+from ._activations import activation_grad, apply_activation
+from .torch_backend import dropout_threshold
+
+ACTIVATION_CODES = {"identity": 0, "tanh": 1, "relu": 2, "gelu": 3, "silu": 4}
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+_lock = threading.Lock()
+_state: dict[str, object] = {"loaded": False, "how": "", "import_error": None}
+
+
+def _import_prebuilt() -> str | None:
+    """Import the ahead-of-time build; None on success, else why it failed."""
+    if _state["import_error"] is not None:
+        return str(_state["import_error"])
+    try:
+        module = importlib.import_module("llm_adapters._C")
+    except (ImportError, OSError) as exc:  # not built, or built against another torch
+        _state["import_error"] = f"llm_adapters._C is not built ({type(exc).__name__}: {exc})"
+        return str(_state["import_error"])
+    _state["loaded"] = True
+    _state["how"] = f"llm_adapters._C imported from {getattr(module, '__file__', '?')}"
+    return None
+
+
+def extension_status() -> tuple[bool, str]:
+    """(loaded, reason): whether the compiled kernels are loaded in this process, and how —
+    or why not and whether a JIT build would be attempted on first use. Never compiles."""
+    with _lock:
+        if _state["loaded"]:
+            return True, str(_state["how"])
+        why = _import_prebuilt()
+        if why is None:
+            return True, str(_state["how"])
+    jit_reason = _cuda_build.jit_unavailable_reason()
+    if jit_reason is None:
+        return False, f"{why}; it will be JIT-built on first use of backend='cuda'"
+    return False, f"{why}; a JIT build is not possible: {jit_reason}"
+
+
+def load_extension(verbose: bool = False, prefer_prebuilt: bool = True):
+    """Load the kernels (import the prebuilt extension, else JIT-build it) and return
+    `torch.ops.llm_adapters_C`. Raises RuntimeError naming the reason when neither works.
+    `prefer_prebuilt=False` always goes through the JIT build (csrc/build_check.sh)."""
+    with _lock:
+        if not _state["loaded"] and (not prefer_prebuilt or _import_prebuilt() is not None):
+            path = _cuda_build.jit_build(verbose=verbose)
+            _state["loaded"] = True
+            _state["how"] = f"JIT-built and loaded from {path}"
+    return torch.ops.llm_adapters_C
+
+
+def _check_dtype(t: Tensor, name: str) -> None:
+    if t.dtype not in _DTYPES:
+        raise TypeError(
+            f"the cuda backend runs float16, bfloat16 and float32; {name} is {t.dtype} "
+            f"(use backend='torch' for float64)"
+        )
+
+
+def _dropout(p: float) -> tuple[int, float]:
+    """(16-bit threshold, 1 / realised keep probability); (0, 1.0) when p == 0."""
+    return dropout_threshold(p) if p > 0.0 else (0, 1.0)
+
+
+def _f32(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.to(torch.float32)
+
+
+def _rank_rows(w: Tensor) -> Tensor:
+    """A [r, n] weight as the contiguous float32 [n, r] operand of expand_add_ / shrink."""
+    return w.to(torch.float32).t().contiguous()
+
+
+def _scale(scale_t: Tensor | None, scaling: float) -> Tensor | float:
+    return scaling if scale_t is None else scale_t.to(torch.float32)
+
+
+def _empty(g: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    return g.new_empty(0, dtype=dtype)
+
+
+def _branch_grads(C, g, s_pre, up, scale_t, scaling, activation, need_ds, need_up, need_scale):
+    """From one pass of g: G = g·up (shrink), dS = s·G ⊙ φ'(S) and d(scale) = Σ G ⊙ φ(S);
+    d(up) = s·gᵀφ(S) from reduce_rows (φ applied in the kernel)."""
+    act = ACTIVATION_CODES[activation]
+    s = _scale(scale_t, scaling)
+    ds = d_scale = d_up = None
+    if need_ds or need_scale:
+        gu = C.shrink(g, _rank_rows(up), None, 0, 1.0, 0)  # [M, r] = g·up, float32
+        if need_scale:
+            d_scale = (gu * apply_activation(s_pre, activation)).sum()
+        if need_ds:
+            ds = gu.mul_(s)
+            grad = activation_grad(s_pre, activation)
+            if grad is not None:
+                ds.mul_(grad)
+    if need_up:
+        d_up = C.reduce_rows(g, s_pre, act, 0, 0).mul_(s)  # [N, r]
+    return ds, d_up, d_scale
+
+
+def lora_forward(x, weight, bias, a, b, a_bias, b_bias, scale_t, scaling, p, seed, activation):
+    """y = x Wᵀ + b + s·φ(D(x) Aᵀ + a_b) Bᵀ + b_b; see ops/torch_backend.py for the contract."""
+    _check_dtype(x, "x")
+    C = load_extension()
+    threshold, inv_keep = _dropout(p)
+    s_pre = C.shrink(x, _f32(a), _f32(a_bias), threshold, inv_keep, int(seed))
+    if b_bias is not None:  # b_bias is not scaled: fold it into the base bias (N-sized)
+        bias = b_bias.to(x.dtype) if bias is None else bias + b_bias.to(x.dtype)
+    y = x @ weight.t() if bias is None else torch.addmm(bias, x, weight.t())
+    y = y.contiguous()
+    C.expand_add_(
+        y, None, s_pre, ACTIVATION_CODES[activation], _f32(b).contiguous(), None,
+        _f32(scale_t), float(scaling) if scale_t is None else 1.0, 0, 0,
+    )
+    return y, s_pre, _empty(x, torch.bool)
+
+
+def lora_backward(g, x, weight, a, b, scale_t, scaling, p, seed, activation, s_pre, mask, needs):
+    """The 7 gradients (dx, dbias, dA, dB, da_bias, db_bias, dscale) of lora_forward."""
+    _check_dtype(g, "g")
+    need_dx, need_bias, need_a, need_b, need_ab, need_bb, need_scale = (bool(n) for n in needs)
+    C = load_extension()
+    threshold, inv_keep = _dropout(p)
+    seed = int(seed)
+    s_pre = s_pre.contiguous()
+    ds, d_b, d_scale = _branch_grads(
+        C, g, s_pre, b, scale_t, scaling, activation,
+        need_dx or need_a or need_ab, need_b, need_scale,
+    )
+    dx = _empty(g, g.dtype)
+    if need_dx:
+        dx = (g @ weight).contiguous()
+        C.expand_add_(dx, None, ds, 0, _rank_rows(a), None, None, inv_keep, threshold, seed)
+    d_a = _empty(g)
+    if need_a:
+        d_a = C.reduce_rows(x, ds, 0, threshold, seed).mul_(inv_keep).t().contiguous()
+    g_sum = g.sum(0, dtype=torch.float32) if (need_bias or need_bb) else None
+    return (
+        dx,
+        g_sum.clone() if need_bias else _empty(g),
+        d_a,
+        d_b if need_b else _empty(g),
+        ds.sum(0) if need_ab else _empty(g),
+        g_sum if need_bb else _empty(g),
+        d_scale if need_scale else _empty(g),
+    )
+
+
+def series_forward(h, down, up, down_bias, up_bias, scale_t, scaling, p, seed, activation):
+    """z = h + s·φ(D(h) Dnᵀ + d_b) Upᵀ + u_b; see ops/torch_backend.py for the contract."""
+    _check_dtype(h, "h")
+    C = load_extension()
+    threshold, inv_keep = _dropout(p)
+    s_pre = C.shrink(h, _f32(down), _f32(down_bias), threshold, inv_keep, int(seed))
+    z = torch.empty_like(h, memory_format=torch.contiguous_format)
+    C.expand_add_(
+        z, h, s_pre, ACTIVATION_CODES[activation], _f32(up).contiguous(),
+        None if up_bias is None else _f32(up_bias).contiguous(),
+        _f32(scale_t), float(scaling) if scale_t is None else 1.0, 0, 0,
+    )
+    return z, s_pre, _empty(h, torch.bool)
+
+
+def series_backward(g, h, down, up, scale_t, scaling, p, seed, activation, s_pre, mask, needs):
+    """The 6 gradients (dh, dDn, dUp, d_db, d_ub, dscale) of series_forward."""
+    _check_dtype(g, "g")
+    need_dh, need_down, need_up, need_db, need_ub, need_scale = (bool(n) for n in needs)
+    C = load_extension()
+    threshold, inv_keep = _dropout(p)
+    seed = int(seed)
+    s_pre = s_pre.contiguous()
+    ds, d_up, d_scale = _branch_grads(
+        C, g, s_pre, up, scale_t, scaling, activation,
+        need_dh or need_down or need_db, need_up, need_scale,
+    )
+    dh = _empty(g, g.dtype)
+    if need_dh:
+        dh = torch.empty_like(g, memory_format=torch.contiguous_format)
+        C.expand_add_(dh, g, ds, 0, _rank_rows(down), None, None, inv_keep, threshold, seed)
+    d_down = _empty(g)
+    if need_down:
+        d_down = C.reduce_rows(h, ds, 0, threshold, seed).mul_(inv_keep).t().contiguous()
+    return (
+        dh,
+        d_down,
+        d_up if need_up else _empty(g),
+        ds.sum(0) if need_db else _empty(g),
+        g.sum(0, dtype=torch.float32) if need_ub else _empty(g),
+        d_scale if need_scale else _empty(g),
+    )
+
+
+def keep_mask(shape: tuple[int, ...], p: float, seed: int, device: torch.device) -> Tensor:
+    """The bool keep-mask the CUDA kernels regenerate for `seed` on a 2-D input of `shape`
+    (True = kept). Runs on CUDA, and on CPU with the same Philox code compiled for the host."""
+    C = load_extension()
+    threshold, _ = _dropout(float(p))
+    out = torch.empty(tuple(int(d) for d in shape), dtype=torch.bool, device=device)
+    C.keep_mask_(out, threshold, int(seed))
+    return out
+
+
+class _CudaBackend:
+    name = "cuda"
+    ops = frozenset({"lora", "series"})
+    stores_mask = False
+
+    @staticmethod
+    def available() -> str | None:
+        loaded, reason = extension_status()
+        if loaded or _cuda_build.jit_unavailable_reason() is None:
+            return None
+        return reason
+
+    @staticmethod
+    def supports_device(device: torch.device) -> str | None:
+        if torch.device(device).type == "cuda":
+            return None
+        return f"the CUDA kernels run CUDA tensors only (got a {torch.device(device).type} tensor)"
+
+    keep_mask = staticmethod(keep_mask)
+    lora_forward = staticmethod(lora_forward)
+    lora_backward = staticmethod(lora_backward)
+    series_forward = staticmethod(series_forward)
+    series_backward = staticmethod(series_backward)
+
+
+BACKEND = _CudaBackend()

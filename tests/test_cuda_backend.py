@@ -1,0 +1,424 @@
+"""The `cuda` backend (csrc/, llm_adapters._C).
+
+CPU: the extension compiles and loads (JIT build, or the prebuilt llm_adapters._C), its status
+is reported honestly, CPU tensors are refused with a clear error, and the Philox keep-mask the
+kernels use (compiled for the host from the same csrc/philox.cuh) is bit-identical to the
+Triton kernels' mask under TRITON_INTERPRET=1.
+GPU (`pytest -m gpu`): output and every gradient against a float64 reference at odd and LLaMA
+shapes in float16 / bfloat16 (error at most about 2x the same-dtype PyTorch error), dropout on
+and off, masks identical to the Triton backend's, and torch.library.opcheck of the custom ops.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from llm_adapters import ops
+from llm_adapters.ops import cuda_backend
+from llm_adapters.ops._activations import ACTIVATIONS, apply_activation
+from llm_adapters.ops._custom import lora_op, series_op
+from llm_adapters.ops.torch_backend import dropout_threshold
+
+BACKEND = cuda_backend.BACKEND
+_prebuilt_ok = cuda_backend.extension_status()[0]
+_jit_reason = cuda_backend._cuda_build.jit_unavailable_reason()
+needs_extension = pytest.mark.skipif(
+    not _prebuilt_ok and _jit_reason is not None,
+    reason=f"the CUDA extension is not built and cannot be JIT-built here: {_jit_reason}",
+)
+
+
+@pytest.fixture(scope="module")
+def ext():
+    """torch.ops.llm_adapters_C, built on first use. Without a GPU the JIT build targets sm_90
+    only (LLM_ADAPTERS_CUDA_ARCHS, unless set), the same as csrc/build_check.sh, so a build
+    folder it left (LLM_ADAPTERS_CUDA_BUILD_DIR) is reused instead of compiling again."""
+    with pytest.MonkeyPatch.context() as mp:
+        if not torch.cuda.is_available() and not os.environ.get("LLM_ADAPTERS_CUDA_ARCHS"):
+            mp.setenv("LLM_ADAPTERS_CUDA_ARCHS", "9.0")
+        return cuda_backend.load_extension()
+
+
+# ---------------------------------------------------------------------------------------------
+# CPU: build, status, errors, Philox bit-equality
+# ---------------------------------------------------------------------------------------------
+
+
+@needs_extension
+def test_extension_builds_and_loads(ext):
+    loaded, how = cuda_backend.extension_status()
+    assert loaded, how
+    assert "llm_adapters._C" in how or "JIT-built" in how
+    for name in ("shrink", "expand_add_", "reduce_rows", "keep_mask_"):
+        assert hasattr(ext, name), name
+    assert BACKEND.available() is None
+
+
+def test_extension_status_reports_why_not(monkeypatch):
+    """With neither a prebuilt module nor nvcc, status and available() say why; no raise."""
+    monkeypatch.setattr(
+        cuda_backend, "_state", {"loaded": False, "how": "", "import_error": "not built (test)"}
+    )
+    monkeypatch.setattr(cuda_backend._cuda_build, "find_cuda_home", lambda: None)
+    loaded, reason = cuda_backend.extension_status()
+    assert not loaded
+    assert "not built (test)" in reason and "nvcc was not found" in reason
+    why = BACKEND.available()
+    assert isinstance(why, str) and "nvcc" in why
+
+
+def test_extension_status_is_consistent():
+    loaded, reason = cuda_backend.extension_status()
+    assert isinstance(loaded, bool) and reason
+    if not loaded:
+        assert "not built" in reason
+        assert ("JIT-built on first use" in reason) == (_jit_reason is None)
+
+
+def test_cpu_tensors_get_a_clear_error():
+    x = torch.randn(5, 7)
+    w = torch.randn(6, 7)
+    a, b = torch.randn(2, 7), torch.randn(6, 2)
+    with pytest.raises(ops.BackendUnavailableError, match="cuda"):
+        ops.lora_linear(x, w, None, a, b, backend="cuda")
+    with pytest.raises(ops.BackendUnavailableError, match="cuda"):
+        ops.series_adapter(x, a, torch.randn(7, 2), backend="cuda")
+    assert "CUDA tensors only" in BACKEND.supports_device(torch.device("cpu"))
+    assert BACKEND.supports_device(torch.device("cuda", 0)) is None
+
+
+def test_float64_is_refused_before_any_kernel():
+    x = torch.randn(3, 4, dtype=torch.float64)
+    with pytest.raises(TypeError, match="float64"):
+        BACKEND.series_forward(x, x[:2], x.t()[:, :2], None, None, None, 1.0, 0.0, 0, "tanh")
+
+
+@needs_extension
+def test_cpp_input_checks_name_the_problem(ext):
+    with pytest.raises(RuntimeError, match="bool"):
+        ext.keep_mask_(torch.empty(3, 4), 100, 0)
+    with pytest.raises(RuntimeError, match="threshold"):
+        ext.keep_mask_(torch.empty(3, 4, dtype=torch.bool), 70000, 0)
+
+
+_MASK_CASES = [
+    ((37, 129), 0.1, 0),
+    ((5, 1000), 0.5, 2**40 + 12345),  # seed with a non-zero high word
+    ((64, 333), 0.25, 2**62 - 7),
+    ((3, 7), 0.9, 2**32 - 1),
+    ((9, 11), 0.3, 2**31),
+    ((1, 1), 0.0, 5),
+    ((17, 8), 1e-6, 77),  # p below 1/65536: threshold 0, everything kept
+]
+
+
+@needs_extension
+@pytest.mark.parametrize("shape,p,seed", _MASK_CASES)
+def test_keep_mask_bit_identical_to_triton(ext, shape, p, seed):
+    """csrc/philox.cuh compiled for the host vs tl.randint under TRITON_INTERPRET=1."""
+    if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+        pytest.skip("the Triton reference needs TRITON_INTERPRET=1 on a machine without a GPU")
+    from llm_adapters.triton_kernels.dropout import keep_mask as triton_keep_mask
+
+    ours = BACKEND.keep_mask(shape, p, seed, torch.device("cpu"))
+    ref = triton_keep_mask(shape, p, seed, torch.device("cpu"))
+    assert ours.dtype == torch.bool and ours.shape == ref.shape
+    mismatch = (ours != ref).sum().item()
+    assert mismatch == 0, f"{mismatch} of {ref.numel()} keep bits differ from the Triton mask"
+
+
+def _philox_word0(counter: int, seed: int) -> int:
+    """Philox-4x32-10 word 0 for counter (counter, 0, 0, 0): the textbook rounds in Python."""
+    mask32 = 0xFFFFFFFF
+    c0, c1, c2, c3 = counter & mask32, 0, 0, 0
+    k0, k1 = seed & mask32, (seed >> 32) & mask32
+    for _ in range(10):
+        p0, p2 = 0xD2511F53 * c0, 0xCD9E8D57 * c2
+        c0, c1, c2, c3 = (p2 >> 32) ^ c1 ^ k0, p2 & mask32, (p0 >> 32) ^ c3 ^ k1, p0 & mask32
+        k0, k1 = (k0 + 0x9E3779B9) & mask32, (k1 + 0xBB67AE85) & mask32
+    return c0
+
+
+@needs_extension
+def test_keep_mask_matches_a_python_philox(ext):
+    """An independent check of the definition, element by element, on a few seeds."""
+    for seed, p in [(0, 0.5), (2**40 + 3, 0.2), (2**63 - 1, 0.7)]:
+        t, _ = dropout_threshold(p)
+        shape = (3, 11)
+        ours = BACKEND.keep_mask(shape, p, seed, torch.device("cpu")).flatten().tolist()
+        ref = [(_philox_word0(i, seed) >> 16) >= t for i in range(shape[0] * shape[1])]
+        assert ours == ref
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU: parity against float64, every gradient; masks; opcheck
+# ---------------------------------------------------------------------------------------------
+
+
+def _max_err(t: torch.Tensor, ref: torch.Tensor) -> float:
+    return (t.double() - ref).abs().max().item() if t.numel() else 0.0
+
+
+def _assert_close(name, ours, same_dtype, ref, dtype):
+    """ours may differ from the float64 reference by at most about 2x what the same
+    computation in PyTorch at `dtype` does (plus one unit in the last place of the output's
+    scale, so an exact PyTorch result does not demand an exact kernel)."""
+    err = _max_err(ours, ref)
+    base = _max_err(same_dtype, ref)
+    ulp = torch.finfo(dtype).eps * max(ref.abs().max().item(), 1e-30)
+    bound = 2.0 * base + ulp
+    assert err <= bound, (
+        f"{name}: max error {err:.3e} vs the float64 reference exceeds {bound:.3e} "
+        f"(PyTorch {dtype} error {base:.3e})"
+    )
+
+
+def _lora_reference(x, w, bias, a, b, a_bias, b_bias, scale, keep, inv_keep, activation):
+    """Eager y = x Wᵀ + b + s·φ(D(x) Aᵀ + a_b) Bᵀ + b_b in x's dtype (weights cast to it)."""
+    dt = x.dtype
+    xd = x if keep is None else torch.where(keep, x, 0.0) * inv_keep
+    s = xd @ a.to(dt).t()
+    if a_bias is not None:
+        s = s + a_bias.to(dt)
+    y = x @ w.to(dt).t()
+    if bias is not None:
+        y = y + bias.to(dt)
+    y = y + (apply_activation(s, activation) * scale.to(dt) if torch.is_tensor(scale)
+             else apply_activation(s, activation) * scale) @ b.to(dt).t()
+    if b_bias is not None:
+        y = y + b_bias.to(dt)
+    return y
+
+
+def _series_reference(h, down, up, d_bias, u_bias, scale, keep, inv_keep, activation):
+    dt = h.dtype
+    hd = h if keep is None else torch.where(keep, h, 0.0) * inv_keep
+    s = hd @ down.to(dt).t()
+    if d_bias is not None:
+        s = s + d_bias.to(dt)
+    act = apply_activation(s, activation)
+    act = act * (scale.to(dt) if torch.is_tensor(scale) else scale)
+    z = h + act @ up.to(dt).t()
+    if u_bias is not None:
+        z = z + u_bias.to(dt)
+    return z
+
+
+def _leaves(tensors, dtype):
+    return [None if t is None else t.detach().to(dtype).requires_grad_(t.requires_grad)
+            for t in tensors]
+
+
+def _grads(out, inputs, g):
+    want = [t for t in inputs if t is not None and t.requires_grad]
+    got = torch.autograd.grad(out, want, g)
+    it = iter(got)
+    return [next(it) if (t is not None and t.requires_grad) else None for t in inputs]
+
+
+def _check_parity(kind, dtype, m, k, n, r, p, activation, learned_scale, biases, seed=1234):
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    x = torch.randn(m, k, device=dev, dtype=dtype, requires_grad=True)
+    scale = torch.tensor(0.7, device=dev, requires_grad=True) if learned_scale else 1.7
+    if kind == "lora":
+        w = torch.randn(n, k, device=dev, dtype=dtype) / k**0.5
+        bias = torch.randn(n, device=dev, dtype=dtype, requires_grad=True)
+        a = (torch.randn(r, k, device=dev) / k**0.5).requires_grad_()
+        b = (torch.randn(n, r, device=dev) / r**0.5).requires_grad_()
+        a_bias = torch.randn(r, device=dev, requires_grad=True) if biases else None
+        b_bias = torch.randn(n, device=dev, requires_grad=True) if biases else None
+        y = ops.lora_linear(x, w, bias, a, b, scaling=scale, dropout_p=p, activation=activation,
+                            seed=seed, lora_a_bias=a_bias, lora_b_bias=b_bias, backend="cuda")
+        inputs = [x, bias, a, b, a_bias, b_bias] + ([scale] if learned_scale else [])
+        keep = BACKEND.keep_mask((m, k), p, seed, dev) if p > 0 else None
+        ref_fn = lambda xs, dt: _lora_reference(  # noqa: E731
+            xs[0], w.to(dt), xs[1], xs[2], xs[3], xs[4], xs[5],
+            xs[6] if learned_scale else scale, keep, dropout_threshold(p)[1], activation)
+    else:
+        n = k
+        down = (torch.randn(r, k, device=dev) / k**0.5).requires_grad_()
+        up = (torch.randn(k, r, device=dev) / r**0.5).requires_grad_()
+        d_bias = torch.randn(r, device=dev, requires_grad=True) if biases else None
+        u_bias = torch.randn(k, device=dev, requires_grad=True) if biases else None
+        y = ops.series_adapter(x, down, up, scaling=scale, activation=activation, dropout_p=p,
+                               seed=seed, down_bias=d_bias, up_bias=u_bias, backend="cuda")
+        inputs = [x, down, up, d_bias, u_bias] + ([scale] if learned_scale else [])
+        keep = BACKEND.keep_mask((m, k), p, seed, dev) if p > 0 else None
+        ref_fn = lambda xs, dt: _series_reference(  # noqa: E731
+            xs[0], xs[1], xs[2], xs[3], xs[4], xs[5] if learned_scale else scale, keep,
+            dropout_threshold(p)[1], activation)
+    assert y.dtype == dtype and y.shape == (m, n)
+    g = torch.randn(m, n, device=dev, dtype=dtype)
+    ours = _grads(y, inputs, g)
+
+    ref_in = _leaves(inputs, torch.float64)
+    ref_out = ref_fn(ref_in, torch.float64)
+    ref_grads = _grads(ref_out, ref_in, g.double())
+    # the same computation in PyTorch at `dtype` (adapter weights cast to it, as PEFT does)
+    same_in = _leaves(inputs, dtype)
+    same_out = ref_fn(same_in, dtype)
+    same_grads = _grads(same_out, same_in, g)
+
+    tag = f"{kind} {dtype} m={m} k={k} n={n} r={r} p={p} {activation}"
+    _assert_close(f"{tag} output", y, same_out, ref_out.detach(), dtype)
+    names = ["dx", "dbias", "dA", "dB", "da_bias", "db_bias", "dscale"] if kind == "lora" else \
+        ["dh", "dDown", "dUp", "ddown_bias", "dup_bias", "dscale"]
+    for name, got, same, ref in zip(names, ours, same_grads, ref_grads):
+        if ref is None:
+            continue
+        assert got is not None and got.shape == ref.shape, name
+        _assert_close(f"{tag} {name}", got, same, ref, dtype)
+
+
+_GPU_DTYPES = [torch.float16, torch.bfloat16]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", _GPU_DTYPES)
+@pytest.mark.parametrize("p", [0.0, 0.1])
+@pytest.mark.parametrize(
+    "m,k,n,r",
+    [(37, 129, 191, 1), (67, 257, 130, 12), (130, 200, 96, 24), (33, 136, 72, 72),
+     (1024, 4096, 4096, 16), (512, 4096, 11008, 64)],
+)
+def test_lora_parity_gpu(ext, dtype, p, m, k, n, r):
+    _check_parity("lora", dtype, m, k, n, r, p, "identity", learned_scale=False, biases=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", _GPU_DTYPES)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_parallel_adapter_parity_gpu(ext, dtype, activation):
+    _check_parity("lora", dtype, 77, 264, 136, 20, 0.1, activation, learned_scale=True,
+                  biases=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", _GPU_DTYPES)
+@pytest.mark.parametrize("p", [0.0, 0.2])
+@pytest.mark.parametrize("m,n,r", [(37, 129, 8), (66, 264, 64), (129, 100, 256),
+                                   (2048, 4096, 64), (512, 4096, 256)])
+def test_series_parity_gpu(ext, dtype, p, m, n, r):
+    _check_parity("series", dtype, m, n, n, r, p, "tanh", learned_scale=False, biases=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", _GPU_DTYPES)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_series_activations_biases_learned_scale_gpu(ext, dtype, activation):
+    _check_parity("series", dtype, 45, 200, 200, 24, 0.1, activation, learned_scale=True,
+                  biases=True)
+
+
+@pytest.mark.gpu
+def test_float32_lora_close_to_float64_gpu(ext):
+    _check_parity("lora", torch.float32, 61, 333, 97, 16, 0.1, "gelu", learned_scale=True,
+                  biases=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape,p,seed", _MASK_CASES + [((4096, 4096), 0.1, 2**61 + 99)])
+def test_keep_mask_identical_to_triton_backend_gpu(ext, shape, p, seed):
+    from llm_adapters.ops import triton_backend
+
+    dev = torch.device("cuda")
+    ours = BACKEND.keep_mask(shape, p, seed, dev)
+    ref = triton_backend.BACKEND.keep_mask(shape, p, seed, dev)
+    assert torch.equal(ours, ref)
+    assert torch.equal(ours.cpu(), BACKEND.keep_mask(shape, p, seed, torch.device("cpu")))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_misaligned_and_odd_width_take_the_scalar_path_gpu(ext, dtype):
+    """A row width that is not a multiple of the 16-byte vector, and a storage offset that
+    breaks 16-byte alignment, give the same S and expand result as aligned inputs."""
+    dev = torch.device("cuda")
+    m, k, r = 70, 264, 12
+    buf = torch.randn(m * k + 1, device=dev, dtype=dtype)
+    x_mis = buf[1:].view(m, k)  # contiguous, 2 or 4 bytes off a 16-byte boundary
+    x_al = x_mis.clone()
+    a = torch.randn(r, k, device=dev)
+    t, inv = dropout_threshold(0.3)
+    s_mis = ext.shrink(x_mis, a, None, t, inv, 42)
+    s_al = ext.shrink(x_al, a, None, t, inv, 42)
+    torch.testing.assert_close(s_mis, s_al, rtol=1e-5, atol=1e-5)
+    keep = BACKEND.keep_mask((m, k), 0.3, 42, dev)
+    ref = (torch.where(keep, x_al.double(), 0.0) * inv) @ a.double().t()
+    _assert_close("shrink", s_al, (torch.where(keep, x_al, 0.0) * inv) @ a.to(dtype).t(), ref,
+                  dtype)
+    b = torch.randn(k, r, device=dev)
+    y_mis = buf.clone()[1:].view(m, k)
+    y_al = x_al.clone()
+    ext.expand_add_(y_mis, None, s_al, 1, b, None, None, 0.5, 0, 0)
+    ext.expand_add_(y_al, None, s_al, 1, b, None, None, 0.5, 0, 0)
+    torch.testing.assert_close(y_mis, y_al, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+def test_empty_batch_gpu(ext):
+    dev = torch.device("cuda")
+    x = torch.randn(0, 64, device=dev, dtype=torch.float16, requires_grad=True)
+    w = torch.randn(32, 64, device=dev, dtype=torch.float16)
+    a = torch.randn(4, 64, device=dev, requires_grad=True)
+    b = torch.randn(32, 4, device=dev, requires_grad=True)
+    y = ops.lora_linear(x, w, None, a, b, dropout_p=0.1, seed=3, backend="cuda")
+    assert y.shape == (0, 32)
+    y.sum().backward()
+    assert a.grad.abs().sum() == 0 and b.grad.abs().sum() == 0
+
+
+@pytest.mark.gpu
+def test_bad_device_and_dtype_inputs_gpu(ext):
+    dev = torch.device("cuda")
+    x = torch.randn(4, 8, device=dev, dtype=torch.float16)
+    with pytest.raises(RuntimeError, match="w must be float32"):
+        ext.shrink(x, torch.randn(2, 8, device=dev, dtype=torch.float16), None, 0, 1.0, 0)
+    with pytest.raises(RuntimeError, match="columns"):
+        ext.shrink(x, torch.randn(2, 9, device=dev), None, 0, 1.0, 0)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        ext.shrink(x.t(), torch.randn(2, 4, device=dev), None, 0, 1.0, 0)
+    with pytest.raises(RuntimeError, match="activation"):
+        ext.reduce_rows(x, torch.randn(4, 2, device=dev), 9, 0, 0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_opcheck_lora_gpu(ext, p):
+    dev = torch.device("cuda")
+    m, k, n, r = 19, 40, 24, 5
+    x = torch.randn(m, k, device=dev, requires_grad=True)
+    w = torch.randn(n, k, device=dev)
+    bias = torch.randn(n, device=dev, requires_grad=True)
+    a = torch.randn(r, k, device=dev, requires_grad=True)
+    b = torch.randn(n, r, device=dev, requires_grad=True)
+    scale_t = torch.tensor(0.5, device=dev, requires_grad=True)
+    seed = torch.tensor(7, dtype=torch.int64)
+    for args in [
+        (x, w, bias, a, b, None, None, None, 2.0, p, seed, "identity"),
+        (x, w, None, a, b, torch.randn(r, device=dev, requires_grad=True),
+         torch.randn(n, device=dev, requires_grad=True), scale_t, 1.0, p, seed, "silu"),
+    ]:
+        torch.library.opcheck(lora_op(BACKEND), args)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("p", [0.0, 0.2])
+def test_opcheck_series_gpu(ext, p):
+    dev = torch.device("cuda")
+    m, n, r = 21, 48, 6
+    h = torch.randn(m, n, device=dev, requires_grad=True)
+    down = torch.randn(r, n, device=dev, requires_grad=True)
+    up = torch.randn(n, r, device=dev, requires_grad=True)
+    seed = torch.tensor(11, dtype=torch.int64)
+    scale_t = torch.tensor(0.5, device=dev, requires_grad=True)
+    for args in [
+        (h, down, up, None, None, None, 1.0, p, seed, "tanh"),
+        (h, down, up, torch.randn(r, device=dev, requires_grad=True),
+         torch.randn(n, device=dev, requires_grad=True), scale_t, 1.0, p, seed, "gelu"),
+    ]:
+        torch.library.opcheck(series_op(BACKEND), args)
