@@ -420,10 +420,12 @@ def _num_sms(device: torch.device) -> int:
     return 4
 
 
-def _splits(m: int, c: int, r: int, device: torch.device, with_rows: bool) -> tuple[int, int]:
-    """Row and column split counts for `_reduce_kernel`: about one program per SM, balanced so
-    the partial buffers (split_c·M·r + split_m·C·r floats) stay small next to X itself."""
-    target = _num_sms(device)
+def _splits(m: int, c: int, device: torch.device, with_rows: bool) -> tuple[int, int]:
+    """Row and column split counts for `_reduce_kernel`: about two programs per SM (a
+    memory-bound pass wants more than one CTA in flight per SM), balanced so the partial
+    buffers (split_c·M·r + split_m·C·r floats; minimal at split_c ≈ sqrt(target·C / M)) stay
+    small next to X itself."""
+    target = 2 * _num_sms(device)
     max_m = max(1, triton.cdiv(m, 32))
     max_c = max(1, triton.cdiv(c, 32))
     if not with_rows:  # column partials only: split the columns as far as they go
@@ -439,7 +441,7 @@ def _reduce(x, y, z, act, p, seed, do_row, do_col, r):
     """Launch `_reduce_kernel`; returns (rows [M, r] or None, cols [C, r] or None), fp32."""
     m, c = x.shape
     t, _ = dropout_threshold(p)
-    split_m, split_c = _splits(m, c, r, x.device, do_row)
+    split_m, split_c = _splits(m, c, x.device, do_row)
     block_r = _r_block(r, _MAX_R_REDUCE)
     rows = torch.zeros((split_c, m, r), dtype=torch.float32, device=x.device) if do_row else None
     cols = torch.empty((split_m, c, r), dtype=torch.float32, device=x.device) if do_col else None
