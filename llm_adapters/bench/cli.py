@@ -109,6 +109,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="tiny sizes, a few seconds in all")
     p.add_argument("--e2e", action="store_true", help="also run the end-to-end benchmark")
     p.add_argument("--e2e-only", action="store_true", help="only the end-to-end benchmark")
+    from .e2e import add_arguments as add_e2e_arguments
+
+    add_e2e_arguments(p)
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:

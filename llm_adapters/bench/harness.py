@@ -528,7 +528,7 @@ class Budget:
     @staticmethod
     def for_device(device: torch.device, quick: bool = False) -> Budget:
         if quick:
-            return Budget(warmup=1, min_reps=3, max_reps=5, seconds=0.02, sets=2)
+            return Budget(warmup=2, min_reps=3, max_reps=5, seconds=0.02, sets=2)
         if device.type == "cuda":
             # the warm-up absorbs Triton autotuning and cuBLAS heuristics
             return Budget(warmup=5, min_reps=10, max_reps=200, seconds=0.4, sets=4)

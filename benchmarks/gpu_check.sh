@@ -1,0 +1,149 @@
+#!/usr/bin/env bash
+# The one-command GPU check: GPU tests, op benchmarks and the end-to-end benchmark at default
+# sizes, everything written into OUT_DIR, a summary table printed last. Under 8 minutes.
+#
+#   benchmarks/gpu_check.sh OUT_DIR              on a machine with an NVIDIA GPU
+#   benchmarks/gpu_check.sh --dry-run OUT_DIR    print the plan, record the environment only
+#   benchmarks/gpu_check.sh --cpu-smoke OUT_DIR  the same steps at tiny sizes on a CPU (checks
+#                                                this script, not the GPU code)
+#
+# Installs nothing. Uses $PYTHON (default: python3, else python) from the repository root.
+# Time budget per part (seconds), overridable: T_TESTS, T_OPS, T_E2E. Exit status: 0 when
+# every part passed, 1 otherwise (the summary says which).
+
+set -uo pipefail
+
+MODE=gpu
+case "${1:-}" in
+  --dry-run) MODE=dry; shift ;;
+  --cpu-smoke) MODE=cpu; shift ;;
+  -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+esac
+if [ $# -ne 1 ]; then
+  echo "usage: $0 [--dry-run|--cpu-smoke] OUT_DIR" >&2
+  exit 2
+fi
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+mkdir -p "$1" || { echo "cannot create $1" >&2; exit 2; }
+OUT="$(cd "$1" && pwd)"
+cd "$ROOT" || exit 2
+PYTHON="${PYTHON:-$(command -v python3 || command -v python)}"
+T_TESTS="${T_TESTS:-210}"
+T_OPS="${T_OPS:-150}"
+T_E2E="${T_E2E:-90}"
+START=$(date +%s)
+
+# ---- the device first --------------------------------------------------------------------
+if command -v nvidia-smi >/dev/null 2>&1; then
+  DEVICE="$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n1)"
+else
+  DEVICE=""
+fi
+echo "device: ${DEVICE:-no NVIDIA GPU found (nvidia-smi missing or failing)}"
+if [ "$MODE" = gpu ] && [ -z "$DEVICE" ]; then
+  echo "no NVIDIA GPU: use --cpu-smoke to exercise this script on a CPU" >&2
+fi
+
+# ---- the environment -----------------------------------------------------------------------
+{
+  echo "date_utc: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+  echo "host: $(hostname)"
+  echo "mode: $MODE"
+  echo "repo: $ROOT"
+  echo "git_commit: $(git -C "$ROOT" rev-parse HEAD 2>/dev/null || echo unknown)"
+  echo "git_dirty: $(git -C "$ROOT" status --porcelain --untracked-files=no 2>/dev/null | wc -l) modified file(s)"
+  echo "python: $PYTHON ($("$PYTHON" --version 2>&1))"
+  echo "--- nvidia-smi -L"
+  nvidia-smi -L 2>&1 || echo "nvidia-smi unavailable"
+  echo "--- nvidia-smi"
+  nvidia-smi 2>&1 || true
+  echo "--- versions"
+  "$PYTHON" - <<'EOF' 2>&1
+import importlib
+for name in ("torch", "triton", "transformers", "peft", "accelerate", "safetensors", "matplotlib",
+             "pytest", "llm_adapters"):
+    try:
+        mod = importlib.import_module(name)
+        print(f"{name}: {getattr(mod, '__version__', '?')}")
+    except Exception as exc:  # noqa: BLE001
+        print(f"{name}: not importable ({type(exc).__name__}: {exc})")
+import torch
+print(f"torch.cuda: {torch.version.cuda}  available: {torch.cuda.is_available()}")
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print(f"gpu: {p.name}  sm_{p.major}{p.minor}  {p.total_memory / 2**30:.1f} GiB  {p.multi_processor_count} SMs")
+from llm_adapters import ops
+for b in ops.BACKENDS:
+    print(f"backend {b}: {ops.backend_status(b) or 'available'}")
+EOF
+} > "$OUT/environment.txt" 2>&1
+echo "environment: $OUT/environment.txt"
+grep -E '^(torch|triton|transformers|peft|backend|gpu)' "$OUT/environment.txt" | sed 's/^/  /'
+
+# ---- the plan --------------------------------------------------------------------------------
+if [ "$MODE" = cpu ]; then
+  BENCH_ARGS=(--quick --device cpu)
+  TEST_ARGS=(-m gpu)  # collected and skipped without a GPU: checks the wiring only
+else
+  BENCH_ARGS=()
+  TEST_ARGS=(-m gpu)
+fi
+CMD_TESTS=(timeout --kill-after=20 "$T_TESTS" "$PYTHON" -m pytest "${TEST_ARGS[@]}" -q -p no:cacheprovider
+           --junitxml="$OUT/pytest-gpu.xml" tests)
+CMD_OPS=(timeout --kill-after=20 "$T_OPS" "$PYTHON" -m llm_adapters.cli bench "${BENCH_ARGS[@]}"
+         --out "$OUT")
+CMD_E2E=(timeout --kill-after=20 "$T_E2E" "$PYTHON" -m llm_adapters.cli bench --e2e-only
+         "${BENCH_ARGS[@]}" --out "$OUT")
+
+declare -A RC SECS
+run_part() {  # name logfile command...
+  local name="$1" log="$2"; shift 2
+  echo
+  echo "== $name: $*"
+  if [ "$MODE" = dry ]; then
+    RC[$name]=dry; SECS[$name]=0
+    return
+  fi
+  local t0=$(date +%s)
+  "$@" > "$log" 2>&1
+  local rc=$?
+  SECS[$name]=$(( $(date +%s) - t0 ))
+  RC[$name]=$rc
+  tail -n 25 "$log"
+  if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then
+    echo "!! $name ran out of its ${SECS[$name]} s budget (see $log)"
+  fi
+}
+
+run_part tests "$OUT/pytest-gpu.log" "${CMD_TESTS[@]}"
+run_part ops "$OUT/bench-ops.log" "${CMD_OPS[@]}"
+run_part e2e "$OUT/bench-e2e.log" "${CMD_E2E[@]}"
+
+# ---- the summary, last -------------------------------------------------------------------
+TOTAL=$(( $(date +%s) - START ))
+echo
+echo "== summary ($OUT, ${TOTAL} s in all)"
+printf '%-6s %-8s %6s  %s\n' part status secs log
+status=0
+for part in tests ops e2e; do
+  rc="${RC[$part]}"
+  case "$rc" in
+    0) st=ok ;;
+    dry) st=dry-run ;;
+    124|137) st=TIMEOUT; status=1 ;;
+    5) if [ "$part" = tests ]; then st="no-tests"; else st="rc=5"; status=1; fi ;;
+    *) st="FAIL(rc=$rc)"; status=1 ;;
+  esac
+  case "$part" in
+    tests) log=pytest-gpu.log ;;
+    ops) log=bench-ops.log ;;
+    e2e) log=bench-e2e.log ;;
+  esac
+  printf '%-6s %-8s %6s  %s\n' "$part" "$st" "${SECS[$part]}" "$log"
+done
+if [ "$MODE" != dry ]; then
+  "$PYTHON" -m llm_adapters.bench.summary "$OUT" 2>&1 || status=1
+fi
+echo "$status" > "$OUT/status"
+exit $status

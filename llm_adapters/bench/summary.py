@@ -1,0 +1,171 @@
+"""Summarise a results folder (what `benchmarks/gpu_check.sh` leaves): test counts, parity,
+the fastest of our backends per case, and DESIGN §7's GPU targets against what was measured.
+
+    python -m llm_adapters.bench.summary OUT_DIR
+
+Exit status 1 when a test failed, a provider failed parity or errored, else 0. Targets that
+are missed are reported, not failed: they are goals, not correctness.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import sys
+import xml.etree.ElementTree as ET
+from typing import Any, Optional
+
+from .harness import read_results
+
+# DESIGN §7 (H100, bf16, M = 8192, K = N = 4096, r = 16)
+TARGET_CASE = dict(tokens=8192, k=4096, n=4096, rank=16, dtype="bfloat16")
+
+
+def junit_counts(path: str) -> dict[str, int]:
+    root = ET.parse(path).getroot()
+    suites = [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
+    out = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}
+    for s in suites:
+        for key in out:
+            out[key] += int(s.get(key, 0) or 0)
+    return out
+
+
+def _best_ours(rows: list[dict[str, Any]]) -> Optional[dict[str, Any]]:
+    ours = [r for r in rows if r["provider"].startswith("ours-") and r["status"] == "ok"]
+    return min(ours, key=lambda r: r["time_ms"]) if ours else None
+
+
+def _group(records: list[dict[str, Any]]) -> dict[tuple, list[dict[str, Any]]]:
+    keys = ("op", "mode", "tokens", "k", "n", "rank", "dtype", "dropout", "x_grad", "activation")
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in records:
+        groups.setdefault(tuple(r.get(k) for k in keys), []).append(r)
+    return groups
+
+
+def _time(rows, name) -> Optional[float]:
+    for r in rows:
+        if r["provider"] == name and r["status"] == "ok":
+            return r["time_ms"]
+    return None
+
+
+def _ratio(a: Optional[float], b: Optional[float]) -> str:
+    return "-" if not a or not b else f"{a / b:.2f}x"
+
+
+def summarise(out_dir: str, printer=print) -> int:
+    status = 0
+    for path in sorted(glob.glob(os.path.join(out_dir, "*.xml"))):
+        c = junit_counts(path)
+        passed = c["tests"] - c["failures"] - c["errors"] - c["skipped"]
+        printer(f"tests ({os.path.basename(path)}): {passed} passed, {c['failures']} failed, "
+                f"{c['errors']} errors, {c['skipped']} skipped")
+        if c["failures"] or c["errors"]:
+            status = 1
+    records: list[dict[str, Any]] = []
+    for path in sorted(glob.glob(os.path.join(out_dir, "*.jsonl"))):
+        records.extend(read_results(path))
+    ops_rows = [r for r in records if r.get("kind") == "op"]
+    e2e_rows = [r for r in records if r.get("kind") == "e2e"]
+    if ops_rows:
+        bad = [r for r in ops_rows if r.get("parity") == "FAIL" or r.get("status") == "error"]
+        printer(f"op rows: {len(ops_rows)}, parity failures or errors: {len(bad)}")
+        for r in bad:
+            printer(f"  {r['provider']} {r['op']} {r['mode']} M={r['tokens']} p={r['dropout']}: "
+                    f"{r.get('parity')} {r.get('reason') or ''}")
+        if bad:
+            status = 1
+        printer(f"{'op':<7}{'mode':<9}{'M':>6}{'K':>6}{'N':>6}{'r':>4}{'p':>6}  "
+                f"{'best ours':<12}{'ms':>9}{'vs eager':>9}{'vs peft':>8}{'/gemm':>8}")
+        for key, rows in _group(ops_rows).items():
+            best = _best_ours(rows)
+            if best is None:
+                continue
+            t = best["time_ms"]
+            printer(f"{key[0]:<7}{key[1]:<9}{key[2]:>6}{key[3]:>6}{key[4]:>6}{key[5]:>4}"
+                    f"{key[7]:>6}  {best['provider']:<12}{t:>9.3f}"
+                    f"{_ratio(_time(rows, 'eager'), t):>9}{_ratio(_time(rows, 'peft'), t):>8}"
+                    f"{_ratio(t, _time(rows, 'gemm')):>8}")
+        printer("(vs eager / vs peft: their time over ours; /gemm: ours over the base GEMM's)")
+    targets = _targets(ops_rows, e2e_rows)
+    if targets:
+        printer("DESIGN §7 targets (H100, bf16, M=8192, K=N=4096, r=16):")
+        for line in targets:
+            printer("  " + line)
+    if e2e_rows:
+        printer(f"{'e2e':<9}{'impl':<7}{'tok/s':>10}{'peak GiB':>10}{'speedup':>9}"
+                f"{'mem ratio':>10}{'max|dloss|':>12}")
+        for r in e2e_rows:
+            if r.get("status") != "ok":
+                printer(f"{r['variant']:<9}{r['impl']:<7} {r.get('status')}: {r.get('reason')}")
+                status = 1
+                continue
+            peak = "-" if r.get("peak_bytes") is None else f"{r['peak_bytes'] / 2**30:.2f}"
+            sp = "-" if r.get("speedup") is None else f"{r['speedup']:.2f}x"
+            mr = "-" if r.get("mem_ratio") is None else f"{r['mem_ratio']:.2f}"
+            dl = "-" if r.get("loss_max_abs_diff") is None else f"{r['loss_max_abs_diff']:.2e}"
+            printer(f"{r['variant']:<9}{r['impl']:<7}{r['tokens_per_s']:>10.0f}{peak:>10}"
+                    f"{sp:>9}{mr:>10}{dl:>12}")
+    if not ops_rows and not e2e_rows:
+        printer(f"no benchmark results in {out_dir}")
+    return status
+
+
+def _targets(ops_rows, e2e_rows) -> list[str]:
+    out = []
+
+    def case_rows(op: str, mode: str, dropout: float = 0.0):
+        for rows in _group(ops_rows).values():
+            r0 = rows[0]
+            if (r0["op"], r0["mode"], r0["dropout"]) != (op, mode, dropout):
+                continue
+            if all(r0.get(k) == v for k, v in TARGET_CASE.items() if not (op == "series" and
+                                                                          k == "rank")):
+                return rows
+        return None
+
+    def line(label, value, goal, better_low):
+        if value is None:
+            return f"{label}: not measured"
+        ok = value <= goal if better_low else value >= goal
+        return f"{label}: {value:.2f} (target {'<=' if better_low else '>='} {goal}) " + (
+            "met" if ok else "MISSED")
+
+    rows = case_rows("lora", "forward")
+    if rows:
+        best = _best_ours(rows)
+        gemm = _time(rows, "gemm")
+        out.append(line("LoRA forward / base GEMM", best["time_ms"] / gemm if best and gemm
+                        else None, 1.08, True))
+    rows = case_rows("lora", "full")
+    if rows:
+        best, peft = _best_ours(rows), _time(rows, "peft")
+        out.append(line("LoRA fwd+bwd speedup vs PEFT", peft / best["time_ms"] if best and peft
+                        else None, 1.35, False))
+    rows = case_rows("series", "full")
+    if rows:
+        best, eager = _best_ours(rows), _time(rows, "eager")
+        out.append(line("series fwd+bwd speedup vs eager", eager / best["time_ms"]
+                        if best and eager else None, 2.5, False))
+    lora_e2e = [r for r in e2e_rows if r.get("variant") == "lora" and r.get("impl") == "ours"
+                and r.get("status") == "ok" and r.get("device_type") == "cuda"]
+    if lora_e2e:
+        r = lora_e2e[-1]
+        out.append(line("e2e LoRA tokens/s vs PEFT", r.get("speedup"), 1.25, False))
+        if r.get("peak_bytes") is not None:
+            out.append(line("e2e LoRA peak memory vs PEFT", r.get("mem_ratio"), 0.85, True))
+    return out
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) != 1 or not os.path.isdir(argv[0]):
+        print("usage: python -m llm_adapters.bench.summary OUT_DIR", file=sys.stderr)
+        return 2
+    return summarise(argv[0])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
