@@ -321,7 +321,9 @@ class AdapterModel(nn.Module):
         soft.pop("labels", None)
         if self.prompt_embedding is not None:
             out = self.base_model.generate(**soft, **kwargs)
-            return torch.cat([input_ids.repeat_interleave(out.shape[0] // input_ids.shape[0], 0), out], dim=1)
+            # generating from embeddings returns only the new tokens: put the prompt back
+            prompt_ids = input_ids.repeat_interleave(out.shape[0] // input_ids.shape[0], 0)
+            return torch.cat([prompt_ids, out], dim=1)
         return self.base_model.generate(**soft, **kwargs)
 
     # ---- conveniences PEFT users expect ---------------------------------------------------
@@ -434,12 +436,15 @@ def _attach(model: nn.Module, config: AdapterConfig, plan, soft) -> AdapterModel
     elif isinstance(config, PromptTuningConfig):
         wrapper.prompt_embedding = soft
     if config.base_model_name_or_path is None:
-        config.base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+        name = getattr(getattr(model, "config", None), "_name_or_path", None)
+        config.base_model_name_or_path = name or None
     _freeze_base(wrapper, config)
     return wrapper
 
 
-def get_adapter_model(model: nn.Module, config: AdapterConfig, verbose: bool = False) -> AdapterModel:
+def get_adapter_model(
+    model: nn.Module, config: AdapterConfig, verbose: bool = False
+) -> AdapterModel:
     """Add the adapters described by `config` to a Hugging Face model (in place) and wrap it.
 
     The base model is frozen; only adapter parameters (and, for LoRA with `bias != "none"`, the
@@ -523,7 +528,8 @@ def load_adapter(model: nn.Module, adapter_path: str, is_trainable: bool = False
     """Load an adapter saved by `save_adapter` (or PEFT, for LoRA) into a base model.
 
     Every check runs before the model is touched: the config must fit the model, and the file
-    must hold exactly the expected tensors with the expected shapes.
+    must hold exactly the expected tensors with the expected shapes. Unless `is_trainable`,
+    the adapter is frozen and the model put in eval mode, as PEFT does.
     """
     config = load_config(adapter_path)
     tensors, metadata = _read_weights(adapter_path)
@@ -576,9 +582,10 @@ def load_adapter(model: nn.Module, adapter_path: str, is_trainable: bool = False
     with torch.no_grad():
         for target, t in bias_values.values():
             target.copy_(t)
-    if not is_trainable:
+    if not is_trainable:  # inference: nothing trains, dropout off
         for p in wrapper.parameters():
             p.requires_grad_(False)
+        wrapper.eval()
     return wrapper
 
 
@@ -669,7 +676,8 @@ def accelerate_peft(peft_model: nn.Module) -> nn.Module:
         raise ImportError("accelerate_peft needs peft installed") from exc
     count = 0
     for module in peft_model.modules():
-        if isinstance(module, PeftLoraLinear) and "_llm_adapters_original_forward" not in vars(module):
+        patched = "_llm_adapters_original_forward" in vars(module)
+        if isinstance(module, PeftLoraLinear) and not patched:
             module._llm_adapters_original_forward = module.forward
             module.forward = types.MethodType(_peft_lora_forward, module)
             count += 1

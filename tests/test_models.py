@@ -85,7 +85,8 @@ def test_lora_lifecycle(family, tmp_path):
     la.unmerge_adapter(model)
     for n, p in model.base_model.named_parameters():
         if n in weights:
-            torch.testing.assert_close(p, weights[n], rtol=0, atol=4 * torch.finfo(torch.float32).eps * weights[n].abs().max().item())
+            ulp = torch.finfo(torch.float32).eps * weights[n].abs().max().item()
+            torch.testing.assert_close(p, weights[n], rtol=0, atol=4 * ulp)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -270,7 +271,8 @@ def test_compiled_decoder_layer_matches_eager():
     def run(fn):
         out = fn(x, position_embeddings=emb, attention_mask=None)
         out = out[0] if isinstance(out, tuple) else out
-        grads = torch.autograd.grad(out.square().sum(), [x] + [p for p in layer.parameters() if p.requires_grad])
+        leaves = [x] + [p for p in layer.parameters() if p.requires_grad]
+        grads = torch.autograd.grad(out.square().sum(), leaves)
         return out, grads
 
     eager_out, eager_grads = run(layer)

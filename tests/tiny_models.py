@@ -19,7 +19,9 @@ FAMILY_CONFIGS = {
     "bloom": lambda: tf.BloomConfig(vocab_size=VOCAB, hidden_size=32, n_layer=2, n_head=4),
     "falcon": lambda: tf.FalconConfig(**_COMMON),
     "gpt_neox": lambda: tf.GPTNeoXConfig(**_COMMON, intermediate_size=48),
-    "gptj": lambda: tf.GPTJConfig(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, rotary_dim=4, n_positions=128),
+    "gptj": lambda: tf.GPTJConfig(
+        vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, rotary_dim=4, n_positions=128
+    ),
     "gpt_neo": lambda: tf.GPTNeoConfig(
         vocab_size=VOCAB, hidden_size=32, num_layers=2, num_heads=4,
         attention_types=[[["global", "local"], 1]], max_position_embeddings=128, window_size=16,
@@ -28,7 +30,9 @@ FAMILY_CONFIGS = {
         vocab_size=VOCAB, hidden_size=32, ffn_dim=48, num_hidden_layers=2, num_attention_heads=4,
         word_embed_proj_dim=32, max_position_embeddings=128,
     ),
-    "gpt2": lambda: tf.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=128),
+    "gpt2": lambda: tf.GPT2Config(
+        vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=128
+    ),
 }
 FAMILIES = sorted(FAMILY_CONFIGS)
 

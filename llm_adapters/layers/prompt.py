@@ -44,7 +44,8 @@ class PrefixEncoder(nn.Module):
         table = self.embedding.weight
         if self.transform is not None:
             table = self.transform(table)
-        p, layers, heads, dim = self.num_virtual_tokens, self.num_layers, self.num_kv_heads, self.head_dim
+        p, layers = self.num_virtual_tokens, self.num_layers
+        heads, dim = self.num_kv_heads, self.head_dim
         kv = table.to(dtype).view(p, layers * 2, heads, dim).permute(1, 2, 0, 3)  # [2L, H, P, D]
         return [
             (

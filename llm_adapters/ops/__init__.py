@@ -130,7 +130,9 @@ def lora_linear(
     _check_common(x, "x", lora_a.shape[0] if lora_a.dim() else 0, dropout_p, activation, scaling)
     k = x.shape[-1]
     if weight.dim() != 2 or weight.shape[1] != k:
-        raise ValueError(f"weight has shape {tuple(weight.shape)}, expected [N, {k}] for x [..., {k}]")
+        raise ValueError(
+            f"weight has shape {tuple(weight.shape)}, expected [N, {k}] for x [..., {k}]"
+        )
     n = weight.shape[0]
     if lora_a.dim() != 2:
         raise ValueError(f"lora_a must be 2-D [r, {k}], got shape {tuple(lora_a.shape)}")

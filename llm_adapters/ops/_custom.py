@@ -8,7 +8,8 @@ imports Triton or loads the CUDA extension.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any, Optional
 
 import torch
 from torch import Tensor

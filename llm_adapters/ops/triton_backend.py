@@ -13,7 +13,6 @@ import importlib
 import os
 
 import torch
-
 import triton  # noqa: F401  (ImportError here marks the backend unavailable)
 
 from ..triton_kernels.dropout import keep_mask as _keep_mask
