@@ -190,8 +190,8 @@ def test_results_round_trip(tmp_path):
     assert len(back) == len(records) + 1
     assert back[0]["weird"] is None
     for rec, got in zip(records, back, strict=False):
-        for key in ("device", "torch", "transformers", "git_commit", "date", "op", "mode",
-                    "tokens", "k", "n", "rank", "dtype", "dropout", "x_grad", "provider"):
+        for key in ("device_name", "device", "torch", "transformers", "git_commit", "date", "op",
+                    "mode", "tokens", "k", "n", "rank", "dtype", "dropout", "x_grad", "provider"):
             assert key in got
             assert got[key] == rec[key]
         assert got["time_ms"] == pytest.approx(rec["time_ms"])
@@ -254,3 +254,61 @@ def test_cli_quick_console_script(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "parity" in proc.stdout
     _check_outputs(tmp_path)
+
+
+def test_table_roofline_and_summary(tmp_path):
+    from llm_adapters.bench import summary
+
+    rows = harness.run_cases(lora.SPEC, [_lora_case(mode="forward")],
+                             [lora.Eager(), lora.Gemm(), lora.Ours("torch")], QUICK)
+    for r in rows:  # as on a GPU with a known roofline
+        r.peak_tflops, r.peak_tbps = 1e-3, 1e-3
+    table = harness.format_table(rows)
+    assert "roof%" in table
+    frac = harness.roofline_fraction(rows[0])
+    assert frac == pytest.approx(max(rows[0].tflops / 1e-3, rows[0].gbps / 1.0))
+    env = harness.environment(torch.device("cpu"))
+    harness.append_results(str(tmp_path / "dev.jsonl"), [r.to_dict(env) for r in rows])
+    (tmp_path / "pytest-gpu.xml").write_text(
+        '<testsuites><testsuite tests="5" failures="1" errors="0" skipped="2"/></testsuites>'
+    )
+    lines: list[str] = []
+    assert summary.summarise(str(tmp_path), lines.append) == 1  # the failed test counts
+    text = "\n".join(lines)
+    assert "2 passed, 1 failed, 0 errors, 2 skipped" in text
+    assert "ours-torch" in text and "parity failures or errors: 0" in text
+    (tmp_path / "pytest-gpu.xml").write_text('<testsuite tests="3" failures="0" skipped="3"/>')
+    assert summary.summarise(str(tmp_path), lines.append) == 0
+
+
+# -- GPU (run with `pytest -m gpu`) ----------------------------------------------------------
+
+
+@pytest.mark.gpu
+def test_gpu_bench_quick(tmp_path):
+    from llm_adapters.cli import main
+
+    assert main(["bench", "--quick", "--device", "cuda", "--out", str(tmp_path)]) == 0
+    recs = harness.read_results(os.path.join(tmp_path, os.listdir(tmp_path)[0]))
+    ok = [r for r in recs if r["status"] == "ok"]
+    assert ok and all(r["mem_kind"] == "cuda_peak_allocated" for r in ok)
+    assert all(r["peak_bytes"] is not None and r["time_ms"] > 0 for r in ok)
+    assert "ours-triton" in {r["provider"] for r in ok}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("op", ["lora", "series"])
+def test_gpu_parity_at_llama_width(op, dtype):
+    spec = lora.SPEC if op == "lora" else series.SPEC
+    kw = dict(activation="tanh", scaling=1.0) if op == "series" else {}
+    case = Case(op=op, mode="full", tokens=1003, k=4096, n=4096, rank=16, dtype=dtype,
+                dropout=0.05, device="cuda", **kw)
+    provs = (lora if op == "lora" else series).providers(("triton", "cuda"))
+    rows = harness.run_cases(spec, [case], provs, Budget(warmup=2, min_reps=3, max_reps=3,
+                                                         seconds=0.0, sets=2))
+    by = _rows_by_provider(rows)
+    assert by["ours-triton"].parity == "pass", by["ours-triton"].parity_errors
+    if by["ours-cuda"].status == "ok":
+        assert by["ours-cuda"].parity == "pass", by["ours-cuda"].parity_errors
+    assert all(r.status != "error" for r in rows), [(r.provider, r.reason) for r in rows]

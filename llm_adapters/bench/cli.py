@@ -223,7 +223,7 @@ def run(args: argparse.Namespace, argv: Optional[list[str]] = None) -> int:
     env["command"] = "llm-adapters bench " + (
         " ".join(shlex.quote(a) for a in argv) if argv is not None else _command(args)
     )
-    print(f"device: {env['device']}  torch {env['torch']}  triton {env['triton']}  "
+    print(f"device: {env['device_name']}  torch {env['torch']}  triton {env['triton']}  "
           f"transformers {env['transformers']}  peft {env['peft']}  commit {env['git_commit']}")
     if device.type == "cpu":
         print(f"cpu threads: {env['threads']}  load average (1 min): {env['load_avg_1min']}")
@@ -255,7 +255,7 @@ def run(args: argparse.Namespace, argv: Optional[list[str]] = None) -> int:
         if not args.no_plot:
             png = harness.plot_results(
                 all_rows, os.path.splitext(path)[0] + ".png",
-                title=f"{env['device']} | torch {env['torch']} | {env['date']}",
+                title=f"{env['device_name']} | torch {env['torch']} | {env['date']}",
             )
             print(f"plot: {png}" if png else "plot: skipped (matplotlib is not installed)")
     print(f"op benchmarks took {time.perf_counter() - t0:.1f} s")

@@ -473,7 +473,7 @@ def run_from_args(args: argparse.Namespace, device: torch.device, env: dict[str,
         print(f"results appended to {path}")
     if not getattr(args, "no_plot", False):
         png = plot_losses(results, os.path.splitext(path)[0] + "-e2e-loss.png",
-                          title=f"{env['device']} | {env['date']}")
+                          title=f"{env['device_name']} | {env['date']}")
         if png:
             print(f"loss curves: {png}")
     print(f"end-to-end took {time.perf_counter() - t0:.1f} s")

@@ -257,13 +257,13 @@ def git_commit() -> Optional[str]:
 def environment(device: torch.device) -> dict[str, Any]:
     """Written on every results row: what ran, where, when."""
     return {
-        "device": device_name(device),
+        "device_name": device_name(device),
         "device_type": device.type,
         "torch": torch.__version__,
         "triton": _version("triton"),
         "transformers": _version("transformers"),
         "peft": _version("peft"),
-        "cuda": torch.version.cuda,
+        "torch_cuda": torch.version.cuda,
         "threads": torch.get_num_threads(),
         "load_avg_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "git_commit": git_commit(),
@@ -752,14 +752,24 @@ def _fmt(v: Optional[float], spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
 
+def roofline_fraction(r: Row) -> Optional[float]:
+    """Fraction of the binding roofline reached: the larger of compute and bandwidth use."""
+    if r.peak_tflops is None or r.tflops is None or r.gbps is None or not r.peak_tbps:
+        return None
+    return max(r.tflops / r.peak_tflops, r.gbps / (r.peak_tbps * 1e3))
+
+
 def format_table(rows: Sequence[Row]) -> str:
     """A plain-text table: one block per case, one line per provider."""
     lines = []
     cpu = any(r.cpu_ms is not None for r in rows)
+    roof = any(r.peak_tflops is not None for r in rows)
     head = (
         f"{'provider':<14} {'median ms':>10} {'p20-p80 ms':>17} "
         + (f"{'cpu ms':>9} " if cpu else "")
-        + f"{'TFLOP/s':>8} {'GB/s':>7} {'mem MiB':>8} {'vs eager':>8} {'vs peft':>8}  parity"
+        + f"{'TFLOP/s':>8} {'GB/s':>7} "
+        + (f"{'roof%':>6} " if roof else "")
+        + f"{'mem MiB':>8} {'vs eager':>8} {'vs peft':>8}  parity"
     )
     last_case = None
     for r in rows:
@@ -781,9 +791,11 @@ def format_table(rows: Sequence[Row]) -> str:
             worst = max(r.parity_errors, key=lambda k: r.parity_errors[k] / r.parity_tol[k])
             parity += f" ({worst} err {r.parity_errors[worst]:.2e} > tol {r.parity_tol[worst]:.2e})"
         cpu_col = f"{_fmt(r.cpu_ms, '.3f'):>9} " if cpu else ""
+        roof_col = f"{_fmt(roofline_fraction(r), '.1%'):>6} " if roof else ""
         lines.append(
             f"{r.provider:<14} {r.time_ms:>10.3f} {spread:>17} {cpu_col}{_fmt(r.tflops, '.2f'):>8} "
-            f"{_fmt(r.gbps, '.1f'):>7} {_fmt(mem, '.1f'):>8} {speed_e:>8} {speed_p:>8}  {parity}"
+            f"{_fmt(r.gbps, '.1f'):>7} {roof_col}{_fmt(mem, '.1f'):>8} {speed_e:>8} {speed_p:>8}"
+            f"  {parity}"
         )
     return "\n".join(lines).lstrip("\n")
 
