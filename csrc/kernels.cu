@@ -1,0 +1,87 @@
+// The __global__ entry points of the kernels in kernels.cuh and their launchers.
+//
+// This file includes no ATen or torch header (only CUDA and c10's Half / BFloat16), so nvcc
+// compiles it in seconds; the tensor checks, allocation and dispatch live in ops.cpp.
+#include <cuda_runtime.h>
+
+#include "kernels.cuh"
+
+namespace llm_adapters {
+namespace {
+
+struct DeviceSync {
+  __device__ __forceinline__ void operator()() const { __syncthreads(); }
+};
+
+__device__ __forceinline__ BlockIdx block_index() {
+  return BlockIdx{static_cast<int64_t>(blockIdx.x), static_cast<int64_t>(blockIdx.y),
+                  static_cast<int64_t>(blockIdx.z)};
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) shrink_kernel(const ShrinkArgs<T> args) {
+  __shared__ __align__(16) float smem[kShrinkSmemFloats];
+  DeviceSync sync;
+  shrink_block(args, block_index(), static_cast<int>(threadIdx.x), smem, sync);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) expand_kernel(const ExpandArgs<T> args) {
+  __shared__ __align__(16) float smem[kExpandSmemFloats];
+  DeviceSync sync;
+  expand_block(args, block_index(), static_cast<int>(threadIdx.x), smem, sync);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) reduce_rows_kernel(const ReduceArgs<T> args) {
+  __shared__ __align__(16) float smem[kReduceSmemFloats];
+  DeviceSync sync;
+  reduce_rows_block(args, block_index(), static_cast<int>(threadIdx.x), smem, sync);
+}
+
+__global__ void keep_mask_kernel(bool* __restrict__ out, int64_t numel, DropoutParams drop) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i < numel) out[i] = keep_element(drop, static_cast<uint64_t>(i));
+}
+
+dim3 to_dim3(Grid g) {
+  return dim3(static_cast<unsigned>(g.x), static_cast<unsigned>(g.y), static_cast<unsigned>(g.z));
+}
+
+}  // namespace
+
+template <typename T>
+int launch_shrink(const ShrinkArgs<T>& args, Grid grid, void* stream) {
+  shrink_kernel<T><<<to_dim3(grid), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(args);
+  return static_cast<int>(cudaGetLastError());
+}
+
+template <typename T>
+int launch_expand(const ExpandArgs<T>& args, Grid grid, void* stream) {
+  expand_kernel<T><<<to_dim3(grid), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(args);
+  return static_cast<int>(cudaGetLastError());
+}
+
+template <typename T>
+int launch_reduce_rows(const ReduceArgs<T>& args, Grid grid, void* stream) {
+  reduce_rows_kernel<T><<<to_dim3(grid), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(args);
+  return static_cast<int>(cudaGetLastError());
+}
+
+int launch_keep_mask(bool* out, int64_t numel, DropoutParams drop, void* stream) {
+  const int64_t blocks = (numel + kThreads - 1) / kThreads;
+  keep_mask_kernel<<<static_cast<unsigned>(blocks), kThreads, 0,
+                     static_cast<cudaStream_t>(stream)>>>(out, numel, drop);
+  return static_cast<int>(cudaGetLastError());
+}
+
+#define LA_INSTANTIATE(T)                                                   \
+  template int launch_shrink<T>(const ShrinkArgs<T>&, Grid, void*);         \
+  template int launch_expand<T>(const ExpandArgs<T>&, Grid, void*);         \
+  template int launch_reduce_rows<T>(const ReduceArgs<T>&, Grid, void*);
+
+LA_INSTANTIATE(float)
+LA_INSTANTIATE(c10::Half)
+LA_INSTANTIATE(c10::BFloat16)
+
+}  // namespace llm_adapters

@@ -1,0 +1,473 @@
+// The adapter kernels, written once for device and host.
+//
+// Each kernel is a block function `*_block(args, block, tid, smem, sync)`: kernels.cu wraps it
+// in a __global__ function (shared memory, threadIdx, __syncthreads), and emulate.cpp runs the
+// very same function on CPU threads with a barrier, so CPU-only machines check the tiling,
+// bounds and dropout indexing of the code that runs on the GPU. Only c10's Half / BFloat16
+// headers are included: no ATen, which keeps the nvcc compile short.
+//
+//   shrink       S = D(x) wᵀ · out_scale                x [M, K], w [r, K] -> [splits, M, r]
+//   expand       out = in + keep·scale·φ(H) wᵀ + bias    H [M, r], w [N, r] -> out [M, N]
+//   reduce_rows  Σ_m D(X)[m, n] φ(H[m, j])               X [M, N], H [M, r] -> [splits, N, r]
+// Partials of split reductions are summed afterwards in a fixed order: no atomics anywhere.
+#pragma once
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <math.h>
+#include <cstdint>
+
+#include "philox.cuh"
+
+#if defined(__CUDA_ARCH__)
+#define LA_UNROLL _Pragma("unroll")
+#else
+#define LA_UNROLL
+#endif
+
+namespace llm_adapters {
+
+constexpr int kThreads = 256;
+
+struct BlockIdx {
+  int64_t x, y, z;
+};
+
+// ----------------------------------------------------------------------------------------------
+// 16-byte vector access
+// ----------------------------------------------------------------------------------------------
+// Loaded as an aligned struct of T (not as uint4 reinterpreted): the elements are read through
+// their own type, which keeps the host build free of strict-aliasing surprises; nvcc emits one
+// 128-bit load or store for the 16-byte aligned struct.
+
+template <typename T>
+struct Vec {
+  static constexpr int kSize = 16 / static_cast<int>(sizeof(T));
+};
+
+template <typename T>
+struct alignas(16) VecData {
+  T v[Vec<T>::kSize];
+};
+
+template <typename T>
+LA_HOST_DEVICE void load_vec(const T* p, float* out) {
+  const VecData<T> raw = *reinterpret_cast<const VecData<T>*>(p);
+  LA_UNROLL
+  for (int i = 0; i < Vec<T>::kSize; ++i) out[i] = static_cast<float>(raw.v[i]);
+}
+
+template <typename T>
+LA_HOST_DEVICE void store_vec(T* p, const float* v) {
+  VecData<T> raw;
+  LA_UNROLL
+  for (int i = 0; i < Vec<T>::kSize; ++i) raw.v[i] = static_cast<T>(v[i]);
+  *reinterpret_cast<VecData<T>*>(p) = raw;
+}
+
+// ----------------------------------------------------------------------------------------------
+// Branch non-linearities φ (codes as in llm_adapters/ops/cuda_backend.py)
+// ----------------------------------------------------------------------------------------------
+
+enum Activation : int { kIdentity = 0, kTanh = 1, kRelu = 2, kGelu = 3, kSilu = 4 };
+
+LA_HOST_DEVICE float activate(float s, int act) {
+  switch (act) {
+    case kTanh:
+      return tanhf(s);
+    case kRelu:
+      return s > 0.f ? s : 0.f;
+    case kGelu:  // exact (erf) GELU, as torch.nn.functional.gelu
+      return 0.5f * s * (1.f + erff(s * 0.70710678118654752f));
+    case kSilu:
+      return s / (1.f + expf(-s));
+    default:
+      return s;
+  }
+}
+
+// ----------------------------------------------------------------------------------------------
+// shrink: S = D(x) wᵀ · out_scale
+// ----------------------------------------------------------------------------------------------
+// Tile: rows x rank columns. Each thread owns one rank column j and kShrinkAcc rows; the rank
+// tile `br` (8..64, a power of two >= r) sets the row count, bm = 256 * 8 / br, so small ranks
+// get tall tiles. x is staged kShrinkBK columns at a time, converted to float with the dropout
+// keep-mask applied on the way in (regenerated from the seed; never stored).
+
+constexpr int kShrinkAcc = 8;
+constexpr int kShrinkBK = 32;
+constexpr int kShrinkMaxBM = kThreads * kShrinkAcc / 8;
+constexpr int kShrinkMaxBR = 64;
+// +1 column of padding: threads of a warp read different rows of ws at one k
+constexpr int kShrinkSmemFloats = (kShrinkMaxBM + kShrinkMaxBR) * (kShrinkBK + 1);
+
+template <typename T>
+struct ShrinkArgs {
+  const T* x;
+  int64_t M, K;
+  const float* w;  // [R, K] with strides (w_sr, w_sk)
+  int64_t w_sr, w_sk, R;
+  float* out;  // [splits, M, R]
+  int br;
+  int64_t k_per_split;  // a multiple of kShrinkBK
+  DropoutParams drop;
+  float out_scale;
+  bool vec_ok;  // x 16-byte aligned and K a multiple of the vector width
+};
+
+template <typename T, typename Sync>
+LA_HOST_DEVICE void shrink_block(const ShrinkArgs<T>& a, BlockIdx block, int tid, float* smem,
+                                 Sync& sync) {
+  constexpr int LD = kShrinkBK + 1;
+  float* xs = smem;
+  float* ws = smem + kShrinkMaxBM * LD;
+  const int groups = kThreads / a.br;  // thread owns rows rg, rg + groups, ...
+  const int bm = groups * kShrinkAcc;
+  const int j = tid % a.br;
+  const int rg = tid / a.br;
+  const int64_t m0 = block.x * bm;
+  const int64_t j0 = block.y * a.br;
+  const int64_t k_begin = block.z * a.k_per_split;
+  const int64_t k_end = a.K < k_begin + a.k_per_split ? a.K : k_begin + a.k_per_split;
+
+  float acc[kShrinkAcc];
+  LA_UNROLL
+  for (int i = 0; i < kShrinkAcc; ++i) acc[i] = 0.f;
+
+  for (int64_t k0 = k_begin; k0 < k_end; k0 += kShrinkBK) {
+    if (a.vec_ok) {
+      constexpr int V = Vec<T>::kSize;
+      constexpr int per_row = kShrinkBK / V;
+      for (int v = tid; v < bm * per_row; v += kThreads) {
+        const int mm = v / per_row;
+        const int kk = (v % per_row) * V;
+        const int64_t m = m0 + mm;
+        const int64_t k = k0 + kk;
+        float vals[V];
+        // K % V == 0 and k0 % V == 0: a vector is wholly inside or wholly outside
+        if (m < a.M && k < k_end) {
+          load_vec(a.x + m * a.K + k, vals);
+          if (a.drop.enabled) {
+            LA_UNROLL
+            for (int i = 0; i < V; ++i) {
+              if (!keep_element(a.drop, static_cast<uint64_t>(m * a.K + k + i))) vals[i] = 0.f;
+            }
+          }
+        } else {
+          LA_UNROLL
+          for (int i = 0; i < V; ++i) vals[i] = 0.f;
+        }
+        LA_UNROLL
+        for (int i = 0; i < V; ++i) xs[mm * LD + kk + i] = vals[i];
+      }
+    } else {
+      for (int e = tid; e < bm * kShrinkBK; e += kThreads) {
+        const int mm = e / kShrinkBK;
+        const int kk = e % kShrinkBK;
+        const int64_t m = m0 + mm;
+        const int64_t k = k0 + kk;
+        float val = 0.f;
+        if (m < a.M && k < k_end) {
+          val = static_cast<float>(a.x[m * a.K + k]);
+          if (a.drop.enabled && !keep_element(a.drop, static_cast<uint64_t>(m * a.K + k))) {
+            val = 0.f;
+          }
+        }
+        xs[mm * LD + kk] = val;
+      }
+    }
+    for (int e = tid; e < a.br * kShrinkBK; e += kThreads) {
+      const int jj = e / kShrinkBK;
+      const int kk = e % kShrinkBK;
+      const int64_t jg = j0 + jj;
+      const int64_t k = k0 + kk;
+      ws[jj * LD + kk] = (jg < a.R && k < k_end) ? a.w[jg * a.w_sr + k * a.w_sk] : 0.f;
+    }
+    sync();
+    LA_UNROLL
+    for (int kk = 0; kk < kShrinkBK; ++kk) {
+      const float wv = ws[j * LD + kk];
+      LA_UNROLL
+      for (int i = 0; i < kShrinkAcc; ++i) acc[i] += xs[(rg + groups * i) * LD + kk] * wv;
+    }
+    sync();
+  }
+
+  const int64_t jg = j0 + j;
+  if (jg >= a.R) return;
+  float* part = a.out + block.z * a.M * a.R;
+  LA_UNROLL
+  for (int i = 0; i < kShrinkAcc; ++i) {
+    const int64_t m = m0 + rg + groups * i;
+    if (m < a.M) part[m * a.R + jg] = acc[i] * a.out_scale;
+  }
+}
+
+// ----------------------------------------------------------------------------------------------
+// expand: out[m, n] = in[m, n] + keep(m, n)·scale·Σ_j φ(H[m, j]) w[n, j] + bias[n]
+// ----------------------------------------------------------------------------------------------
+// Tile: 64 rows x 128 columns; each thread owns 4 rows (ty + 16 i) x 8 contiguous columns, so
+// its epilogue reads and writes 16-byte vectors of `in` / `out`. H (with φ) and w are staged
+// kExpandRK rank columns at a time; the rank product is accumulated in float32 and the result
+// rounded once, when added to `in`. `in` may be `out` (the in-place add into y = x Wᵀ).
+
+constexpr int kExpandBM = 64;
+constexpr int kExpandBN = 128;
+constexpr int kExpandRK = 16;
+constexpr int kExpandTM = 4;
+constexpr int kExpandTN = 8;
+// hs is [rank][row] padded by one so the staging stores spread over banks; ws rows are 132
+// floats, which keeps them 16-byte aligned for the vector reads of the inner loop
+constexpr int kExpandHLD = kExpandBM + 1;
+constexpr int kExpandWLD = kExpandBN + 4;
+constexpr int kExpandWOffset = ((kExpandRK * kExpandHLD + 3) / 4) * 4;
+constexpr int kExpandSmemFloats = kExpandWOffset + kExpandRK * kExpandWLD;
+
+template <typename T>
+struct ExpandArgs {
+  T* out;
+  const T* in;  // may equal out
+  int64_t M, N;
+  const float* h;  // [M, R] contiguous
+  int64_t R;
+  int act;
+  const float* w;  // [N, R] with strides (w_sn, w_sr)
+  int64_t w_sn, w_sr;
+  const float* bias;       // [N] or null
+  const float* scale_ptr;  // one float on the device, or null
+  float scaling;
+  DropoutParams drop;
+  bool vec_ok;  // in and out 16-byte aligned and N a multiple of the vector width
+};
+
+LA_HOST_DEVICE void load_f8(const float* p, float* out) {
+#if defined(__CUDA_ARCH__)
+  const float4 a = *reinterpret_cast<const float4*>(p);
+  const float4 b = *reinterpret_cast<const float4*>(p + 4);
+  out[0] = a.x, out[1] = a.y, out[2] = a.z, out[3] = a.w;
+  out[4] = b.x, out[5] = b.y, out[6] = b.z, out[7] = b.w;
+#else
+  for (int i = 0; i < 8; ++i) out[i] = p[i];
+#endif
+}
+
+template <typename T, typename Sync>
+LA_HOST_DEVICE void expand_block(const ExpandArgs<T>& a, BlockIdx block, int tid, float* smem,
+                                 Sync& sync) {
+  float* hs = smem;
+  float* ws = smem + kExpandWOffset;
+  const int tx = tid % 16;
+  const int ty = tid / 16;
+  const int64_t m0 = block.x * kExpandBM;
+  const int64_t n0 = block.y * kExpandBN;
+
+  float acc[kExpandTM][kExpandTN];
+  LA_UNROLL
+  for (int i = 0; i < kExpandTM; ++i) {
+    LA_UNROLL
+    for (int c = 0; c < kExpandTN; ++c) acc[i][c] = 0.f;
+  }
+
+  for (int64_t j0 = 0; j0 < a.R; j0 += kExpandRK) {
+    for (int e = tid; e < kExpandBM * kExpandRK; e += kThreads) {
+      const int mm = e / kExpandRK;
+      const int jj = e % kExpandRK;
+      const int64_t m = m0 + mm;
+      const int64_t j = j0 + jj;
+      hs[jj * kExpandHLD + mm] = (m < a.M && j < a.R) ? activate(a.h[m * a.R + j], a.act) : 0.f;
+    }
+    for (int e = tid; e < kExpandBN * kExpandRK; e += kThreads) {
+      const int nn = e / kExpandRK;
+      const int jj = e % kExpandRK;
+      const int64_t n = n0 + nn;
+      const int64_t j = j0 + jj;
+      ws[jj * kExpandWLD + nn] = (n < a.N && j < a.R) ? a.w[n * a.w_sn + j * a.w_sr] : 0.f;
+    }
+    sync();
+    LA_UNROLL
+    for (int jj = 0; jj < kExpandRK; ++jj) {
+      float hv[kExpandTM];
+      LA_UNROLL
+      for (int i = 0; i < kExpandTM; ++i) hv[i] = hs[jj * kExpandHLD + ty + 16 * i];
+      float wv[kExpandTN];
+      load_f8(ws + jj * kExpandWLD + tx * kExpandTN, wv);
+      LA_UNROLL
+      for (int i = 0; i < kExpandTM; ++i) {
+        LA_UNROLL
+        for (int c = 0; c < kExpandTN; ++c) acc[i][c] += hv[i] * wv[c];
+      }
+    }
+    sync();
+  }
+
+  const float scale = a.scale_ptr == nullptr ? a.scaling : a.scaling * a.scale_ptr[0];
+  const int64_t nb = n0 + tx * kExpandTN;
+  LA_UNROLL
+  for (int i = 0; i < kExpandTM; ++i) {
+    const int64_t m = m0 + ty + 16 * i;
+    if (m >= a.M) continue;
+    float val[kExpandTN];
+    LA_UNROLL
+    for (int c = 0; c < kExpandTN; ++c) {
+      const int64_t n = nb + c;
+      float v = acc[i][c] * scale;
+      if (a.drop.enabled && n < a.N &&
+          !keep_element(a.drop, static_cast<uint64_t>(m * a.N + n))) {
+        v = 0.f;
+      }
+      if (a.bias != nullptr && n < a.N) v += a.bias[n];
+      val[c] = v;
+    }
+    const int64_t row = m * a.N;
+    if (a.vec_ok && nb + kExpandTN <= a.N) {
+      constexpr int V = Vec<T>::kSize;
+      LA_UNROLL
+      for (int c0 = 0; c0 < kExpandTN; c0 += V) {
+        float base[V];
+        load_vec(a.in + row + nb + c0, base);
+        LA_UNROLL
+        for (int c = 0; c < V; ++c) base[c] += val[c0 + c];
+        store_vec(a.out + row + nb + c0, base);
+      }
+    } else {
+      LA_UNROLL
+      for (int c = 0; c < kExpandTN; ++c) {
+        const int64_t n = nb + c;
+        if (n < a.N) a.out[row + n] = static_cast<T>(static_cast<float>(a.in[row + n]) + val[c]);
+      }
+    }
+  }
+}
+
+// ----------------------------------------------------------------------------------------------
+// reduce_rows: out[n, j] = Σ_m D(X)[m, n] φ(H[m, j])   (per split of M)
+// ----------------------------------------------------------------------------------------------
+// Tile: columns of X x rank columns; each thread owns one rank column j and kReduceAcc columns
+// n, bn = 256 * 8 / br. X is staged kReduceBM rows at a time with the keep-mask applied.
+
+constexpr int kReduceAcc = 8;
+constexpr int kReduceBM = 16;
+constexpr int kReduceMaxBN = kThreads * kReduceAcc / 8;
+constexpr int kReduceMaxBR = 64;
+constexpr int kReduceXLD = kReduceMaxBN + 1;  // +1: with br = 8 a warp reads 4 columns
+constexpr int kReduceSmemFloats = kReduceBM * kReduceXLD + kReduceBM * kReduceMaxBR;
+
+template <typename T>
+struct ReduceArgs {
+  const T* x;  // [M, N] contiguous
+  int64_t M, N;
+  const float* h;  // [M, R] contiguous
+  int64_t R;
+  int act;
+  float* out;  // [splits, N, R]
+  int br;
+  int64_t rows_per_split;  // a multiple of kReduceBM
+  DropoutParams drop;
+  bool vec_ok;
+};
+
+template <typename T, typename Sync>
+LA_HOST_DEVICE void reduce_rows_block(const ReduceArgs<T>& a, BlockIdx block, int tid,
+                                      float* smem, Sync& sync) {
+  float* xs = smem;
+  float* hs = smem + kReduceBM * kReduceXLD;
+  const int groups = kThreads / a.br;  // thread owns columns cg, cg + groups, ...
+  const int bn = groups * kReduceAcc;
+  const int j = tid % a.br;
+  const int cg = tid / a.br;
+  const int64_t n0 = block.x * bn;
+  const int64_t j0 = block.y * a.br;
+  const int64_t m_begin = block.z * a.rows_per_split;
+  const int64_t m_end = a.M < m_begin + a.rows_per_split ? a.M : m_begin + a.rows_per_split;
+
+  float acc[kReduceAcc];
+  LA_UNROLL
+  for (int i = 0; i < kReduceAcc; ++i) acc[i] = 0.f;
+
+  for (int64_t mb = m_begin; mb < m_end; mb += kReduceBM) {
+    if (a.vec_ok) {
+      constexpr int V = Vec<T>::kSize;
+      const int per_row = bn / V;
+      for (int v = tid; v < kReduceBM * per_row; v += kThreads) {
+        const int mm = v / per_row;
+        const int nn = (v % per_row) * V;
+        const int64_t m = mb + mm;
+        const int64_t n = n0 + nn;
+        float vals[V];
+        if (m < m_end && n < a.N) {
+          load_vec(a.x + m * a.N + n, vals);
+          if (a.drop.enabled) {
+            LA_UNROLL
+            for (int i = 0; i < V; ++i) {
+              if (!keep_element(a.drop, static_cast<uint64_t>(m * a.N + n + i))) vals[i] = 0.f;
+            }
+          }
+        } else {
+          LA_UNROLL
+          for (int i = 0; i < V; ++i) vals[i] = 0.f;
+        }
+        LA_UNROLL
+        for (int i = 0; i < V; ++i) xs[mm * kReduceXLD + nn + i] = vals[i];
+      }
+    } else {
+      for (int e = tid; e < kReduceBM * bn; e += kThreads) {
+        const int mm = e / bn;
+        const int nn = e % bn;
+        const int64_t m = mb + mm;
+        const int64_t n = n0 + nn;
+        float val = 0.f;
+        if (m < m_end && n < a.N) {
+          val = static_cast<float>(a.x[m * a.N + n]);
+          if (a.drop.enabled && !keep_element(a.drop, static_cast<uint64_t>(m * a.N + n))) {
+            val = 0.f;
+          }
+        }
+        xs[mm * kReduceXLD + nn] = val;
+      }
+    }
+    for (int e = tid; e < kReduceBM * a.br; e += kThreads) {
+      const int mm = e / a.br;
+      const int jj = e % a.br;
+      const int64_t m = mb + mm;
+      const int64_t jg = j0 + jj;
+      hs[mm * kReduceMaxBR + jj] =
+          (m < m_end && jg < a.R) ? activate(a.h[m * a.R + jg], a.act) : 0.f;
+    }
+    sync();
+    LA_UNROLL
+    for (int mm = 0; mm < kReduceBM; ++mm) {
+      const float hv = hs[mm * kReduceMaxBR + j];
+      LA_UNROLL
+      for (int i = 0; i < kReduceAcc; ++i) acc[i] += xs[mm * kReduceXLD + cg + groups * i] * hv;
+    }
+    sync();
+  }
+
+  const int64_t jg = j0 + j;
+  if (jg >= a.R) return;
+  float* part = a.out + block.z * a.N * a.R;
+  LA_UNROLL
+  for (int i = 0; i < kReduceAcc; ++i) {
+    const int64_t n = n0 + cg + groups * i;
+    if (n < a.N) part[n * a.R + jg] = acc[i];
+  }
+}
+
+// ----------------------------------------------------------------------------------------------
+// Launchers (kernels.cu): grid as (x, y, z) block counts; return the launch's cudaError_t as int
+// ----------------------------------------------------------------------------------------------
+
+struct Grid {
+  int64_t x, y, z;
+};
+
+template <typename T>
+int launch_shrink(const ShrinkArgs<T>& args, Grid grid, void* stream);
+template <typename T>
+int launch_expand(const ExpandArgs<T>& args, Grid grid, void* stream);
+template <typename T>
+int launch_reduce_rows(const ReduceArgs<T>& args, Grid grid, void* stream);
+int launch_keep_mask(bool* out, int64_t numel, DropoutParams drop, void* stream);
+
+}  // namespace llm_adapters
