@@ -58,32 +58,85 @@ def _configs(kernel: str) -> list[triton.Config]:
     and every config would be run for timing). On sm_80 / sm_90 the row-block kernels trade a
     large BM (fewer re-reads of the weights, bigger tensor-core tiles) against a small one (the
     [BM, N] row block must still be in L2 when pass 2 re-reads it, and S [BM, r] must fit in
-    registers); BM = 16 keeps a 16384-wide bf16 row block at 512 KiB."""
+    registers); BM = 16 keeps a 16384-wide bf16 row block at 512 KiB. Configs whose pipelined
+    tiles overflow shared memory for the actual r and dtypes are pruned by `_prune`."""
     if _INTERPRET:
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4)]
     if kernel == "rows":
-        return [
-            triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-            for bm, bn, w, s in [
-                (16, 128, 4, 3),
-                (32, 64, 4, 3),
-                (32, 128, 4, 3),
-                (64, 64, 8, 3),
-                (64, 128, 8, 3),
-                (64, 64, 4, 4),
-                (128, 64, 8, 3),
-            ]
-        ]
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-        for bm, bn, w, s in [
+        shapes = [
+            (16, 64, 4, 2),
+            (32, 64, 4, 2),
+            (16, 64, 4, 3),
+            (16, 128, 4, 3),
+            (32, 32, 4, 4),
             (32, 64, 4, 3),
-            (64, 64, 4, 3),
+            (32, 128, 4, 3),
+            (64, 32, 4, 4),
+            (64, 64, 8, 3),
             (64, 128, 8, 3),
             (128, 64, 8, 3),
-            (64, 64, 8, 4),
         ]
+    else:
+        shapes = [
+            (32, 64, 4, 2),
+            (32, 64, 4, 3),
+            (32, 128, 4, 2),
+            (64, 64, 4, 3),
+            (64, 64, 8, 4),
+            (64, 128, 8, 3),
+            (128, 64, 8, 3),
+        ]
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
+        for bm, bn, w, st in shapes
     ]
+
+
+def _smem_limit(device: torch.device) -> int:
+    props = torch.cuda.get_device_properties(device)
+    # opt-in maximum per block (227 KiB on H100, 163 KiB on A100), less room for the
+    # compiler's layout-conversion scratch
+    return int(getattr(props, "shared_memory_per_block_optin", 166912)) - 8192
+
+
+def _prune(kernel: str):
+    """early_config_prune: drop configs whose software-pipelined tiles cannot fit in shared
+    memory. Per pipeline stage the row-block kernels buffer an activation tile [BM, BN] and a
+    weight tile [BN, BR] (in the weights' own dtype: the cast happens after the load); the
+    weight-gradient kernel buffers g and h [BM, BN] and dS and S [BM, BR] in fp32. Counting
+    num_stages such buffers bounds what the compiler allocated for sm_90 in every config we
+    compiled (it sometimes keeps num_stages - 1)."""
+
+    def prune(configs, named_args, **kwargs):
+        block_r = kwargs.get("BLOCK_R", named_args.get("BLOCK_R"))
+        if kernel == "weights":
+            act = named_args["g_ptr"].element_size()
+            wsize = 8 * block_r  # dS and S rows, fp32
+            dev = named_args["g_ptr"].device
+        else:
+            first = named_args.get("h_ptr", named_args.get("g_ptr"))
+            act = first.element_size()
+            wsize = 0
+            dev = first.device
+        w_el = named_args["dn_ptr"].element_size() if kernel == "rows" else 0
+
+        def smem(c):
+            bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+            if kernel == "weights":
+                per_stage = 2 * bm * bn * act + bm * wsize
+            else:
+                per_stage = bm * bn * act + bn * block_r * w_el
+                if named_args["R"] > block_r:  # pass 2 also streams S or dS tiles (fp32)
+                    per_stage += bm * block_r * 4
+            return c.num_stages * per_stage
+
+        if dev.type != "cuda":
+            return configs
+        limit = _smem_limit(dev)
+        fits = [c for c in configs if smem(c) <= limit]
+        return fits or [min(configs, key=smem)]
+
+    return prune
 
 
 # ---------------------------------------------------------------------------------------------
@@ -174,7 +227,11 @@ def _shrink_tile(
 # ---------------------------------------------------------------------------------------------
 
 
-@triton.autotune(configs=_configs("rows"), key=["N", "R"])
+@triton.autotune(
+    configs=_configs("rows"),
+    key=["N", "R"],
+    prune_configs_by={"early_config_prune": _prune("rows")},
+)
 @triton.jit
 def _series_forward_kernel(
     h_ptr, dn_ptr, up_ptr, db_ptr, ub_ptr, scale_ptr, z_ptr, s_ptr,
@@ -297,7 +354,11 @@ def _grad_s_tile(
     return ds, gu * _act(pre, ACT)
 
 
-@triton.autotune(configs=_configs("rows"), key=["N", "R"])
+@triton.autotune(
+    configs=_configs("rows"),
+    key=["N", "R"],
+    prune_configs_by={"early_config_prune": _prune("rows")},
+)
 @triton.jit
 def _series_backward_rows_kernel(
     g_ptr, up_ptr, dn_ptr, s_ptr, scale_ptr, ds_ptr, dscale_ptr, dh_ptr,
@@ -395,7 +456,11 @@ def _series_backward_rows_kernel(
         tl.store(dscale_ptr + rows, dscale, mask=row_ok)
 
 
-@triton.autotune(configs=_configs("weights"), key=["N", "R"])
+@triton.autotune(
+    configs=_configs("weights"),
+    key=["N", "R"],
+    prune_configs_by={"early_config_prune": _prune("weights")},
+)
 @triton.jit
 def _series_backward_weights_kernel(
     g_ptr, h_ptr, s_ptr, ds_ptr, scale_ptr, ddn_ptr, dup_ptr, dub_ptr,
@@ -473,8 +538,11 @@ def _series_backward_weights_kernel(
 
 
 def _block_r(r: int) -> int:
-    # tl.dot needs every dimension >= 16.
-    return max(16, min(triton.next_power_of_2(r), _MAX_BLOCK_R))
+    # tl.dot needs every dimension >= 16. Above _MAX_BLOCK_R the bottleneck is tiled; smaller
+    # tiles there keep the pipelined weight tiles within an A100's shared memory.
+    if r > _MAX_BLOCK_R:
+        return _MAX_BLOCK_R // 2
+    return max(16, triton.next_power_of_2(r))
 
 
 def _precision(dtype: torch.dtype) -> str:
