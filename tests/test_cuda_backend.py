@@ -219,8 +219,31 @@ def _grads(out, inputs, g):
     return [next(it) if (t is not None and t.requires_grad) else None for t in inputs]
 
 
-def _check_parity(kind, dtype, m, k, n, r, p, activation, learned_scale, biases, seed=1234):
-    dev = torch.device("cuda")
+def _run_lora(x, w, bias, a, b, scale, p, activation, seed, a_bias, b_bias):
+    if x.is_cuda:  # the public op, as users call it
+        return ops.lora_linear(x, w, bias, a, b, scaling=scale, dropout_p=p,
+                               activation=activation, seed=seed, lora_a_bias=a_bias,
+                               lora_b_bias=b_bias, backend="cuda")
+    # CPU tensors: ops.lora_linear refuses them for backend="cuda", so call the custom op the
+    # way it does; the extension's CPU ops run the kernel code on host threads
+    scale_t, scale_f = (scale.reshape(()), 1.0) if torch.is_tensor(scale) else (None, scale)
+    return lora_op(BACKEND)(x, w, bias, a, b, a_bias, b_bias, scale_t, scale_f, p,
+                            torch.tensor(seed), activation)[0]
+
+
+def _run_series(h, down, up, scale, p, activation, seed, d_bias, u_bias):
+    if h.is_cuda:
+        return ops.series_adapter(h, down, up, scaling=scale, activation=activation,
+                                  dropout_p=p, seed=seed, down_bias=d_bias, up_bias=u_bias,
+                                  backend="cuda")
+    scale_t, scale_f = (scale.reshape(()), 1.0) if torch.is_tensor(scale) else (None, scale)
+    return series_op(BACKEND)(h, down, up, d_bias, u_bias, scale_t, scale_f, p,
+                              torch.tensor(seed), activation)[0]
+
+
+def _check_parity(kind, dtype, m, k, n, r, p, activation, learned_scale, biases, seed=1234,
+                  device="cuda"):
+    dev = torch.device(device)
     torch.manual_seed(0)
     x = torch.randn(m, k, device=dev, dtype=dtype, requires_grad=True)
     scale = torch.tensor(0.7, device=dev, requires_grad=True) if learned_scale else 1.7
@@ -231,8 +254,7 @@ def _check_parity(kind, dtype, m, k, n, r, p, activation, learned_scale, biases,
         b = (torch.randn(n, r, device=dev) / r**0.5).requires_grad_()
         a_bias = torch.randn(r, device=dev, requires_grad=True) if biases else None
         b_bias = torch.randn(n, device=dev, requires_grad=True) if biases else None
-        y = ops.lora_linear(x, w, bias, a, b, scaling=scale, dropout_p=p, activation=activation,
-                            seed=seed, lora_a_bias=a_bias, lora_b_bias=b_bias, backend="cuda")
+        y = _run_lora(x, w, bias, a, b, scale, p, activation, seed, a_bias, b_bias)
         inputs = [x, bias, a, b, a_bias, b_bias] + ([scale] if learned_scale else [])
         keep = BACKEND.keep_mask((m, k), p, seed, dev) if p > 0 else None
         ref_fn = lambda xs, dt: _lora_reference(  # noqa: E731
@@ -244,8 +266,7 @@ def _check_parity(kind, dtype, m, k, n, r, p, activation, learned_scale, biases,
         up = (torch.randn(k, r, device=dev) / r**0.5).requires_grad_()
         d_bias = torch.randn(r, device=dev, requires_grad=True) if biases else None
         u_bias = torch.randn(k, device=dev, requires_grad=True) if biases else None
-        y = ops.series_adapter(x, down, up, scaling=scale, activation=activation, dropout_p=p,
-                               seed=seed, down_bias=d_bias, up_bias=u_bias, backend="cuda")
+        y = _run_series(x, down, up, scale, p, activation, seed, d_bias, u_bias)
         inputs = [x, down, up, d_bias, u_bias] + ([scale] if learned_scale else [])
         keep = BACKEND.keep_mask((m, k), p, seed, dev) if p > 0 else None
         ref_fn = lambda xs, dt: _series_reference(  # noqa: E731
@@ -272,6 +293,72 @@ def _check_parity(kind, dtype, m, k, n, r, p, activation, learned_scale, biases,
             continue
         assert got is not None and got.shape == ref.shape, name
         _assert_close(f"{tag} {name}", got, same, ref, dtype)
+
+
+# CPU: the same parity checks through the extension's CPU ops, which run the kernels' own code
+# (csrc/kernels.cuh) on host threads with a barrier for __syncthreads. Small odd shapes cover
+# the scalar and 16-byte vector paths, row/column tails, rank tiles 8..64 and beyond, split
+# reductions and the fused dropout; what they cannot cover is GPU-only behaviour (warp timing,
+# shared-memory banks, real 128-bit loads), which the `gpu` tests below check.
+
+
+@needs_extension
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_lora_kernels_on_host_threads(ext, dtype, p):
+    # k = 136: vector path in every dtype; k = 129: scalar path
+    _check_parity("lora", dtype, 37, 136, 67, 12, p, "identity", False, False, device="cpu")
+    _check_parity("lora", dtype, 19, 129, 40, 3, p, "identity", False, True, device="cpu")
+
+
+@needs_extension
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_parallel_adapter_kernels_on_host_threads(ext, activation):
+    _check_parity("lora", torch.float16, 21, 72, 40, 20, 0.1, activation, True, True,
+                  device="cpu")
+
+
+@needs_extension
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("p", [0.0, 0.2])
+def test_series_kernels_on_host_threads(ext, dtype, p):
+    _check_parity("series", dtype, 29, 100, 100, 8, p, "tanh", False, False, device="cpu")
+
+
+@needs_extension
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_series_activations_on_host_threads(ext, activation):
+    _check_parity("series", torch.float16, 17, 64, 64, 24, 0.1, activation, True, True,
+                  device="cpu")
+
+
+@needs_extension
+@pytest.mark.parametrize("kind,r", [("lora", 1), ("lora", 72), ("series", 72)])
+def test_rank_tiles_on_host_threads(ext, kind, r):
+    """r = 1 (the tallest tile) and r = 72 (two rank tiles, 64 + 8)."""
+    _check_parity(kind, torch.float32, 33, 40, 24, r, 0.1, "gelu", False, True, device="cpu")
+
+
+@needs_extension
+def test_opcheck_on_host_threads(ext):
+    """torch.library.opcheck of the custom ops wrapping this backend (schema, fake tensors,
+    autograd registration, AOT dispatch), run on the extension's CPU ops."""
+    m, k, n, r = 9, 24, 16, 3
+    x = torch.randn(m, k, requires_grad=True)
+    w = torch.randn(n, k)
+    a = torch.randn(r, k, requires_grad=True)
+    b = torch.randn(n, r, requires_grad=True)
+    seed = torch.tensor(5, dtype=torch.int64)
+    torch.library.opcheck(
+        lora_op(BACKEND),
+        (x, w, torch.randn(n, requires_grad=True), a, b, None, None, None, 2.0, 0.1, seed, "tanh"),
+    )
+    down = torch.randn(r, k, requires_grad=True)
+    up = torch.randn(k, r, requires_grad=True)
+    torch.library.opcheck(
+        series_op(BACKEND),
+        (x, down, up, None, None, torch.tensor(0.5, requires_grad=True), 1.0, 0.2, seed, "silu"),
+    )
 
 
 _GPU_DTYPES = [torch.float16, torch.bfloat16]
