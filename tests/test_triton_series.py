@@ -447,3 +447,33 @@ def test_tiny_llama_trains_the_same_on_triton(placement, activation, monkeypatch
     assert_parity("loss", loss_tr, loss64, loss32, torch.float32)
     for name in ref:
         assert_parity(name, grads[name], ref[name], base[name], torch.float32)
+
+
+@pytest.mark.parametrize("smem_limit", [232448, 166912], ids=["H100", "A100"])
+def test_autotune_space_fits_shared_memory(smem_limit, monkeypatch):
+    """Every (r, dtype) case keeps at least one GPU config whose pipelined tiles fit (the
+    estimate was checked against sm_80 / sm_90 compiles of these kernels)."""
+    from types import SimpleNamespace
+
+    from llm_adapters.triton_kernels import series
+
+    monkeypatch.setattr(series, "_INTERPRET", False)
+    monkeypatch.setattr(series, "_MAX_BLOCK_R", 256)
+    monkeypatch.setattr(series, "_smem_limit", lambda device: smem_limit - 8192)
+
+    def tensor(size):
+        return SimpleNamespace(element_size=lambda: size, device=torch.device("cuda"))
+
+    for act, weight in [(2, 4), (2, 2), (4, 4)]:
+        for r in (1, 12, 64, 256, 300, 1024):
+            args = {"h_ptr": tensor(act), "g_ptr": tensor(act), "dn_ptr": tensor(weight), "R": r}
+            block_r = series._block_r(r)
+            for kernel in ("rows", "weights"):
+                if kernel == "weights" and r > block_r:
+                    args["R"] = block_r  # the weight-gradient kernel tiles r over its grid
+                configs = series._configs(kernel)
+                kept = series._prune(kernel)(configs, args, BLOCK_R=block_r)
+                costs = [series._smem_estimate(kernel, c, args, block_r) for c in kept]
+                assert kept and max(costs) <= smem_limit - 8192, (kernel, act, weight, r)
+                if kernel == "weights" and r == 256:  # the pruning is not a no-op
+                    assert len(kept) < len(configs)
