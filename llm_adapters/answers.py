@@ -107,7 +107,10 @@ def score(dataset: str, generation: str, label: Any) -> dict[str, Any]:
     kind = dataset_kind(name)
     if kind == "arithmetic":
         pred = extract_number(generation)
-        return {"prediction": pred if math.isfinite(pred) else None, "correct": numbers_match(pred, label)}
+        return {
+            "prediction": pred if math.isfinite(pred) else None,
+            "correct": numbers_match(pred, label),
+        }
     if kind == "letter":
         pred = extract_letter(generation)
         ref = extract_letter_llm_adapters(generation)

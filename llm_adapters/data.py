@@ -143,16 +143,22 @@ def load_records(
     return records
 
 
-def generate_prompt(record: dict[str, Any], style: str = "llm-adapters", with_output: bool = True) -> str:
+def generate_prompt(
+    record: dict[str, Any], style: str = "llm-adapters", with_output: bool = True
+) -> str:
     """The Alpaca-style prompt for one record; with `with_output=False`, the prompt the model
     is given at evaluation (ending right after the response marker and its indentation)."""
     try:
         with_input, no_input = PROMPT_STYLES[style]
     except KeyError:
-        raise ValueError(f"prompt style must be one of {', '.join(PROMPT_STYLES)}, got {style!r}") from None
+        raise ValueError(
+            f"prompt style must be one of {', '.join(PROMPT_STYLES)}, got {style!r}"
+        ) from None
     output = (record.get("output") or "") if with_output else ""
     template = with_input if record.get("input") else no_input
-    return template.format(instruction=record["instruction"], input=record.get("input"), output=output)
+    return template.format(
+        instruction=record["instruction"], input=record.get("input"), output=output
+    )
 
 
 def tokenize_record(

@@ -46,26 +46,54 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description=__doc__.split("\n\n")[0],
     )
     p.add_argument("--base-model", help="local Hugging Face model directory")
-    p.add_argument("--adapter-path", "--lora-weights", dest="adapter_path", default=None,
-                   help="adapter directory (ours or PEFT LoRA); omit to evaluate the bare model")
-    p.add_argument("--dataset", nargs="+", metavar="NAME",
-                   help=f"one or more of: {', '.join(answers.DATASETS)}")
+    p.add_argument(
+        "--adapter-path",
+        "--lora-weights",
+        dest="adapter_path",
+        default=None,
+        help="adapter directory (ours or PEFT LoRA); omit to evaluate the bare model",
+    )
+    p.add_argument(
+        "--dataset",
+        nargs="+",
+        metavar="NAME",
+        help=f"one or more of: {', '.join(answers.DATASETS)}",
+    )
     p.add_argument("--data-dir", default="dataset", help="directory holding <name>/test.json")
-    p.add_argument("--data-path", default=None, help="one test file (with a single --dataset, which picks the scoring)")
+    p.add_argument(
+        "--data-path",
+        default=None,
+        help="one test file (with a single --dataset, which picks the scoring)",
+    )
     p.add_argument("--output-dir", default="experiment", help="where results go")
-    p.add_argument("--run-name", default=None,
-                   help="prefix of the result files (default: the adapter directory's name, or 'base')")
+    p.add_argument(
+        "--run-name",
+        default=None,
+        help="prefix of the result files (default: the adapter directory's name, or 'base')",
+    )
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--num-beams", type=int, default=4, help="LLM-Adapters: 4; 1 is greedy")
-    p.add_argument("--max-new-tokens", type=int, default=None,
-                   help="default: 256 for arithmetic and AQuA/mathqa, 32 for commonsense")
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help="default: 256 for arithmetic and AQuA/mathqa, 32 for commonsense",
+    )
     p.add_argument("--limit", type=int, default=None, help="only the first N examples")
     p.add_argument("--prompt-style", default="llm-adapters", choices=tuple(PROMPT_STYLES))
-    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
-                   help="auto: float16 on GPU (as LLM-Adapters), float32 on CPU")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=("auto", "float32", "bfloat16", "float16"),
+        help="auto: float16 on GPU (as LLM-Adapters), float32 on CPU",
+    )
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--table", metavar="DIR", default=None,
-                   help="print the results table of the summaries in DIR and exit")
+    p.add_argument(
+        "--table",
+        metavar="DIR",
+        default=None,
+        help="print the results table of the summaries in DIR and exit",
+    )
     p.set_defaults(func=run)
     return p
 
@@ -92,8 +120,15 @@ def format_table(summaries: list[dict[str, Any]]) -> str:
     for s in summaries:
         run = s.get("run_name", "")
         ref = s.get("accuracy_llm_adapters")
-        rows.append((run, s["dataset"], str(s["examples"]), f"{100 * s['accuracy']:.1f}",
-                     "" if ref is None else f"{100 * ref:.1f}"))
+        rows.append(
+            (
+                run,
+                s["dataset"],
+                str(s["examples"]),
+                f"{100 * s['accuracy']:.1f}",
+                "" if ref is None else f"{100 * ref:.1f}",
+            )
+        )
         by_run.setdefault(run, []).append(s["accuracy"])
     for run, accs in by_run.items():
         if len(accs) > 1:
@@ -124,7 +159,9 @@ def load_dataset_records(name: str, data_dir: str, data_path: Optional[str], lim
             try:
                 float(label)
             except ValueError:
-                raise DataError(f"{canonical} record {i}: answer {label!r} is not a number") from None
+                raise DataError(
+                    f"{canonical} record {i}: answer {label!r} is not a number"
+                ) from None
         elif kind == "letter" and label not in ("A", "B", "C", "D", "E"):
             raise DataError(f"{canonical} record {i}: answer {label!r} is not a letter A-E")
         elif kind == "commonsense" and label not in answers.COMMONSENSE[canonical]:
@@ -141,7 +178,9 @@ def _write_json_atomic(items: list[tuple[str, Any]]) -> None:
     temps = []
     try:
         for path, obj in items:
-            fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-", suffix=".json")
+            fd, tmp = tempfile.mkstemp(
+                dir=os.path.dirname(path) or ".", prefix=".tmp-", suffix=".json"
+            )
             temps.append(tmp)
             with os.fdopen(fd, "w") as f:
                 json.dump(obj, f, indent=2, ensure_ascii=False)
@@ -187,21 +226,25 @@ def evaluate_dataset(model, tokenizer, name: str, records, args, device) -> tupl
         input_ids = enc["input_ids"].to(device)
         attention_mask = enc["attention_mask"].to(device)
         with torch.no_grad():
-            out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=gen_config)
+            out = model.generate(
+                input_ids=input_ids, attention_mask=attention_mask, generation_config=gen_config
+            )
         sequences = out.sequences if hasattr(out, "sequences") else out
         texts = generation_text(tokenizer, sequences, input_ids.shape[1])
         for j, (rec, prompt, text) in enumerate(zip(batch, prompts, texts)):
             verdict = answers.score(name, text, rec["answer"])
             correct += verdict["correct"]
             correct_ref += verdict.get("correct_llm_adapters", False)
-            results.append({
-                "index": start + j,
-                "instruction": rec["instruction"],
-                "prompt": prompt,
-                "generation": text,
-                "label": rec["answer"],
-                **verdict,
-            })
+            results.append(
+                {
+                    "index": start + j,
+                    "instruction": rec["instruction"],
+                    "prompt": prompt,
+                    "generation": text,
+                    "label": rec["answer"],
+                    **verdict,
+                }
+            )
         bar.update(len(batch))
         bar.set_postfix(acc=f"{correct / len(results):.3f}")
     bar.close()
@@ -263,10 +306,16 @@ def _run(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit < 1:
         raise UsageError("--limit must be positive")
     if not os.path.isfile(os.path.join(args.base_model, "config.json")):
-        raise UsageError(f"--base-model {args.base_model!r} is not a local model directory (no config.json)")
-    if args.adapter_path is not None and not os.path.isfile(os.path.join(args.adapter_path, "adapter_config.json")):
+        raise UsageError(
+            f"--base-model {args.base_model!r} is not a local model directory (no config.json)"
+        )
+    if args.adapter_path is not None and not os.path.isfile(
+        os.path.join(args.adapter_path, "adapter_config.json")
+    ):
         raise UsageError(f"--adapter-path {args.adapter_path!r} holds no adapter_config.json")
-    datasets = [load_dataset_records(d, args.data_dir, args.data_path, args.limit) for d in args.dataset]
+    datasets = [
+        load_dataset_records(d, args.data_dir, args.data_path, args.limit) for d in args.dataset
+    ]
     if len({d[0] for d in datasets}) != len(datasets):
         raise UsageError("a dataset is named twice")
     run_name = args.run_name or (
@@ -292,7 +341,9 @@ def _run(args: argparse.Namespace) -> int:
         try:
             model = la.load_adapter(model, args.adapter_path, is_trainable=False)
         except (ValueError, FileNotFoundError) as exc:
-            raise UsageError(f"adapter {args.adapter_path!r} does not fit {args.base_model!r}: {exc}") from None
+            raise UsageError(
+                f"adapter {args.adapter_path!r} does not fit {args.base_model!r}: {exc}"
+            ) from None
         adapter_type = type(model.adapter_config).adapter_type
     model.to(device)
     model.eval()
@@ -315,9 +366,10 @@ def _run(args: argparse.Namespace) -> int:
         extra = ""
         if "accuracy_llm_adapters" in summary:
             extra = f" (LLM-Adapters' letter rule: {summary['accuracy_llm_adapters']:.4f})"
-        print(f"{name}: {summary['correct']}/{summary['examples']} correct, accuracy "
-              f"{summary['accuracy']:.4f}{extra} -> {stem}.json")
+        print(
+            f"{name}: {summary['correct']}/{summary['examples']} correct, accuracy "
+            f"{summary['accuracy']:.4f}{extra} -> {stem}.json"
+        )
     if len(summaries) > 1:
         print(format_table(summaries))
     return 0
-

@@ -90,11 +90,15 @@ def parse_scaling(value: str) -> float | str:
     try:
         return float(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"scaling must be a number or 'learned', got {value!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"scaling must be a number or 'learned', got {value!r}"
+        ) from None
 
 
 def _flag_bool(p: argparse.ArgumentParser, name: str, default: bool, help: str) -> None:
-    p.add_argument(name, type=str2bool, nargs="?", const=True, default=default, metavar="BOOL", help=help)
+    p.add_argument(
+        name, type=str2bool, nargs="?", const=True, default=default, metavar="BOOL", help=help
+    )
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -105,16 +109,32 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     g = p.add_argument_group("model and data")
     g.add_argument("--base-model", required=True, help="local Hugging Face model directory")
-    g.add_argument("--data-path", required=True, help="JSON list of {instruction, input, output} (or a dir with train.json)")
-    g.add_argument("--output-dir", default="./lora-alpaca", help="where checkpoints and the adapter go")
+    g.add_argument(
+        "--data-path",
+        required=True,
+        help="JSON list of {instruction, input, output} (or a dir with train.json)",
+    )
+    g.add_argument(
+        "--output-dir", default="./lora-alpaca", help="where checkpoints and the adapter go"
+    )
     g.add_argument("--adapter-name", default="lora", choices=ADAPTER_NAMES)
-    g.add_argument("--prompt-style", default="llm-adapters", choices=tuple(PROMPT_STYLES),
-                   help="llm-adapters: finetune.py's template verbatim; alpaca: the unindented original")
-    g.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
-                   help="base weights; auto: bfloat16 (or float16) with mixed precision on GPU, float32 on CPU")
+    g.add_argument(
+        "--prompt-style",
+        default="llm-adapters",
+        choices=tuple(PROMPT_STYLES),
+        help="llm-adapters: finetune.py's template verbatim; alpaca: the unindented original",
+    )
+    g.add_argument(
+        "--dtype",
+        default="auto",
+        choices=("auto", "float32", "bfloat16", "float16"),
+        help="base weights; auto: bfloat16 (or float16) mixed precision on GPU, float32 on CPU",
+    )
 
     g = p.add_argument_group("training (LLM-Adapters defaults)")
-    g.add_argument("--batch-size", type=int, default=128, help="global batch (gradient accumulation fills it)")
+    g.add_argument(
+        "--batch-size", type=int, default=128, help="global batch (gradient accumulation fills it)"
+    )
     g.add_argument("--micro-batch-size", type=int, default=4, help="per-device batch")
     g.add_argument("--num-epochs", type=float, default=3)
     g.add_argument("--learning-rate", type=float, default=3e-4)
@@ -125,8 +145,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--save-step", type=int, default=200)
     _flag_bool(g, "--train-on-inputs", True, "False: the loss skips the prompt tokens")
     _flag_bool(g, "--group-by-length", False, "batch similar lengths together")
-    g.add_argument("--resume-from-checkpoint", default=None,
-                   help="a Trainer checkpoint (checkpoint-N) or a saved adapter directory")
+    g.add_argument(
+        "--resume-from-checkpoint",
+        default=None,
+        help="a Trainer checkpoint (checkpoint-N) or a saved adapter directory",
+    )
     g.add_argument("--warmup-steps", type=int, default=100)
     g.add_argument("--logging-steps", type=int, default=10)
     g.add_argument("--max-steps", type=int, default=-1, help="stop after this many optimizer steps")
@@ -137,8 +160,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--lora-r", type=int, default=8)
     g.add_argument("--lora-alpha", type=float, default=16)
     g.add_argument("--lora-dropout", type=float, default=0.05)
-    g.add_argument("--lora-target-modules", nargs="+", default=None, metavar="NAME",
-                   help="e.g. '[\"q_proj\",\"v_proj\"]' or q_proj,v_proj (default: the family's)")
+    g.add_argument(
+        "--lora-target-modules",
+        nargs="+",
+        default=None,
+        metavar="NAME",
+        help='e.g. \'["q_proj","v_proj"]\' or q_proj,v_proj (default: the family\'s)',
+    )
 
     g = p.add_argument_group("bottleneck adapters")
     g.add_argument("--bottleneck-size", type=int, default=256)
@@ -146,8 +174,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--adapter-dropout", type=float, default=0.0)
     _flag_bool(g, "--use-parallel-adapter", False, "parallel placement")
     _flag_bool(g, "--use-adapterp", False, "AdapterP placement (MLP output only)")
-    g.add_argument("--target-modules", nargs="+", default=None, metavar="NAME",
-                   help="modules to adapt (LoRA too, when --lora-target-modules is not given)")
+    g.add_argument(
+        "--target-modules",
+        nargs="+",
+        default=None,
+        metavar="NAME",
+        help="modules to adapt (LoRA too, when --lora-target-modules is not given)",
+    )
     g.add_argument("--scaling", type=parse_scaling, default=1.0, help="a number or 'learned'")
 
     g = p.add_argument_group("prefix / prompt tuning")
@@ -190,15 +223,21 @@ def build_config(args: argparse.Namespace):
         if name == "lora":
             targets = parse_modules(args.lora_target_modules) or parse_modules(args.target_modules)
             return la.LoraConfig(
-                r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                target_modules=targets, bias="none",
+                r=args.lora_r,
+                lora_alpha=args.lora_alpha,
+                lora_dropout=args.lora_dropout,
+                target_modules=targets,
+                bias="none",
             )
         if name == "bottleneck":
             return la.BottleneckConfig(
-                bottleneck_size=args.bottleneck_size, non_linearity=args.non_linearity,
+                bottleneck_size=args.bottleneck_size,
+                non_linearity=args.non_linearity,
                 adapter_dropout=args.adapter_dropout,
-                use_parallel_adapter=args.use_parallel_adapter, use_adapterp=args.use_adapterp,
-                target_modules=parse_modules(args.target_modules), scaling=args.scaling,
+                use_parallel_adapter=args.use_parallel_adapter,
+                use_adapterp=args.use_adapterp,
+                target_modules=parse_modules(args.target_modules),
+                scaling=args.scaling,
             )
         if name == "prefix-tuning":
             return la.PrefixTuningConfig(
@@ -212,8 +251,9 @@ def build_config(args: argparse.Namespace):
 def check_base_model(path: str, config) -> str:
     """The model type of a local model directory; for LoRA/bottleneck without explicit targets,
     checks that the family has defaults. Reads only config.json."""
-    import llm_adapters as la
     from transformers import AutoConfig
+
+    import llm_adapters as la
 
     if not os.path.isdir(path) or not os.path.isfile(os.path.join(path, "config.json")):
         raise UsageError(f"--base-model {path!r} is not a local model directory (no config.json)")
@@ -258,7 +298,9 @@ def _checkpoint_kind(path: Optional[str]) -> Optional[str]:
         return "trainer"
     if os.path.isfile(os.path.join(path, "adapter_config.json")):
         return "adapter"
-    raise UsageError(f"--resume-from-checkpoint {path!r} holds neither a Trainer checkpoint nor an adapter")
+    raise UsageError(
+        f"--resume-from-checkpoint {path!r} holds neither a Trainer checkpoint nor an adapter"
+    )
 
 
 # ---- batching and the Trainer ----------------------------------------------------------------
@@ -288,7 +330,9 @@ class PadCollator:
 
 
 def trainable_state(model) -> dict:
-    return {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
+    return {
+        n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad
+    }
 
 
 def load_trainable_state(model, directory: str) -> None:
@@ -311,8 +355,10 @@ def load_trainable_state(model, directory: str) -> None:
     with torch.no_grad():
         for name, p in params.items():
             if saved[name].shape != p.shape:
-                raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(saved[name].shape)}, "
-                                 f"the model needs {tuple(p.shape)}")
+                raise ValueError(
+                    f"checkpoint tensor {name!r} has shape {tuple(saved[name].shape)}, "
+                    f"the model needs {tuple(p.shape)}"
+                )
             p.copy_(saved[name])
 
 
@@ -418,25 +464,40 @@ def _run(args: argparse.Namespace) -> int:
 
     main = _main_process()
     if main:
-        print("Finetuning with params:\n" + "\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items()) if k != "func"))
+        print(
+            "Finetuning with params:\n"
+            + "\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items()) if k != "func")
+        )
     tokenizer = AutoTokenizer.from_pretrained(args.base_model)
     if tokenizer.eos_token_id is None:
         raise UsageError(f"the tokenizer of {args.base_model!r} has no EOS token")
     pad_id = tokenizer.pad_token_id
     if pad_id is None:  # LLM-Adapters pads with unk (id 0), never with EOS
-        pad_id = tokenizer.unk_token_id if tokenizer.unk_token_id is not None else tokenizer.eos_token_id
-    tok_kw = dict(cutoff_len=args.cutoff_len, train_on_inputs=args.train_on_inputs, style=args.prompt_style)
+        pad_id = (
+            tokenizer.unk_token_id if tokenizer.unk_token_id is not None else tokenizer.eos_token_id
+        )
+    tok_kw = dict(
+        cutoff_len=args.cutoff_len, train_on_inputs=args.train_on_inputs, style=args.prompt_style
+    )
     train_data, dropped = tokenize_records(tokenizer, train_records, **tok_kw)
-    val_data, val_dropped = tokenize_records(tokenizer, val_records, **tok_kw) if val_records else (None, 0)
+    val_data, val_dropped = (
+        tokenize_records(tokenizer, val_records, **tok_kw) if val_records else (None, 0)
+    )
     if dropped + val_dropped and main:
-        print(f"dropped {dropped + val_dropped} examples whose prompt fills cutoff_len={args.cutoff_len}: nothing to learn")
+        print(
+            f"dropped {dropped + val_dropped} examples whose prompt fills "
+            f"cutoff_len={args.cutoff_len}: nothing to learn"
+        )
     if len(train_data) == 0:
         raise UsageError("no training example left after tokenisation (cutoff_len too small?)")
 
     os.makedirs(args.output_dir, exist_ok=True)
     use_wandb = bool(args.wandb_project) or bool(os.environ.get("WANDB_PROJECT"))
-    for key, value in (("WANDB_PROJECT", args.wandb_project), ("WANDB_WATCH", args.wandb_watch),
-                       ("WANDB_LOG_MODEL", args.wandb_log_model)):
+    for key, value in (
+        ("WANDB_PROJECT", args.wandb_project),
+        ("WANDB_WATCH", args.wandb_watch),
+        ("WANDB_LOG_MODEL", args.wandb_log_model),
+    ):
         if value:
             os.environ[key] = value
     has_val = val_data is not None and len(val_data) > 0
@@ -470,7 +531,10 @@ def _run(args: argparse.Namespace) -> int:
         **_length_grouping(transformers.TrainingArguments, args.group_by_length),
     )
 
-    model = AutoModelForCausalLM.from_pretrained(args.base_model, dtype=dtype)
+    load_kw: dict[str, Any] = {"dtype": dtype}
+    if torch.cuda.is_available():  # each process loads straight onto its own GPU
+        load_kw["device_map"] = {"": int(os.environ.get("LOCAL_RANK") or 0)}
+    model = AutoModelForCausalLM.from_pretrained(args.base_model, **load_kw)
     model.config.use_cache = False
     if resume_kind == "adapter":
         # LLM-Adapters' "final adapter" resume: start from its weights, a fresh optimizer
@@ -498,7 +562,9 @@ def _run(args: argparse.Namespace) -> int:
         data_collator=PadCollator(pad_id),
     )
     t0 = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint if resume_kind == "trainer" else None)
+    result = trainer.train(
+        resume_from_checkpoint=args.resume_from_checkpoint if resume_kind == "trainer" else None
+    )
     seconds = result.metrics.get("train_runtime") or (time.perf_counter() - t0)
     tokens = _all_reduce_sum(trainer.tokens_trained)
     tokens_per_second = tokens / seconds if seconds > 0 else float("nan")

@@ -88,7 +88,9 @@ def test_letter_rules():
 def test_option_rules():
     assert answers.score("boolq", "the correct answer is true", "true")["correct"]
     # first occurrence, case-sensitive, as LLM-Adapters
-    assert answers.extract_option("answer2 or answer1", answers.COMMONSENSE["ARC-Easy"]) == "answer2"
+    assert (
+        answers.extract_option("answer2 or answer1", answers.COMMONSENSE["ARC-Easy"]) == "answer2"
+    )
     assert answers.extract_option("Answer2", answers.COMMONSENSE["ARC-Easy"]) == ""
     assert answers.score("hellaswag", "ending3", "ending3")["correct"]
     assert answers.score("winogrande", "", "option1") == {"prediction": "", "correct": False}

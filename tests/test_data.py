@@ -3,11 +3,10 @@
 import json
 
 import pytest
+from helpers_tiny import build_tokenizer
 
 from llm_adapters import data
 from llm_adapters.data import IGNORE_INDEX, DataError
-
-from helpers_tiny import build_tokenizer
 
 RECORDS = [
     {
@@ -42,7 +41,9 @@ def test_load_file_and_directory(tmp_path):
     assert len(data.load_records(str(tmp_path))) == 3  # a directory means <dir>/test.json
     assert len(data.load_records(str(tmp_path), split="train")) == len(RECORDS)
     # absent/null input becomes "", a numeric answer a string
-    rec = data.load_records(_write(tmp_path / "x.json", [{"instruction": "i", "output": "o", "answer": 4}]))
+    rec = data.load_records(
+        _write(tmp_path / "x.json", [{"instruction": "i", "output": "o", "answer": 4}])
+    )
     assert rec == [{"instruction": "i", "output": "o", "answer": "4", "input": ""}]
 
 

@@ -13,8 +13,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from helpers_tiny import DATASET_DIR, build_model, read_json, save_tiny
+
 from llm_adapters import cli
 from llm_adapters.train import parse_modules
 
@@ -22,12 +22,17 @@ BOOLQ = DATASET_DIR / "boolq"
 pytestmark = pytest.mark.skipif(not (BOOLQ / "train.json").is_file(), reason="boolq data absent")
 
 ADAPTERS = {
-    "lora": ["--adapter_name", "lora", "--lora_r", "4", "--lora_target_modules", '["q_proj","v_proj"]'],
-    "series": ["--adapter_name", "bottleneck", "--bottleneck_size", "8"],
-    "parallel": ["--adapter_name", "bottleneck", "--bottleneck_size", "8", "--use_parallel_adapter",
-                 "--target_modules", "q_proj,k_proj,v_proj"],
-    "prefix": ["--adapter_name", "prefix-tuning", "--num_virtual_tokens", "4"],
-    "prompt": ["--adapter_name", "prompt-tuning", "--num_virtual_tokens", "4"],
+    "lora": "--adapter_name lora --lora_r 4 --lora_target_modules".split()
+    + ['["q_proj","v_proj"]'],
+    "series": "--adapter_name bottleneck --bottleneck_size 8".split(),
+    "parallel": (
+        "--adapter_name bottleneck --bottleneck_size 8 --use_parallel_adapter --group_by_length "
+        "--target_modules q_proj,k_proj,v_proj"
+    ).split(),
+    "prefix": (
+        "--adapter_name prefix-tuning --num_virtual_tokens 4 --use_gradient_checkpointing"
+    ).split(),
+    "prompt": "--adapter_name prompt-tuning --num_virtual_tokens 4".split(),
 }
 
 
@@ -67,20 +72,54 @@ def tiny(tmp_path_factory):
 
 def finetune(tiny, out, *extra, steps=3):
     argv = [
-        "finetune", "--base_model", str(tiny / "model"), "--data_path", str(tiny / "train.json"),
-        "--output_dir", str(out), "--batch_size", "4", "--micro_batch_size", "2",
-        "--max_steps", str(steps), "--val_set_size", "8", "--eval_step", "2", "--save_step", "2",
-        "--cutoff_len", "96", "--logging_steps", "1", "--warmup_steps", "0",
-        "--learning_rate", "1e-2", *extra,
+        "finetune",
+        "--base_model",
+        str(tiny / "model"),
+        "--data_path",
+        str(tiny / "train.json"),
+        "--output_dir",
+        str(out),
+        "--batch_size",
+        "4",
+        "--micro_batch_size",
+        "2",
+        "--max_steps",
+        str(steps),
+        "--val_set_size",
+        "8",
+        "--eval_step",
+        "2",
+        "--save_step",
+        "2",
+        "--cutoff_len",
+        "96",
+        "--logging_steps",
+        "1",
+        "--warmup_steps",
+        "0",
+        "--learning_rate",
+        "1e-2",
+        *extra,
     ]
     return cli.main(argv)
 
 
 def evaluate(tiny, out, *extra):
     argv = [
-        "evaluate", "--base_model", str(tiny / "model"), "--dataset", "boolq",
-        "--data_dir", str(tiny / "data"), "--output_dir", str(out), "--num_beams", "1",
-        "--max_new_tokens", "6", *extra,
+        "evaluate",
+        "--base_model",
+        str(tiny / "model"),
+        "--dataset",
+        "boolq",
+        "--data_dir",
+        str(tiny / "data"),
+        "--output_dir",
+        str(out),
+        "--num_beams",
+        "1",
+        "--max_new_tokens",
+        "6",
+        *extra,
     ]
     return cli.main(argv)
 
@@ -92,9 +131,17 @@ def test_finetune_then_evaluate(tiny, tmp_path, kind):
     config = json.loads((out / "adapter_config.json").read_text())
     assert (out / "adapter_model.safetensors").is_file()
     assert config.get("adapter_type", config.get("peft_type", "").lower()) in (
-        "lora", "bottleneck", "prefix_tuning", "prompt_tuning")
+        "lora",
+        "bottleneck",
+        "prefix_tuning",
+        "prompt_tuning",
+    )
     if kind == "parallel":
-        assert config["use_parallel_adapter"] and config["target_modules"] == ["q_proj", "k_proj", "v_proj"]
+        assert config["use_parallel_adapter"] and config["target_modules"] == [
+            "q_proj",
+            "k_proj",
+            "v_proj",
+        ]
     log = json.loads((out / "train_log.json").read_text())
     assert log["global_steps"] == 3 and log["tokens_trained"] > 0 and log["tokens_per_second"] > 0
     assert log["gradient_accumulation_steps"] == 2
@@ -104,13 +151,29 @@ def test_finetune_then_evaluate(tiny, tmp_path, kind):
 
     res = tmp_path / "results"
     beams = "2" if kind in ("lora", "prompt") else "1"
-    assert evaluate(tiny, res, "--adapter_path", str(out), "--batch_size", "16", "--num_beams", beams) == 0
+    assert (
+        evaluate(tiny, res, "--adapter_path", str(out), "--batch_size", "16", "--num_beams", beams)
+        == 0
+    )
     rows = json.loads((res / "adapter-boolq.json").read_text())
     # left padding with the attention mask: a prompt padded in a batch of 16 generates what it
     # generates alone
     one = tmp_path / "one"
-    assert evaluate(tiny, one, "--adapter_path", str(out), "--batch_size", "1", "--limit", "4",
-                    "--num_beams", beams) == 0
+    assert (
+        evaluate(
+            tiny,
+            one,
+            "--adapter_path",
+            str(out),
+            "--batch_size",
+            "1",
+            "--limit",
+            "4",
+            "--num_beams",
+            beams,
+        )
+        == 0
+    )
     alone = json.loads((one / "adapter-boolq.json").read_text())
     assert [r["generation"] for r in alone] == [r["generation"] for r in rows[:4]]
     summary = json.loads((res / "adapter-boolq.summary.json").read_text())
@@ -123,14 +186,21 @@ def test_finetune_then_evaluate(tiny, tmp_path, kind):
     assert not list(res.glob(".tmp-*"))
 
 
-@pytest.mark.xfail(raises=RuntimeError, strict=False,
-                   reason="AdapterModel.generate: the prefix cache is built for the batch, not "
-                   "batch x num_beams (reported to the model API)")
+@pytest.mark.xfail(
+    raises=RuntimeError,
+    strict=False,
+    reason="AdapterModel.generate: the prefix cache is built for the batch, not "
+    "batch x num_beams (reported to the model API)",
+)
 def test_prefix_tuning_beam_search(tiny, tmp_path):
     out = tmp_path / "prefix"
     assert finetune(tiny, out, *ADAPTERS["prefix"], "--val_set_size", "0", steps=1) == 0
-    assert evaluate(tiny, tmp_path / "res", "--adapter_path", str(out), "--limit", "2",
-                    "--num_beams", "2") == 0
+    assert (
+        evaluate(
+            tiny, tmp_path / "res", "--adapter_path", str(out), "--limit", "2", "--num_beams", "2"
+        )
+        == 0
+    )
 
 
 def math_finite(x):
@@ -161,8 +231,17 @@ def test_resume_from_trainer_checkpoint_and_from_adapter(tiny, tmp_path):
     out = tmp_path / "run"
     assert finetune(tiny, out, *ADAPTERS["series"], steps=2) == 0
     first = json.loads((out / "train_log.json").read_text())["log_history"]
-    assert finetune(tiny, out, *ADAPTERS["series"], "--resume_from_checkpoint",
-                    str(out / "checkpoint-2"), steps=4) == 0
+    assert (
+        finetune(
+            tiny,
+            out,
+            *ADAPTERS["series"],
+            "--resume_from_checkpoint",
+            str(out / "checkpoint-2"),
+            steps=4,
+        )
+        == 0
+    )
     log = json.loads((out / "train_log.json").read_text())
     assert log["global_steps"] == 4
     losses = [(h["step"], h["loss"]) for h in log["log_history"] if "loss" in h]
@@ -170,7 +249,9 @@ def test_resume_from_trainer_checkpoint_and_from_adapter(tiny, tmp_path):
     assert [s for s, _ in losses] == [1, 2, 3, 4]
     assert losses[:2] == [(h["step"], h["loss"]) for h in first if "loss" in h]
     again = tmp_path / "again"
-    assert finetune(tiny, again, *ADAPTERS["lora"], "--resume_from_checkpoint", str(out), steps=2) == 0
+    assert (
+        finetune(tiny, again, *ADAPTERS["lora"], "--resume_from_checkpoint", str(out), steps=2) == 0
+    )
     # the adapter's own config (series bottleneck) wins over the LoRA flags
     assert json.loads((again / "adapter_config.json").read_text())["adapter_type"] == "bottleneck"
 
@@ -191,11 +272,30 @@ def test_resume_from_trainer_checkpoint_and_from_adapter(tiny, tmp_path):
 )
 def test_finetune_bad_input(tiny, tmp_path, capsys, change, message):
     (tmp_path / "bad_records.json").write_text(
-        json.dumps([{"instruction": "a", "output": "b"}, {"instruction": "a", "input": ""}]))
+        json.dumps([{"instruction": "a", "output": "b"}, {"instruction": "a", "input": ""}])
+    )
     out = tmp_path / "out"
-    argv = ["finetune", "--base_model", str(tiny / "model"), "--data_path", str(tiny / "train.json"),
-            "--output_dir", str(out), "--batch_size", "4", "--micro_batch_size", "2",
-            "--max_steps", "1", "--val_set_size", "8", "--eval_step", "2", "--save_step", "2"]
+    argv = [
+        "finetune",
+        "--base_model",
+        str(tiny / "model"),
+        "--data_path",
+        str(tiny / "train.json"),
+        "--output_dir",
+        str(out),
+        "--batch_size",
+        "4",
+        "--micro_batch_size",
+        "2",
+        "--max_steps",
+        "1",
+        "--val_set_size",
+        "8",
+        "--eval_step",
+        "2",
+        "--save_step",
+        "2",
+    ]
     for flag, value in change.items():
         if flag == "--data_path" or flag == "--base_model":
             value = str(tmp_path / value)
@@ -233,8 +333,19 @@ def test_adapter_that_does_not_fit_fails_before_generation(tiny, tmp_path, capsy
     for f in ("tokenizer.json", "tokenizer_config.json"):
         (other / f).write_bytes((tiny / "model" / f).read_bytes())
     res = tmp_path / "res"
-    argv = ["evaluate", "--base_model", str(other), "--adapter_path", str(out), "--dataset",
-            "boolq", "--data_dir", str(tiny / "data"), "--output_dir", str(res)]
+    argv = [
+        "evaluate",
+        "--base_model",
+        str(other),
+        "--adapter_path",
+        str(out),
+        "--dataset",
+        "boolq",
+        "--data_dir",
+        str(tiny / "data"),
+        "--output_dir",
+        str(res),
+    ]
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
     assert "does not fit" in err and "shape" in err
@@ -243,8 +354,15 @@ def test_adapter_that_does_not_fit_fails_before_generation(tiny, tmp_path, capsy
 
 def test_parse_modules():
     want = ["q_proj", "v_proj"]
-    for given in ('["q_proj","v_proj"]', "['q_proj', 'v_proj']", "[q_proj,v_proj]",
-                  "q_proj,v_proj", "q_proj, v_proj", ["q_proj", "v_proj"], ["[q_proj,", "v_proj]"]):
+    for given in (
+        '["q_proj","v_proj"]',
+        "['q_proj', 'v_proj']",
+        "[q_proj,v_proj]",
+        "q_proj,v_proj",
+        "q_proj, v_proj",
+        ["q_proj", "v_proj"],
+        ["[q_proj,", "v_proj]"],
+    ):
         assert parse_modules(given) == want, given
     assert parse_modules(None) is None and parse_modules("") is None
 
@@ -253,18 +371,55 @@ def test_parse_modules():
 def test_torchrun_two_processes(tiny, tmp_path):
     """DDP on CPU (gloo): two processes run finetune to the end with no code change."""
     out = tmp_path / "ddp"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "LLM_ADAPTERS_BACKEND": "torch",
-           "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "LLM_ADAPTERS_BACKEND": "torch",
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-        "--master_port", str(_free_port()), "-m", "llm_adapters.cli", "finetune",
-        "--base_model", str(tiny / "model"), "--data_path", str(tiny / "train.json"),
-        "--output_dir", str(out), "--batch_size", "8", "--micro_batch_size", "2",
-        "--max_steps", "2", "--val_set_size", "8", "--eval_step", "2", "--save_step", "2",
-        "--cutoff_len", "64", "--lora_r", "4",
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(_free_port()),
+        "-m",
+        "llm_adapters.cli",
+        "finetune",
+        "--base_model",
+        str(tiny / "model"),
+        "--data_path",
+        str(tiny / "train.json"),
+        "--output_dir",
+        str(out),
+        "--batch_size",
+        "8",
+        "--micro_batch_size",
+        "2",
+        "--max_steps",
+        "2",
+        "--val_set_size",
+        "8",
+        "--eval_step",
+        "2",
+        "--save_step",
+        "2",
+        "--cutoff_len",
+        "64",
+        "--lora_r",
+        "4",
     ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240,
-                          cwd=Path(__file__).resolve().parents[1])
+    proc = subprocess.run(
+        cmd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     log = json.loads((out / "train_log.json").read_text())
     assert log["world_size"] == 2 and log["gradient_accumulation_steps"] == 2
