@@ -42,7 +42,8 @@ else
 fi
 echo "device: ${DEVICE:-no NVIDIA GPU found (nvidia-smi missing or failing)}"
 if [ "$MODE" = gpu ] && [ -z "$DEVICE" ]; then
-  echo "no NVIDIA GPU: use --cpu-smoke to exercise this script on a CPU" >&2
+  echo "no NVIDIA GPU: use --cpu-smoke (or --dry-run) to exercise this script on a CPU" >&2
+  exit 2
 fi
 
 # ---- the environment -----------------------------------------------------------------------
@@ -86,7 +87,7 @@ if [ "$MODE" = cpu ]; then
   BENCH_ARGS=(--quick --device cpu)
   TEST_ARGS=(-m gpu)  # collected and skipped without a GPU: checks the wiring only
 else
-  BENCH_ARGS=()
+  BENCH_ARGS=(--device cuda)  # an error, not a silent CPU run, if torch sees no GPU
   TEST_ARGS=(-m gpu)
 fi
 CMD_TESTS=(timeout --kill-after=20 "$T_TESTS" "$PYTHON" -m pytest "${TEST_ARGS[@]}" -q -p no:cacheprovider
@@ -124,7 +125,7 @@ run_part e2e "$OUT/bench-e2e.log" "${CMD_E2E[@]}"
 TOTAL=$(( $(date +%s) - START ))
 echo
 echo "== summary ($OUT, ${TOTAL} s in all)"
-printf '%-6s %-8s %6s  %s\n' part status secs log
+printf '%-6s %-12s %6s  %s\n' part status secs log
 status=0
 for part in tests ops e2e; do
   rc="${RC[$part]}"
@@ -140,7 +141,7 @@ for part in tests ops e2e; do
     ops) log=bench-ops.log ;;
     e2e) log=bench-e2e.log ;;
   esac
-  printf '%-6s %-8s %6s  %s\n' "$part" "$st" "${SECS[$part]}" "$log"
+  printf '%-6s %-12s %6s  %s\n' "$part" "$st" "${SECS[$part]}" "$log"
 done
 if [ "$MODE" != dry ]; then
   "$PYTHON" -m llm_adapters.bench.summary "$OUT" 2>&1 || status=1

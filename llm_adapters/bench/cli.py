@@ -234,11 +234,17 @@ def run(args: argparse.Namespace, argv: Optional[list[str]] = None) -> int:
     all_rows: list[harness.Row] = []
     ops_to_run = [] if args.e2e_only else (list(OPS) if args.op == "all" else [args.op])
     t0 = time.perf_counter()
+    path = harness.results_path(args.out, device)
+
+    def write(rows: list[harness.Row]) -> None:  # per case: a run cut short keeps its rows
+        if not args.no_write:
+            harness.append_results(path, [r.to_dict(env) for r in rows])
+
     for op in ops_to_run:
         cases = build_cases(op, args, device)
         print(f"\n== {op}: {len(cases)} case(s) ==", flush=True)
         rows = harness.run_cases(_spec(op), cases, _providers(op, args), budget,
-                                 log=lambda s: print(s, flush=True))
+                                 log=lambda s: print(s, flush=True), on_rows=write)
         all_rows.extend(rows)
     if all_rows:
         print("\n" + harness.format_table(all_rows))
@@ -248,9 +254,7 @@ def run(args: argparse.Namespace, argv: Optional[list[str]] = None) -> int:
             print(f"\n{len(bad)} row(s) failed parity or errored: "
                   + ", ".join(f"{r.provider}@{r.case.op}/{r.case.mode}/M={r.case.tokens}"
                               for r in bad))
-        path = harness.results_path(args.out, device)
         if not args.no_write:
-            harness.append_results(path, [r.to_dict(env) for r in all_rows])
             print(f"\nresults appended to {path}")
         if not args.no_plot:
             png = harness.plot_results(

@@ -582,10 +582,12 @@ def run_cases(
     providers: Optional[Sequence[Provider]] = None,
     budget: Optional[Budget] = None,
     log: Callable[[str], None] = lambda s: None,
+    on_rows: Optional[Callable[[list[Row]], None]] = None,
 ) -> list[Row]:
     """Time, measure and check every provider on every case of one op.
 
-    Cases that differ only in mode share input sets and parity results.
+    Cases that differ only in mode share input sets and parity results. `on_rows` is called
+    with each case's rows as soon as they are measured (so a run cut short keeps them).
     """
     providers = list(spec.providers() if providers is None else providers)
     rows: list[Row] = []
@@ -604,6 +606,8 @@ def run_cases(
             case_rows = _run_case(spec, case, providers, sets, bud, skips, errors, baseline, log)
             _speedups(case_rows)
             rows.extend(case_rows)
+            if on_rows is not None:
+                on_rows(case_rows)
         del sets
         if device.type == "cuda":
             torch.cuda.empty_cache()

@@ -61,7 +61,8 @@ def summarise(out_dir: str, printer=print) -> int:
         c = junit_counts(path)
         passed = c["tests"] - c["failures"] - c["errors"] - c["skipped"]
         printer(f"tests ({os.path.basename(path)}): {passed} passed, {c['failures']} failed, "
-                f"{c['errors']} errors, {c['skipped']} skipped")
+                f"{c['errors']} errors, {c['skipped']} skipped"
+                + (" (all skipped: did pytest see a GPU?)" if c["tests"] and not passed else ""))
         if c["failures"] or c["errors"]:
             status = 1
     records: list[dict[str, Any]] = []
