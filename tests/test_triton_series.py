@@ -382,7 +382,8 @@ def test_gpu_large_hidden_and_bottleneck(m, n, r, activation):
 
 
 @pytest.mark.gpu
-def test_gpu_fp32_is_not_tf32():
+def test_gpu_fp32_is_not_tf32(monkeypatch):
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)  # the fp32 baseline
     inputs = make_inputs(1000, 4096, 64, torch.float32, bias=True, learned=True, device=_device())
     check_against_reference(inputs, "gelu", 0.1, seed=5, dtype=torch.float32)
 
