@@ -96,9 +96,8 @@ def assert_parity(name, got, ref, base, dtype, magnitude=None):
         )
 
 
-def make_inputs(m, n, r, dtype, *, bias, learned, weight_dtype=torch.float32, device=CPU,
-                lead=None):
-    h = torch.randn(*(lead or (m,)), n, dtype=dtype, device=device)
+def make_inputs(m, n, r, dtype, *, bias, learned, weight_dtype=torch.float32, device=CPU):
+    h = torch.randn(m, n, dtype=dtype, device=device)
     down = (torch.randn(r, n, device=device) / n**0.5).to(weight_dtype)
     up = (torch.randn(n, r, device=device) / r**0.5).to(weight_dtype)
     inputs = {"h": h, "down": down, "up": up}
