@@ -72,6 +72,9 @@ if os.environ.get("LLM_ADAPTERS_BUILD_CUDA") == "1":
     )
     cmdclass["build_ext"] = BuildExtension
 else:
-    print("llm_adapters: not building the CUDA extension (set LLM_ADAPTERS_BUILD_CUDA=1 to build it)")
+    print(
+        "llm_adapters: not building the CUDA extension "
+        "(set LLM_ADAPTERS_BUILD_CUDA=1 to build it)"
+    )
 
 setup(ext_modules=ext_modules, cmdclass=cmdclass)
