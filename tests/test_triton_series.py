@@ -375,7 +375,8 @@ def test_gpu_llama_shapes(dtype, p):
     "m,n,r,activation",
     [(1000, 16384, 64, "gelu"), (777, 4096, 1024, "silu"), (513, 5120, 1, "relu")],
 )
-def test_gpu_large_hidden_and_bottleneck(m, n, r, activation):
+def test_gpu_large_hidden_and_bottleneck(m, n, r, activation, monkeypatch):
+    monkeypatch.setenv("LLM_ADAPTERS_TRITON_AUTOTUNE", "0")  # one compile per shape, not six
     inputs = make_inputs(m, n, r, torch.bfloat16, bias=True, learned=True, device=_device())
     check_against_reference(inputs, activation, 0.1, seed=99, dtype=torch.bfloat16)
 
@@ -383,6 +384,7 @@ def test_gpu_large_hidden_and_bottleneck(m, n, r, activation):
 @pytest.mark.gpu
 def test_gpu_fp32_is_not_tf32(monkeypatch):
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)  # the fp32 baseline
+    monkeypatch.setenv("LLM_ADAPTERS_TRITON_AUTOTUNE", "0")
     inputs = make_inputs(1000, 4096, 64, torch.float32, bias=True, learned=True, device=_device())
     check_against_reference(inputs, "gelu", 0.1, seed=5, dtype=torch.float32)
 
@@ -477,3 +479,8 @@ def test_autotune_space_fits_shared_memory(smem_limit, monkeypatch):
                 assert kept and max(costs) <= smem_limit - 8192, (kernel, act, weight, r)
                 if kernel == "weights" and r == 256:  # the pruning is not a no-op
                     assert len(kept) < len(configs)
+    monkeypatch.setenv("LLM_ADAPTERS_TRITON_AUTOTUNE", "0")
+    args = {"h_ptr": tensor(2), "g_ptr": tensor(2), "dn_ptr": tensor(2), "R": 64}
+    for kernel in ("rows", "weights"):
+        kept = series._prune(kernel)(series._configs(kernel), args, BLOCK_R=64)
+        assert len(kept) == 1

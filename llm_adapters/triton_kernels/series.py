@@ -23,6 +23,9 @@ gradients reduced across row blocks with atomics; we keep the backward determini
 the column-tile kernel splits M into a few chunks whose fp32 partials are summed in a fixed
 order. When only dh is needed (frozen adapter) the backward reads g once and writes dh once.
 
+Autotuning: each kernel times a few configs the first time it sees an (N, r, dtype) key;
+LLM_ADAPTERS_TRITON_AUTOTUNE=0 skips that and uses one default config (one compile per key).
+
 Dropout: the keep-mask of element (m, n) is `keep_bits(seed, m * N + n, t)` from `dropout.py`,
 identical to `dropout.keep_mask((M, N), p, seed)`; kept values are scaled by 65536 / (65536 - t).
 The scaling is applied to the rank-sized products, never to h.
@@ -112,9 +115,14 @@ def _smem_estimate(kernel: str, config: triton.Config, named_args: dict, block_r
     return config.num_stages * per_stage
 
 
+# Used without timing when LLM_ADAPTERS_TRITON_AUTOTUNE=0 (and it fits in shared memory).
+_DEFAULT = {"rows": (32, 64, 4, 3), "weights": (64, 64, 4, 3)}
+
+
 def _prune(kernel: str):
     """early_config_prune: drop the configs whose tiles cannot fit in shared memory (the
-    smallest is kept if none fits, so a launch error names the problem)."""
+    smallest is kept if none fits, so a launch error names the problem). With
+    LLM_ADAPTERS_TRITON_AUTOTUNE=0 keep one config: no timing runs, one compile per shape."""
 
     def prune(configs, named_args, **kwargs):
         block_r = kwargs.get("BLOCK_R", named_args.get("BLOCK_R"))
@@ -123,8 +131,15 @@ def _prune(kernel: str):
             return configs
         limit = _smem_limit(first.device)
         cost = {c: _smem_estimate(kernel, c, named_args, block_r) for c in configs}
-        fits = [c for c in configs if cost[c] <= limit]
-        return fits or [min(configs, key=cost.get)]
+        fits = [c for c in configs if cost[c] <= limit] or [min(configs, key=cost.get)]
+        if os.environ.get("LLM_ADAPTERS_TRITON_AUTOTUNE", "1") == "0":
+            default = [
+                c for c in fits
+                if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+                == _DEFAULT[kernel]
+            ]
+            return default or fits[-1:]
+        return fits
 
     return prune
 
