@@ -1,9 +1,10 @@
 """The `cuda` backend (csrc/, llm_adapters._C).
 
 CPU: the extension compiles and loads (JIT build, or the prebuilt llm_adapters._C), its status
-is reported honestly, CPU tensors are refused with a clear error, and the Philox keep-mask the
+is reported honestly, CPU tensors are refused with a clear error, the Philox keep-mask the
 kernels use (compiled for the host from the same csrc/philox.cuh) is bit-identical to the
-Triton kernels' mask under TRITON_INTERPRET=1.
+Triton kernels' mask under TRITON_INTERPRET=1, and the kernels themselves (csrc/kernels.cuh,
+run on host threads by the extension's CPU ops) pass the float64 parity checks and opcheck.
 GPU (`pytest -m gpu`): output and every gradient against a float64 reference at odd and LLaMA
 shapes in float16 / bfloat16 (error at most about 2x the same-dtype PyTorch error), dropout on
 and off, masks identical to the Triton backend's, and torch.library.opcheck of the custom ops.

@@ -21,6 +21,12 @@ LoRA backward:            G = g B (shrink of g, no dropout); dS = s·G ⊙ φ'(S
 Series forward/backward:  the same kernels with z = h + ..., dh = g + D'(dS Dn).
 The dropout keep-mask is regenerated from the seed in every kernel that needs it, never
 stored; it is bit-identical to the Triton kernels' (llm_adapters/triton_kernels/dropout.py).
+Backward reads g twice (the shrink for G, reduce_rows for dB), not once.
+
+The extension also registers CPU implementations of its ops that run the kernels' own code on
+host threads (csrc/ops.cpp, emulate()): the functions below then work on CPU tensors, slowly,
+which is how the kernels are checked without a GPU. The dispatcher still sends only CUDA
+tensors here (`supports_device`).
 Rank-sized intermediates (S, G, dS: [M, r]) are float32; the non-linearity's derivative is
 applied to them with the same formulas as the torch backend. Activations: float16, bfloat16
 and float32 (float64 stays on the torch backend). Adapter weights are read in float32.
