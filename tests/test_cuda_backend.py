@@ -341,6 +341,14 @@ def test_rank_tiles_on_host_threads(ext, kind, r):
 
 
 @needs_extension
+@pytest.mark.parametrize("kind", ["lora", "series"])
+def test_many_blocks_on_host_threads(ext, kind):
+    """Enough rows for several row blocks, so the shrink and row-reduce grids fill the
+    emulated GPU without splitting (the unsplit path) and the expand has a row tail."""
+    _check_parity(kind, torch.float16, 600, 40, 136, 12, 0.1, "relu", False, True, device="cpu")
+
+
+@needs_extension
 def test_opcheck_on_host_threads(ext):
     """torch.library.opcheck of the custom ops wrapping this backend (schema, fake tensors,
     autograd registration, AOT dispatch), run on the extension's CPU ops."""
