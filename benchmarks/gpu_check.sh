@@ -29,9 +29,9 @@ mkdir -p "$1" || { echo "cannot create $1" >&2; exit 2; }
 OUT="$(cd "$1" && pwd)"
 cd "$ROOT" || exit 2
 PYTHON="${PYTHON:-$(command -v python3 || command -v python)}"
-T_TESTS="${T_TESTS:-210}"
-T_OPS="${T_OPS:-150}"
-T_E2E="${T_E2E:-90}"
+T_TESTS="${T_TESTS:-190}"
+T_OPS="${T_OPS:-140}"
+T_E2E="${T_E2E:-120}"
 START=$(date +%s)
 
 # ---- the device first --------------------------------------------------------------------

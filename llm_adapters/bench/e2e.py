@@ -70,7 +70,7 @@ class E2EConfig:
             return E2EConfig(hidden=4096, intermediate=11008, layers=4, heads=32, kv_heads=32,
                              vocab=32000, dtype="bfloat16", batch=4, seq=1024, steps=20,
                              warmup=3, lr=1e-4)
-        return E2EConfig()
+        return E2EConfig(bottleneck=64, steps=8)
 
 
 @dataclass
