@@ -428,12 +428,16 @@ def test_keep_mask_identical_to_triton_backend_gpu(ext, shape, p, seed):
     assert torch.equal(ours.cpu(), BACKEND.keep_mask(shape, p, seed, torch.device("cpu")))
 
 
-@pytest.mark.gpu
+_DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+@needs_extension
+@pytest.mark.parametrize("device", _DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
-def test_misaligned_and_odd_width_take_the_scalar_path_gpu(ext, dtype):
-    """A row width that is not a multiple of the 16-byte vector, and a storage offset that
-    breaks 16-byte alignment, give the same S and expand result as aligned inputs."""
-    dev = torch.device("cuda")
+def test_misaligned_rows_take_the_scalar_path(ext, dtype, device):
+    """A storage offset that breaks 16-byte alignment gives the same S and expand result as
+    aligned inputs (CPU: the kernel code on host threads)."""
+    dev = torch.device(device)
     m, k, r = 70, 264, 12
     buf = torch.randn(m * k + 1, device=dev, dtype=dtype)
     x_mis = buf[1:].view(m, k)  # contiguous, 2 or 4 bytes off a 16-byte boundary
@@ -455,22 +459,24 @@ def test_misaligned_and_odd_width_take_the_scalar_path_gpu(ext, dtype):
     torch.testing.assert_close(y_mis, y_al, rtol=0, atol=0)
 
 
-@pytest.mark.gpu
-def test_empty_batch_gpu(ext):
-    dev = torch.device("cuda")
+@needs_extension
+@pytest.mark.parametrize("device", _DEVICES)
+def test_empty_batch(ext, device):
+    dev = torch.device(device)
     x = torch.randn(0, 64, device=dev, dtype=torch.float16, requires_grad=True)
     w = torch.randn(32, 64, device=dev, dtype=torch.float16)
     a = torch.randn(4, 64, device=dev, requires_grad=True)
     b = torch.randn(32, 4, device=dev, requires_grad=True)
-    y = ops.lora_linear(x, w, None, a, b, dropout_p=0.1, seed=3, backend="cuda")
+    y = _run_lora(x, w, None, a, b, 1.0, 0.1, "identity", 3, None, None)
     assert y.shape == (0, 32)
     y.sum().backward()
     assert a.grad.abs().sum() == 0 and b.grad.abs().sum() == 0
 
 
-@pytest.mark.gpu
-def test_bad_device_and_dtype_inputs_gpu(ext):
-    dev = torch.device("cuda")
+@needs_extension
+@pytest.mark.parametrize("device", _DEVICES)
+def test_kernel_input_checks_name_the_problem(ext, device):
+    dev = torch.device(device)
     x = torch.randn(4, 8, device=dev, dtype=torch.float16)
     with pytest.raises(RuntimeError, match="w must be float32"):
         ext.shrink(x, torch.randn(2, 8, device=dev, dtype=torch.float16), None, 0, 1.0, 0)
