@@ -85,7 +85,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--dtype",
         default="auto",
         choices=("auto", "float32", "bfloat16", "float16"),
-        help="auto: float16 on GPU (as LLM-Adapters), float32 on CPU",
+        help="auto: bfloat16 on GPU (float16 where bf16 is missing), float32 on CPU; "
+        "LLM-Adapters evaluated in float16",
     )
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument(
@@ -226,9 +227,17 @@ def evaluate_dataset(model, tokenizer, name: str, records, args, device) -> tupl
         input_ids = enc["input_ids"].to(device)
         attention_mask = enc["attention_mask"].to(device)
         with torch.no_grad():
-            out = model.generate(
-                input_ids=input_ids, attention_mask=attention_mask, generation_config=gen_config
-            )
+            try:
+                out = model.generate(
+                    input_ids=input_ids, attention_mask=attention_mask, generation_config=gen_config
+                )
+            except RuntimeError as exc:
+                if args.num_beams > 1 and getattr(model, "prefix_encoder", None) is not None:
+                    raise UsageError(
+                        "beam search failed on this prefix-tuned model (the prefix cache is not "
+                        f"expanded to the beams: {exc}); evaluate it with --num-beams 1"
+                    ) from exc
+                raise
         sequences = out.sequences if hasattr(out, "sequences") else out
         texts = generation_text(tokenizer, sequences, input_ids.shape[1])
         for j, (rec, prompt, text) in enumerate(zip(batch, prompts, texts)):
@@ -274,7 +283,11 @@ def _pick_device_dtype(args):
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     name = args.dtype
     if name == "auto":
-        name = "float16" if device.startswith("cuda") else "float32"
+        # bf16 rather than LLM-Adapters' fp16: same range as fp32, so no family overflows
+        if device.startswith("cuda"):
+            name = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        else:
+            name = "float32"
     return torch.device(device), getattr(torch, name)
 
 
