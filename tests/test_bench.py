@@ -281,6 +281,29 @@ def test_table_roofline_and_summary(tmp_path):
     assert summary.summarise(str(tmp_path), lines.append) == 0
 
 
+def test_e2e_pairs_start_equal_and_train_alike():
+    from llm_adapters.bench import e2e
+
+    cfg = e2e.E2EConfig.for_device(torch.device("cpu"), quick=True)
+    cfg.steps, cfg.warmup = 2, 1
+    results = e2e.run_e2e(cfg, torch.device("cpu"), log=lambda s: None)
+    assert [(r.variant, r.impl) for r in results] == [
+        ("lora", "ours"), ("lora", "peft"), ("series", "ours"), ("series", "eager"),
+        ("parallel", "ours"), ("parallel", "eager"),
+    ]
+    for r in results:
+        assert r.status == "ok", r.reason
+        assert len(r.losses) == 3 and r.tokens_per_s > 0 and r.saved_bytes > 0
+        assert r.trainable > 0 and r.trainable < r.params
+        # same function, same start, same batches: fp32 losses agree to rounding
+        assert r.loss_max_abs_diff < 1e-4, (r.variant, r.loss_max_abs_diff)
+    # the adapters do train: the loss moves
+    assert all(r.losses[-1] != r.losses[0] for r in results)
+    ours, peft = results[0], results[1]
+    assert ours.trainable == peft.trainable
+    assert "max|dloss|" in e2e.format_table(results, cfg)
+
+
 # -- GPU (run with `pytest -m gpu`) ----------------------------------------------------------
 
 
