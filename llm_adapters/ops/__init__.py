@@ -10,18 +10,18 @@ consistent shapes, dtypes and devices.
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 from torch import Tensor
 
 from ._activations import ACTIVATIONS, check_activation
-from ._custom import lora_op, series_op
 from ._dispatch import (
     BACKENDS,
     BackendUnavailableError,
     available_backends,
     backend_status,
+    loaded_backend,
     resolve_backend,
 )
 
@@ -100,6 +100,17 @@ def _split_scale(scaling: Scale) -> tuple[Optional[Tensor], float]:
     return None, float(scaling)
 
 
+@torch.compiler.assume_constant_result
+def _backend_name(op: str, device_type: str, requested: str) -> str:
+    # Runs eagerly even while torch.compile traces a caller (its result is a constant of the
+    # graph), so the first call may import a backend and create its custom ops mid-trace.
+    return resolve_backend(op, torch.device(device_type), requested or None).name
+
+
+def _backend(op: str, device: torch.device, requested: Optional[str]) -> Any:
+    return loaded_backend(_backend_name(op, device.type, requested or ""))
+
+
 def _rows(t: Tensor, width: int) -> Tensor:
     # reshape is a view for contiguous inputs; copy only when the layout needs it
     return t.reshape(-1, width).contiguous()
@@ -155,10 +166,10 @@ def lora_linear(
         _check_tensor("lora_a_bias", lora_a_bias, (r,), x.device)
     if lora_b_bias is not None:
         _check_tensor("lora_b_bias", lora_b_bias, (n,), x.device)
-    impl = resolve_backend("lora", x.device, backend)
+    impl = _backend("lora", x.device, backend)
     scale_t, scale_f = _split_scale(scaling)
     lead = x.shape[:-1]
-    y, _, _ = lora_op(impl)(
+    y, _, _ = impl.custom_ops["lora"](
         _rows(x, k), weight, bias, lora_a, lora_b, lora_a_bias, lora_b_bias, scale_t, scale_f,
         float(dropout_p), _seed_tensor(seed, dropout_p), activation,
     )
@@ -193,10 +204,10 @@ def series_adapter(
         _check_tensor("down_bias", down_bias, (r,), h.device)
     if up_bias is not None:
         _check_tensor("up_bias", up_bias, (n,), h.device)
-    impl = resolve_backend("series", h.device, backend)
+    impl = _backend("series", h.device, backend)
     scale_t, scale_f = _split_scale(scaling)
     lead = h.shape[:-1]
-    z, _, _ = series_op(impl)(
+    z, _, _ = impl.custom_ops["series"](
         _rows(h, n), down, up, down_bias, up_bias, scale_t, scale_f, float(dropout_p),
         _seed_tensor(seed, dropout_p), activation,
     )

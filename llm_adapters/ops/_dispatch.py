@@ -57,8 +57,17 @@ def _load(name: str) -> Any | None:
     if reason is not None:
         _load_errors[name] = reason
         return None
+    from ._custom import lora_op, series_op  # here, not at import: _custom is light but lazy
+
+    makers = {"lora": lora_op, "series": series_op}
+    backend.custom_ops = {op: makers[op](backend) for op in backend.ops}
     _loaded[name] = backend
     return backend
+
+
+def loaded_backend(name: str) -> Any:
+    """The backend object `name`, already loaded by `resolve_backend`."""
+    return _loaded[name]
 
 
 def backend_status(name: str) -> str | None:
