@@ -205,21 +205,31 @@ def math_finite(x):
     return x == x and abs(x) != float("inf")
 
 
-def test_bare_model_and_table(tiny, tmp_path, capsys):
-    res = tmp_path / "res"
-    arc = DATASET_DIR / "ARC-Easy" / "test.json"
-    if arc.is_file():
-        data = tiny / "data"
-        (data / "ARC-Easy").mkdir(exist_ok=True)
-        (data / "ARC-Easy" / "test.json").write_text(json.dumps(read_json(arc)[:4]))
-        names = ["boolq", "ARC-Easy"]
-    else:
-        names = ["boolq"]
-    assert evaluate(tiny, res, "--limit", "4", "--batch_size", "4", "--dataset", *names) == 0
+def test_bare_model_several_datasets_and_table(tiny, tmp_path, capsys):
+    """No adapter; one dataset of each scoring kind in one run, then `--table`."""
+    res, data = tmp_path / "res", tiny / "data"
+    names = ["boolq"]
+    for name in ("ARC-Easy", "AQuA", "gsm8k"):
+        src = DATASET_DIR / name / "test.json"
+        if src.is_file():
+            (data / name).mkdir(exist_ok=True)
+            (data / name / "test.json").write_text(json.dumps(read_json(src)[:3]))
+            names.append(name)
+    assert evaluate(tiny, res, "--limit", "3", "--batch_size", "2", "--dataset", *names) == 0
     for name in names:
         summary = json.loads((res / f"base-{name}.summary.json").read_text())
-        assert summary["examples"] == 4 and summary["adapter_path"] is None
-    capsys.readouterr()
+        assert summary["examples"] == 3 and summary["adapter_path"] is None
+        assert summary["run_name"] == "base"
+        rows = json.loads((res / f"base-{name}.json").read_text())
+        assert summary["correct"] == sum(r["correct"] for r in rows)
+        if name == "AQuA":
+            assert "accuracy_llm_adapters" in summary
+            assert all("prediction_llm_adapters" in r for r in rows)
+        if name == "gsm8k":
+            assert all(r["prediction"] is None or isinstance(r["prediction"], float) for r in rows)
+    out = capsys.readouterr().out
+    if len(names) > 1:
+        assert "mean" in out  # the run prints its table
     assert cli.main(["evaluate", "--table", str(res)]) == 0
     table = capsys.readouterr().out
     assert all(name in table for name in names) and "accuracy %" in table
