@@ -1,8 +1,8 @@
 // The adapter kernels, written once for device and host.
 //
 // Each kernel is a block function `*_block(args, block, tid, smem, sync)`: kernels.cu wraps it
-// in a __global__ function (shared memory, threadIdx, __syncthreads), and emulate.cpp runs the
-// very same function on CPU threads with a barrier, so CPU-only machines check the tiling,
+// in a __global__ function (shared memory, threadIdx, __syncthreads), and emulate() in ops.cpp
+// runs the very same function on CPU threads with a barrier, so CPU-only machines check the tiling,
 // bounds and dropout indexing of the code that runs on the GPU. Only c10's Half / BFloat16
 // headers are included: no ATen, which keeps the nvcc compile short.
 //
@@ -90,17 +90,36 @@ LA_HOST_DEVICE float activate(float s, int act) {
 // ----------------------------------------------------------------------------------------------
 // shrink: S = D(x) wᵀ · out_scale
 // ----------------------------------------------------------------------------------------------
-// Tile: rows x rank columns. Each thread owns one rank column j and kShrinkAcc rows; the rank
-// tile `br` (8..64, a power of two >= r) sets the row count, bm = 256 * 8 / br, so small ranks
-// get tall tiles. x is staged kShrinkBK columns at a time, converted to float with the dropout
-// keep-mask applied on the way in (regenerated from the seed; never stored).
+// Tile: bm rows x br rank columns (br = 8..64, a power of two >= r). Each thread owns a register
+// tile of kShrinkTM rows x tj rank columns: rows rg + groups·i, columns jt + jthreads·c, so per
+// step of k it reads tj + 8 floats of shared memory for 8·tj multiply-adds (tj = 4 from r > 8
+// on; with one column per thread the loop would be bound by shared-memory loads, not FMAs).
+// x is staged kShrinkBK columns at a time, converted to float with the dropout keep-mask applied
+// on the way in (regenerated from the seed; never stored).
 
-constexpr int kShrinkAcc = 8;
-constexpr int kShrinkBK = 32;
-constexpr int kShrinkMaxBM = kThreads * kShrinkAcc / 8;
+constexpr int kShrinkTM = 8;    // rows per thread
+constexpr int kShrinkMaxTJ = 4;  // rank columns per thread
+constexpr int kShrinkBK = 16;
+constexpr int kShrinkMaxBM = 512;
 constexpr int kShrinkMaxBR = 64;
-// +1 column of padding: threads of a warp read different rows of ws at one k
-constexpr int kShrinkSmemFloats = (kShrinkMaxBM + kShrinkMaxBR) * (kShrinkBK + 1);
+// +1 column of padding (17 is odd): the rows and rank columns a warp reads at one k fall in
+// different banks
+constexpr int kShrinkLD = kShrinkBK + 1;
+constexpr int kShrinkSmemFloats = (kShrinkMaxBM + kShrinkMaxBR) * kShrinkLD;
+
+// The thread layout of a rank tile: columns per thread, threads across the columns, rows.
+struct ShrinkLayout {
+  int tj, jthreads, groups, bm;
+};
+
+LA_HOST_DEVICE ShrinkLayout shrink_layout(int br) {
+  ShrinkLayout l;
+  l.tj = br <= 8 ? 2 : kShrinkMaxTJ;                    // br 8 -> 2, else 4
+  l.jthreads = br / l.tj;                                 // 4, 4, 8, 16
+  l.groups = kThreads / l.jthreads;                       // 64, 64, 32, 16
+  l.bm = l.groups * kShrinkTM;                            // 512, 512, 256, 128
+  return l;
+}
 
 template <typename T>
 struct ShrinkArgs {
@@ -119,27 +138,29 @@ struct ShrinkArgs {
 template <typename T, typename Sync>
 LA_HOST_DEVICE void shrink_block(const ShrinkArgs<T>& a, BlockIdx block, int tid, float* smem,
                                  Sync& sync) {
-  constexpr int LD = kShrinkBK + 1;
+  constexpr int LD = kShrinkLD;
   float* xs = smem;
   float* ws = smem + kShrinkMaxBM * LD;
-  const int groups = kThreads / a.br;  // thread owns rows rg, rg + groups, ...
-  const int bm = groups * kShrinkAcc;
-  const int j = tid % a.br;
-  const int rg = tid / a.br;
-  const int64_t m0 = block.x * bm;
+  const ShrinkLayout l = shrink_layout(a.br);
+  const int jt = tid % l.jthreads;
+  const int rg = tid / l.jthreads;
+  const int64_t m0 = block.x * l.bm;
   const int64_t j0 = block.y * a.br;
   const int64_t k_begin = block.z * a.k_per_split;
   const int64_t k_end = a.K < k_begin + a.k_per_split ? a.K : k_begin + a.k_per_split;
 
-  float acc[kShrinkAcc];
+  float acc[kShrinkTM][kShrinkMaxTJ];
   LA_UNROLL
-  for (int i = 0; i < kShrinkAcc; ++i) acc[i] = 0.f;
+  for (int i = 0; i < kShrinkTM; ++i) {
+    LA_UNROLL
+    for (int c = 0; c < kShrinkMaxTJ; ++c) acc[i][c] = 0.f;
+  }
 
   for (int64_t k0 = k_begin; k0 < k_end; k0 += kShrinkBK) {
     if (a.vec_ok) {
       constexpr int V = Vec<T>::kSize;
       constexpr int per_row = kShrinkBK / V;
-      for (int v = tid; v < bm * per_row; v += kThreads) {
+      for (int v = tid; v < l.bm * per_row; v += kThreads) {
         const int mm = v / per_row;
         const int kk = (v % per_row) * V;
         const int64_t m = m0 + mm;
@@ -162,7 +183,7 @@ LA_HOST_DEVICE void shrink_block(const ShrinkArgs<T>& a, BlockIdx block, int tid
         for (int i = 0; i < V; ++i) xs[mm * LD + kk + i] = vals[i];
       }
     } else {
-      for (int e = tid; e < bm * kShrinkBK; e += kThreads) {
+      for (int e = tid; e < l.bm * kShrinkBK; e += kThreads) {
         const int mm = e / kShrinkBK;
         const int kk = e % kShrinkBK;
         const int64_t m = m0 + mm;
@@ -187,20 +208,31 @@ LA_HOST_DEVICE void shrink_block(const ShrinkArgs<T>& a, BlockIdx block, int tid
     sync();
     LA_UNROLL
     for (int kk = 0; kk < kShrinkBK; ++kk) {
-      const float wv = ws[j * LD + kk];
+      float wv[kShrinkMaxTJ];
       LA_UNROLL
-      for (int i = 0; i < kShrinkAcc; ++i) acc[i] += xs[(rg + groups * i) * LD + kk] * wv;
+      for (int c = 0; c < kShrinkMaxTJ; ++c) {
+        wv[c] = c < l.tj ? ws[(jt + l.jthreads * c) * LD + kk] : 0.f;
+      }
+      LA_UNROLL
+      for (int i = 0; i < kShrinkTM; ++i) {
+        const float xv = xs[(rg + l.groups * i) * LD + kk];
+        LA_UNROLL
+        for (int c = 0; c < kShrinkMaxTJ; ++c) acc[i][c] += xv * wv[c];
+      }
     }
     sync();
   }
 
-  const int64_t jg = j0 + j;
-  if (jg >= a.R) return;
   float* part = a.out + block.z * a.M * a.R;
   LA_UNROLL
-  for (int i = 0; i < kShrinkAcc; ++i) {
-    const int64_t m = m0 + rg + groups * i;
-    if (m < a.M) part[m * a.R + jg] = acc[i] * a.out_scale;
+  for (int c = 0; c < kShrinkMaxTJ; ++c) {
+    const int64_t jg = j0 + jt + l.jthreads * c;
+    if (c >= l.tj || jg >= a.R) continue;
+    LA_UNROLL
+    for (int i = 0; i < kShrinkTM; ++i) {
+      const int64_t m = m0 + rg + l.groups * i;
+      if (m < a.M) part[m * a.R + jg] = acc[i][c] * a.out_scale;
+    }
   }
 }
 

@@ -163,8 +163,8 @@ bool vec_aligned(const void* p, int64_t row_stride) {
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// Rank columns per block: the smallest power of two >= r in [8, 64]. With 8 accumulators per
-// thread a block then covers 2048 / width rows (shrink) or columns (reduce_rows).
+// Rank columns per block: the smallest power of two >= r in [8, 64]; the block's rows (shrink,
+// shrink_layout) or columns (reduce_rows, 2048 / width) follow from it.
 int rank_tile(int64_t r) {
   int width = 8;
   while (width < r && width < 64) width *= 2;
@@ -208,8 +208,7 @@ at::Tensor shrink(const at::Tensor& x, const at::Tensor& w, const c10::optional<
   } else {
     const Exec exec = exec_for(x);
     const int br = rank_tile(R);
-    const int bm = (kThreads / br) * kShrinkAcc;
-    const int64_t gx = ceil_div(M, bm), gy = ceil_div(R, br);
+    const int64_t gx = ceil_div(M, shrink_layout(br).bm), gy = ceil_div(R, br);
     const int64_t k_tiles = ceil_div(K, kShrinkBK);
     int64_t splits = split_count(gx * gy, k_tiles, exec.sms);
     const int64_t k_per_split = ceil_div(k_tiles, splits) * kShrinkBK;
