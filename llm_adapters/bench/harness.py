@@ -565,6 +565,9 @@ class Row:
     parity_tol: dict[str, float] = field(default_factory=dict)
     speedup_vs_eager: Optional[float] = None
     speedup_vs_peft: Optional[float] = None
+    # the same ratios of process CPU time (CPU devices): steadier on a shared machine
+    cpu_speedup_vs_eager: Optional[float] = None
+    cpu_speedup_vs_peft: Optional[float] = None
 
     def to_dict(self, env: dict[str, Any]) -> dict[str, Any]:
         out: dict[str, Any] = {"kind": "op"}
@@ -711,6 +714,7 @@ def _case_title(c: Case) -> str:
 
 def _speedups(rows: list[Row]) -> None:
     times = {r.provider: r.time_ms for r in rows if r.status == "ok"}
+    cpu = {r.provider: r.cpu_ms for r in rows if r.status == "ok" and r.cpu_ms}
     for r in rows:
         if r.status != "ok":
             continue
@@ -718,6 +722,10 @@ def _speedups(rows: list[Row]) -> None:
             r.speedup_vs_eager = times["eager"] / r.time_ms
         if times.get("peft"):
             r.speedup_vs_peft = times["peft"] / r.time_ms
+        if r.cpu_ms and cpu.get("peft"):
+            r.cpu_speedup_vs_peft = cpu["peft"] / r.cpu_ms
+        if r.cpu_ms and cpu.get("eager"):
+            r.cpu_speedup_vs_eager = cpu["eager"] / r.cpu_ms
 
 
 # --------------------------------------------------------------------------------------------
@@ -773,7 +781,9 @@ def format_table(rows: Sequence[Row]) -> str:
         + (f"{'cpu ms':>9} " if cpu else "")
         + f"{'TFLOP/s':>8} {'GB/s':>7} "
         + (f"{'roof%':>6} " if roof else "")
-        + f"{'mem MiB':>8} {'vs eager':>8} {'vs peft':>8}  parity"
+        + f"{'mem MiB':>8} {'vs eager':>8} {'vs peft':>8} "
+        + (f"{'peft cpu':>8} " if cpu else "")
+        + " parity"
     )
     last_case = None
     for r in rows:
@@ -798,8 +808,9 @@ def format_table(rows: Sequence[Row]) -> str:
         roof_col = f"{_fmt(roofline_fraction(r), '.1%'):>6} " if roof else ""
         lines.append(
             f"{r.provider:<14} {r.time_ms:>10.3f} {spread:>17} {cpu_col}{_fmt(r.tflops, '.2f'):>8} "
-            f"{_fmt(r.gbps, '.1f'):>7} {roof_col}{_fmt(mem, '.1f'):>8} {speed_e:>8} {speed_p:>8}"
-            f"  {parity}"
+            f"{_fmt(r.gbps, '.1f'):>7} {roof_col}{_fmt(mem, '.1f'):>8} {speed_e:>8} {speed_p:>8} "
+            + (f"{_fmt(r.cpu_speedup_vs_peft, '.2f') + 'x':>8} " if cpu else "")
+            + f" {parity}"
         )
     return "\n".join(lines).lstrip("\n")
 

@@ -160,10 +160,46 @@ def _targets(ops_rows, e2e_rows) -> list[str]:
     return out
 
 
+def markdown(records: list[dict[str, Any]]) -> str:
+    """The op rows of one run as a Markdown table (for benchmarks/README.md)."""
+    lines = [
+        "| case | provider | median ms (p20–p80) | CPU ms | mem MiB | vs eager | vs PEFT "
+        "| vs PEFT, CPU time | parity |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    def case_of(r: dict[str, Any]) -> str:
+        return (f"{r['op']} {r['mode']} M={r['tokens']} K={r['k']} N={r['n']} r={r['rank']} "
+                f"{r['dtype']} p={r['dropout']} x_grad={'yes' if r['x_grad'] else 'no'}")
+
+    peft_cpu_by_case = {case_of(r): r.get("cpu_ms") for r in records
+                        if r.get("kind") == "op" and r.get("provider") == "peft"
+                        and r.get("status") == "ok"}
+    for r in records:
+        if r.get("kind") != "op" or r.get("status") != "ok":
+            continue
+        case = case_of(r)
+        cpu = "-" if r.get("cpu_ms") is None else f"{r['cpu_ms']:.0f}"
+        mem = "-" if r.get("mem_bytes") is None else f"{r['mem_bytes'] / 2**20:.1f}"
+        ve = "-" if r.get("speedup_vs_eager") is None else f"{r['speedup_vs_eager']:.2f}x"
+        vp = "-" if r.get("speedup_vs_peft") is None else f"{r['speedup_vs_peft']:.2f}x"
+        peft_cpu = peft_cpu_by_case.get(case)
+        vpc = "-" if not (peft_cpu and r.get("cpu_ms")) else f"{peft_cpu / r['cpu_ms']:.2f}x"
+        lines.append(f"| {case} | {r['provider']} | {r['time_ms']:.1f} ({r['p20_ms']:.1f}–"
+                     f"{r['p80_ms']:.1f}) | {cpu} | {mem} | {ve} | {vp} | {vpc} "
+                     f"| {r.get('parity')} |")
+    return "\n".join(lines)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) == 3 and argv[0] == "--markdown":  # --markdown RESULTS.jsonl DATE
+        recs = [r for r in read_results(argv[1]) if r.get("date") == argv[2]]
+        print(markdown(recs))
+        return 0
     if len(argv) != 1 or not os.path.isdir(argv[0]):
-        print("usage: python -m llm_adapters.bench.summary OUT_DIR", file=sys.stderr)
+        print("usage: python -m llm_adapters.bench.summary OUT_DIR\n"
+              "       python -m llm_adapters.bench.summary --markdown RESULTS.jsonl DATE",
+              file=sys.stderr)
         return 2
     return summarise(argv[0])
 
