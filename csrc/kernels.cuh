@@ -375,15 +375,16 @@ LA_HOST_DEVICE void expand_block(const ExpandArgs<T>& a, BlockIdx block, int tid
 // ----------------------------------------------------------------------------------------------
 // reduce_rows: out[n, j] = Σ_m D(X)[m, n] φ(H[m, j])   (per split of M)
 // ----------------------------------------------------------------------------------------------
-// Tile: columns of X x rank columns; each thread owns one rank column j and kReduceAcc columns
-// n, bn = 256 * 8 / br. X is staged kReduceBM rows at a time with the keep-mask applied.
+// Tile: bn columns of X x br rank columns, with the thread layout of the shrink (shrink_layout:
+// kShrinkTM columns n x tj rank columns per thread, bn = its bm). X is staged kReduceBM rows at
+// a time with the keep-mask applied; H with φ applied.
 
-constexpr int kReduceAcc = 8;
 constexpr int kReduceBM = 16;
-constexpr int kReduceMaxBN = kThreads * kReduceAcc / 8;
+constexpr int kReduceMaxBN = kShrinkMaxBM;
 constexpr int kReduceMaxBR = 64;
-constexpr int kReduceXLD = kReduceMaxBN + 1;  // +1: with br = 8 a warp reads 4 columns
-constexpr int kReduceSmemFloats = kReduceBM * kReduceXLD + kReduceBM * kReduceMaxBR;
+constexpr int kReduceXLD = kReduceMaxBN + 1;  // odd stride: a warp's columns spread over banks
+constexpr int kReduceHLD = kReduceMaxBR + 1;  // odd stride: a warp's rank columns spread, too
+constexpr int kReduceSmemFloats = kReduceBM * kReduceXLD + kReduceBM * kReduceHLD;
 
 template <typename T>
 struct ReduceArgs {
@@ -404,18 +405,21 @@ LA_HOST_DEVICE void reduce_rows_block(const ReduceArgs<T>& a, BlockIdx block, in
                                       float* smem, Sync& sync) {
   float* xs = smem;
   float* hs = smem + kReduceBM * kReduceXLD;
-  const int groups = kThreads / a.br;  // thread owns columns cg, cg + groups, ...
-  const int bn = groups * kReduceAcc;
-  const int j = tid % a.br;
-  const int cg = tid / a.br;
+  const ShrinkLayout l = shrink_layout(a.br);
+  const int bn = l.bm;
+  const int jt = tid % l.jthreads;
+  const int cg = tid / l.jthreads;  // thread owns columns cg, cg + groups, ...
   const int64_t n0 = block.x * bn;
   const int64_t j0 = block.y * a.br;
   const int64_t m_begin = block.z * a.rows_per_split;
   const int64_t m_end = a.M < m_begin + a.rows_per_split ? a.M : m_begin + a.rows_per_split;
 
-  float acc[kReduceAcc];
+  float acc[kShrinkTM][kShrinkMaxTJ];
   LA_UNROLL
-  for (int i = 0; i < kReduceAcc; ++i) acc[i] = 0.f;
+  for (int i = 0; i < kShrinkTM; ++i) {
+    LA_UNROLL
+    for (int c = 0; c < kShrinkMaxTJ; ++c) acc[i][c] = 0.f;
+  }
 
   for (int64_t mb = m_begin; mb < m_end; mb += kReduceBM) {
     if (a.vec_ok) {
@@ -427,6 +431,7 @@ LA_HOST_DEVICE void reduce_rows_block(const ReduceArgs<T>& a, BlockIdx block, in
         const int64_t m = mb + mm;
         const int64_t n = n0 + nn;
         float vals[V];
+        // N % V == 0 and n0 % V == 0: a vector is wholly inside or wholly outside
         if (m < m_end && n < a.N) {
           load_vec(a.x + m * a.N + n, vals);
           if (a.drop.enabled) {
@@ -463,26 +468,37 @@ LA_HOST_DEVICE void reduce_rows_block(const ReduceArgs<T>& a, BlockIdx block, in
       const int jj = e % a.br;
       const int64_t m = mb + mm;
       const int64_t jg = j0 + jj;
-      hs[mm * kReduceMaxBR + jj] =
+      hs[mm * kReduceHLD + jj] =
           (m < m_end && jg < a.R) ? activate(a.h[m * a.R + jg], a.act) : 0.f;
     }
     sync();
     LA_UNROLL
     for (int mm = 0; mm < kReduceBM; ++mm) {
-      const float hv = hs[mm * kReduceMaxBR + j];
+      float hv[kShrinkMaxTJ];
       LA_UNROLL
-      for (int i = 0; i < kReduceAcc; ++i) acc[i] += xs[mm * kReduceXLD + cg + groups * i] * hv;
+      for (int c = 0; c < kShrinkMaxTJ; ++c) {
+        hv[c] = c < l.tj ? hs[mm * kReduceHLD + jt + l.jthreads * c] : 0.f;
+      }
+      LA_UNROLL
+      for (int i = 0; i < kShrinkTM; ++i) {
+        const float xv = xs[mm * kReduceXLD + cg + l.groups * i];
+        LA_UNROLL
+        for (int c = 0; c < kShrinkMaxTJ; ++c) acc[i][c] += xv * hv[c];
+      }
     }
     sync();
   }
 
-  const int64_t jg = j0 + j;
-  if (jg >= a.R) return;
   float* part = a.out + block.z * a.N * a.R;
   LA_UNROLL
-  for (int i = 0; i < kReduceAcc; ++i) {
-    const int64_t n = n0 + cg + groups * i;
-    if (n < a.N) part[n * a.R + jg] = acc[i];
+  for (int c = 0; c < kShrinkMaxTJ; ++c) {
+    const int64_t jg = j0 + jt + l.jthreads * c;
+    if (c >= l.tj || jg >= a.R) continue;
+    LA_UNROLL
+    for (int i = 0; i < kShrinkTM; ++i) {
+      const int64_t n = n0 + cg + l.groups * i;
+      if (n < a.N) part[n * a.R + jg] = acc[i][c];
+    }
   }
 }
 

@@ -163,8 +163,8 @@ bool vec_aligned(const void* p, int64_t row_stride) {
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// Rank columns per block: the smallest power of two >= r in [8, 64]; the block's rows (shrink,
-// shrink_layout) or columns (reduce_rows, 2048 / width) follow from it.
+// Rank columns per block: the smallest power of two >= r in [8, 64]; the block's rows (shrink)
+// or columns (reduce_rows) follow from it through shrink_layout.
 int rank_tile(int64_t r) {
   int width = 8;
   while (width < r && width < 64) width *= 2;
@@ -323,8 +323,7 @@ at::Tensor reduce_rows(const at::Tensor& x, const at::Tensor& h, int64_t act, in
   if (M == 0 || N == 0) return at::zeros({N, R}, x.options().dtype(at::kFloat));
   const Exec exec = exec_for(x);
   const int br = rank_tile(R);
-  const int bn = (kThreads / br) * kReduceAcc;
-  const int64_t gx = ceil_div(N, bn), gy = ceil_div(R, br);
+  const int64_t gx = ceil_div(N, shrink_layout(br).bm), gy = ceil_div(R, br);
   const int64_t m_tiles = ceil_div(M, kReduceBM);
   int64_t splits = split_count(gx * gy, m_tiles, exec.sms);
   const int64_t rows_per_split = ceil_div(m_tiles, splits) * kReduceBM;
