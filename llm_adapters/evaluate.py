@@ -30,6 +30,7 @@ from typing import Any, Optional
 
 from . import answers
 from .data import PROMPT_STYLES, RESPONSE_MARKER, DataError, generate_prompt, load_records
+from .train import str2bool
 
 SUMMARY_SUFFIX = ".summary.json"
 MAX_NEW_TOKENS = {"arithmetic": 256, "letter": 256, "commonsense": 32}  # LLM-Adapters' values
@@ -69,7 +70,19 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument(
         "--run-name",
         default=None,
-        help="prefix of the result files (default: the adapter directory's name, or 'base')",
+        help="prefix of the result files (default: <model>-<adapter> when both labels are "
+        "given, as LLM-Adapters names them, else the adapter directory's name, or 'base')",
+    )
+    p.add_argument("--model", default=None, help="LLM-Adapters' model label, e.g. LLaMA-7B")
+    p.add_argument("--adapter", default=None, help="LLM-Adapters' adapter label, e.g. LoRA")
+    p.add_argument(
+        "--load-8bit",
+        type=str2bool,
+        nargs="?",
+        const=True,
+        default=False,
+        metavar="BOOL",
+        help="not supported: accepted so LLM-Adapters commands parse, an error when true",
     )
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--num-beams", type=int, default=4, help="LLM-Adapters: 4; 1 is greedy")
@@ -305,6 +318,8 @@ def _run(args: argparse.Namespace) -> int:
             raise UsageError(f"--table {args.table!r} is not a directory")
         print(format_table(load_summaries(args.table)))
         return 0
+    if args.load_8bit:
+        raise UsageError("8-bit loading is not supported: the model loads in --dtype")
     if not args.base_model:
         raise UsageError("--base-model is required (or --table DIR to print results)")
     if not args.dataset:
@@ -331,9 +346,14 @@ def _run(args: argparse.Namespace) -> int:
     ]
     if len({d[0] for d in datasets}) != len(datasets):
         raise UsageError("a dataset is named twice")
-    run_name = args.run_name or (
-        os.path.basename(os.path.normpath(args.adapter_path)) if args.adapter_path else "base"
-    )
+    if args.run_name:
+        run_name = args.run_name
+    elif args.model and args.adapter:
+        run_name = f"{args.model}-{args.adapter}"
+    elif args.adapter_path:
+        run_name = os.path.basename(os.path.normpath(args.adapter_path))
+    else:
+        run_name = "base"
     os.makedirs(args.output_dir, exist_ok=True)
     device, dtype = _pick_device_dtype(args)
 

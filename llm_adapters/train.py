@@ -192,6 +192,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--wandb-run-name", default="")
     g.add_argument("--wandb-watch", default="")
     g.add_argument("--wandb-log-model", default="")
+    _flag_bool(p, "--load-8bit", False, "not supported (accepted so LLM-Adapters commands parse)")
     p.set_defaults(func=run)
     return p
 
@@ -434,6 +435,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     # Everything that can be checked without the model is checked first.
+    if args.load_8bit:
+        raise UsageError("8-bit loading is not supported: the base model loads in --dtype")
     world = world_size()
     grad_acc = gradient_accumulation(args.batch_size, args.micro_batch_size, world)
     if args.cutoff_len < 2:

@@ -207,15 +207,17 @@ def math_finite(x):
 
 def test_bare_model_several_datasets_and_table(tiny, tmp_path, capsys):
     """No adapter; one dataset of each scoring kind in one run, then `--table`."""
-    res, data = tmp_path / "res", tiny / "data"
-    names = ["boolq"]
-    for name in ("ARC-Easy", "AQuA", "gsm8k"):
+    res, data = tmp_path / "res", tmp_path / "data"
+    names = []
+    for name in ("boolq", "ARC-Easy", "AQuA", "gsm8k"):
         src = DATASET_DIR / name / "test.json"
         if src.is_file():
-            (data / name).mkdir(exist_ok=True)
+            (data / name).mkdir(parents=True)
             (data / name / "test.json").write_text(json.dumps(read_json(src)[:3]))
             names.append(name)
-    assert evaluate(tiny, res, "--limit", "3", "--batch_size", "2", "--dataset", *names) == 0
+    assert (
+        evaluate(tiny, res, "--data_dir", str(data), "--batch_size", "2", "--dataset", *names) == 0
+    )
     for name in names:
         summary = json.loads((res / f"base-{name}.summary.json").read_text())
         assert summary["examples"] == 3 and summary["adapter_path"] is None
@@ -233,6 +235,9 @@ def test_bare_model_several_datasets_and_table(tiny, tmp_path, capsys):
     assert cli.main(["evaluate", "--table", str(res)]) == 0
     table = capsys.readouterr().out
     assert all(name in table for name in names) and "accuracy %" in table
+    # LLM-Adapters' labels name the files as LLM-Adapters does: <model>-<adapter>-<dataset>.json
+    assert evaluate(tiny, res, "--limit", "1", "--model", "LLaMA-7B", "--adapter", "LoRA") == 0
+    assert (res / "LLaMA-7B-LoRA-boolq.json").is_file()
 
 
 def test_resume_from_trainer_checkpoint_and_from_adapter(tiny, tmp_path):
@@ -276,6 +281,7 @@ def test_resume_from_trainer_checkpoint_and_from_adapter(tiny, tmp_path):
         ({"--lora_target_modules": "wq,wv"}, "not found"),
         ({"--save_step": "3"}, "multiple of --eval-step"),
         ({"--lora_dropout": "1.5"}, "lora_dropout"),
+        ({"--load_8bit": "True"}, "8-bit loading is not supported"),
     ],
 )
 def test_finetune_bad_input(tiny, tmp_path, capsys, change, message):
@@ -328,6 +334,8 @@ def test_evaluate_bad_input(tiny, tmp_path, capsys):
     assert "answer 'two' is not a number" in capsys.readouterr().err
     assert evaluate(tiny, res, "--adapter_path", str(tmp_path)) == 2
     assert "no adapter_config.json" in capsys.readouterr().err
+    assert evaluate(tiny, res, "--load_8bit") == 2
+    assert "8-bit loading is not supported" in capsys.readouterr().err
     assert not res.exists() or not list(res.glob("*.json"))
 
 
