@@ -86,11 +86,13 @@ class E2EResult:
     step_ms: Optional[float] = None
     step_p20_ms: Optional[float] = None
     step_p80_ms: Optional[float] = None
+    step_cpu_ms: Optional[float] = None  # median process CPU time of a step (CPU devices)
     peak_bytes: Optional[int] = None
     saved_bytes: Optional[int] = None  # kept for backward by one forward (all devices)
     losses: list[float] = field(default_factory=list)
     loss_max_abs_diff: Optional[float] = None  # vs the other side of the pair
     speedup: Optional[float] = None  # tokens/s over the other side's
+    cpu_speedup: Optional[float] = None  # the other side's step CPU time over ours (CPU)
     mem_ratio: Optional[float] = None  # peak memory over the other side's
 
 
@@ -237,14 +239,15 @@ def batches(cfg: E2EConfig, device: torch.device, n: int) -> list[Tensor]:
 
 
 def train_pair(models: list[nn.Module], data: list[Tensor], cfg: E2EConfig,
-               device: torch.device) -> list[tuple[list[float], list[float], Optional[int]]]:
+               device: torch.device) -> list[tuple]:
     """Train the models side by side, one step each in turn (the order swapped every step, so
     background load and clock changes fall on both alike), each with its own AdamW.
 
-    Returns per model: (loss per step, timed step milliseconds after the warm-up steps,
-    peak bytes). The peak is the largest rise of GPU memory during one of its steps above what
-    was allocated when the step began (activations, gradients, optimiser transients; the
-    resident weights and optimiser state of both models are left out), None on a CPU.
+    Returns per model: (loss per step, timed step milliseconds after the warm-up steps, peak
+    bytes, process CPU milliseconds of the timed steps). The peak is the largest rise of GPU
+    memory during one of its steps above what was allocated when the step began (activations,
+    gradients, optimiser transients; the resident weights and optimiser state of both models
+    are left out), None on a CPU.
     """
     cuda = device.type == "cuda"
     opts = []
@@ -254,6 +257,7 @@ def train_pair(models: list[nn.Module], data: list[Tensor], cfg: E2EConfig,
         opts.append(torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0))
     losses: list[list[float]] = [[] for _ in models]
     times: list[list[float]] = [[] for _ in models]
+    cpu_times: list[list[float]] = [[] for _ in models]
     peaks: list[int] = [0 for _ in models]
     gens = [torch.Generator().manual_seed(cfg.seed + 3) for _ in models]
     for step, ids in enumerate(data):
@@ -268,7 +272,7 @@ def train_pair(models: list[nn.Module], data: list[Tensor], cfg: E2EConfig,
                 before = torch.cuda.memory_allocated(device)
             # each model draws its dropout masks from its own seeded stream
             torch.manual_seed(int(torch.randint(0, 2**62, (), generator=gens[i])))
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             out = model(input_ids=ids, labels=ids)
             out.loss.backward()
             opt.step()
@@ -277,14 +281,17 @@ def train_pair(models: list[nn.Module], data: list[Tensor], cfg: E2EConfig,
             if cuda:
                 torch.cuda.synchronize(device)
             dt = (time.perf_counter() - t0) * 1e3
+            dc = (time.process_time() - c0) * 1e3
             del out
             if cuda:
                 peaks[i] = max(peaks[i], torch.cuda.max_memory_allocated(device) - before)
             losses[i].append(loss)
             if step >= cfg.warmup:
                 times[i].append(dt)
+                cpu_times[i].append(dc)
     del opts
-    return [(losses[i], times[i], int(peaks[i]) if cuda else None) for i in range(len(models))]
+    return [(losses[i], times[i], int(peaks[i]) if cuda else None, cpu_times[i])
+            for i in range(len(models))]
 
 
 def saved_bytes(model: nn.Module, ids: Tensor) -> int:
@@ -341,8 +348,10 @@ def run_e2e(
                 for res, model in zip(pair, models, strict=True):
                     res.params, res.trainable = _count(model)
                 trained = train_pair(models, data, cfg, device)
-                for res, model, (losses, times, peak) in zip(pair, models, trained, strict=True):
+                for res, model, (losses, times, peak, cpu) in zip(pair, models, trained,
+                                                                  strict=True):
                     res.losses = losses
+                    res.step_cpu_ms = harness.quantiles(cpu)[1] if device.type == "cpu" else None
                     res.step_p20_ms, res.step_ms, res.step_p80_ms = harness.quantiles(times)
                     res.tokens_per_s = tokens / (res.step_ms / 1e3)
                     res.peak_bytes = peak
@@ -360,6 +369,8 @@ def run_e2e(
             diff = max(abs(a - b) for a, b in zip(mine.losses, other.losses, strict=True))
             mine.loss_max_abs_diff = other.loss_max_abs_diff = diff
             mine.speedup = mine.tokens_per_s / other.tokens_per_s
+            if mine.step_cpu_ms and other.step_cpu_ms:
+                mine.cpu_speedup = other.step_cpu_ms / mine.step_cpu_ms
             if mine.peak_bytes and other.peak_bytes:
                 mine.mem_ratio = mine.peak_bytes / other.peak_bytes
             elif mine.saved_bytes and other.saved_bytes:
@@ -373,7 +384,9 @@ def _line(r: E2EResult) -> str:
         return f"  {r.variant:<9} {r.impl:<6} {r.status}: {r.reason}"
     peak = "-" if r.peak_bytes is None else f"{r.peak_bytes / 2**30:.2f} GiB"
     saved = "-" if r.saved_bytes is None else f"{r.saved_bytes / 2**20:.1f} MiB"
-    return (f"  {r.variant:<9} {r.impl:<6} {r.tokens_per_s:10.0f} tok/s  step {r.step_ms:.1f} ms "
+    cpu = "" if r.step_cpu_ms is None else f" cpu {r.step_cpu_ms:.1f} ms"
+    return (f"  {r.variant:<9} {r.impl:<6} {r.tokens_per_s:10.0f} tok/s  "
+            f"step {r.step_ms:.1f} ms{cpu} "
             f"(p20 {r.step_p20_ms:.1f}, p80 {r.step_p80_ms:.1f})  peak {peak}  saved {saved}  "
             f"loss {r.losses[0]:.4f} -> {r.losses[-1]:.4f}")
 
@@ -384,9 +397,10 @@ def format_table(results: list[E2EResult], cfg: E2EConfig) -> str:
         f"vocab={cfg.vocab} {cfg.dtype}, batch {cfg.batch}x{cfg.seq}, {cfg.steps} timed steps "
         f"after {cfg.warmup}, dropout {cfg.dropout}",
         f"{'variant':<9} {'impl':<6} {'backend':<8} {'tok/s':>10} {'step ms':>9} {'peak GiB':>9} "
-        f"{'saved MiB':>9} {'speedup':>8} {'mem ratio':>9} {'max|dloss|':>11}",
-        "(speedup: tokens/s over the other side's; mem ratio: peak GPU memory, or on a CPU the "
-        "bytes saved for backward, over the other side's)",
+        f"{'saved MiB':>9} {'speedup':>8} {'cpu spd':>8} {'mem ratio':>9} {'max|dloss|':>11}",
+        "(speedup: tokens/s over the other side's; cpu spd: the same from process CPU time per "
+        "step (CPU); mem ratio: peak GPU memory, or on a CPU the bytes saved for backward, over "
+        "the other side's)",
     ]
     for r in results:
         if r.status != "ok":
@@ -395,10 +409,11 @@ def format_table(results: list[E2EResult], cfg: E2EConfig) -> str:
         peak = "-" if r.peak_bytes is None else f"{r.peak_bytes / 2**30:.3f}"
         saved = "-" if r.saved_bytes is None else f"{r.saved_bytes / 2**20:.1f}"
         sp = "-" if r.speedup is None else f"{r.speedup:.2f}x"
+        cs = "-" if r.cpu_speedup is None else f"{r.cpu_speedup:.2f}x"
         mr = "-" if r.mem_ratio is None else f"{r.mem_ratio:.2f}"
         dl = "-" if r.loss_max_abs_diff is None else f"{r.loss_max_abs_diff:.2e}"
         lines.append(f"{r.variant:<9} {r.impl:<6} {r.backend or '-':<8} {r.tokens_per_s:>10.0f} "
-                     f"{r.step_ms:>9.1f} {peak:>9} {saved:>9} {sp:>8} {mr:>9} {dl:>11}")
+                     f"{r.step_ms:>9.1f} {peak:>9} {saved:>9} {sp:>8} {cs:>8} {mr:>9} {dl:>11}")
     return "\n".join(lines)
 
 
