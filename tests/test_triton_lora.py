@@ -13,6 +13,7 @@ import time
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
 
 from llm_adapters import ops
 from llm_adapters.ops._custom import lora_op
@@ -487,3 +488,14 @@ def test_gpu_matches_torch_backend_without_dropout():
     _assert_parity("y", y_o.detach(), y_ref.detach(), y_t.detach(), torch.bfloat16)
     for name in _NAMES:
         _assert_parity(f"d{name}", gr_o[name], gr_ref[name], gr_t[name], torch.bfloat16)
+
+
+def test_fp32_config_pruning():
+    # The autotuner prunes only with several configs, i.e. on a GPU: check the rule here.
+    from llm_adapters.triton_kernels import lora as kernels
+
+    cfgs = [triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": bk}) for bk in (64, 32)]
+    x32, x16 = torch.empty(2, 2), torch.empty(2, 2, dtype=torch.float16)
+    assert kernels._prune_for_fp32(cfgs, {"x_ptr": x16}) == cfgs
+    assert kernels._prune_for_fp32(cfgs, {"g_ptr": x32}) == cfgs[1:]
+    assert kernels._prune_for_fp32(cfgs[:1], {"x_ptr": x32}) == cfgs[:1]

@@ -67,6 +67,8 @@ def _gemm_configs() -> list[triton.Config]:
         (128, 128, 32, 4, 4),
         (64, 128, 64, 4, 4),
         (64, 64, 64, 4, 4),
+        (64, 128, 32, 4, 4),
+        (64, 64, 32, 4, 4),
         (32, 64, 64, 4, 4),  # decode-sized M
     ]
     return [
@@ -77,6 +79,15 @@ def _gemm_configs() -> list[triton.Config]:
         )
         for bm, bn, bk, st, w in cfg
     ]
+
+
+def _prune_for_fp32(configs, named_args, **kwargs):
+    # fp32 tiles take twice the shared memory per stage: keep the BLOCK_K = 32 configs, which
+    # fit an A100's 164 KiB, and spare the autotuner compiling configs that cannot launch.
+    x = named_args.get("x_ptr", named_args.get("g_ptr"))
+    if x is None or x.element_size() < 4:
+        return configs
+    return [c for c in configs if c.kwargs["BLOCK_K"] <= 32] or configs
 
 
 def _shrink_configs() -> list[triton.Config]:
@@ -198,7 +209,11 @@ def _shrink_kernel(
     )
 
 
-@triton.autotune(configs=_gemm_configs(), key=["M_BUCKET", "N", "K", "R"])
+@triton.autotune(
+    configs=_gemm_configs(),
+    key=["M_BUCKET", "N", "K", "R"],
+    prune_configs_by={"early_config_prune": _prune_for_fp32},
+)
 @triton.jit
 def _main_kernel(
     x_ptr, stride_xm, stride_xk,
@@ -338,7 +353,11 @@ def _reduce_kernel(
             )
 
 
-@triton.autotune(configs=_gemm_configs(), key=["M_BUCKET", "N", "K", "R"])
+@triton.autotune(
+    configs=_gemm_configs(),
+    key=["M_BUCKET", "N", "K", "R"],
+    prune_configs_by={"early_config_prune": _prune_for_fp32},
+)
 @triton.jit
 def _dx_kernel(
     g_ptr, stride_gm, stride_gn,
