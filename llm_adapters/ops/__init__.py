@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from ._activations import ACTIVATIONS, check_activation
+from ._custom import eager_lora, eager_series
 from ._dispatch import (
     BACKENDS,
     BackendUnavailableError,
@@ -169,10 +170,14 @@ def lora_linear(
     impl = _backend("lora", x.device, backend)
     scale_t, scale_f = _split_scale(scaling)
     lead = x.shape[:-1]
-    y, _, _ = impl.custom_ops["lora"](
+    args = (
         _rows(x, k), weight, bias, lora_a, lora_b, lora_a_bias, lora_b_bias, scale_t, scale_f,
         float(dropout_p), _seed_tensor(seed, dropout_p), activation,
     )
+    if torch.compiler.is_compiling():
+        y = impl.custom_ops["lora"](*args)[0]
+    else:
+        y = eager_lora(impl, *args)
     return y.view(*lead, n)
 
 
@@ -207,10 +212,14 @@ def series_adapter(
     impl = _backend("series", h.device, backend)
     scale_t, scale_f = _split_scale(scaling)
     lead = h.shape[:-1]
-    z, _, _ = impl.custom_ops["series"](
+    args = (
         _rows(h, n), down, up, down_bias, up_bias, scale_t, scale_f, float(dropout_p),
         _seed_tensor(seed, dropout_p), activation,
     )
+    if torch.compiler.is_compiling():
+        z = impl.custom_ops["series"](*args)[0]
+    else:
+        z = eager_series(impl, *args)
     return z.view(*lead, n)
 
 
