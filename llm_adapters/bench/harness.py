@@ -809,7 +809,8 @@ def format_table(rows: Sequence[Row]) -> str:
         lines.append(
             f"{r.provider:<14} {r.time_ms:>10.3f} {spread:>17} {cpu_col}{_fmt(r.tflops, '.2f'):>8} "
             f"{_fmt(r.gbps, '.1f'):>7} {roof_col}{_fmt(mem, '.1f'):>8} {speed_e:>8} {speed_p:>8} "
-            + (f"{_fmt(r.cpu_speedup_vs_peft, '.2f') + 'x':>8} " if cpu else "")
+            + (f"{_fmt(r.cpu_speedup_vs_peft, '.2f') + ('x' if r.cpu_speedup_vs_peft else ''):>8} "
+               if cpu else "")
             + f" {parity}"
         )
     return "\n".join(lines).lstrip("\n")
