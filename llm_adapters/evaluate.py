@@ -240,17 +240,9 @@ def evaluate_dataset(model, tokenizer, name: str, records, args, device) -> tupl
         input_ids = enc["input_ids"].to(device)
         attention_mask = enc["attention_mask"].to(device)
         with torch.no_grad():
-            try:
-                out = model.generate(
-                    input_ids=input_ids, attention_mask=attention_mask, generation_config=gen_config
-                )
-            except RuntimeError as exc:
-                if args.num_beams > 1 and getattr(model, "prefix_encoder", None) is not None:
-                    raise UsageError(
-                        "beam search failed on this prefix-tuned model (the prefix cache is not "
-                        f"expanded to the beams: {exc}); evaluate it with --num-beams 1"
-                    ) from exc
-                raise
+            out = model.generate(
+                input_ids=input_ids, attention_mask=attention_mask, generation_config=gen_config
+            )
         sequences = out.sequences if hasattr(out, "sequences") else out
         texts = generation_text(tokenizer, sequences, input_ids.shape[1])
         for j, (rec, prompt, text) in enumerate(zip(batch, prompts, texts)):

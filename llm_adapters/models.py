@@ -262,8 +262,11 @@ class AdapterModel(nn.Module):
             cache._prefix = pairs
         return cache
 
-    def _soft_inputs(self, input_ids, attention_mask, inputs_embeds, labels, writable=False):
-        """Model kwargs with the soft prompt or prefix put in."""
+    def _soft_inputs(
+        self, input_ids, attention_mask, inputs_embeds, labels, writable=False, expand=1
+    ):
+        """Model kwargs with the soft prompt or prefix put in. `expand`: rows per sequence in
+        the cache (generate widens the batch for beams after the cache is built)."""
         kwargs: dict[str, Any] = {}
         ref = input_ids if input_ids is not None else inputs_embeds
         batch = ref.shape[0]
@@ -273,7 +276,7 @@ class AdapterModel(nn.Module):
             attention_mask = torch.cat([ones, attention_mask], dim=1)
         if self.prefix_encoder is not None:
             dtype = next(self.base_model.parameters()).dtype
-            kwargs[self._cache_kwarg] = self._prefix_cache(batch, dtype, writable)
+            kwargs[self._cache_kwarg] = self._prefix_cache(batch * expand, dtype, writable)
             kwargs.update(input_ids=input_ids, inputs_embeds=inputs_embeds, labels=labels)
         else:
             if inputs_embeds is None:
@@ -317,7 +320,11 @@ class AdapterModel(nn.Module):
             raise ValueError("generate needs input_ids")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        soft = self._soft_inputs(input_ids, attention_mask, None, None, writable=True)
+        config = kwargs.get("generation_config") or self.base_model.generation_config
+        beams = kwargs.get("num_beams") or getattr(config, "num_beams", 1) or 1
+        returned = kwargs.get("num_return_sequences") or getattr(config, "num_return_sequences", 1)
+        expand = max(beams, returned or 1)  # generate repeats each row this often
+        soft = self._soft_inputs(input_ids, attention_mask, None, None, True, expand)
         soft.pop("labels", None)
         if self.prompt_embedding is not None:
             out = self.base_model.generate(**soft, **kwargs)
@@ -346,7 +353,15 @@ class AdapterModel(nn.Module):
         # Non-reentrant checkpointing: with a frozen embedding no checkpoint input requires
         # grad, and the reentrant variant would then skip the adapters' backward entirely.
         kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
-        self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        base = self.base_model
+        # newer transformers renamed it (the old name warns); older ones have only the old name
+        if hasattr(base, "activation_checkpointing_enable"):
+            base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, **_: Any):
+        self.gradient_checkpointing_enable(activation_checkpointing_kwargs)
 
     def save_pretrained(self, save_directory: str, **_: Any) -> None:
         save_adapter(self, save_directory)
@@ -497,8 +512,17 @@ def save_adapter(model: AdapterModel, save_directory: str) -> None:
 
 def _read_weights(directory: str) -> tuple[dict[str, Tensor], dict[str, str]]:
     path = os.path.join(directory, WEIGHTS_NAME)
+    legacy = os.path.join(directory, "adapter_model.bin")  # older PEFT / LLM-Adapters releases
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory!r}")
+        if os.path.isfile(legacy):
+            state = torch.load(legacy, map_location="cpu", weights_only=True)
+            tensors_only = isinstance(state, dict) and all(
+                isinstance(v, Tensor) for v in state.values()
+            )
+            if not tensors_only:
+                raise ValueError(f"{legacy} does not hold a tensor state dict")
+            return state, {}
+        raise FileNotFoundError(f"no {WEIGHTS_NAME} (or adapter_model.bin) in {directory!r}")
     from safetensors import safe_open
 
     with safe_open(path, framework="pt") as f:

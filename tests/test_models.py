@@ -370,17 +370,50 @@ def test_merge_and_unload_keeps_the_adapted_function():
         torch.testing.assert_close(merged(**batch).logits, adapted, rtol=1e-4, atol=1e-5)
 
 
-def test_generate_with_each_kind():
+@pytest.mark.parametrize("beams", [1, 3])
+def test_generate_with_each_kind(beams):
     batch = tiny_batch(batch=2, length=6)
     for kind in KINDS:
         model = la.get_adapter_model(tiny_model("llama"), KINDS[kind]())
         model.eval()
         out = model.generate(
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-            max_new_tokens=4, do_sample=False, pad_token_id=0,
+            max_new_tokens=4, do_sample=False, pad_token_id=0, num_beams=beams,
+            num_return_sequences=beams,
         )
-        assert out.shape == (2, 10), kind
-        assert torch.equal(out[:, :6], batch["input_ids"]), kind
+        assert out.shape == (2 * beams, 10), kind
+        prompts = batch["input_ids"].repeat_interleave(beams, 0)
+        assert torch.equal(out[:, :6], prompts), kind
+
+
+def test_prefix_generation_continues_the_forward():
+    """Greedy generation's first token is the argmax of the training-path forward."""
+    model = la.get_adapter_model(tiny_model("llama"), KINDS["prefix"]())
+    _perturb(model)
+    model.eval()
+    ids = tiny_batch(batch=2, length=6)["input_ids"]
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=1, do_sample=False,
+                         pad_token_id=0)
+    assert torch.equal(out[:, -1], logits[:, -1].argmax(-1))
+
+
+def test_legacy_bin_adapter_loads(tmp_path):
+    src = la.get_adapter_model(tiny_model("llama"), la.LoraConfig(r=4))
+    _perturb(src)
+    src.eval()
+    la.save_adapter(src, str(tmp_path))
+    from safetensors.torch import load_file
+
+    state = load_file(str(tmp_path / "adapter_model.safetensors"))
+    (tmp_path / "adapter_model.safetensors").unlink()
+    torch.save(state, tmp_path / "adapter_model.bin")
+    loaded = la.load_adapter(tiny_model("llama"), str(tmp_path))
+    batch = tiny_batch()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits, src(**batch).logits, rtol=0, atol=0)
 
 
 def test_print_trainable_parameters(capsys):
