@@ -39,6 +39,29 @@ __global__ void __launch_bounds__(kThreads) reduce_rows_kernel(const ReduceArgs<
   reduce_rows_block(args, block_index(), static_cast<int>(threadIdx.x), smem, sync);
 }
 
+template <typename T>
+__global__ void __launch_bounds__(kThreads) series_fwd_kernel(const SeriesFwdArgs<T> args) {
+  __shared__ __align__(16) float smem[kRowFusedSmemFloats];
+  DeviceSync sync;
+  series_fwd_block(args, static_cast<int64_t>(blockIdx.x), static_cast<int>(threadIdx.x), smem,
+                   sync);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) grad_rows_kernel(const GradRowsArgs<T> args) {
+  __shared__ __align__(16) float smem[kRowFusedSmemFloats];
+  DeviceSync sync;
+  grad_rows_block(args, static_cast<int64_t>(blockIdx.x), static_cast<int>(threadIdx.x), smem,
+                  sync);
+}
+
+__global__ void sum_partials_kernel(float* __restrict__ out, const float* __restrict__ part,
+                                    int64_t splits, int64_t count, const float* scale_ptr,
+                                    float scaling) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i < count) sum_partials_at(out, part, splits, count, i, scale_ptr, scaling);
+}
+
 __global__ void keep_mask_kernel(bool* __restrict__ out, int64_t numel, DropoutParams drop) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i < numel) out[i] = keep_element(drop, static_cast<uint64_t>(i));
@@ -68,6 +91,29 @@ int launch_reduce_rows(const ReduceArgs<T>& args, Grid grid, void* stream) {
   return static_cast<int>(cudaGetLastError());
 }
 
+template <typename T>
+int launch_series_fwd(const SeriesFwdArgs<T>& args, int64_t blocks, void* stream) {
+  series_fwd_kernel<T><<<static_cast<unsigned>(blocks), kThreads, 0,
+                         static_cast<cudaStream_t>(stream)>>>(args);
+  return static_cast<int>(cudaGetLastError());
+}
+
+template <typename T>
+int launch_grad_rows(const GradRowsArgs<T>& args, int64_t blocks, void* stream) {
+  grad_rows_kernel<T><<<static_cast<unsigned>(blocks), kThreads, 0,
+                        static_cast<cudaStream_t>(stream)>>>(args);
+  return static_cast<int>(cudaGetLastError());
+}
+
+int launch_sum_partials(float* out, const float* part, int64_t splits, int64_t count,
+                        const float* scale_ptr, float scaling, void* stream) {
+  const int64_t blocks = (count + kThreads - 1) / kThreads;
+  sum_partials_kernel<<<static_cast<unsigned>(blocks), kThreads, 0,
+                        static_cast<cudaStream_t>(stream)>>>(out, part, splits, count, scale_ptr,
+                                                             scaling);
+  return static_cast<int>(cudaGetLastError());
+}
+
 int launch_keep_mask(bool* out, int64_t numel, DropoutParams drop, void* stream) {
   const int64_t blocks = (numel + kThreads - 1) / kThreads;
   keep_mask_kernel<<<static_cast<unsigned>(blocks), kThreads, 0,
@@ -78,7 +124,9 @@ int launch_keep_mask(bool* out, int64_t numel, DropoutParams drop, void* stream)
 #define LA_INSTANTIATE(T)                                                   \
   template int launch_shrink<T>(const ShrinkArgs<T>&, Grid, void*);         \
   template int launch_expand<T>(const ExpandArgs<T>&, Grid, void*);         \
-  template int launch_reduce_rows<T>(const ReduceArgs<T>&, Grid, void*);
+  template int launch_reduce_rows<T>(const ReduceArgs<T>&, Grid, void*);     \
+  template int launch_series_fwd<T>(const SeriesFwdArgs<T>&, int64_t, void*); \
+  template int launch_grad_rows<T>(const GradRowsArgs<T>&, int64_t, void*);
 
 LA_INSTANTIATE(float)
 LA_INSTANTIATE(c10::Half)

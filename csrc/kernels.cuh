@@ -503,6 +503,246 @@ LA_HOST_DEVICE void reduce_rows_block(const ReduceArgs<T>& a, BlockIdx block, in
 }
 
 // ----------------------------------------------------------------------------------------------
+// Row-block kernels: one block per kRowBM rows, walking the whole width N
+// ----------------------------------------------------------------------------------------------
+// row_shrink_block computes, for the block's rows,
+//     S[m, j] = out_scale · Σ_n D(X)[m, n] W[n, j] + bias[j]        (all j, rank tiles of 64)
+// and, when `part` is set, in the same pass over X (each tile of X is staged once per rank tile)
+//     part[block, n, j] = Σ_{m in block} X[m, n] φ(H[m, j])        (the block's rows only)
+// whose fixed-order sum over blocks (sum_partials) is the skinny reduction gᵀφ(S) of dB / dUp.
+// The series forward / backward and the LoRA backward build on it:
+//   series_fwd:  S = shrink(h) -> s_pre;  z = h + s·φ(S) Upᵀ + u_b (expand tiles over N, h
+//                re-read: from L2 on a GPU, the block's slice was just read)
+//   grad_rows:   G = g·Up (+ dUp partials from the same tiles of g);  per-row Σ_j G φ(S);
+//                dS = s·G ⊙ φ'(S) in place;  [series] dh = g + D'(dS Dn) (expand tiles over N)
+// S / G / dS are written to global memory and read back by the same block after a barrier
+// (__syncthreads orders global memory within a block), so the rank is not bounded by shared
+// memory: r > 64 runs several rank tiles, re-reading the block's rows of X per tile.
+
+constexpr int kRowBM = kExpandBM;  // 64 rows: one expand row tile
+constexpr int kRowBR = 64;         // rank columns per tile
+constexpr int kRowBK = 32;         // columns of X staged per step
+constexpr int kRowXLD = kRowBK + 1;
+constexpr int kRowWLD = kRowBR + 1;
+constexpr int kRowPLD = kRowBR + 1;
+constexpr int kRowSmemFloats = kRowBM * kRowXLD + kRowBK * kRowWLD + kRowBM * kRowPLD;
+constexpr int kRowFusedSmemFloats =
+    kRowSmemFloats > kExpandSmemFloats ? kRowSmemFloats : kExpandSmemFloats;
+
+// φ'(s), with the formulas of llm_adapters/ops/_activations.py
+LA_HOST_DEVICE float activate_grad(float s, int act) {
+  switch (act) {
+    case kTanh: {
+      const float t = tanhf(s);
+      return 1.f - t * t;
+    }
+    case kRelu:
+      return s > 0.f ? 1.f : 0.f;
+    case kGelu: {
+      const float cdf = 0.5f * (1.f + erff(s * 0.70710678118654752f));
+      const float pdf = 0.39894228040143268f * expf(-0.5f * s * s);
+      return cdf + s * pdf;
+    }
+    case kSilu: {
+      const float sig = 1.f / (1.f + expf(-s));
+      return sig * (1.f + s * (1.f - sig));
+    }
+    default:
+      return 1.f;
+  }
+}
+
+template <typename T>
+struct RowShrinkArgs {
+  const T* x;  // [M, N] contiguous
+  int64_t M, N;
+  const float* w;  // W[n, j] = w[n * w_sn + j * w_sr], [N, R]
+  int64_t w_sn, w_sr, R;
+  float* s;              // [M, R] contiguous
+  const float* s_bias;   // [R] or null
+  float out_scale;
+  DropoutParams drop;    // keep-mask of X (linear index m * N + n)
+  const float* h;        // [M, R] contiguous: φ(h) weighs the partials; null: no partials
+  int act;
+  float* part;           // [blocks, N, R]
+};
+
+template <typename T, typename Sync>
+LA_HOST_DEVICE void row_shrink_block(const RowShrinkArgs<T>& a, int64_t mb, int tid, float* smem,
+                                     Sync& sync) {
+  float* xs = smem;                       // [kRowBM][kRowXLD]
+  float* ws = xs + kRowBM * kRowXLD;      // [kRowBK][kRowWLD]
+  float* ps = ws + kRowBK * kRowWLD;      // [kRowBM][kRowPLD]  φ(H) of the block's rows
+  const int64_t m0 = mb * kRowBM;
+  // S tile: thread owns rows ty + 16 i, rank columns tx + 16 c
+  const int tx = tid % 16;
+  const int ty = tid / 16;
+  // partial tile [kRowBK, kRowBR]: thread owns column pn, rank columns pj + 8 c
+  const int pn = tid % kRowBK;
+  const int pj = tid / kRowBK;
+  const bool partials = a.part != nullptr;
+
+  for (int64_t j0 = 0; j0 < a.R; j0 += kRowBR) {
+    if (partials) {
+      for (int e = tid; e < kRowBM * kRowBR; e += kThreads) {
+        const int mm = e / kRowBR;
+        const int jj = e % kRowBR;
+        const int64_t m = m0 + mm;
+        const int64_t j = j0 + jj;
+        ps[mm * kRowPLD + jj] = (m < a.M && j < a.R) ? activate(a.h[m * a.R + j], a.act) : 0.f;
+      }
+    }
+    float acc[4][4];
+    LA_UNROLL
+    for (int i = 0; i < 4; ++i) {
+      LA_UNROLL
+      for (int c = 0; c < 4; ++c) acc[i][c] = 0.f;
+    }
+    for (int64_t n0 = 0; n0 < a.N; n0 += kRowBK) {
+      for (int e = tid; e < kRowBM * kRowBK; e += kThreads) {
+        const int mm = e / kRowBK;
+        const int nn = e % kRowBK;
+        const int64_t m = m0 + mm;
+        const int64_t n = n0 + nn;
+        float val = 0.f;
+        if (m < a.M && n < a.N) {
+          val = static_cast<float>(a.x[m * a.N + n]);
+          if (a.drop.enabled && !keep_element(a.drop, static_cast<uint64_t>(m * a.N + n))) {
+            val = 0.f;
+          }
+        }
+        xs[mm * kRowXLD + nn] = val;
+      }
+      for (int e = tid; e < kRowBK * kRowBR; e += kThreads) {
+        const int nn = e / kRowBR;
+        const int jj = e % kRowBR;
+        const int64_t n = n0 + nn;
+        const int64_t j = j0 + jj;
+        ws[nn * kRowWLD + jj] = (n < a.N && j < a.R) ? a.w[n * a.w_sn + j * a.w_sr] : 0.f;
+      }
+      sync();
+      LA_UNROLL
+      for (int kk = 0; kk < kRowBK; ++kk) {
+        float wv[4];
+        LA_UNROLL
+        for (int c = 0; c < 4; ++c) wv[c] = ws[kk * kRowWLD + tx + 16 * c];
+        LA_UNROLL
+        for (int i = 0; i < 4; ++i) {
+          const float xv = xs[(ty + 16 * i) * kRowXLD + kk];
+          LA_UNROLL
+          for (int c = 0; c < 4; ++c) acc[i][c] += xv * wv[c];
+        }
+      }
+      if (partials) {
+        float pacc[8];
+        LA_UNROLL
+        for (int c = 0; c < 8; ++c) pacc[c] = 0.f;
+        for (int mm = 0; mm < kRowBM; ++mm) {
+          const float xv = xs[mm * kRowXLD + pn];
+          LA_UNROLL
+          for (int c = 0; c < 8; ++c) pacc[c] += xv * ps[mm * kRowPLD + pj + 8 * c];
+        }
+        const int64_t n = n0 + pn;
+        if (n < a.N) {
+          float* dst = a.part + (mb * a.N + n) * a.R;
+          LA_UNROLL
+          for (int c = 0; c < 8; ++c) {
+            const int64_t j = j0 + pj + 8 * c;
+            if (j < a.R) dst[j] = pacc[c];
+          }
+        }
+      }
+      sync();
+    }
+    LA_UNROLL
+    for (int i = 0; i < 4; ++i) {
+      const int64_t m = m0 + ty + 16 * i;
+      if (m >= a.M) continue;
+      LA_UNROLL
+      for (int c = 0; c < 4; ++c) {
+        const int64_t j = j0 + tx + 16 * c;
+        if (j < a.R) {
+          a.s[m * a.R + j] = acc[i][c] * a.out_scale + (a.s_bias != nullptr ? a.s_bias[j] : 0.f);
+        }
+      }
+    }
+  }
+}
+
+// Fused series forward: s_pre = shrink of h (with d_b); z = expand of s_pre over h.
+template <typename T>
+struct SeriesFwdArgs {
+  RowShrinkArgs<T> shrink;  // x = h, w = Dn as [N, r], s = s_pre, no partials
+  ExpandArgs<T> expand;     // out = z, in = h, h = s_pre, w = Up, bias = u_b
+};
+
+template <typename T, typename Sync>
+LA_HOST_DEVICE void series_fwd_block(const SeriesFwdArgs<T>& a, int64_t mb, int tid, float* smem,
+                                     Sync& sync) {
+  row_shrink_block(a.shrink, mb, tid, smem, sync);
+  sync();  // s_pre of the block's rows is in global memory: visible to the whole block now
+  for (int64_t nb = 0; nb * kExpandBN < a.expand.N; ++nb) {
+    expand_block(a.expand, BlockIdx{mb, nb, 0}, tid, smem, sync);
+  }
+}
+
+// One pass over g: G = g·W (+ partials of gᵀφ(S)); row_terms[m] = Σ_j G[m, j] φ(S[m, j]);
+// dS = s·G ⊙ φ'(S) written over G; with `dh`: dh = g + D'(dS Dn) (expand tiles over N).
+template <typename T>
+struct GradRowsArgs {
+  RowShrinkArgs<T> shrink;  // x = g, w = B / Up as [N, r], s = the dS buffer, h = s_pre
+  const float* s_pre;       // [M, r]
+  float* row_terms;         // [M] or null
+  const float* scale_ptr;   // one float or null
+  float scaling;
+  bool dh;
+  ExpandArgs<T> expand;     // out = dh, in = g, h = dS, w = Dn as [N, r], scaling = 1 / keep
+};
+
+template <typename T, typename Sync>
+LA_HOST_DEVICE void grad_rows_block(const GradRowsArgs<T>& a, int64_t mb, int tid, float* smem,
+                                    Sync& sync) {
+  row_shrink_block(a.shrink, mb, tid, smem, sync);
+  sync();
+  const int64_t m0 = mb * kRowBM;
+  const int64_t M = a.shrink.M, R = a.shrink.R;
+  const int act = a.shrink.act;
+  float* ds = a.shrink.s;
+  if (a.row_terms != nullptr) {
+    for (int mm = tid; mm < kRowBM; mm += kThreads) {
+      const int64_t m = m0 + mm;
+      if (m >= M) continue;
+      float sum = 0.f;
+      for (int64_t j = 0; j < R; ++j) sum += ds[m * R + j] * activate(a.s_pre[m * R + j], act);
+      a.row_terms[m] = sum;
+    }
+    sync();
+  }
+  const float scale = a.scale_ptr == nullptr ? a.scaling : a.scaling * a.scale_ptr[0];
+  for (int64_t e = tid; e < kRowBM * R; e += kThreads) {
+    const int64_t m = m0 + e / R;
+    if (m >= M) continue;
+    const int64_t idx = m * R + e % R;
+    ds[idx] = scale * ds[idx] * activate_grad(a.s_pre[idx], act);
+  }
+  if (!a.dh) return;
+  sync();
+  for (int64_t nb = 0; nb * kExpandBN < a.expand.N; ++nb) {
+    expand_block(a.expand, BlockIdx{mb, nb, 0}, tid, smem, sync);
+  }
+}
+
+// out[i] = scaling · scale · Σ_z part[z, i], z in order (the second, tiny kernel of the
+// one-pass reductions).
+LA_HOST_DEVICE void sum_partials_at(float* out, const float* part, int64_t splits, int64_t count,
+                                    int64_t i, const float* scale_ptr, float scaling) {
+  float sum = 0.f;
+  for (int64_t z = 0; z < splits; ++z) sum += part[z * count + i];
+  const float scale = scale_ptr == nullptr ? scaling : scaling * scale_ptr[0];
+  out[i] = sum * scale;
+}
+
+// ----------------------------------------------------------------------------------------------
 // Launchers (kernels.cu): grid as (x, y, z) block counts; return the launch's cudaError_t as int
 // ----------------------------------------------------------------------------------------------
 
@@ -516,6 +756,12 @@ template <typename T>
 int launch_expand(const ExpandArgs<T>& args, Grid grid, void* stream);
 template <typename T>
 int launch_reduce_rows(const ReduceArgs<T>& args, Grid grid, void* stream);
+template <typename T>
+int launch_series_fwd(const SeriesFwdArgs<T>& args, int64_t blocks, void* stream);
+template <typename T>
+int launch_grad_rows(const GradRowsArgs<T>& args, int64_t blocks, void* stream);
+int launch_sum_partials(float* out, const float* part, int64_t splits, int64_t count,
+                        const float* scale_ptr, float scaling, void* stream);
 int launch_keep_mask(bool* out, int64_t numel, DropoutParams drop, void* stream);
 
 }  // namespace llm_adapters

@@ -24,6 +24,7 @@
 #include <mutex>
 #include <optional>
 #include <thread>
+#include <tuple>
 #include <vector>
 
 #include "kernels.cuh"
@@ -348,6 +349,167 @@ at::Tensor reduce_rows(const at::Tensor& x, const at::Tensor& h, int64_t act, in
 }
 
 // ----------------------------------------------------------------------------------------------
+// Row-block ops: series_forward, grad_rows
+// ----------------------------------------------------------------------------------------------
+
+// A float32 [rows, cols] weight, contiguous (the row-block kernels stage it row by row).
+void check_rank_weight(const at::Tensor& w, int64_t rows, int64_t cols, const at::Tensor& ref,
+                       const char* name) {
+  check_same_device(w, ref, name);
+  TORCH_CHECK(w.scalar_type() == at::kFloat && w.dim() == 2 && w.size(0) == rows &&
+                  w.size(1) == cols && w.is_contiguous(),
+              "llm_adapters_C: ", name, " must be a contiguous float32 [", rows, ", ", cols,
+              "] tensor, got ", w.scalar_type(), " ", w.sizes());
+}
+
+const float* scale_pointer(const c10::optional<at::Tensor>& scale, const at::Tensor& ref,
+                           const char* name) {
+  if (!scale.has_value()) return nullptr;
+  const at::Tensor& s = scale.value();
+  check_same_device(s, ref, name);
+  TORCH_CHECK(s.scalar_type() == at::kFloat && s.numel() == 1,
+              "llm_adapters_C: ", name, " must be a one-element float32 tensor, got ",
+              s.scalar_type(), " ", s.sizes());
+  return s.data_ptr<float>();
+}
+
+template <typename T>
+ExpandArgs<T> expand_args(const at::Tensor& out, const at::Tensor& in, const at::Tensor& h,
+                          int64_t act, const at::Tensor& w, const float* bias,
+                          const float* scale_ptr, double scaling, DropoutParams drop) {
+  const int64_t N = out.size(1);
+  return ExpandArgs<T>{out.data_ptr<T>(), in.data_ptr<T>(), out.size(0), N, h.data_ptr<float>(),
+                       h.size(1), static_cast<int>(act), w.data_ptr<float>(), w.stride(0),
+                       w.stride(1), bias, scale_ptr, static_cast<float>(scaling), drop,
+                       vec_aligned<T>(out.data_ptr(), N) && vec_aligned<T>(in.data_ptr(), N)};
+}
+
+// z = h + s·φ(D(h) Dnᵀ · out_scale + d_b) Upᵀ + u_b and s_pre = D(h) Dnᵀ · out_scale + d_b, one
+// block per 64 rows. down_t: Dn as a contiguous [N, r] tensor; up: [N, r].
+std::tuple<at::Tensor, at::Tensor> series_forward(
+    const at::Tensor& h, const at::Tensor& down_t, const at::Tensor& up,
+    const c10::optional<at::Tensor>& down_bias, const c10::optional<at::Tensor>& up_bias,
+    const c10::optional<at::Tensor>& scale, double scaling, int64_t act, int64_t threshold,
+    double out_scale, int64_t seed) {
+  check_matrix(h, "series_forward: h");
+  TORCH_CHECK(h.is_contiguous(), "llm_adapters_C: series_forward: h must be contiguous");
+  check_activation(act);
+  check_threshold(threshold);
+  const int64_t M = h.size(0), N = h.size(1);
+  TORCH_CHECK(down_t.dim() == 2 && down_t.size(1) >= 1,
+              "llm_adapters_C: series_forward: the bottleneck must be at least 1, got down_t ",
+              down_t.sizes());
+  const int64_t R = down_t.size(1);
+  check_rank_weight(down_t, N, R, h, "series_forward: down_t");
+  check_rank_weight(up, N, R, h, "series_forward: up");
+  check_f32_vector(down_bias, R, h, "series_forward: down_bias");
+  check_f32_vector(up_bias, N, h, "series_forward: up_bias");
+  const float* scale_ptr = scale_pointer(scale, h, "series_forward: scale");
+  at::Tensor z = at::empty({M, N}, h.options());
+  at::Tensor s_pre = at::empty({M, R}, h.options().dtype(at::kFloat));
+  if (M == 0) return {z, s_pre};
+  const c10::cuda::OptionalCUDAGuard guard(cuda_device_of(h));
+  const Exec exec = exec_for(h);
+  const int64_t blocks = ceil_div(M, kRowBM);
+  TORCH_CHECK(blocks <= 2147483647, "llm_adapters_C: series_forward: too many rows (", M, ")");
+  const DropoutParams drop = make_dropout(threshold, seed);
+  LA_DISPATCH_FLOAT_HALF_BF16(h.scalar_type(), "series_forward", [&] {
+    const SeriesFwdArgs<scalar_t> args{
+        RowShrinkArgs<scalar_t>{h.data_ptr<scalar_t>(), M, N, down_t.data_ptr<float>(), R, 1, R,
+                                s_pre.data_ptr<float>(),
+                                down_bias.has_value() ? down_bias->data_ptr<float>() : nullptr,
+                                static_cast<float>(out_scale), drop, nullptr, 0, nullptr},
+        expand_args<scalar_t>(z, h, s_pre, act, up,
+                              up_bias.has_value() ? up_bias->data_ptr<float>() : nullptr,
+                              scale_ptr, scaling, DropoutParams{})};
+    if (exec.cuda) {
+      check_launch(launch_series_fwd(args, blocks, exec.stream));
+    } else {
+      emulate(Grid{blocks, 1, 1}, kRowFusedSmemFloats,
+              [&](BlockIdx b, int tid, float* smem, HostBarrier& s) {
+                series_fwd_block(args, b.x, tid, smem, s);
+              });
+    }
+  });
+  return {z, s_pre};
+}
+
+// One pass over g [M, N]:
+//   dS = s·(g w) ⊙ φ'(s_pre)                                  [M, r] float32
+//   d_w = s·gᵀ φ(s_pre)             (need_dw; else empty)      [N, r] float32
+//   row_terms[m] = Σ_j (g w)[m, j] φ(s_pre)[m, j]  (need_row_terms; Σ_m is d(scale))
+//   dh = g + keep · dh_scaling · dS dhwᵀ  (dh_w given, [N, r]; else empty)
+// s = scaling · scale. d_w is summed over the 64-row blocks' partials in block order.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> grad_rows(
+    const at::Tensor& g, const at::Tensor& w, const at::Tensor& s_pre, int64_t act,
+    const c10::optional<at::Tensor>& scale, double scaling, bool need_dw, bool need_row_terms,
+    const c10::optional<at::Tensor>& dh_w, double dh_scaling, int64_t threshold, int64_t seed) {
+  check_matrix(g, "grad_rows: g");
+  TORCH_CHECK(g.is_contiguous(), "llm_adapters_C: grad_rows: g must be contiguous");
+  check_activation(act);
+  check_threshold(threshold);
+  const int64_t M = g.size(0), N = g.size(1);
+  check_same_device(s_pre, g, "grad_rows: s_pre");
+  TORCH_CHECK(s_pre.scalar_type() == at::kFloat && s_pre.dim() == 2 && s_pre.size(0) == M &&
+                  s_pre.size(1) >= 1 && s_pre.is_contiguous(),
+              "llm_adapters_C: grad_rows: s_pre must be a contiguous float32 [", M,
+              ", r >= 1] tensor, got ", s_pre.scalar_type(), " ", s_pre.sizes());
+  const int64_t R = s_pre.size(1);
+  check_rank_weight(w, N, R, g, "grad_rows: w");
+  if (dh_w.has_value()) check_rank_weight(dh_w.value(), N, R, g, "grad_rows: dh_w");
+  const float* scale_ptr = scale_pointer(scale, g, "grad_rows: scale");
+  const auto f32 = g.options().dtype(at::kFloat);
+  at::Tensor ds = at::empty({M, R}, f32);
+  at::Tensor d_w = need_dw ? at::zeros({N, R}, f32) : at::empty({0}, f32);
+  at::Tensor row_terms = need_row_terms ? at::empty({M}, f32) : at::empty({0}, f32);
+  at::Tensor dh = dh_w.has_value() ? at::empty({M, N}, g.options()) : at::empty({0}, g.options());
+  if (M == 0) return {ds, d_w, row_terms, dh};
+  const c10::cuda::OptionalCUDAGuard guard(cuda_device_of(g));
+  const Exec exec = exec_for(g);
+  const int64_t blocks = ceil_div(M, kRowBM);
+  TORCH_CHECK(blocks <= 2147483647, "llm_adapters_C: grad_rows: too many rows (", M, ")");
+  at::Tensor part = need_dw ? at::empty({blocks, N, R}, f32) : at::empty({0}, f32);
+  LA_DISPATCH_FLOAT_HALF_BF16(g.scalar_type(), "grad_rows", [&] {
+    const at::Tensor& dhw = dh_w.has_value() ? dh_w.value() : w;
+    const at::Tensor& dh_out = dh_w.has_value() ? dh : g;
+    const GradRowsArgs<scalar_t> args{
+        RowShrinkArgs<scalar_t>{g.data_ptr<scalar_t>(), M, N, w.data_ptr<float>(), R, 1, R,
+                                ds.data_ptr<float>(), nullptr, 1.f, DropoutParams{},
+                                s_pre.data_ptr<float>(), static_cast<int>(act),
+                                need_dw ? part.data_ptr<float>() : nullptr},
+        s_pre.data_ptr<float>(),
+        need_row_terms ? row_terms.data_ptr<float>() : nullptr,
+        scale_ptr,
+        static_cast<float>(scaling),
+        dh_w.has_value(),
+        expand_args<scalar_t>(dh_out, g, ds, kIdentity, dhw, nullptr, nullptr, dh_scaling,
+                              make_dropout(threshold, seed))};
+    if (exec.cuda) {
+      check_launch(launch_grad_rows(args, blocks, exec.stream));
+    } else {
+      emulate(Grid{blocks, 1, 1}, kRowFusedSmemFloats,
+              [&](BlockIdx b, int tid, float* smem, HostBarrier& s) {
+                grad_rows_block(args, b.x, tid, smem, s);
+              });
+    }
+  });
+  if (need_dw && N > 0) {
+    const int64_t count = N * R;
+    if (exec.cuda) {
+      check_launch(launch_sum_partials(d_w.data_ptr<float>(), part.data_ptr<float>(), blocks,
+                                       count, scale_ptr, static_cast<float>(scaling),
+                                       exec.stream));
+    } else {
+      for (int64_t i = 0; i < count; ++i) {
+        sum_partials_at(d_w.data_ptr<float>(), part.data_ptr<float>(), blocks, count, i,
+                        scale_ptr, static_cast<float>(scaling));
+      }
+    }
+  }
+  return {ds, d_w, row_terms, dh};
+}
+
+// ----------------------------------------------------------------------------------------------
 // keep_mask_
 // ----------------------------------------------------------------------------------------------
 
@@ -380,11 +542,21 @@ TORCH_LIBRARY(llm_adapters_C, m) {
         "Tensor? scale, float scaling, int threshold, int seed) -> ()");
   // Σ_m D(x)[m, n] φ(h[m, j]): x [M, N], h [M, r] f32 -> [N, r] f32
   m.def("reduce_rows(Tensor x, Tensor h, int act, int threshold, int seed) -> Tensor");
+  // fused series forward, one block per 64 rows: (z, s_pre); down_t, up: [N, r] f32
+  m.def("series_forward(Tensor h, Tensor down_t, Tensor up, Tensor? down_bias, Tensor? up_bias, "
+        "Tensor? scale, float scaling, int act, int threshold, float out_scale, int seed) "
+        "-> (Tensor, Tensor)");
+  // one pass over g: (dS, d_w = s·gᵀφ(s_pre), row terms of d(scale), dh = g + D'(dS dh_wᵀ))
+  m.def("grad_rows(Tensor g, Tensor w, Tensor s_pre, int act, Tensor? scale, float scaling, "
+        "bool need_dw, bool need_row_terms, Tensor? dh_w, float dh_scaling, int threshold, "
+        "int seed) -> (Tensor, Tensor, Tensor, Tensor)");
   // out (bool, row-major) = the dropout keep-mask for its linear indices
   m.def("keep_mask_(Tensor(a!) out, int threshold, int seed) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(llm_adapters_C, CUDA, m) {
+  m.impl("series_forward", &series_forward);
+  m.impl("grad_rows", &grad_rows);
   m.impl("shrink", &shrink);
   m.impl("expand_add_", &expand_add_);
   m.impl("reduce_rows", &reduce_rows);
@@ -392,6 +564,8 @@ TORCH_LIBRARY_IMPL(llm_adapters_C, CUDA, m) {
 }
 
 TORCH_LIBRARY_IMPL(llm_adapters_C, CPU, m) {
+  m.impl("series_forward", &series_forward);
+  m.impl("grad_rows", &grad_rows);
   m.impl("shrink", &shrink);
   m.impl("expand_add_", &expand_add_);
   m.impl("reduce_rows", &reduce_rows);

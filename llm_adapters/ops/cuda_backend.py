@@ -41,7 +41,6 @@ import torch
 from torch import Tensor
 
 from .. import _cuda_build
-from ._activations import activation_grad, apply_activation
 from .torch_backend import dropout_threshold
 
 ACTIVATION_CODES = {"identity": 0, "tanh": 1, "relu": 2, "gelu": 3, "silu": 4}
@@ -122,24 +121,17 @@ def _empty(g: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
     return g.new_empty(0, dtype=dtype)
 
 
-def _branch_grads(C, g, s_pre, up, scale_t, scaling, activation, need_ds, need_up, need_scale):
-    """From one pass of g: G = g·up (shrink), dS = s·G ⊙ φ'(S) and d(scale) = Σ G ⊙ φ(S);
-    d(up) = s·gᵀφ(S) from reduce_rows (φ applied in the kernel)."""
-    act = ACTIVATION_CODES[activation]
-    s = _scale(scale_t, scaling)
-    ds = d_scale = d_up = None
-    if need_ds or need_scale:
-        gu = C.shrink(g, _rank_rows(up), None, 0, 1.0, 0)  # [M, r] = g·up, float32
-        if need_scale:
-            d_scale = (gu * apply_activation(s_pre, activation)).sum()
-        if need_ds:
-            ds = gu.mul_(s)
-            grad = activation_grad(s_pre, activation)
-            if grad is not None:
-                ds.mul_(grad)
-    if need_up:
-        d_up = C.reduce_rows(g, s_pre, act, 0, 0).mul_(s)  # [N, r]
-    return ds, d_up, d_scale
+def _grad_rows(C, g, s_pre, up, scale_t, scaling, activation, need_up, need_scale,
+               dh_w=None, dh_scaling=1.0, threshold=0, seed=0):
+    """One pass of g (grad_rows kernel): dS = s·(g·up) ⊙ φ'(S), d(up) = s·gᵀφ(S) (fixed-order
+    sum of 64-row partials), d(scale) = Σ (g·up) ⊙ φ(S), and with `dh_w` dh = g + D'(dS dh_w)."""
+    ds, d_up, row_terms, dh = C.grad_rows(
+        g, up.to(torch.float32).contiguous(), s_pre, ACTIVATION_CODES[activation],
+        _f32(scale_t), float(scaling) if scale_t is None else 1.0, bool(need_up),
+        bool(need_scale), dh_w, float(dh_scaling), int(threshold), int(seed),
+    )
+    d_scale = row_terms.sum() if need_scale else None
+    return ds, (d_up if need_up else None), d_scale, dh
 
 
 def lora_forward(x, weight, bias, a, b, a_bias, b_bias, scale_t, scaling, p, seed, activation):
@@ -167,10 +159,9 @@ def lora_backward(g, x, weight, a, b, scale_t, scaling, p, seed, activation, s_p
     threshold, inv_keep = _dropout(p)
     seed = int(seed)
     s_pre = s_pre.contiguous()
-    ds, d_b, d_scale = _branch_grads(
-        C, g, s_pre, b, scale_t, scaling, activation,
-        need_dx or need_a or need_ab, need_b, need_scale,
-    )
+    g = g.contiguous()
+    ds, d_b, d_scale, _ = _grad_rows(C, g, s_pre, b, scale_t, scaling, activation, need_b,
+                                     need_scale)
     dx = _empty(g, g.dtype)
     if need_dx:
         dx = (g @ weight).contiguous()
@@ -195,12 +186,12 @@ def series_forward(h, down, up, down_bias, up_bias, scale_t, scaling, p, seed, a
     _check_dtype(h, "h")
     C = load_extension()
     threshold, inv_keep = _dropout(p)
-    s_pre = C.shrink(h, _f32(down), _f32(down_bias), threshold, inv_keep, int(seed))
-    z = torch.empty_like(h, memory_format=torch.contiguous_format)
-    C.expand_add_(
-        z, h, s_pre, ACTIVATION_CODES[activation], _f32(up).contiguous(),
+    z, s_pre = C.series_forward(
+        h.contiguous(), _rank_rows(down), _f32(up).contiguous(),
+        None if down_bias is None else _f32(down_bias).contiguous(),
         None if up_bias is None else _f32(up_bias).contiguous(),
-        _f32(scale_t), float(scaling) if scale_t is None else 1.0, 0, 0,
+        _f32(scale_t), float(scaling) if scale_t is None else 1.0,
+        ACTIVATION_CODES[activation], threshold, inv_keep, int(seed),
     )
     return z, s_pre, _empty(h, torch.bool)
 
@@ -213,14 +204,13 @@ def series_backward(g, h, down, up, scale_t, scaling, p, seed, activation, s_pre
     threshold, inv_keep = _dropout(p)
     seed = int(seed)
     s_pre = s_pre.contiguous()
-    ds, d_up, d_scale = _branch_grads(
-        C, g, s_pre, up, scale_t, scaling, activation,
-        need_dh or need_down or need_db, need_up, need_scale,
+    g = g.contiguous()
+    ds, d_up, d_scale, dh = _grad_rows(
+        C, g, s_pre, up, scale_t, scaling, activation, need_up, need_scale,
+        _rank_rows(down) if need_dh else None, inv_keep, threshold, seed,
     )
-    dh = _empty(g, g.dtype)
-    if need_dh:
-        dh = torch.empty_like(g, memory_format=torch.contiguous_format)
-        C.expand_add_(dh, g, ds, 0, _rank_rows(down), None, None, inv_keep, threshold, seed)
+    if not need_dh:
+        dh = _empty(g, g.dtype)
     d_down = _empty(g)
     if need_down:
         d_down = C.reduce_rows(h, ds, 0, threshold, seed).mul_(inv_keep).t().contiguous()
