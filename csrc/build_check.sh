@@ -29,7 +29,9 @@ cuda_backend.load_extension(prefer_prebuilt=False)
 loaded, how = cuda_backend.extension_status()
 assert loaded, how
 ops = torch.ops.llm_adapters_C
-for name in ("shrink", "expand_add_", "reduce_rows", "keep_mask_"):
+for name in (
+    "shrink", "expand_add_", "reduce_rows", "keep_mask_", "series_forward", "grad_rows"
+):
     getattr(ops, name)  # raises when the op is not registered
 mask = cuda_backend.keep_mask((3, 5), 0.5, 1234, torch.device("cpu"))
 assert mask.shape == (3, 5) and mask.dtype == torch.bool

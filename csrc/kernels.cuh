@@ -9,6 +9,8 @@
 //   shrink       S = D(x) wᵀ · out_scale                x [M, K], w [r, K] -> [splits, M, r]
 //   expand       out = in + keep·scale·φ(H) wᵀ + bias    H [M, r], w [N, r] -> out [M, N]
 //   reduce_rows  Σ_m D(X)[m, n] φ(H[m, j])               X [M, N], H [M, r] -> [splits, N, r]
+//   series_fwd   row blocks: S = D(h) Dnᵀ, z = h + s·φ(S) Upᵀ + u_b
+//   grad_rows    row blocks, one pass over g: G = g W, partials of gᵀφ(S), dS, [dh]
 // Partials of split reductions are summed afterwards in a fixed order: no atomics anywhere.
 #pragma once
 

@@ -5,23 +5,31 @@ it; otherwise it is compiled on first use through torch's JIT loader (ninja, nvc
 folder (see `llm_adapters/_cuda_build.py`). `extension_status()` says which, or why neither.
 Nothing here is imported by the package until `backend="cuda"` (or auto on a GPU) asks for it.
 
-The C++ registers four low-level ops under `torch.ops.llm_adapters_C` (see csrc/ops.cpp):
-    shrink       S = D(x) wᵀ·c (+ bias)          one read of x, Philox dropout fused
-    expand_add_  out = in + keep·s·φ(H) wᵀ + bias  in place into the cuBLAS output when in = out
-    reduce_rows  Σ_m D(X)[m, :]ᵀ φ(H)[m, :]        skinny reduction over M (dB, dA, dUp, dDn)
-    keep_mask_   the keep-mask itself (also on CPU, for tests)
+The C++ registers six low-level ops under `torch.ops.llm_adapters_C` (see csrc/ops.cpp):
+    shrink          S = D(x) wᵀ·c (+ bias)          one read of x, Philox dropout fused
+    expand_add_     out = in + keep·s·φ(H) wᵀ + bias  in place into the cuBLAS output when in = out
+    reduce_rows     Σ_m D(X)[m, :]ᵀ φ(H)[m, :]        skinny reduction over M (dA, dDn)
+    series_forward  fused series forward, one block per 64 rows of h (DESIGN §2.2)
+    grad_rows       one pass over g: G = g·w, dS, s·gᵀφ(S), the rows of d(scale), and
+                    optionally dh = g + D'(dS Dn)
+    keep_mask_      the keep-mask itself (also on CPU, for tests)
 and this module composes them with the base GEMMs (torch / cuBLAS) into the backend contract
 documented in `ops/torch_backend.py`:
 
 LoRA / parallel forward:  S = shrink(x, A) + a_b;  y = x Wᵀ + b + b_b (cuBLAS);
                           y += s·φ(S) Bᵀ (expand_add_, in place)
-LoRA backward:            G = g B (shrink of g, no dropout); dS = s·G ⊙ φ'(S);
-                          dB = s·reduce_rows(g, φ(S));  dx = g W (cuBLAS) += D'(dS A);
+LoRA backward:            grad_rows(g, B): dS = s·(g B) ⊙ φ'(S) and dB = s·gᵀφ(S) from the same
+                          tiles of g; dx = g W (cuBLAS) += D'(dS A) (expand_add_);
                           dA = reduce_rows(x with the mask, dS)ᵀ / keep
-Series forward/backward:  the same kernels with z = h + ..., dh = g + D'(dS Dn).
+Series forward:           series_forward: per 64-row block, S = D(h) Dnᵀ + d_b (float32, all
+                          rank tiles), then z = h + s·φ(S) Upᵀ + u_b re-reading the block's h
+Series backward:          grad_rows(g, Up, dh_w = Dn): dS, dUp and dh = g + D'(dS Dn) in one
+                          row-block pass over g;  dDn = reduce_rows(h with the mask, dS)ᵀ / keep
 The dropout keep-mask is regenerated from the seed in every kernel that needs it, never
 stored; it is bit-identical to the Triton kernels' (llm_adapters/triton_kernels/dropout.py).
-Backward reads g twice (the shrink for G, reduce_rows for dB), not once.
+dB / dUp are sums of per-64-row-block partials (a [M/64, N, r] float32 buffer) added in block
+order by a second small kernel, and dDn / dA use reduce_rows' fixed-order splits: no atomics,
+so gradients are bitwise reproducible.
 
 The extension also registers CPU implementations of its ops that run the kernels' own code on
 host threads (csrc/ops.cpp, emulate()): the functions below then work on CPU tensors, slowly,
