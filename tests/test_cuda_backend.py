@@ -350,6 +350,13 @@ def test_many_blocks_on_host_threads(ext, kind):
     _check_parity(kind, torch.float16, 600, 40, 136, 12, 0.1, "relu", False, True, device="cpu")
 
 
+@pytest.fixture(params=["partials", "reduce"])
+def dw_path(request, monkeypatch):
+    """Both sources of dB / dUp: the one-pass partials of grad_rows and reduce_rows."""
+    monkeypatch.setattr(cuda_backend, "DW_PATH", request.param)
+    return request.param
+
+
 @needs_extension
 @pytest.mark.parametrize(
     "dtype,m,n,r,p,activation",
@@ -359,14 +366,14 @@ def test_many_blocks_on_host_threads(ext, kind):
         (torch.float16, 3, 40, 1024, 0.1, "gelu"),  # the largest bottleneck: 16 rank tiles
     ],
 )
-def test_series_row_block_tiles_on_host_threads(ext, dtype, m, n, r, p, activation):
+def test_series_row_block_tiles_on_host_threads(ext, dw_path, dtype, m, n, r, p, activation):
     """The fused series row-block kernels beyond one rank tile and one column tile."""
     _check_parity("series", dtype, m, n, n, r, p, activation, True, True, device="cpu")
 
 
 @needs_extension
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_lora_one_pass_backward_rank_tiles_on_host_threads(ext, dtype):
+def test_lora_one_pass_backward_rank_tiles_on_host_threads(ext, dw_path, dtype):
     """grad_rows for LoRA: two rank tiles (72 = 64 + 8), several 64-row blocks of partials.
     The learned scale only below float32: its gradient is a sum of ~10⁴ terms of both signs,
     where float32 PyTorch's own error is a matter of luck (here 1.5e-6, while the previous
@@ -426,6 +433,19 @@ def test_grad_rows_op_against_float64_and_deterministic(ext, dtype, device):
                                            0, 0)
     assert torch.equal(ds, first[0])
     assert d_w.numel() == 0 and row_terms.numel() == 0 and dh.numel() == 0
+
+
+def test_dw_path_rule(monkeypatch):
+    """auto: one-pass partials while their buffer (r float32 per 64 rows) is no larger than g."""
+    g16 = torch.empty(2, 3, dtype=torch.bfloat16)
+    g32 = torch.empty(2, 3)
+    assert cuda_backend._dw_from_partials(g16, 32) and not cuda_backend._dw_from_partials(g16, 33)
+    assert cuda_backend._dw_from_partials(g32, 64) and not cuda_backend._dw_from_partials(g32, 65)
+    monkeypatch.setattr(cuda_backend, "DW_PATH", "partials")
+    assert cuda_backend._dw_from_partials(g16, 1024)
+    monkeypatch.setattr(cuda_backend, "DW_PATH", "fast")
+    with pytest.raises(ValueError, match="DW_PATH"):
+        cuda_backend._dw_from_partials(g16, 8)
 
 
 @needs_extension
@@ -623,7 +643,7 @@ def test_opcheck_series_gpu(ext, p):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", _GPU_DTYPES)
 @pytest.mark.parametrize("p", [0.0, 0.1])
-def test_series_row_block_llama_shape_gpu(ext, dtype, p):
+def test_series_row_block_llama_shape_gpu(ext, dw_path, dtype, p):
     _check_parity("series", dtype, 8192, 4096, 4096, 256, p, "tanh", learned_scale=True,
                   biases=False)
 
@@ -631,14 +651,14 @@ def test_series_row_block_llama_shape_gpu(ext, dtype, p):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", _GPU_DTYPES)
 @pytest.mark.parametrize("p", [0.0, 0.1])
-def test_lora_one_pass_backward_llama_shape_gpu(ext, dtype, p):
+def test_lora_one_pass_backward_llama_shape_gpu(ext, dw_path, dtype, p):
     _check_parity("lora", dtype, 8192, 4096, 4096, 256, p, "identity", learned_scale=False,
                   biases=False)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("kind", ["lora", "series"])
-def test_backward_is_deterministic_gpu(ext, kind):
+def test_backward_is_deterministic_gpu(ext, dw_path, kind):
     """Fixed-order partial sums, no atomics: two backward passes give bitwise equal grads."""
     dev = torch.device("cuda")
     torch.manual_seed(0)

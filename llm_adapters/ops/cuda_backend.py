@@ -129,15 +129,36 @@ def _empty(g: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
     return g.new_empty(0, dtype=dtype)
 
 
+# Where d(up) = s·gᵀφ(S) comes from. "partials": the grad_rows pass over g also writes per-64-
+# row-block partials ([M/64, N, r] float32) that a second kernel sums in block order; "reduce":
+# reduce_rows reads g a second time. "auto" takes the partials while that buffer is no larger
+# than g itself (r <= 16 · g's bytes per element: 32 for 16-bit g), i.e. while writing and
+# re-reading it moves fewer bytes than reading g again. A byte count, not a timing.
+DW_PATH = "auto"
+
+
+def _dw_from_partials(g: Tensor, r: int) -> bool:
+    if DW_PATH not in ("auto", "partials", "reduce"):
+        raise ValueError(f"DW_PATH must be 'auto', 'partials' or 'reduce', got {DW_PATH!r}")
+    if DW_PATH != "auto":
+        return DW_PATH == "partials"
+    return 4 * r <= 64 * g.element_size()
+
+
 def _grad_rows(C, g, s_pre, up, scale_t, scaling, activation, need_up, need_scale,
                dh_w=None, dh_scaling=1.0, threshold=0, seed=0):
-    """One pass of g (grad_rows kernel): dS = s·(g·up) ⊙ φ'(S), d(up) = s·gᵀφ(S) (fixed-order
-    sum of 64-row partials), d(scale) = Σ (g·up) ⊙ φ(S), and with `dh_w` dh = g + D'(dS dh_w)."""
+    """One pass of g (grad_rows kernel): dS = s·(g·up) ⊙ φ'(S), d(scale) = Σ (g·up) ⊙ φ(S),
+    with `dh_w` dh = g + D'(dS dh_w), and d(up) = s·gᵀφ(S) from the same pass (fixed-order sum
+    of 64-row partials) or from reduce_rows (see DW_PATH)."""
+    act = ACTIVATION_CODES[activation]
+    partials = need_up and _dw_from_partials(g, s_pre.shape[1])
     ds, d_up, row_terms, dh = C.grad_rows(
-        g, up.to(torch.float32).contiguous(), s_pre, ACTIVATION_CODES[activation],
-        _f32(scale_t), float(scaling) if scale_t is None else 1.0, bool(need_up),
-        bool(need_scale), dh_w, float(dh_scaling), int(threshold), int(seed),
+        g, up.to(torch.float32).contiguous(), s_pre, act, _f32(scale_t),
+        float(scaling) if scale_t is None else 1.0, partials, bool(need_scale), dh_w,
+        float(dh_scaling), int(threshold), int(seed),
     )
+    if need_up and not partials:
+        d_up = C.reduce_rows(g, s_pre, act, 0, 0).mul_(_scale(scale_t, scaling))
     d_scale = row_terms.sum() if need_scale else None
     return ds, (d_up if need_up else None), d_scale, dh
 
