@@ -528,6 +528,9 @@ constexpr int kRowXLD = kRowBK + 1;
 constexpr int kRowWLD = kRowBR + 1;
 constexpr int kRowPLD = kRowBR + 1;
 constexpr int kRowSmemFloats = kRowBM * kRowXLD + kRowBK * kRowWLD + kRowBM * kRowPLD;
+// the thread layouts below: S tile 16 x 16 threads of 4 x 4; partial tile 64 x 4 threads of 1 x 8
+static_assert(kThreads == 256 && kRowBM == 64 && kRowBR == 64 && kRowBK == 32,
+              "row_shrink_block's thread layouts assume these tile sizes");
 constexpr int kRowFusedSmemFloats =
     kRowSmemFloats > kExpandSmemFloats ? kRowSmemFloats : kExpandSmemFloats;
 
@@ -579,9 +582,10 @@ LA_HOST_DEVICE void row_shrink_block(const RowShrinkArgs<T>& a, int64_t mb, int 
   // S tile: thread owns rows ty + 16 i, rank columns tx + 16 c
   const int tx = tid % 16;
   const int ty = tid / 16;
-  // partial tile [kRowBK, kRowBR]: thread owns column pn, rank columns pj + 8 c
-  const int pn = tid % kRowBK;
-  const int pj = tid / kRowBK;
+  // partial tile [kRowBK, kRowBR]: thread owns rank column pj and columns pn + 4 c of X, so a
+  // warp's stores of one partial row are 32 consecutive floats
+  const int pj = tid % kRowBR;
+  const int pn = tid / kRowBR;
   const bool partials = a.part != nullptr;
 
   for (int64_t j0 = 0; j0 < a.R; j0 += kRowBR) {
@@ -640,17 +644,16 @@ LA_HOST_DEVICE void row_shrink_block(const RowShrinkArgs<T>& a, int64_t mb, int 
         LA_UNROLL
         for (int c = 0; c < 8; ++c) pacc[c] = 0.f;
         for (int mm = 0; mm < kRowBM; ++mm) {
-          const float xv = xs[mm * kRowXLD + pn];
+          const float pv = ps[mm * kRowPLD + pj];
           LA_UNROLL
-          for (int c = 0; c < 8; ++c) pacc[c] += xv * ps[mm * kRowPLD + pj + 8 * c];
+          for (int c = 0; c < 8; ++c) pacc[c] += xs[mm * kRowXLD + pn + 4 * c] * pv;
         }
-        const int64_t n = n0 + pn;
-        if (n < a.N) {
-          float* dst = a.part + (mb * a.N + n) * a.R;
+        const int64_t j = j0 + pj;
+        if (j < a.R) {
           LA_UNROLL
           for (int c = 0; c < 8; ++c) {
-            const int64_t j = j0 + pj + 8 * c;
-            if (j < a.R) dst[j] = pacc[c];
+            const int64_t n = n0 + pn + 4 * c;
+            if (n < a.N) a.part[(mb * a.N + n) * a.R + j] = pacc[c];
           }
         }
       }

@@ -372,6 +372,15 @@ def test_series_row_block_tiles_on_host_threads(ext, dw_path, dtype, m, n, r, p,
 
 
 @needs_extension
+def test_series_widest_hidden_on_host_threads(ext):
+    """Hidden 16384, the widest supported: 512 column steps of the shrink, 128 expand tiles;
+    r = 5 in bfloat16 takes the one-pass partials for dUp."""
+    assert cuda_backend._dw_from_partials(torch.empty(1, dtype=torch.bfloat16), 5)
+    _check_parity("series", torch.bfloat16, 2, 16384, 16384, 5, 0.1, "relu", True, True,
+                  device="cpu")
+
+
+@needs_extension
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_lora_one_pass_backward_rank_tiles_on_host_threads(ext, dw_path, dtype):
     """grad_rows for LoRA: two rank tiles (72 = 64 + 8), several 64-row blocks of partials.

@@ -189,8 +189,10 @@ def lora_backward(g, x, weight, a, b, scale_t, scaling, p, seed, activation, s_p
     seed = int(seed)
     s_pre = s_pre.contiguous()
     g = g.contiguous()
-    ds, d_b, d_scale, _ = _grad_rows(C, g, s_pre, b, scale_t, scaling, activation, need_b,
-                                     need_scale)
+    ds = d_b = d_scale = None
+    if need_dx or need_a or need_ab or need_b or need_scale:
+        ds, d_b, d_scale, _ = _grad_rows(C, g, s_pre, b, scale_t, scaling, activation, need_b,
+                                         need_scale)
     dx = _empty(g, g.dtype)
     if need_dx:
         dx = (g @ weight).contiguous()
