@@ -39,19 +39,19 @@ __global__ void __launch_bounds__(kThreads) reduce_rows_kernel(const ReduceArgs<
   reduce_rows_block(args, block_index(), static_cast<int>(threadIdx.x), smem, sync);
 }
 
-template <typename T>
+template <typename T, int RT>
 __global__ void __launch_bounds__(kThreads) series_fwd_kernel(const SeriesFwdArgs<T> args) {
-  __shared__ __align__(16) float smem[kRowFusedSmemFloats];
+  __shared__ __align__(16) float smem[row_fused_smem_floats<RT>()];
   DeviceSync sync;
-  series_fwd_block(args, static_cast<int64_t>(blockIdx.x), static_cast<int>(threadIdx.x), smem,
+  series_fwd_block<RT>(args, static_cast<int64_t>(blockIdx.x), static_cast<int>(threadIdx.x), smem,
                    sync);
 }
 
-template <typename T>
+template <typename T, int RT>
 __global__ void __launch_bounds__(kThreads) grad_rows_kernel(const GradRowsArgs<T> args) {
-  __shared__ __align__(16) float smem[kRowFusedSmemFloats];
+  __shared__ __align__(16) float smem[row_fused_smem_floats<RT>()];
   DeviceSync sync;
-  grad_rows_block(args, static_cast<int64_t>(blockIdx.x), static_cast<int>(threadIdx.x), smem,
+  grad_rows_block<RT>(args, static_cast<int64_t>(blockIdx.x), static_cast<int>(threadIdx.x), smem,
                   sync);
 }
 
@@ -92,16 +92,24 @@ int launch_reduce_rows(const ReduceArgs<T>& args, Grid grid, void* stream) {
 }
 
 template <typename T>
-int launch_series_fwd(const SeriesFwdArgs<T>& args, int64_t blocks, void* stream) {
-  series_fwd_kernel<T><<<static_cast<unsigned>(blocks), kThreads, 0,
-                         static_cast<cudaStream_t>(stream)>>>(args);
+int launch_series_fwd(const SeriesFwdArgs<T>& args, int64_t blocks, bool wide, void* stream) {
+  const auto s = static_cast<cudaStream_t>(stream);
+  if (wide) {
+    series_fwd_kernel<T, kRowWideRT><<<static_cast<unsigned>(blocks), kThreads, 0, s>>>(args);
+  } else {
+    series_fwd_kernel<T, 1><<<static_cast<unsigned>(blocks), kThreads, 0, s>>>(args);
+  }
   return static_cast<int>(cudaGetLastError());
 }
 
 template <typename T>
-int launch_grad_rows(const GradRowsArgs<T>& args, int64_t blocks, void* stream) {
-  grad_rows_kernel<T><<<static_cast<unsigned>(blocks), kThreads, 0,
-                        static_cast<cudaStream_t>(stream)>>>(args);
+int launch_grad_rows(const GradRowsArgs<T>& args, int64_t blocks, bool wide, void* stream) {
+  const auto s = static_cast<cudaStream_t>(stream);
+  if (wide) {
+    grad_rows_kernel<T, kRowWideRT><<<static_cast<unsigned>(blocks), kThreads, 0, s>>>(args);
+  } else {
+    grad_rows_kernel<T, 1><<<static_cast<unsigned>(blocks), kThreads, 0, s>>>(args);
+  }
   return static_cast<int>(cudaGetLastError());
 }
 
@@ -125,8 +133,8 @@ int launch_keep_mask(bool* out, int64_t numel, DropoutParams drop, void* stream)
   template int launch_shrink<T>(const ShrinkArgs<T>&, Grid, void*);         \
   template int launch_expand<T>(const ExpandArgs<T>&, Grid, void*);         \
   template int launch_reduce_rows<T>(const ReduceArgs<T>&, Grid, void*);     \
-  template int launch_series_fwd<T>(const SeriesFwdArgs<T>&, int64_t, void*); \
-  template int launch_grad_rows<T>(const GradRowsArgs<T>&, int64_t, void*);
+  template int launch_series_fwd<T>(const SeriesFwdArgs<T>&, int64_t, bool, void*); \
+  template int launch_grad_rows<T>(const GradRowsArgs<T>&, int64_t, bool, void*);
 
 LA_INSTANTIATE(float)
 LA_INSTANTIATE(c10::Half)

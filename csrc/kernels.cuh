@@ -519,7 +519,9 @@ LA_HOST_DEVICE void reduce_rows_block(const ReduceArgs<T>& a, BlockIdx block, in
 //                dS = s·G ⊙ φ'(S) in place;  [series] dh = g + D'(dS Dn) (expand tiles over N)
 // S / G / dS are written to global memory and read back by the same block after a barrier
 // (__syncthreads orders global memory within a block), so the rank is not bounded by shared
-// memory: r > 64 runs several rank tiles, re-reading the block's rows of X per tile.
+// memory. One pass over X covers RT rank tiles of 64 in registers (RT = 1, or kRowWideRT = 4
+// when r > 64 and no partials are asked for: up to 256 ranks per read of X); larger ranks run
+// several passes, re-reading the block's rows of X (from L2 when they still are there).
 
 constexpr int kRowBM = kExpandBM;  // 64 rows: one expand row tile
 constexpr int kRowBR = 64;         // rank columns per tile
@@ -527,12 +529,18 @@ constexpr int kRowBK = 32;         // columns of X staged per step
 constexpr int kRowXLD = kRowBK + 1;
 constexpr int kRowWLD = kRowBR + 1;
 constexpr int kRowPLD = kRowBR + 1;
+constexpr int kRowWideRT = 4;
 constexpr int kRowSmemFloats = kRowBM * kRowXLD + kRowBK * kRowWLD + kRowBM * kRowPLD;
+constexpr int kRowWideSmemFloats = kRowBM * kRowXLD + kRowBK * (kRowWideRT * kRowBR + 1);
 // the thread layouts below: S tile 16 x 16 threads of 4 x 4; partial tile 64 x 4 threads of 1 x 8
 static_assert(kThreads == 256 && kRowBM == 64 && kRowBR == 64 && kRowBK == 32,
               "row_shrink_block's thread layouts assume these tile sizes");
-constexpr int kRowFusedSmemFloats =
-    kRowSmemFloats > kExpandSmemFloats ? kRowSmemFloats : kExpandSmemFloats;
+template <int RT>
+constexpr int row_fused_smem_floats() {
+  return (RT == 1 ? kRowSmemFloats : kRowWideSmemFloats) > kExpandSmemFloats
+             ? (RT == 1 ? kRowSmemFloats : kRowWideSmemFloats)
+             : kExpandSmemFloats;
+}
 
 // φ'(s), with the formulas of llm_adapters/ops/_activations.py
 LA_HOST_DEVICE float activate_grad(float s, int act) {
@@ -572,23 +580,26 @@ struct RowShrinkArgs {
   float* part;           // [blocks, N, R]
 };
 
-template <typename T, typename Sync>
+template <int RT, typename T, typename Sync>
 LA_HOST_DEVICE void row_shrink_block(const RowShrinkArgs<T>& a, int64_t mb, int tid, float* smem,
                                      Sync& sync) {
+  static_assert(RT == 1 || RT == kRowWideRT, "rank tiles per pass: 1 or kRowWideRT");
+  constexpr int BR = RT * kRowBR;  // rank columns per pass over X
+  constexpr int WLD = BR + 1;
   float* xs = smem;                       // [kRowBM][kRowXLD]
-  float* ws = xs + kRowBM * kRowXLD;      // [kRowBK][kRowWLD]
-  float* ps = ws + kRowBK * kRowWLD;      // [kRowBM][kRowPLD]  φ(H) of the block's rows
+  float* ws = xs + kRowBM * kRowXLD;      // [kRowBK][WLD]
+  float* ps = ws + kRowBK * WLD;          // [kRowBM][kRowPLD]  φ(H) of the block's rows (RT 1)
   const int64_t m0 = mb * kRowBM;
-  // S tile: thread owns rows ty + 16 i, rank columns tx + 16 c
+  // S tile: thread owns rows ty + 16 i, rank columns tx + 16 c (c < 4 RT)
   const int tx = tid % 16;
   const int ty = tid / 16;
   // partial tile [kRowBK, kRowBR]: thread owns rank column pj and columns pn + 4 c of X, so a
   // warp's stores of one partial row are 32 consecutive floats
   const int pj = tid % kRowBR;
   const int pn = tid / kRowBR;
-  const bool partials = a.part != nullptr;
+  const bool partials = RT == 1 && a.part != nullptr;  // the host asks for them with RT 1 only
 
-  for (int64_t j0 = 0; j0 < a.R; j0 += kRowBR) {
+  for (int64_t j0 = 0; j0 < a.R; j0 += BR) {
     if (partials) {
       for (int e = tid; e < kRowBM * kRowBR; e += kThreads) {
         const int mm = e / kRowBR;
@@ -598,11 +609,11 @@ LA_HOST_DEVICE void row_shrink_block(const RowShrinkArgs<T>& a, int64_t mb, int 
         ps[mm * kRowPLD + jj] = (m < a.M && j < a.R) ? activate(a.h[m * a.R + j], a.act) : 0.f;
       }
     }
-    float acc[4][4];
+    float acc[4][4 * RT];
     LA_UNROLL
     for (int i = 0; i < 4; ++i) {
       LA_UNROLL
-      for (int c = 0; c < 4; ++c) acc[i][c] = 0.f;
+      for (int c = 0; c < 4 * RT; ++c) acc[i][c] = 0.f;
     }
     for (int64_t n0 = 0; n0 < a.N; n0 += kRowBK) {
       for (int e = tid; e < kRowBM * kRowBK; e += kThreads) {
@@ -619,24 +630,24 @@ LA_HOST_DEVICE void row_shrink_block(const RowShrinkArgs<T>& a, int64_t mb, int 
         }
         xs[mm * kRowXLD + nn] = val;
       }
-      for (int e = tid; e < kRowBK * kRowBR; e += kThreads) {
-        const int nn = e / kRowBR;
-        const int jj = e % kRowBR;
+      for (int e = tid; e < kRowBK * BR; e += kThreads) {
+        const int nn = e / BR;
+        const int jj = e % BR;
         const int64_t n = n0 + nn;
         const int64_t j = j0 + jj;
-        ws[nn * kRowWLD + jj] = (n < a.N && j < a.R) ? a.w[n * a.w_sn + j * a.w_sr] : 0.f;
+        ws[nn * WLD + jj] = (n < a.N && j < a.R) ? a.w[n * a.w_sn + j * a.w_sr] : 0.f;
       }
       sync();
       LA_UNROLL
       for (int kk = 0; kk < kRowBK; ++kk) {
-        float wv[4];
+        float wv[4 * RT];
         LA_UNROLL
-        for (int c = 0; c < 4; ++c) wv[c] = ws[kk * kRowWLD + tx + 16 * c];
+        for (int c = 0; c < 4 * RT; ++c) wv[c] = ws[kk * WLD + tx + 16 * c];
         LA_UNROLL
         for (int i = 0; i < 4; ++i) {
           const float xv = xs[(ty + 16 * i) * kRowXLD + kk];
           LA_UNROLL
-          for (int c = 0; c < 4; ++c) acc[i][c] += xv * wv[c];
+          for (int c = 0; c < 4 * RT; ++c) acc[i][c] += xv * wv[c];
         }
       }
       if (partials) {
@@ -664,7 +675,7 @@ LA_HOST_DEVICE void row_shrink_block(const RowShrinkArgs<T>& a, int64_t mb, int 
       const int64_t m = m0 + ty + 16 * i;
       if (m >= a.M) continue;
       LA_UNROLL
-      for (int c = 0; c < 4; ++c) {
+      for (int c = 0; c < 4 * RT; ++c) {
         const int64_t j = j0 + tx + 16 * c;
         if (j < a.R) {
           a.s[m * a.R + j] = acc[i][c] * a.out_scale + (a.s_bias != nullptr ? a.s_bias[j] : 0.f);
@@ -681,10 +692,10 @@ struct SeriesFwdArgs {
   ExpandArgs<T> expand;     // out = z, in = h, h = s_pre, w = Up, bias = u_b
 };
 
-template <typename T, typename Sync>
+template <int RT, typename T, typename Sync>
 LA_HOST_DEVICE void series_fwd_block(const SeriesFwdArgs<T>& a, int64_t mb, int tid, float* smem,
                                      Sync& sync) {
-  row_shrink_block(a.shrink, mb, tid, smem, sync);
+  row_shrink_block<RT>(a.shrink, mb, tid, smem, sync);
   sync();  // s_pre of the block's rows is in global memory: visible to the whole block now
   for (int64_t nb = 0; nb * kExpandBN < a.expand.N; ++nb) {
     expand_block(a.expand, BlockIdx{mb, nb, 0}, tid, smem, sync);
@@ -704,10 +715,10 @@ struct GradRowsArgs {
   ExpandArgs<T> expand;     // out = dh, in = g, h = dS, w = Dn as [N, r], scaling = 1 / keep
 };
 
-template <typename T, typename Sync>
+template <int RT, typename T, typename Sync>
 LA_HOST_DEVICE void grad_rows_block(const GradRowsArgs<T>& a, int64_t mb, int tid, float* smem,
                                     Sync& sync) {
-  row_shrink_block(a.shrink, mb, tid, smem, sync);
+  row_shrink_block<RT>(a.shrink, mb, tid, smem, sync);
   sync();
   const int64_t m0 = mb * kRowBM;
   const int64_t M = a.shrink.M, R = a.shrink.R;
@@ -762,9 +773,9 @@ int launch_expand(const ExpandArgs<T>& args, Grid grid, void* stream);
 template <typename T>
 int launch_reduce_rows(const ReduceArgs<T>& args, Grid grid, void* stream);
 template <typename T>
-int launch_series_fwd(const SeriesFwdArgs<T>& args, int64_t blocks, void* stream);
+int launch_series_fwd(const SeriesFwdArgs<T>& args, int64_t blocks, bool wide, void* stream);
 template <typename T>
-int launch_grad_rows(const GradRowsArgs<T>& args, int64_t blocks, void* stream);
+int launch_grad_rows(const GradRowsArgs<T>& args, int64_t blocks, bool wide, void* stream);
 int launch_sum_partials(float* out, const float* part, int64_t splits, int64_t count,
                         const float* scale_ptr, float scaling, void* stream);
 int launch_keep_mask(bool* out, int64_t numel, DropoutParams drop, void* stream);

@@ -413,6 +413,7 @@ std::tuple<at::Tensor, at::Tensor> series_forward(
   const int64_t blocks = ceil_div(M, kRowBM);
   TORCH_CHECK(blocks <= 2147483647, "llm_adapters_C: series_forward: too many rows (", M, ")");
   const DropoutParams drop = make_dropout(threshold, seed);
+  const bool wide = R > kRowBR;  // up to 256 ranks per read of h
   LA_DISPATCH_FLOAT_HALF_BF16(h.scalar_type(), "series_forward", [&] {
     const SeriesFwdArgs<scalar_t> args{
         RowShrinkArgs<scalar_t>{h.data_ptr<scalar_t>(), M, N, down_t.data_ptr<float>(), R, 1, R,
@@ -423,11 +424,16 @@ std::tuple<at::Tensor, at::Tensor> series_forward(
                               up_bias.has_value() ? up_bias->data_ptr<float>() : nullptr,
                               scale_ptr, scaling, DropoutParams{})};
     if (exec.cuda) {
-      check_launch(launch_series_fwd(args, blocks, exec.stream));
-    } else {
-      emulate(Grid{blocks, 1, 1}, kRowFusedSmemFloats,
+      check_launch(launch_series_fwd(args, blocks, wide, exec.stream));
+    } else if (wide) {
+      emulate(Grid{blocks, 1, 1}, row_fused_smem_floats<kRowWideRT>(),
               [&](BlockIdx b, int tid, float* smem, HostBarrier& s) {
-                series_fwd_block(args, b.x, tid, smem, s);
+                series_fwd_block<kRowWideRT>(args, b.x, tid, smem, s);
+              });
+    } else {
+      emulate(Grid{blocks, 1, 1}, row_fused_smem_floats<1>(),
+              [&](BlockIdx b, int tid, float* smem, HostBarrier& s) {
+                series_fwd_block<1>(args, b.x, tid, smem, s);
               });
     }
   });
@@ -469,6 +475,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> grad_rows(
   const int64_t blocks = ceil_div(M, kRowBM);
   TORCH_CHECK(blocks <= 2147483647, "llm_adapters_C: grad_rows: too many rows (", M, ")");
   at::Tensor part = need_dw ? at::empty({blocks, N, R}, f32) : at::empty({0}, f32);
+  // up to 256 ranks per read of g; the partials stage φ(S) in shared memory, 64 ranks at a time
+  const bool wide = !need_dw && R > kRowBR;
   LA_DISPATCH_FLOAT_HALF_BF16(g.scalar_type(), "grad_rows", [&] {
     const at::Tensor& dhw = dh_w.has_value() ? dh_w.value() : w;
     const at::Tensor& dh_out = dh_w.has_value() ? dh : g;
@@ -485,11 +493,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> grad_rows(
         expand_args<scalar_t>(dh_out, g, ds, kIdentity, dhw, nullptr, nullptr, dh_scaling,
                               make_dropout(threshold, seed))};
     if (exec.cuda) {
-      check_launch(launch_grad_rows(args, blocks, exec.stream));
-    } else {
-      emulate(Grid{blocks, 1, 1}, kRowFusedSmemFloats,
+      check_launch(launch_grad_rows(args, blocks, wide, exec.stream));
+    } else if (wide) {
+      emulate(Grid{blocks, 1, 1}, row_fused_smem_floats<kRowWideRT>(),
               [&](BlockIdx b, int tid, float* smem, HostBarrier& s) {
-                grad_rows_block(args, b.x, tid, smem, s);
+                grad_rows_block<kRowWideRT>(args, b.x, tid, smem, s);
+              });
+    } else {
+      emulate(Grid{blocks, 1, 1}, row_fused_smem_floats<1>(),
+              [&](BlockIdx b, int tid, float* smem, HostBarrier& s) {
+                grad_rows_block<1>(args, b.x, tid, smem, s);
               });
     }
   });
