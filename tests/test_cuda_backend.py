@@ -4,7 +4,9 @@ CPU: the extension compiles and loads (JIT build, or the prebuilt llm_adapters._
 is reported honestly, CPU tensors are refused with a clear error, the Philox keep-mask the
 kernels use (compiled for the host from the same csrc/philox.cuh) is bit-identical to the
 Triton kernels' mask under TRITON_INTERPRET=1, and the kernels themselves (csrc/kernels.cuh,
-run on host threads by the extension's CPU ops) pass the float64 parity checks and opcheck.
+run on host threads by the extension's CPU ops) pass the float64 parity checks and opcheck:
+among them the fused series row-block kernels (bottleneck 1..1024, hidden up to 16384) and the
+one-pass backward over g (grad_rows), through both sources of dB / dUp (DW_PATH).
 GPU (`pytest -m gpu`): output and every gradient against a float64 reference at odd and LLaMA
 shapes in float16 / bfloat16 (error at most about 2x the same-dtype PyTorch error), dropout on
 and off, masks identical to the Triton backend's, and torch.library.opcheck of the custom ops.
