@@ -10,6 +10,7 @@ consistent shapes, dtypes and devices.
 
 from __future__ import annotations
 
+import os
 from typing import Any, Optional, Union
 
 import torch
@@ -49,9 +50,12 @@ def new_seed() -> Tensor:
     return torch.randint(0, 2**62, (), dtype=torch.int64)
 
 
+_NO_SEED = torch.zeros((), dtype=torch.int64)  # read-only placeholder when nothing is dropped
+
+
 def _seed_tensor(seed: Union[int, Tensor, None], dropout_p: float) -> Tensor:
     if seed is None:
-        return new_seed() if dropout_p > 0 else torch.zeros((), dtype=torch.int64)
+        return new_seed() if dropout_p > 0 else _NO_SEED
     if isinstance(seed, Tensor):
         if seed.numel() != 1 or seed.dtype != torch.int64:
             raise ValueError(f"seed must be an int or a one-element int64 tensor, got {seed!r}")
@@ -108,8 +112,20 @@ def _backend_name(op: str, device_type: str, requested: str) -> str:
     return resolve_backend(op, torch.device(device_type), requested or None).name
 
 
+_resolved: dict[tuple[str, ...], Any] = {}
+
+
 def _backend(op: str, device: torch.device, requested: Optional[str]) -> Any:
-    return loaded_backend(_backend_name(op, device.type, requested or ""))
+    if torch.compiler.is_compiling():
+        return loaded_backend(_backend_name(op, device.type, requested or ""))
+    # eager: the same choice, remembered per (op, device type, keyword, environment)
+    env = os.environ
+    key = (op, device.type, requested or "", env.get("LLM_ADAPTERS_BACKEND", ""),
+           env.get("TRITON_INTERPRET", ""))
+    impl = _resolved.get(key)
+    if impl is None:
+        impl = _resolved[key] = loaded_backend(_backend_name(op, device.type, requested or ""))
+    return impl
 
 
 def _rows(t: Tensor, width: int) -> Tensor:

@@ -32,10 +32,16 @@ def _fake_grads(g: Tensor, shapes: list[tuple[int, ...]], needs: list[bool], fir
 
 
 def _cast_grads(grads, needs, refs):
-    return [
-        None if not need or ref is None else g.to(ref[0]).reshape(ref[1])
-        for g, need, ref in zip(grads, needs, refs)
-    ]
+    out = []
+    for g, need, ref in zip(grads, needs, refs):
+        if not need or ref is None:
+            out.append(None)
+            continue
+        dtype, shape = ref
+        if g.dtype != dtype:
+            g = g.to(dtype)
+        out.append(g if g.shape == shape else g.reshape(shape))
+    return out
 
 
 def _lora_setup(ctx, inputs, output) -> None:

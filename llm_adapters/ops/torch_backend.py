@@ -65,6 +65,12 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
+    # .to() costs about a microsecond even when it does nothing; these ops are called per
+    # layer per step, and at small M that overhead is what decides against eager PyTorch
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _empty(ref: Tensor, dtype: torch.dtype | None = None) -> Tensor:
     return ref.new_empty(0, dtype=dtype or acc_dtype(ref.dtype))
 
@@ -75,22 +81,22 @@ def _masked(x: Tensor, mask: Tensor) -> Tensor:
 
 
 def _scale_of(scale_t: Tensor | None, scaling: float, dtype: torch.dtype) -> Tensor | float:
-    return scaling if scale_t is None else scale_t.to(dtype)
+    return scaling if scale_t is None else _as(scale_t, dtype)
 
 
 def _shrink(x: Tensor, a: Tensor, a_bias: Tensor | None, p: float, seed: int):
     """S = D(x) aᵀ + a_bias in float32, and the keep-mask (empty when p == 0)."""
-    a_ = a.to(x.dtype)
+    a_ = _as(a, x.dtype)
     if p > 0.0:
         mask = keep_mask(tuple(x.shape), p, seed, x.device)
         _, inv_keep = dropout_threshold(p)
         s = _masked(x, mask) @ a_.t()
-        s = s.to(acc_dtype(x.dtype)).mul_(inv_keep)  # scale the rank-sized result, not x
+        s = _as(s, acc_dtype(x.dtype)).mul_(inv_keep)  # scale the rank-sized result, not x
     else:
         mask = x.new_empty(0, dtype=torch.bool)
-        s = (x @ a_.t()).to(acc_dtype(x.dtype))
+        s = _as(x @ a_.t(), acc_dtype(x.dtype))
     if a_bias is not None:
-        s = s.add_(a_bias.to(s.dtype))
+        s = s.add_(_as(a_bias, s.dtype))
     return s, mask
 
 
@@ -114,9 +120,9 @@ def _add_dropped(out: Tensor, ds: Tensor, a: Tensor, mask: Tensor, p: float, inp
 def _branch_grads(g, h_act, s_pre, up, scale_t, scaling, activation, need_up, need_scale):
     """From g: d(up) = s gᵀ φ(S), dS = s (g up) ⊙ φ'(S), d(scale) = Σ (g up) ⊙ φ(S)."""
     dt, acc = g.dtype, acc_dtype(g.dtype)
-    gu = (g @ up.to(dt)).to(acc)  # [M, r]
+    gu = _as(g @ _as(up, dt), acc)  # [M, r]
     s = _scale_of(scale_t, scaling, acc)
-    d_up = (g.t() @ h_act.to(dt)).to(acc).mul_(s) if need_up else None
+    d_up = _as(g.t() @ _as(h_act, dt), acc).mul_(s) if need_up else None
     d_scale = (gu * h_act).sum() if need_scale else None
     ds = gu.mul_(s)
     grad = activation_grad(s_pre, activation)
@@ -127,14 +133,14 @@ def _branch_grads(g, h_act, s_pre, up, scale_t, scaling, activation, need_up, ne
 
 def lora_forward(x, weight, bias, a, b, a_bias, b_bias, scale_t, scaling, p, seed, activation):
     s_pre, mask = _shrink(x, a, a_bias, p, seed)
-    h_act = apply_activation(s_pre, activation).to(x.dtype)
+    h_act = _as(apply_activation(s_pre, activation), x.dtype)
     if b_bias is not None:  # b_bias is not scaled: fold it into the base bias (N-sized)
-        bias = b_bias.to(x.dtype) if bias is None else bias + b_bias.to(x.dtype)
+        bias = _as(b_bias, x.dtype) if bias is None else bias + _as(b_bias, x.dtype)
     y = x @ weight.t() if bias is None else torch.addmm(bias, x, weight.t())
     if scale_t is None:
-        y.addmm_(h_act, b.to(x.dtype).t(), alpha=scaling)
+        y.addmm_(h_act, _as(b, x.dtype).t(), alpha=scaling)
     else:
-        y.addmm_(h_act * scale_t.to(x.dtype), b.to(x.dtype).t())
+        y.addmm_(h_act * _as(scale_t, x.dtype), _as(b, x.dtype).t())
     return y, s_pre, mask
 
 
@@ -145,12 +151,12 @@ def lora_backward(g, x, weight, a, b, scale_t, scaling, p, seed, activation, s_p
         g, h_act, s_pre, b, scale_t, scaling, activation, need_b, need_scale
     )
     dt = g.dtype
-    ds_ = ds.to(dt)
+    ds_ = _as(ds, dt)
     dx = _empty(g, g.dtype)
     if need_dx:
-        dx = _add_dropped(g @ weight, ds_, a.to(dt), mask, p, inplace=True)
-    d_a = _dropped_t_matmul(ds_, x, mask, p).to(ds.dtype) if need_a else _empty(g)
-    g_sum = g.to(ds.dtype).sum(0) if (need_bias or need_bb) else None
+        dx = _add_dropped(g @ weight, ds_, _as(a, dt), mask, p, inplace=True)
+    d_a = _as(_dropped_t_matmul(ds_, x, mask, p), ds.dtype) if need_a else _empty(g)
+    g_sum = g.sum(0, dtype=ds.dtype) if (need_bias or need_bb) else None
     return (
         dx,
         g_sum.clone() if need_bias else _empty(g),
@@ -164,14 +170,14 @@ def lora_backward(g, x, weight, a, b, scale_t, scaling, p, seed, activation, s_p
 
 def series_forward(h, down, up, down_bias, up_bias, scale_t, scaling, p, seed, activation):
     s_pre, mask = _shrink(h, down, down_bias, p, seed)
-    h_act = apply_activation(s_pre, activation).to(h.dtype)
-    up_ = up.to(h.dtype)
+    h_act = _as(apply_activation(s_pre, activation), h.dtype)
+    up_ = _as(up, h.dtype)
     if scale_t is None:
         z = torch.addmm(h, h_act, up_.t(), alpha=scaling)
     else:
-        z = torch.addmm(h, h_act * scale_t.to(h.dtype), up_.t())
+        z = torch.addmm(h, h_act * _as(scale_t, h.dtype), up_.t())
     if up_bias is not None:
-        z.add_(up_bias.to(h.dtype))
+        z.add_(_as(up_bias, h.dtype))
     return z, s_pre, mask
 
 
@@ -182,15 +188,15 @@ def series_backward(g, h, down, up, scale_t, scaling, p, seed, activation, s_pre
         g, h_act, s_pre, up, scale_t, scaling, activation, need_up, need_scale
     )
     dt = g.dtype
-    ds_ = ds.to(dt)
-    dh = _add_dropped(g, ds_, down.to(dt), mask, p, inplace=False) if need_dh else _empty(g, dt)
-    d_down = _dropped_t_matmul(ds_, h, mask, p).to(ds.dtype) if need_down else _empty(g)
+    ds_ = _as(ds, dt)
+    dh = _add_dropped(g, ds_, _as(down, dt), mask, p, inplace=False) if need_dh else _empty(g, dt)
+    d_down = _as(_dropped_t_matmul(ds_, h, mask, p), ds.dtype) if need_down else _empty(g)
     return (
         dh,
         d_down,
         d_up if need_up else _empty(g),
         ds.sum(0) if need_db else _empty(g),
-        g.to(ds.dtype).sum(0) if need_ub else _empty(g),
+        g.sum(0, dtype=ds.dtype) if need_ub else _empty(g),
         d_scale if need_scale else _empty(g),
     )
 
