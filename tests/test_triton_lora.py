@@ -502,3 +502,15 @@ def test_fp32_config_pruning():
     assert kernels._prune_for_fp32(cfgs, {"x_ptr": x16}) == cfgs
     assert kernels._prune_for_fp32(cfgs, {"g_ptr": x32}) == cfgs[1:]
     assert kernels._prune_for_fp32(cfgs[:1], {"x_ptr": x32}) == cfgs[:1]
+
+
+def test_untuned_mode_keeps_one_config(monkeypatch):
+    from llm_adapters.triton_kernels import lora as kernels
+
+    cfgs = [triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": bk}) for bk in (64, 32)]
+    x16 = torch.empty(2, 2, dtype=torch.float16)
+    monkeypatch.setenv("LLM_ADAPTERS_TRITON_AUTOTUNE", "0")
+    assert kernels._prune_for_fp32(cfgs, {"x_ptr": x16}) == cfgs[:1]
+    assert kernels._prune_untuned(cfgs, {}) == cfgs[:1]
+    monkeypatch.setenv("LLM_ADAPTERS_TRITON_AUTOTUNE", "1")
+    assert kernels._prune_untuned(cfgs, {}) == cfgs

@@ -78,13 +78,25 @@ def _gemm_configs() -> list[triton.Config]:
     ]
 
 
+def _one_if_untuned(configs):
+    # LLM_ADAPTERS_TRITON_AUTOTUNE=0: take the first config that is left, untimed (one
+    # compile per key instead of one per config; for quick correctness runs on a GPU)
+    if os.environ.get("LLM_ADAPTERS_TRITON_AUTOTUNE", "1") == "0":
+        return configs[:1]
+    return configs
+
+
 def _prune_for_fp32(configs, named_args, **kwargs):
     # fp32 tiles take twice the shared memory per stage: keep the BLOCK_K = 32 configs, which
     # fit an A100's 164 KiB, and spare the autotuner compiling configs that cannot launch.
     x = named_args.get("x_ptr", named_args.get("g_ptr"))
-    if x is None or x.element_size() < 4:
-        return configs
-    return [c for c in configs if c.kwargs["BLOCK_K"] <= 32] or configs
+    if x is not None and x.element_size() >= 4:
+        configs = [c for c in configs if c.kwargs["BLOCK_K"] <= 32] or configs
+    return _one_if_untuned(configs)
+
+
+def _prune_untuned(configs, named_args, **kwargs):
+    return _one_if_untuned(configs)
 
 
 def _shrink_configs() -> list[triton.Config]:
@@ -159,7 +171,11 @@ def _grouped_pid(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_
 # ----------------------------------------------------------------------------------------------
 
 
-@triton.autotune(configs=_shrink_configs(), key=["M_BUCKET", "K", "R"])
+@triton.autotune(
+    configs=_shrink_configs(),
+    key=["M_BUCKET", "K", "R"],
+    prune_configs_by={"early_config_prune": _prune_untuned},
+)
 @triton.jit
 def _shrink_kernel(
     x_ptr, stride_xm, stride_xk,
@@ -277,7 +293,11 @@ def _main_kernel(
 # ----------------------------------------------------------------------------------------------
 
 
-@triton.autotune(configs=_reduce_configs(), key=["M_BUCKET", "C", "R", "DO_ROW", "DO_COL"])
+@triton.autotune(
+    configs=_reduce_configs(),
+    key=["M_BUCKET", "C", "R", "DO_ROW", "DO_COL"],
+    prune_configs_by={"early_config_prune": _prune_untuned},
+)
 @triton.jit
 def _reduce_kernel(
     x_ptr, stride_xm, stride_xc,
