@@ -277,3 +277,14 @@ def test_unavailable_backend_is_an_error_not_a_fallback(monkeypatch):
     with pytest.raises(ValueError, match="LLM_ADAPTERS_BACKEND"):
         ops.lora_linear(torch.randn(4, 10), torch.randn(7, 10), None, torch.randn(3, 10),
                         torch.randn(7, 3))
+
+
+def test_backend_choice_is_marked_constant_for_compile():
+    # ops marks its backend-choice function the way assume_constant_result does, without
+    # importing torch._dynamo at package import; this fails if the decorator changes
+    from llm_adapters.ops import _backend_name
+
+    marked = torch.compiler.assume_constant_result(lambda: 0)
+    attrs = {k: v for k, v in vars(marked).items()}
+    assert attrs == {"_dynamo_marked_constant": True}
+    assert _backend_name._dynamo_marked_constant is True

@@ -105,11 +105,16 @@ def _split_scale(scaling: Scale) -> tuple[Optional[Tensor], float]:
     return None, float(scaling)
 
 
-@torch.compiler.assume_constant_result
 def _backend_name(op: str, device_type: str, requested: str) -> str:
     # Runs eagerly even while torch.compile traces a caller (its result is a constant of the
     # graph), so the first call may import a backend and create its custom ops mid-trace.
     return resolve_backend(op, torch.device(device_type), requested or None).name
+
+
+# What torch.compiler.assume_constant_result(_backend_name) does; the decorator itself imports
+# torch._dynamo (and with it Triton), seconds of import time for every user of the package.
+# tests/test_ops_torch.py checks that the decorator still sets exactly this attribute.
+_backend_name._dynamo_marked_constant = True
 
 
 _resolved: dict[tuple[str, ...], Any] = {}
