@@ -309,7 +309,10 @@ def backend_skip_reason(op: str, backend: str, device: str, allow_interpreter: b
 
 
 class Ours(Provider):
-    """`llm_adapters.ops.lora_linear` on one backend."""
+    """`llm_adapters.ops.lora_linear` on one backend (subclasses set `op` and `runner`)."""
+
+    op = "lora"
+    runner = staticmethod(_OursRunner)
 
     def __init__(self, backend: str, allow_interpreter: bool = False) -> None:
         self.backend = backend
@@ -317,10 +320,10 @@ class Ours(Provider):
         self.allow_interpreter = allow_interpreter
 
     def skip_reason(self, case: Case) -> Optional[str]:
-        return backend_skip_reason("lora", self.backend, case.device, self.allow_interpreter)
+        return backend_skip_reason(self.op, self.backend, case.device, self.allow_interpreter)
 
     def build(self, case: Case, tensors: dict[str, Tensor]) -> Runner:
-        return _OursRunner(case, tensors, self.backend)
+        return self.runner(case, tensors, self.backend)
 
 
 def providers(backends=ops.BACKENDS, allow_interpreter: bool = False) -> list[Provider]:

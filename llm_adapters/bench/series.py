@@ -18,8 +18,9 @@ from torch import Tensor
 
 from .. import ops
 from ..ops.torch_backend import dropout_threshold
+from . import lora
 from .harness import Case, OpSpec, Provider, Runner
-from .lora import ACTIVATION_FNS, backend_skip_reason
+from .lora import ACTIVATION_FNS
 
 # --------------------------------------------------------------------------------------------
 # Counts. Sizes: M tokens, N hidden, r bottleneck; e = activation bytes, w = adapter bytes.
@@ -189,19 +190,11 @@ class _OursRunner(_Base):
         return mask, dropout_threshold(self.case.dropout)[1]
 
 
-class Ours(Provider):
+class Ours(lora.Ours):
     """`llm_adapters.ops.series_adapter` on one backend."""
 
-    def __init__(self, backend: str, allow_interpreter: bool = False) -> None:
-        self.backend = backend
-        self.name = f"ours-{backend}"
-        self.allow_interpreter = allow_interpreter
-
-    def skip_reason(self, case: Case) -> Optional[str]:
-        return backend_skip_reason("series", self.backend, case.device, self.allow_interpreter)
-
-    def build(self, case: Case, tensors: dict[str, Tensor]) -> Runner:
-        return _OursRunner(case, tensors, self.backend)
+    op = "series"
+    runner = staticmethod(_OursRunner)
 
 
 def providers(backends=ops.BACKENDS, allow_interpreter: bool = False) -> list[Provider]:
