@@ -431,6 +431,14 @@ def run(args: argparse.Namespace) -> int:
     except (UsageError, DataError) as exc:
         print(f"llm-adapters finetune: error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        # Tear the process group down before interpreter exit: left to exit-time destructors,
+        # gloo's threads can abort a rank ("terminate called without an active exception")
+        # after training has finished.
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def _run(args: argparse.Namespace) -> int:
