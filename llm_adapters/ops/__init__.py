@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from ._activations import ACTIVATIONS, check_activation
+from ._choice import applies_to, shape_key
 from ._custom import eager_lora, eager_series
 from ._dispatch import (
     BACKENDS,
@@ -25,6 +26,7 @@ from ._dispatch import (
     backend_status,
     loaded_backend,
     resolve_backend,
+    shape_dependent,
 )
 
 __all__ = [
@@ -105,10 +107,11 @@ def _split_scale(scaling: Scale) -> tuple[Optional[Tensor], float]:
     return None, float(scaling)
 
 
-def _backend_name(op: str, device_type: str, requested: str) -> str:
+def _backend_name(op: str, device_type: str, requested: str, key: Optional[tuple] = None,
+                  m: int = 0) -> str:
     # Runs eagerly even while torch.compile traces a caller (its result is a constant of the
     # graph), so the first call may import a backend and create its custom ops mid-trace.
-    return resolve_backend(op, torch.device(device_type), requested or None).name
+    return resolve_backend(op, torch.device(device_type), requested or None, key, m).name
 
 
 # What torch.compiler.assume_constant_result(_backend_name) does; the decorator itself imports
@@ -117,19 +120,35 @@ def _backend_name(op: str, device_type: str, requested: str) -> str:
 _backend_name._dynamo_marked_constant = True
 
 
+# eager: the choice per (op, device type, keyword, environment); for `auto` on a GPU with
+# several candidates, a dict of choices per device and shape key instead (see _choice)
 _resolved: dict[tuple[str, ...], Any] = {}
 
 
-def _backend(op: str, device: torch.device, requested: Optional[str]) -> Any:
+def _backend(op: str, x: Tensor, requested: Optional[str], n: int, r: int, p: float) -> Any:
+    device = x.device
     if torch.compiler.is_compiling():
-        return loaded_backend(_backend_name(op, device.type, requested or ""))
-    # eager: the same choice, remembered per (op, device type, keyword, environment)
+        m = x.shape[0]
+        key = None
+        if isinstance(m, int) and applies_to(device):  # not for a dynamic (symbolic) M
+            key = shape_key(op, x.dtype, m, x.shape[1], n, r, p > 0, torch.is_grad_enabled())
+        return loaded_backend(_backend_name(op, device.type, requested or "", key, m or 0))
     env = os.environ
-    key = (op, device.type, requested or "", env.get("LLM_ADAPTERS_BACKEND", ""),
-           env.get("TRITON_INTERPRET", ""))
-    impl = _resolved.get(key)
+    ekey = (op, device.type, requested or "", env.get("LLM_ADAPTERS_BACKEND", ""),
+            env.get("TRITON_INTERPRET", ""))
+    impl = _resolved.get(ekey)
     if impl is None:
-        impl = _resolved[key] = loaded_backend(_backend_name(op, device.type, requested or ""))
+        if shape_dependent(op, device, requested):
+            impl = _resolved[ekey] = {}
+        else:
+            impl = _resolved[ekey] = loaded_backend(_backend_name(op, device.type, requested or ""))
+    if type(impl) is dict:
+        m = x.shape[0]
+        key = shape_key(op, x.dtype, m, x.shape[1], n, r, p > 0, torch.is_grad_enabled())
+        choice = impl.get((device.index, key))
+        if choice is None:
+            choice = impl[(device.index, key)] = resolve_backend(op, device, requested, key, m)
+        return choice
     return impl
 
 
@@ -188,11 +207,12 @@ def lora_linear(
         _check_tensor("lora_a_bias", lora_a_bias, (r,), x.device)
     if lora_b_bias is not None:
         _check_tensor("lora_b_bias", lora_b_bias, (n,), x.device)
-    impl = _backend("lora", x.device, backend)
+    x2 = _rows(x, k)
+    impl = _backend("lora", x2, backend, n, r, float(dropout_p))
     scale_t, scale_f = _split_scale(scaling)
     lead = x.shape[:-1]
     args = (
-        _rows(x, k), weight, bias, lora_a, lora_b, lora_a_bias, lora_b_bias, scale_t, scale_f,
+        x2, weight, bias, lora_a, lora_b, lora_a_bias, lora_b_bias, scale_t, scale_f,
         float(dropout_p), _seed_tensor(seed, dropout_p), activation,
     )
     if torch.compiler.is_compiling():
@@ -230,11 +250,12 @@ def series_adapter(
         _check_tensor("down_bias", down_bias, (r,), h.device)
     if up_bias is not None:
         _check_tensor("up_bias", up_bias, (n,), h.device)
-    impl = _backend("series", h.device, backend)
+    h2 = _rows(h, n)
+    impl = _backend("series", h2, backend, n, r, float(dropout_p))
     scale_t, scale_f = _split_scale(scaling)
     lead = h.shape[:-1]
     args = (
-        _rows(h, n), down, up, down_bias, up_bias, scale_t, scale_f, float(dropout_p),
+        h2, down, up, down_bias, up_bias, scale_t, scale_f, float(dropout_p),
         _seed_tensor(seed, dropout_p), activation,
     )
     if torch.compiler.is_compiling():

@@ -14,7 +14,9 @@ asked for, so a missing Triton or an unbuilt CUDA extension costs nothing until 
                                         see ops/torch_backend.py for the exact contract
 
 Selection order: the ``backend=`` keyword, else ``LLM_ADAPTERS_BACKEND``, else ``auto``.
-An explicitly requested backend that cannot run is an error, never a silent fallback.
+An explicitly requested backend that cannot run is an error, never a silent fallback. ``auto``
+takes the only backend that can run; where several can (on a GPU), the one measured fastest
+for the op's shape (see `_choice`).
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ import os
 from typing import Any
 
 import torch
+
+from . import _choice
 
 BACKENDS = ("torch", "triton", "cuda")
 _MODULES = {
@@ -95,16 +99,42 @@ def _requested(backend: str | None) -> str:
 
 def _auto_order(op: str, device: torch.device) -> list[str]:
     if device.type == "cuda":
-        # The CUDA extension, where built, registers a per-shape choice of its own through
-        # `cuda_backend`; until then the Triton kernels are the GPU path.
-        return ["triton", "cuda", "torch"]
+        # the order only breaks ties where nothing was measured: see _choice
+        return list(_choice.DEFAULT_ORDER)
     if os.environ.get("TRITON_INTERPRET") == "1":
         return ["triton", "torch"]
     return ["torch"]
 
 
-def resolve_backend(op: str | None, device: torch.device, backend: str | None = None) -> Any:
-    """The backend object that runs `op` ("lora", "series", or None for any) on `device`."""
+def _ready_for_auto(name: str) -> bool:
+    """Whether `auto` may pick backend `name` without first compiling it: the CUDA extension
+    takes part only once it is loaded or was built ahead of time (a JIT build takes minutes)."""
+    if name != "cuda":
+        return True
+    return bool(importlib.import_module(_MODULES[name]).extension_status()[0])
+
+
+def auto_candidates(op: str | None, device: torch.device) -> list[str]:
+    """The backends `auto` chooses among for `op` on `device`, in tie-break order."""
+    names = []
+    for name in _auto_order(op, device):
+        impl = _load(name)
+        if impl is None or (op is not None and op not in impl.ops):
+            continue
+        if impl.supports_device(device) is None and _ready_for_auto(name):
+            names.append(name)
+    return names
+
+
+def resolve_backend(
+    op: str | None, device: torch.device, backend: str | None = None, key: tuple | None = None,
+    m: int = 0,
+) -> Any:
+    """The backend object that runs `op` ("lora", "series", or None for any) on `device`.
+
+    Under auto on a GPU with several candidates, `key` (`_choice.shape_key`) and the row count
+    `m` let the choice follow measurements for that shape; without them the first candidate
+    in tie-break order is taken."""
     requested = _requested(backend)
     if requested != "auto":
         impl = _load(requested)
@@ -118,10 +148,18 @@ def resolve_backend(op: str | None, device: torch.device, backend: str | None = 
         if why is not None:
             raise BackendUnavailableError(f"backend {requested!r} cannot run here: {why}")
         return impl
-    for name in _auto_order(op, device):
-        impl = _load(name)
-        if impl is None or (op is not None and op not in impl.ops):
-            continue
-        if impl.supports_device(device) is None:
-            return impl
-    raise BackendUnavailableError(f"no backend can run {op!r} on {device}")
+    names = auto_candidates(op, device)
+    if not names:
+        raise BackendUnavailableError(f"no backend can run {op!r} on {device}")
+    if key is not None and len(names) > 1 and _choice.applies_to(device):
+        return _loaded[_choice.choose(key, m, names, device)]
+    return _loaded[names[0]]
+
+
+def shape_dependent(op: str, device: torch.device, backend: str | None) -> bool:
+    """Whether the backend for `op` on `device` may differ from shape to shape."""
+    return (
+        _requested(backend) == "auto"
+        and _choice.applies_to(device)
+        and len(auto_candidates(op, device)) > 1
+    )

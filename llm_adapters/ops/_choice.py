@@ -1,0 +1,342 @@
+"""`auto` on a GPU: the backend that was measured fastest for this op, shape and GPU model.
+
+Where more than one backend can run an op on a CUDA device, `auto` does not rank them by a
+fixed rule: which of the Triton and CUDA kernels is faster depends on the GPU, the dtype and
+the shape (launch-bound at small M, bandwidth-bound at large M). The choice is made from timed
+forward + backward passes, in this order:
+
+1. a measured row for this GPU model and this shape key, from the user's table
+   (`$LLM_ADAPTERS_CACHE_DIR/backend_choice/`, default `~/.cache/llm_adapters/...`) or one
+   shipped with the package (`llm_adapters/ops/backend_tables/`);
+2. else, in eager mode and unless `LLM_ADAPTERS_AUTO_MEASURE=0`, a measurement made now: each
+   candidate runs the op at this shape on random data (a private generator: the caller's RNG
+   streams are untouched), best of a few warm repeats; the row is added to the user's table,
+   so the next process reads it instead of measuring;
+3. else (while torch.compile traces, while a CUDA graph is captured, or with measuring off)
+   the nearest measured row for this GPU model, op and dtype (distance in log2 of M, K, N, r);
+4. else the fixed order triton, cuda, torch.
+
+Shape key: op, dtype, M rounded up to a power of two (as the Triton autotuner does), K, N, r,
+whether dropout is on and whether gradients are wanted. `llm-adapters tune-backends` measures
+a grid of keys ahead of time and writes the same table.
+
+Candidates are the backends that load and run the op on the device, with one exception: the
+`cuda` backend takes part only when its extension is already loaded or was built ahead of time
+(`LLM_ADAPTERS_BUILD_CUDA=1 pip install`): `auto` never starts a multi-minute JIT compile.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import statistics
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+FORMAT = 1
+SHIPPED_DIR = Path(__file__).resolve().parent / "backend_tables"
+DEFAULT_ORDER = ("triton", "cuda", "torch")
+_MEASURED_DEVICE_TYPES = {"cuda"}  # tests add "cpu" to exercise the machinery without a GPU
+
+_lock = threading.RLock()
+_tables: dict[str, Table] = {}  # device name -> merged table (user rows over shipped rows)
+_choices: dict[tuple, str] = {}  # (device name, shape key, candidates) -> backend name
+
+
+def m_bucket(m: int) -> int:
+    """M rounded up to a power of two, at least 16."""
+    return 1 << max(int(m) - 1, 15).bit_length()
+
+
+def shape_key(op: str, dtype: torch.dtype, m: int, k: int, n: int, r: int, dropout: bool,
+              grad: bool) -> tuple:
+    """The key a choice is made and stored under."""
+    return (op, str(dtype).removeprefix("torch."), m_bucket(m), int(k), int(n), int(r),
+            bool(dropout), bool(grad))
+
+
+_KEY_FIELDS = ("op", "dtype", "m", "k", "n", "r", "dropout", "grad")
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("LLM_ADAPTERS_CACHE_DIR")
+    if root:
+        return Path(root) / "backend_choice"
+    xdg = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return xdg / "llm_adapters" / "backend_choice"
+
+
+def _slug(device_name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", device_name).strip("-").lower() or "device"
+
+
+def user_table_path(device_name: str) -> Path:
+    return cache_dir() / f"{_slug(device_name)}.json"
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return device.type
+
+
+class Table:
+    """Measured rows for one GPU model: key -> {backend: median ms}."""
+
+    def __init__(self, device: str):
+        self.device = device
+        self.rows: dict[tuple, dict[str, float]] = {}
+        self.user_rows: dict[tuple, dict[str, float]] = {}
+        self.meta: dict[str, Any] = {}
+
+    def add(self, key: tuple, ms: dict[str, float], user: bool) -> None:
+        merged = {**self.rows.get(key, {}), **ms}
+        self.rows[key] = merged
+        if user:
+            self.user_rows[key] = {**self.user_rows.get(key, {}), **ms}
+
+    def exact(self, key: tuple) -> Optional[dict[str, float]]:
+        return self.rows.get(key)
+
+    def nearest(self, key: tuple) -> Optional[dict[str, float]]:
+        """The row of the same op and dtype closest in log2 (M, K, N, r), preferring rows with
+        the same dropout / grad flags."""
+        best, best_d = None, math.inf
+        for other, ms in self.rows.items():
+            if other[:2] != key[:2]:
+                continue
+            d = sum(abs(math.log2(a / b)) for a, b in zip(key[2:6], other[2:6]))
+            d += 0.5 * (other[6] != key[6]) + 0.5 * (other[7] != key[7])
+            if d < best_d:
+                best, best_d = ms, d
+        return best
+
+
+def _parse(path: Path, device: str) -> Iterable[tuple[tuple, dict[str, float]]]:
+    """The rows of a table file for `device`; a file that cannot be read is skipped (a broken
+    cache must never stop training), rows of other devices are ignored."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return []
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        return []
+    if data.get("device") != device:
+        return []
+    out = []
+    for row in data.get("rows", []):
+        try:
+            key = shape_key(row["op"], getattr(torch, row["dtype"]), row["m"], row["k"],
+                            row["n"], row["r"], row["dropout"], row["grad"])
+            ms = {str(b): float(t) for b, t in row["ms"].items() if math.isfinite(float(t))}
+        except (KeyError, TypeError, ValueError, AttributeError):
+            continue
+        if ms:
+            out.append((key, ms))
+    return out
+
+
+def table_for(device: str) -> Table:
+    """The merged table for GPU model `device` (shipped rows, then the user's over them)."""
+    with _lock:
+        table = _tables.get(device)
+        if table is None:
+            table = Table(device)
+            if SHIPPED_DIR.is_dir():
+                for path in sorted(SHIPPED_DIR.glob("*.json")):
+                    for key, ms in _parse(path, device):
+                        table.add(key, ms, user=False)
+            for key, ms in _parse(user_table_path(device), device):
+                table.add(key, ms, user=True)
+            _tables[device] = table
+        return table
+
+
+def save_user_table(table: Table, path: Optional[Path] = None) -> Path:
+    """Write the table's user rows (atomically: a concurrent reader sees old or new, whole)."""
+    path = path or user_table_path(table.device)
+    rows = [
+        {**dict(zip(_KEY_FIELDS, key)), "ms": {b: round(t, 5) for b, t in sorted(ms.items())}}
+        for key, ms in sorted(table.user_rows.items())
+    ]
+    data = {
+        "format": FORMAT,
+        "device": table.device,
+        "written": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "versions": _versions(),
+        "rows": rows,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=1)
+        f.write("\n")
+    os.replace(tmp, path)
+    return path
+
+
+def _versions() -> dict[str, str]:
+    out = {"torch": torch.__version__}
+    try:
+        import triton
+
+        out["triton"] = triton.__version__
+    except ImportError:
+        pass
+    try:
+        from .. import __version__
+
+        out["llm_adapters"] = __version__
+    except ImportError:
+        pass
+    return out
+
+
+def reset() -> None:
+    """Forget loaded tables and made choices (tests, or after editing a table by hand)."""
+    with _lock:
+        _tables.clear()
+        _choices.clear()
+
+
+# ------------------------------------------------------------------------------------------
+# measuring
+# ------------------------------------------------------------------------------------------
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _inputs(key: tuple, m: int, device: torch.device) -> dict[str, Any]:
+    op, dtype_name, _, k, n, r, dropout, grad = key
+    dtype = getattr(torch, dtype_name)
+    gen = torch.Generator(device=device)
+    gen.manual_seed(0)
+
+    def rand(*shape, scale=1.0, dt=dtype, req=False):
+        t = torch.randn(*shape, generator=gen, device=device, dtype=torch.float32) * scale
+        return t.to(dt).requires_grad_(req)
+
+    p = 0.05 if dropout else 0.0
+    if op == "lora":
+        return dict(
+            args=(rand(m, k, req=grad), rand(n, k, scale=k ** -0.5), None,
+                  rand(r, k, scale=k ** -0.5, dt=torch.float32, req=grad),
+                  rand(n, r, scale=0.01, dt=torch.float32, req=grad)),
+            kwargs=dict(scaling=2.0, dropout_p=p, seed=1234),
+            grad_out=rand(m, n),
+        )
+    return dict(
+        args=(rand(m, n, req=grad), rand(r, n, scale=n ** -0.5, dt=torch.float32, req=grad),
+              rand(n, r, scale=0.01, dt=torch.float32, req=grad)),
+        kwargs=dict(scaling=1.0, dropout_p=p, seed=1234),
+        grad_out=rand(m, n),
+    )
+
+
+def time_backend(key: tuple, m: int, backend: str, device: torch.device, repeats: int = 5,
+                 warmup: int = 2) -> float:
+    """Median milliseconds of one forward (+ backward when the key wants gradients) of the op
+    at `key` with M = m rows, on `backend`. Warm-up calls first (Triton compiles and autotunes
+    there)."""
+    from . import lora_linear, series_adapter  # the public ops, with an explicit backend
+
+    fn = lora_linear if key[0] == "lora" else series_adapter
+    data = _inputs(key, m, device)
+    grad = key[7]
+
+    def once():
+        out = fn(*data["args"], **data["kwargs"], backend=backend)
+        if grad:
+            out.backward(data["grad_out"])
+
+    with torch.enable_grad() if grad else torch.no_grad():
+        for _ in range(warmup):
+            once()
+        _sync(device)
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            once()
+            _sync(device)
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def measure(key: tuple, m: int, backends: list[str], device: torch.device,
+            repeats: int = 5) -> dict[str, float]:
+    """{backend: median ms} at `key` (M = m rows); a backend that fails is left out. Candidates
+    run interleaved, twice each, keeping each one's best median, so a slow moment of the machine
+    does not decide the choice."""
+    results: dict[str, float] = {}
+    for _ in range(2):
+        for name in backends:
+            try:
+                ms = time_backend(key, m, name, device, repeats=repeats)
+            except torch.cuda.OutOfMemoryError:
+                raise
+            except Exception:  # noqa: BLE001 - a backend that cannot run this shape is no choice
+                continue
+            results[name] = min(ms, results.get(name, math.inf))
+    return results
+
+
+def _can_measure(device: torch.device) -> bool:
+    if os.environ.get("LLM_ADAPTERS_AUTO_MEASURE", "1").strip() == "0":
+        return False
+    if torch.compiler.is_compiling():
+        return False
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return False
+    return True
+
+
+def choose(key: tuple, m: int, candidates: list[str], device: torch.device,
+           measure_fn: Callable[..., dict[str, float]] = measure) -> str:
+    """The backend among `candidates` to run `key` with (see the module docstring)."""
+    if len(candidates) == 1:
+        return candidates[0]
+    name = device_name(device)
+    memo = (name, key, tuple(candidates))
+    with _lock:
+        if memo in _choices:
+            return _choices[memo]
+        table = table_for(name)
+        row = table.exact(key)
+        complete = row is not None and all(c in row for c in candidates)
+        if not complete and _can_measure(device):
+            try:
+                measured = measure_fn(key, m, candidates, device)
+            except torch.cuda.OutOfMemoryError:
+                measured = {}
+            if measured:
+                table.add(key, measured, user=True)
+                try:
+                    save_user_table(table)
+                except OSError:
+                    pass  # a read-only home: the choice still holds for this process
+                row = table.exact(key)
+        if row is None or not any(c in row for c in candidates):
+            row = table.nearest(key)
+        timed = [c for c in candidates if row is not None and c in row]
+        if timed:
+            choice = min(timed, key=lambda c: row[c])
+        else:
+            choice = next(c for c in DEFAULT_ORDER + tuple(candidates) if c in candidates)
+        _choices[memo] = choice
+        return choice
+
+
+def applies_to(device: torch.device) -> bool:
+    return device.type in _MEASURED_DEVICE_TYPES
