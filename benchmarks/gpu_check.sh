@@ -8,8 +8,8 @@
 #                                                this script, not the GPU code)
 #
 # Installs nothing. Uses $PYTHON (default: python3, else python) from the repository root.
-# Time budget per part (seconds), overridable: T_TESTS, T_OPS, T_E2E. Exit status: 0 when
-# every part passed, 1 otherwise (the summary says which).
+# Time budget per part (seconds), overridable: T_TESTS, T_OPS, T_TUNE, T_E2E. Exit status:
+# 0 when every part passed, 1 otherwise (the summary says which).
 
 set -uo pipefail
 
@@ -30,8 +30,9 @@ OUT="$(cd "$1" && pwd)"
 cd "$ROOT" || exit 2
 PYTHON="${PYTHON:-$(command -v python3 || command -v python)}"
 T_TESTS="${T_TESTS:-190}"
-T_OPS="${T_OPS:-140}"
-T_E2E="${T_E2E:-120}"
+T_OPS="${T_OPS:-130}"
+T_TUNE="${T_TUNE:-100}"
+T_E2E="${T_E2E:-100}"
 START=$(date +%s)
 
 # ---- the device first --------------------------------------------------------------------
@@ -86,9 +87,14 @@ grep -E '^(torch|triton|transformers|peft|backend|gpu)' "$OUT/environment.txt" |
 if [ "$MODE" = cpu ]; then
   BENCH_ARGS=(--quick --device cpu)
   TEST_ARGS=(-m gpu)  # collected and skipped without a GPU: checks the wiring only
+  TUNE_ARGS=(--device cpu --tokens 64 --hidden 64 --rank 8 --dropout 0)
 else
   BENCH_ARGS=(--device cuda)  # an error, not a silent CPU run, if torch sees no GPU
   TEST_ARGS=(-m gpu)
+  # which backend is faster per shape, the table `auto` reads (llm_adapters/ops/_choice.py);
+  # the cuda backend is named so that it takes part (auto alone skips an unloaded extension)
+  TUNE_ARGS=(--device cuda --backends triton cuda torch --tokens 256 1024 4096 16384
+             --hidden 4096 --rank 16 --dropout 0 0.05 --seconds $(( T_TUNE - 25 )))
 fi
 # The tests check numerics, not speed: the Triton kernels take one config each there
 # (LLM_ADAPTERS_TRITON_AUTOTUNE=0) instead of compiling and timing every candidate, which on a
@@ -98,6 +104,8 @@ CMD_TESTS=(env LLM_ADAPTERS_TRITON_AUTOTUNE="${LLM_ADAPTERS_TRITON_AUTOTUNE:-0}"
            -p no:cacheprovider --junitxml="$OUT/pytest-gpu.xml" tests)
 CMD_OPS=(timeout --kill-after=20 "$T_OPS" "$PYTHON" -m llm_adapters.cli bench "${BENCH_ARGS[@]}"
          --out "$OUT")
+CMD_TUNE=(timeout --kill-after=20 "$T_TUNE" "$PYTHON" -m llm_adapters.cli tune-backends
+          "${TUNE_ARGS[@]}" --no-save --out "$OUT/backend_table.json")
 CMD_E2E=(timeout --kill-after=20 "$T_E2E" "$PYTHON" -m llm_adapters.cli bench --e2e-only
          "${BENCH_ARGS[@]}" --out "$OUT")
 
@@ -123,6 +131,7 @@ run_part() {  # name logfile command...
 
 run_part tests "$OUT/pytest-gpu.log" "${CMD_TESTS[@]}"
 run_part ops "$OUT/bench-ops.log" "${CMD_OPS[@]}"
+run_part tune "$OUT/tune-backends.log" "${CMD_TUNE[@]}"
 run_part e2e "$OUT/bench-e2e.log" "${CMD_E2E[@]}"
 
 # ---- the summary, last -------------------------------------------------------------------
@@ -131,7 +140,7 @@ echo
 echo "== summary ($OUT, ${TOTAL} s in all)"
 printf '%-6s %-12s %6s  %s\n' part status secs log
 status=0
-for part in tests ops e2e; do
+for part in tests ops tune e2e; do
   rc="${RC[$part]}"
   case "$rc" in
     0) st=ok ;;
@@ -143,6 +152,7 @@ for part in tests ops e2e; do
   case "$part" in
     tests) log=pytest-gpu.log ;;
     ops) log=bench-ops.log ;;
+    tune) log=tune-backends.log ;;
     e2e) log=bench-e2e.log ;;
   esac
   printf '%-6s %-12s %6s  %s\n' "$part" "$st" "${SECS[$part]}" "$log"

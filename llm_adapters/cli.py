@@ -17,6 +17,7 @@ SUBCOMMANDS = {
     "finetune": "llm_adapters.train",
     "evaluate": "llm_adapters.evaluate",
     "bench": "llm_adapters.bench.cli",
+    "tune-backends": "llm_adapters.bench.tune",
 }
 
 

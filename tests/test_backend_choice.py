@@ -206,3 +206,29 @@ def test_compiled_callers_use_the_table_without_measuring(fresh, monkeypatch):
     torch.testing.assert_close(y, ops.lora_linear(x, w, None, a, b, 0.5, backend="torch"))
     memo = ("cpu", _key(m=9, k=24, n=20, r=4, grad=False), ("triton", "torch"))
     assert _choice._choices[memo] == "torch"
+
+
+def test_tune_backends_command_writes_a_table_auto_reads(fresh, capsys):
+    from llm_adapters.bench import tune
+
+    out = fresh / "table.json"
+    rc = tune.main(["--device", "cpu", "--op", "lora", "--tokens", "20", "--hidden", "24",
+                    "--rank", "4", "--dropout", "0", "--repeats", "2", "--backends", "torch",
+                    "triton", "cuda", "--out", str(out)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "leaving out backend 'cuda'" in text
+    assert "torch" in text.splitlines()[-3]  # the row: torch is the faster one
+    shipped = json.loads(out.read_text())
+    assert shipped["device"] == "cpu"
+    assert [(r["op"], r["m"], set(r["ms"])) for r in shipped["rows"]] == [
+        ("lora", 32, {"torch", "triton"})]
+    # the user's table got the row too, and auto takes it without measuring
+    user = json.loads(_choice.user_table_path("cpu").read_text())
+    assert user["rows"] == shipped["rows"]
+
+    def must_not_measure(*args):
+        raise AssertionError("measured a tuned shape")
+
+    assert _choice.choose(_key(m=20, k=24, n=24), 20, ["triton", "torch"], CPU,
+                          must_not_measure) == "torch"

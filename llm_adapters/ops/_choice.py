@@ -177,9 +177,11 @@ def save_user_table(table: Table, path: Optional[Path] = None) -> Path:
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=1)
-        f.write("\n")
+    with os.fdopen(fd, "w") as f:  # one row per line: diffs of a shipped table stay readable
+        head = json.dumps({k: v for k, v in data.items() if k != "rows"}, indent=1)
+        f.write(head[:-2] + ',\n "rows": [\n')
+        f.write(",\n".join("  " + json.dumps(row) for row in rows))
+        f.write("\n ]\n}\n")
     os.replace(tmp, path)
     return path
 
