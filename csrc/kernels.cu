@@ -25,6 +25,17 @@ __global__ void __launch_bounds__(kThreads) shrink_kernel(const ShrinkArgs<T> ar
   shrink_block(args, block_index(), static_cast<int>(threadIdx.x), smem, sync);
 }
 
+// The tile MMAs need sm_80 (bfloat16 WMMA); below it the body is empty and ops.cpp never
+// launches it. 32-byte alignment: the WMMA tile pointers are offsets of 32-byte multiples.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) shrink_tc_kernel(const ShrinkArgs<T> args) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  __shared__ __align__(32) float smem[kTcSmemFloats];
+  DeviceSync sync;
+  shrink_tc_block(args, block_index(), static_cast<int>(threadIdx.x), smem, sync);
+#endif
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kThreads) expand_kernel(const ExpandArgs<T> args) {
   __shared__ __align__(16) float smem[kExpandSmemFloats];
@@ -76,6 +87,12 @@ dim3 to_dim3(Grid g) {
 template <typename T>
 int launch_shrink(const ShrinkArgs<T>& args, Grid grid, void* stream) {
   shrink_kernel<T><<<to_dim3(grid), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(args);
+  return static_cast<int>(cudaGetLastError());
+}
+
+template <typename T>
+int launch_shrink_tc(const ShrinkArgs<T>& args, Grid grid, void* stream) {
+  shrink_tc_kernel<T><<<to_dim3(grid), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(args);
   return static_cast<int>(cudaGetLastError());
 }
 
@@ -139,5 +156,7 @@ int launch_keep_mask(bool* out, int64_t numel, DropoutParams drop, void* stream)
 LA_INSTANTIATE(float)
 LA_INSTANTIATE(c10::Half)
 LA_INSTANTIATE(c10::BFloat16)
+template int launch_shrink_tc<c10::Half>(const ShrinkArgs<c10::Half>&, Grid, void*);
+template int launch_shrink_tc<c10::BFloat16>(const ShrinkArgs<c10::BFloat16>&, Grid, void*);
 
 }  // namespace llm_adapters

@@ -7,6 +7,7 @@
 // headers are included: no ATen, which keeps the nvcc compile short.
 //
 //   shrink       S = D(x) wᵀ · out_scale                x [M, K], w [r, K] -> [splits, M, r]
+//                (shrink_tc_block: the same on the tensor cores for 16-bit x, see mma.cuh)
 //   expand       out = in + keep·scale·φ(H) wᵀ + bias    H [M, r], w [N, r] -> out [M, N]
 //   reduce_rows  Σ_m D(X)[m, n] φ(H[m, j])               X [M, N], H [M, r] -> [splits, N, r]
 //   series_fwd   row blocks: S = D(h) Dnᵀ, z = h + s·φ(S) Upᵀ + u_b
@@ -19,7 +20,9 @@
 
 #include <math.h>
 #include <cstdint>
+#include <type_traits>
 
+#include "mma.cuh"
 #include "philox.cuh"
 
 #if defined(__CUDA_ARCH__)
@@ -234,6 +237,270 @@ LA_HOST_DEVICE void shrink_block(const ShrinkArgs<T>& a, BlockIdx block, int tid
     for (int i = 0; i < kShrinkTM; ++i) {
       const int64_t m = m0 + rg + l.groups * i;
       if (m < a.M) part[m * a.R + jg] = acc[i][c] * a.out_scale;
+    }
+  }
+}
+
+// ----------------------------------------------------------------------------------------------
+// shrink on the tensor cores (float16 / bfloat16 x; sm_80+)
+// ----------------------------------------------------------------------------------------------
+// The same S = D(x) wᵀ · out_scale with 16x16x16 tile MMAs (mma.cuh: nvcuda::wmma on the
+// device, a host fragment of the same semantics in the CPU emulation). At K = 4096, r = 16 the
+// CUDA-core kernel needs ~54 TFLOP/s of float32 FMA to read x at an H100's 3.35 TB/s; on the
+// tensor cores the multiply is cheap and the kernel can be bound by the read of x.
+//
+// Block: 8 warps x kTcWarpM = 32 rows (two 16-row A tiles per warp, so every B fragment
+// loaded from shared memory serves two MMAs and the w staged per row of x halves) x all rank
+// tiles of the block's rank range (br <= 64: up to 4 accumulators of 16 ranks per A tile).
+// x is staged kTcBK = 32 columns at a time in its own type, the keep-mask applied on the way
+// in (element index m*K + k, as the CUDA-core kernel); the next tile of x and w is loaded into
+// registers before the MMAs of the current one, so the global loads overlap them.
+//
+// w is float32 (adapter weights are trained in float32); one rounding to T would cost more
+// than the CUDA-core path loses. It is split w = w_hi + w_lo with both in T (w_hi = T(w),
+// w_lo = T(w - w_hi)) and both go through the MMA into the same float32 accumulator: the
+// residual is below 2^-16 |w| (bfloat16) / 2^-22 |w| (float16), under the float32 rounding of
+// the accumulation itself. Twice the tensor-core work, which the read of x still hides.
+// float16 has a narrow exponent: LoRA weights of ~1e-4 would put w_lo below its normal range
+// (and w_hi near it). The block therefore scales its w slice by 2^e so that its largest
+// magnitude lands in [2^14, 2^15) (no overflow: 2^15 · 65504 and its sums stay far inside
+// float32) and multiplies the result by 2^-e; power-of-two scaling is exact. This costs one
+// extra read of the block's w slice (L2-resident: r·K floats against 256·K elements of x).
+// Splits of K over blockIdx.z write partials summed in a fixed order, as the CUDA-core kernel.
+
+constexpr int kTcWarps = kThreads / 32;
+constexpr int kTcWarpM = 2 * mma::kTile;
+constexpr int kTcBM = kTcWarps * kTcWarpM;  // 256 rows per block
+constexpr int kTcBK = 32;
+constexpr int kTcMaxBR = 64;
+constexpr int kTcMaxNT = kTcMaxBR / mma::kTile;
+// Row stride of the staged tiles, in elements: 40 (80 bytes) is a multiple of 8 elements as
+// WMMA requires, and the 8 rows of 16 bytes that one matrix load reads fall on disjoint banks
+// (80-byte steps cover all 32 banks once). A tile's rows start at multiples of 16·80 bytes
+// and its k sub-tiles at 32 bytes: every load_matrix_sync pointer is 32-byte aligned.
+constexpr int kTcLD = kTcBK + 8;
+constexpr int kTcXBytes = kTcBM * kTcLD * 2;
+constexpr int kTcWBytes = kTcMaxBR * kTcLD * 2;
+// epilogue: each warp stores one 16x16 float accumulator at a time into a scratch tile inside
+// the (then idle) x area
+constexpr int kTcCLD = mma::kTile;
+constexpr int kTcSmemFloats = (kTcXBytes + 2 * kTcWBytes) / 4;
+constexpr int kTcXVecs = kTcBM * kTcBK / 8 / kThreads;         // 16-byte vectors per thread
+constexpr int kTcWPerThread = kTcMaxBR * kTcBK / kThreads;       // w floats per thread
+static_assert(kTcXBytes % mma::kAlignBytes == 0 && kTcWBytes % mma::kAlignBytes == 0,
+              "tile areas keep 32-byte alignment");
+static_assert(kTcWarps * mma::kTile * kTcCLD * 4 <= kTcXBytes, "epilogue scratch fits");
+static_assert(kTcLD % mma::kLdmMultiple16 == 0, "WMMA ldm of 16-bit tiles");
+
+// Rank columns per block of the tensor-core shrink: r rounded up to 16, at most 64.
+LA_HOST_DEVICE int tc_rank_tile(int64_t r) {
+  const int64_t padded = (r + mma::kTile - 1) / mma::kTile * mma::kTile;
+  return static_cast<int>(padded < kTcMaxBR ? padded : kTcMaxBR);
+}
+
+// The next x and w tile, held in registers between the global loads and the shared stores.
+template <typename T>
+struct TcStage {
+  VecData<T> x[kTcXVecs];
+  float w[kTcWPerThread];
+};
+
+// Global -> registers. The vector path loads 16-byte vectors (8 elements) of x; the scalar
+// path (misaligned x, or K not a multiple of 8) reads x in tc_store_stage instead.
+template <typename T>
+LA_HOST_DEVICE void tc_load_stage(const ShrinkArgs<T>& a, TcStage<T>& st, int64_t m0, int64_t j0,
+                                  int64_t k0, int64_t k_end, int tid) {
+  constexpr int V = 8;
+  static_assert(Vec<T>::kSize == V, "16-bit x");
+  constexpr int per_row = kTcBK / V;
+  if (a.vec_ok) {
+    LA_UNROLL
+    for (int i = 0; i < kTcXVecs; ++i) {
+      const int v = tid + i * kThreads;
+      const int64_t m = m0 + v / per_row;
+      const int64_t k = k0 + (v % per_row) * V;
+      // K % 8 == 0 and k0 % 8 == 0: a vector is wholly inside or wholly outside
+      if (m < a.M && k < k_end) {
+        st.x[i] = *reinterpret_cast<const VecData<T>*>(a.x + m * a.K + k);
+      }
+    }
+  }
+  LA_UNROLL
+  for (int i = 0; i < kTcWPerThread; ++i) {
+    const int e = tid + i * kThreads;
+    const int64_t jg = j0 + e / kTcBK;
+    const int64_t k = k0 + e % kTcBK;
+    st.w[i] = (jg < a.R && k < k_end && e / kTcBK < a.br) ? a.w[jg * a.w_sr + k * a.w_sk] : 0.f;
+  }
+}
+
+// Registers -> shared memory: x with the keep-mask (zeros outside the matrix), w as
+// T(w·w_mult) and T(rest).
+template <typename T>
+LA_HOST_DEVICE void tc_store_stage(const ShrinkArgs<T>& a, const TcStage<T>& st, T* xs, T* w_hi,
+                                   T* w_lo, int64_t m0, int64_t k0, int64_t k_end, float w_mult,
+                                   int tid) {
+  constexpr int V = 8;
+  constexpr int per_row = kTcBK / V;
+  const T zero = T(0.f);
+  if (a.vec_ok) {
+    LA_UNROLL
+    for (int i = 0; i < kTcXVecs; ++i) {
+      const int v = tid + i * kThreads;
+      const int mm = v / per_row;
+      const int kk = (v % per_row) * V;
+      const int64_t m = m0 + mm;
+      const int64_t k = k0 + kk;
+      VecData<T> val;
+      if (m < a.M && k < k_end) {
+        val = st.x[i];
+        if (a.drop.enabled) {
+          LA_UNROLL
+          for (int c = 0; c < V; ++c) {
+            if (!keep_element(a.drop, static_cast<uint64_t>(m * a.K + k + c))) val.v[c] = zero;
+          }
+        }
+      } else {
+        LA_UNROLL
+        for (int c = 0; c < V; ++c) val.v[c] = zero;
+      }
+      *reinterpret_cast<VecData<T>*>(xs + mm * kTcLD + kk) = val;
+    }
+  } else {
+    for (int e = tid; e < kTcBM * kTcBK; e += kThreads) {
+      const int mm = e / kTcBK;
+      const int kk = e % kTcBK;
+      const int64_t m = m0 + mm;
+      const int64_t k = k0 + kk;
+      T val = zero;
+      if (m < a.M && k < k_end) {
+        val = a.x[m * a.K + k];
+        if (a.drop.enabled && !keep_element(a.drop, static_cast<uint64_t>(m * a.K + k))) {
+          val = zero;
+        }
+      }
+      xs[mm * kTcLD + kk] = val;
+    }
+  }
+  LA_UNROLL
+  for (int i = 0; i < kTcWPerThread; ++i) {
+    const int e = tid + i * kThreads;
+    const int jj = e / kTcBK;
+    const int kk = e % kTcBK;
+    const float wv = st.w[i] * w_mult;  // a power of two: exact
+    const T hi = T(wv);
+    w_hi[jj * kTcLD + kk] = hi;
+    w_lo[jj * kTcLD + kk] = T(wv - static_cast<float>(hi));
+  }
+}
+
+// float16 only: the power of two e with max |w| over the block's slice · 2^e in [2^14, 2^15),
+// clamped to [-100, 100] so that 2^e and 2^-e are normal floats (weights below 2^-85 would
+// lose precision; none are that small). 0 for bfloat16, whose exponent range is float32's,
+// and for an all-zero or non-finite slice. `red`: kThreads + 16 floats of shared memory.
+template <typename T, typename Sync>
+LA_HOST_DEVICE int tc_weight_exponent(const ShrinkArgs<T>& a, int64_t j0, int64_t k_begin,
+                                      int64_t k_end, int tid, float* red, Sync& sync) {
+  if (!std::is_same<T, c10::Half>::value) return 0;
+  const int64_t rows = a.R - j0 < a.br ? a.R - j0 : a.br;
+  float mx = 0.f;
+  for (int64_t jj = 0; jj < rows; ++jj) {
+    for (int64_t k = k_begin + tid; k < k_end; k += kThreads) {
+      mx = fmaxf(mx, fabsf(a.w[(j0 + jj) * a.w_sr + k * a.w_sk]));
+    }
+  }
+  red[tid] = mx;
+  sync();
+  if (tid < 16) {
+    float part = 0.f;
+    for (int i = 0; i < kThreads / 16; ++i) part = fmaxf(part, red[tid * (kThreads / 16) + i]);
+    red[kThreads + tid] = part;
+  }
+  sync();
+  mx = 0.f;
+  for (int i = 0; i < 16; ++i) mx = fmaxf(mx, red[kThreads + i]);
+  sync();  // red lies in the x tile area, written next
+  if (!(mx > 0.f) || mx > 3.0e38f) return 0;
+  int exp2 = 0;
+  frexpf(mx, &exp2);  // mx = f · 2^exp2, f in [0.5, 1)
+  const int e = 15 - exp2;
+  return e < -100 ? -100 : (e > 100 ? 100 : e);
+}
+
+template <typename T, typename Sync>
+LA_HOST_DEVICE void shrink_tc_block(const ShrinkArgs<T>& a, BlockIdx block, int tid, float* smem,
+                                    Sync& sync) {
+  unsigned char* base = reinterpret_cast<unsigned char*>(smem);
+  T* xs = reinterpret_cast<T*>(base);
+  T* w_hi = reinterpret_cast<T*>(base + kTcXBytes);
+  T* w_lo = reinterpret_cast<T*>(base + kTcXBytes + kTcWBytes);
+  const int warp = tid / 32;
+  const int lane = tid % 32;
+  const int64_t m0 = block.x * kTcBM;
+  const int64_t j0 = block.y * a.br;
+  const int64_t k_begin = block.z * a.k_per_split;
+  const int64_t k_end = a.K < k_begin + a.k_per_split ? a.K : k_begin + a.k_per_split;
+  // rank tiles of this block (the last rank block may be narrower than br); block-uniform
+  const int64_t ranks = a.R - j0 < a.br ? a.R - j0 : a.br;
+  const int nt = static_cast<int>((ranks + mma::kTile - 1) / mma::kTile);
+  const int e_w = tc_weight_exponent(a, j0, k_begin, k_end, tid, smem, sync);
+  const float w_mult = ldexpf(1.f, e_w);
+  const float c_mult = a.out_scale * ldexpf(1.f, -e_w);
+
+  mma::FragC acc[2][kTcMaxNT];
+  LA_UNROLL
+  for (int i = 0; i < 2; ++i) {
+    LA_UNROLL
+    for (int j = 0; j < kTcMaxNT; ++j) mma::fill_zero(acc[i][j]);
+  }
+
+  TcStage<T> st;
+  tc_load_stage(a, st, m0, j0, k_begin, k_end, tid);
+  for (int64_t k0 = k_begin; k0 < k_end; k0 += kTcBK) {
+    tc_store_stage(a, st, xs, w_hi, w_lo, m0, k0, k_end, w_mult, tid);
+    sync();
+    if (k0 + kTcBK < k_end) tc_load_stage(a, st, m0, j0, k0 + kTcBK, k_end, tid);
+    LA_UNROLL
+    for (int ks = 0; ks < kTcBK; ks += mma::kTile) {
+      mma::FragA<T> xa[2];
+      LA_UNROLL
+      for (int i = 0; i < 2; ++i) {
+        mma::load_a(xa[i], xs + (warp * kTcWarpM + i * mma::kTile) * kTcLD + ks, kTcLD);
+      }
+      LA_UNROLL
+      for (int j = 0; j < kTcMaxNT; ++j) {
+        if (j >= nt) break;
+        mma::FragB<T> wb;
+        mma::load_b(wb, w_hi + j * mma::kTile * kTcLD + ks, kTcLD);
+        mma::mma(acc[0][j], xa[0], wb);
+        mma::mma(acc[1][j], xa[1], wb);
+        mma::load_b(wb, w_lo + j * mma::kTile * kTcLD + ks, kTcLD);
+        mma::mma(acc[0][j], xa[0], wb);
+        mma::mma(acc[1][j], xa[1], wb);
+      }
+    }
+    sync();
+  }
+
+  // Epilogue: one accumulator at a time through the warp's scratch tile, rows and ranks
+  // bounds-checked, times out_scale · 2^-e_w (exact: |e_w| <= 100 keeps it a normal float).
+  float* scratch = smem + warp * mma::kTile * kTcCLD;
+  float* part = a.out + block.z * a.M * a.R;
+  LA_UNROLL
+  for (int i = 0; i < 2; ++i) {
+    LA_UNROLL
+    for (int j = 0; j < kTcMaxNT; ++j) {
+      if (j >= nt) break;
+      mma::store_c(scratch, acc[i][j], kTcCLD, lane);
+      sync();
+      for (int e = lane; e < mma::kTile * mma::kTile; e += 32) {
+        const int64_t m = m0 + warp * kTcWarpM + i * mma::kTile + e / mma::kTile;
+        const int64_t jg = j0 + j * mma::kTile + e % mma::kTile;
+        if (m < a.M && jg < a.R) {
+          part[m * a.R + jg] = scratch[(e / mma::kTile) * kTcCLD + e % mma::kTile] * c_mult;
+        }
+      }
+      sync();
     }
   }
 }
@@ -768,6 +1035,9 @@ struct Grid {
 
 template <typename T>
 int launch_shrink(const ShrinkArgs<T>& args, Grid grid, void* stream);
+// float16 / bfloat16 only; sm_80+ (ops.cpp checks the device)
+template <typename T>
+int launch_shrink_tc(const ShrinkArgs<T>& args, Grid grid, void* stream);
 template <typename T>
 int launch_expand(const ExpandArgs<T>& args, Grid grid, void* stream);
 template <typename T>

@@ -78,10 +78,16 @@ class HostBarrier {
 };
 
 // Runs block function `body(block, tid, smem, sync)` for every block of `grid`, one block at a
-// time, with kThreads host threads per block.
+// time, with kThreads host threads per block. The shared-memory buffer is 128-byte aligned, as
+// a __shared__ array may be (the tile MMAs need 32 bytes); a precondition violation that the
+// host tile MMAs (mma.cuh) recorded becomes an error here.
 template <typename Body>
 void emulate(Grid grid, int smem_floats, const Body& body) {
-  std::vector<float> smem(static_cast<size_t>(smem_floats));
+  constexpr size_t kAlignFloats = 128 / sizeof(float);
+  std::vector<float> buffer(static_cast<size_t>(smem_floats) + kAlignFloats);
+  const size_t skew = reinterpret_cast<uintptr_t>(buffer.data()) % 128 / sizeof(float);
+  float* const smem_base = buffer.data() + (skew == 0 ? 0 : kAlignFloats - skew);
+  mma::host_error().store(nullptr);
   for (int64_t z = 0; z < grid.z; ++z) {
     for (int64_t y = 0; y < grid.y; ++y) {
       for (int64_t x = 0; x < grid.x; ++x) {
@@ -89,12 +95,15 @@ void emulate(Grid grid, int smem_floats, const Body& body) {
         std::vector<std::thread> threads;
         threads.reserve(kThreads);
         for (int tid = 0; tid < kThreads; ++tid) {
-          threads.emplace_back([&, tid] { body(BlockIdx{x, y, z}, tid, smem.data(), barrier); });
+          threads.emplace_back([&, tid] { body(BlockIdx{x, y, z}, tid, smem_base, barrier); });
         }
         for (auto& t : threads) t.join();
       }
     }
   }
+  const char* error = mma::host_error().exchange(nullptr);
+  TORCH_CHECK(error == nullptr, "llm_adapters_C: emulated kernel broke a WMMA precondition: ",
+              error);
 }
 
 void check_launch(int err) {
@@ -188,8 +197,47 @@ c10::optional<c10::Device> cuda_device_of(const at::Tensor& t) {
 // shrink
 // ----------------------------------------------------------------------------------------------
 
+// Whether the tensor-core shrink can run for x: 16-bit x, asked for, and (on a GPU) sm_80+.
+bool use_tensor_cores(const at::Tensor& x, bool tensor_cores) {
+  if (!tensor_cores || (x.scalar_type() != at::kHalf && x.scalar_type() != at::kBFloat16)) {
+    return false;
+  }
+  if (!x.is_cuda()) return true;  // the host emulation runs the same tile code
+  int major = 0;
+  C10_CUDA_CHECK(
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, x.device().index()));
+  return major >= 8;
+}
+
+// The tensor-core shrink (16-bit x): 256 rows x up to 64 ranks per block, K in steps of 32.
+template <typename T>
+void shrink_tc(const at::Tensor& x, const at::Tensor& w, at::Tensor& part_out, int64_t threshold,
+               double out_scale, int64_t seed, const Exec& exec) {
+  const int64_t M = x.size(0), K = x.size(1), R = w.size(0);
+  const int br = tc_rank_tile(R);
+  const int64_t gx = ceil_div(M, kTcBM), gy = ceil_div(R, br);
+  const int64_t k_tiles = ceil_div(K, kTcBK);
+  int64_t splits = split_count(gx * gy, k_tiles, exec.sms);
+  const int64_t k_per_split = ceil_div(k_tiles, splits) * kTcBK;
+  splits = ceil_div(K, k_per_split);
+  TORCH_CHECK(gy <= 65535 && splits <= 65535, "llm_adapters_C: shrink: shape too large");
+  part_out = at::empty({splits, M, R}, x.options().dtype(at::kFloat));
+  const Grid grid{gx, gy, splits};
+  const ShrinkArgs<T> args{
+      x.data_ptr<T>(), M, K, w.data_ptr<float>(), w.stride(0), w.stride(1), R,
+      part_out.data_ptr<float>(), br, k_per_split, make_dropout(threshold, seed),
+      static_cast<float>(out_scale), vec_aligned<T>(x.data_ptr(), K)};
+  if (exec.cuda) {
+    check_launch(launch_shrink_tc(args, grid, exec.stream));
+  } else {
+    emulate(grid, kTcSmemFloats, [&](BlockIdx b, int tid, float* smem, HostBarrier& s) {
+      shrink_tc_block(args, b, tid, smem, s);
+    });
+  }
+}
+
 at::Tensor shrink(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
-                  int64_t threshold, double out_scale, int64_t seed) {
+                  int64_t threshold, double out_scale, int64_t seed, bool tensor_cores) {
   check_matrix(x, "shrink: x");
   check_matrix(w, "shrink: w");
   check_same_device(w, x, "shrink: w");
@@ -206,6 +254,15 @@ at::Tensor shrink(const at::Tensor& x, const at::Tensor& w, const c10::optional<
   at::Tensor result;
   if (M == 0 || K == 0) {
     result = at::zeros({M, R}, x.options().dtype(at::kFloat));
+  } else if (use_tensor_cores(x, tensor_cores)) {
+    const Exec exec = exec_for(x);
+    at::Tensor part;
+    if (x.scalar_type() == at::kHalf) {
+      shrink_tc<c10::Half>(x, w, part, threshold, out_scale, seed, exec);
+    } else {
+      shrink_tc<c10::BFloat16>(x, w, part, threshold, out_scale, seed, exec);
+    }
+    result = part.size(0) == 1 ? part.select(0, 0) : part.sum(0);
   } else {
     const Exec exec = exec_for(x);
     const int br = rank_tile(R);
@@ -547,9 +604,10 @@ void keep_mask_(const at::Tensor& out, int64_t threshold, int64_t seed) {
 }  // namespace
 
 TORCH_LIBRARY(llm_adapters_C, m) {
-  // S = D(x) wᵀ · out_scale (+ bias): x [M, K] (f16/bf16/f32), w [r, K] f32 -> [M, r] f32
-  m.def("shrink(Tensor x, Tensor w, Tensor? bias, int threshold, float out_scale, int seed) "
-        "-> Tensor");
+  // S = D(x) wᵀ · out_scale (+ bias): x [M, K] (f16/bf16/f32), w [r, K] f32 -> [M, r] f32;
+  // tensor_cores: 16-bit x on the tensor cores (sm_80+), else the CUDA-core kernel
+  m.def("shrink(Tensor x, Tensor w, Tensor? bias, int threshold, float out_scale, int seed, "
+        "bool tensor_cores=True) -> Tensor");
   // out = input (or out) + keep · scaling · scale · φ(h) wᵀ + bias: h [M, r] f32, w [N, r] f32
   m.def("expand_add_(Tensor(a!) out, Tensor? input, Tensor h, int act, Tensor w, Tensor? bias, "
         "Tensor? scale, float scaling, int threshold, int seed) -> ()");

@@ -6,7 +6,8 @@ folder (see `llm_adapters/_cuda_build.py`). `extension_status()` says which, or 
 Nothing here is imported by the package until `backend="cuda"` (or auto on a GPU) asks for it.
 
 The C++ registers six low-level ops under `torch.ops.llm_adapters_C` (see csrc/ops.cpp):
-    shrink          S = D(x) wᵀ·c (+ bias)          one read of x, Philox dropout fused
+    shrink          S = D(x) wᵀ·c (+ bias)          one read of x, Philox dropout fused;
+                                                    tensor cores for 16-bit x (see below)
     expand_add_     out = in + keep·s·φ(H) wᵀ + bias  in place into the cuBLAS output when in = out
     reduce_rows     Σ_m D(X)[m, :]ᵀ φ(H)[m, :]        skinny reduction over M (dA, dDn)
     series_forward  fused series forward, one block per 64 rows of h (DESIGN §2.2)
@@ -31,6 +32,13 @@ dB / dUp are sums of per-64-row-block partials (a [M/64, N, r] float32 buffer) a
 order by a second small kernel, and dDn / dA use reduce_rows' fixed-order splits: no atomics,
 so gradients are bitwise reproducible.
 
+The shrink of float16 / bfloat16 activations runs on the tensor cores (16x16x16 WMMA tiles,
+float32 accumulators; sm_80+): the float32 adapter weight is split into a high and a low part
+in the activations' dtype (w = w_hi + w_lo), both multiplied, so the result keeps float32-weight
+accuracy (csrc/kernels.cuh, shrink_tc_block). float32 activations, GPUs below sm_80 and
+LLM_ADAPTERS_CUDA_TENSOR_CORES=0 (read once, at import, into `TENSOR_CORES`) use the CUDA-core
+shrink instead.
+
 The extension also registers CPU implementations of its ops that run the kernels' own code on
 host threads (csrc/ops.cpp, emulate()): the functions below then work on CPU tensors, slowly,
 which is how the kernels are checked without a GPU. The dispatcher still sends only CUDA
@@ -43,6 +51,7 @@ and float32 (float64 stays on the torch backend). Adapter weights are read in fl
 from __future__ import annotations
 
 import importlib
+import os
 import threading
 
 import torch
@@ -129,6 +138,10 @@ def _empty(g: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
     return g.new_empty(0, dtype=dtype)
 
 
+# Whether the shrink of float16 / bfloat16 x runs on the tensor cores (see the module
+# docstring); read once, at import. Tests and benchmarks may set it directly.
+TENSOR_CORES = os.environ.get("LLM_ADAPTERS_CUDA_TENSOR_CORES", "1").strip() != "0"
+
 # Where d(up) = s·gᵀφ(S) comes from. "partials": the grad_rows pass over g also writes per-64-
 # row-block partials ([M/64, N, r] float32) that a second kernel sums in block order; "reduce":
 # reduce_rows reads g a second time. "auto" takes the partials while that buffer is no larger
@@ -168,7 +181,7 @@ def lora_forward(x, weight, bias, a, b, a_bias, b_bias, scale_t, scaling, p, see
     _check_dtype(x, "x")
     C = load_extension()
     threshold, inv_keep = _dropout(p)
-    s_pre = C.shrink(x, _f32(a), _f32(a_bias), threshold, inv_keep, int(seed))
+    s_pre = C.shrink(x, _f32(a), _f32(a_bias), threshold, inv_keep, int(seed), TENSOR_CORES)
     if b_bias is not None:  # b_bias is not scaled: fold it into the base bias (N-sized)
         bias = b_bias.to(x.dtype) if bias is None else bias + b_bias.to(x.dtype)
     y = x @ weight.t() if bias is None else torch.addmm(bias, x, weight.t())
