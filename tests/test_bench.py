@@ -335,3 +335,23 @@ def test_gpu_parity_at_llama_width(op, dtype):
     if by["ours-cuda"].status == "ok":
         assert by["ours-cuda"].parity == "pass", by["ours-cuda"].parity_errors
     assert all(r.status != "error" for r in rows), [(r.provider, r.reason) for r in rows]
+
+
+def test_summary_reads_a_backend_table(tmp_path):
+    from llm_adapters.bench import summary
+
+    rows = [
+        {"op": "lora", "dtype": "bfloat16", "m": m, "k": 4096, "n": 4096, "r": 16,
+         "dropout": False, "grad": True, "ms": {"triton": 1.0, "cuda": c, "torch": 3.0}}
+        for m, c in ((256, 0.9), (1024, 1.1), (16384, 2.0))
+    ]
+    (tmp_path / "backend_table.json").write_text(
+        __import__("json").dumps({"format": 1, "device": "GPU X", "rows": rows}))
+    lines: list[str] = []
+    assert summary.summarise(str(tmp_path), printer=lines.append) == 0
+    text = "\n".join(lines)
+    assert "backend table (backend_table.json, GPU X): 3 shapes" in text
+    assert [ln.split()[6:] for ln in lines[2:5]] == [["cuda", "0.90"], ["triton", "1.10"],
+                                                      ["triton", "2.00"]]
+    assert lines[-1] == ("cuda vs triton at M <= 1024: worst time ratio 1.10 (target <= 1.00) "
+                         "MISSED")

@@ -10,6 +10,7 @@ are missed are reported, not failed: they are goals, not correctness.
 from __future__ import annotations
 
 import glob
+import json
 import os
 import sys
 import xml.etree.ElementTree as ET
@@ -109,9 +110,37 @@ def summarise(out_dir: str, printer=print) -> int:
             dl = "-" if r.get("loss_max_abs_diff") is None else f"{r['loss_max_abs_diff']:.2e}"
             printer(f"{r['variant']:<9}{r['impl']:<7}{r['tokens_per_s']:>10.0f}{peak:>10}"
                     f"{sp:>9}{mr:>10}{dl:>12}")
-    if not ops_rows and not e2e_rows:
+    tuned = _backend_table(os.path.join(out_dir, "backend_table.json"), printer)
+    if not ops_rows and not e2e_rows and not tuned:
         printer(f"no benchmark results in {out_dir}")
     return status
+
+
+def _backend_table(path: str, printer) -> bool:
+    """Print the rows of a `tune-backends --out` table: the faster backend per shape, and the
+    check that the cuda backend is at least as fast as the triton one up to M = 1024."""
+    if not os.path.exists(path):
+        return False
+    with open(path) as f:
+        data = json.load(f)
+    rows = data.get("rows", [])
+    printer(f"backend table ({os.path.basename(path)}, {data.get('device')}): {len(rows)} shapes")
+    printer(f"{'op':<7}{'dtype':<10}{'M':>7}{'K':>6}{'r':>4}{'drop':>6}  {'faster':<8}"
+            f"{'cuda/triton':>12}")
+    small = []
+    for r in rows:
+        ms = r["ms"]
+        ratio = ms["cuda"] / ms["triton"] if {"cuda", "triton"} <= set(ms) else None
+        if ratio is not None and r["m"] <= 1024:
+            small.append(ratio)
+        printer(f"{r['op']:<7}{r['dtype']:<10}{r['m']:>7}{r['k']:>6}{r['r']:>4}"
+                f"{str(r['dropout']):>6}  {min(ms, key=ms.get):<8}"
+                f"{'-' if ratio is None else f'{ratio:.2f}':>12}")
+    if small:
+        worst = max(small)
+        printer(f"cuda vs triton at M <= 1024: worst time ratio {worst:.2f} (target <= 1.00) "
+                + ("met" if worst <= 1.0 else "MISSED"))
+    return True
 
 
 def _targets(ops_rows, e2e_rows) -> list[str]:
