@@ -141,8 +141,10 @@ def test_a_backend_that_fails_to_run_is_not_chosen(fresh, monkeypatch):
         return 3.0
 
     monkeypatch.setattr(_choice, "time_backend", fake_time)
-    assert _choice.measure(_key(), 40, ["triton", "torch"], CPU) == {"torch": 3.0}
-    assert _choice.choose(_key(), 40, ["triton", "torch"], CPU) == "torch"
+    with pytest.warns(RuntimeWarning, match="backend 'triton' failed .* cannot compile"):
+        assert _choice.measure(_key(), 40, ["triton", "torch"], CPU) == {"torch": 3.0}
+    with pytest.warns(RuntimeWarning):
+        assert _choice.choose(_key(), 40, ["triton", "torch"], CPU) == "torch"
 
 
 def test_auto_measures_real_backends_per_shape_without_touching_the_rng(fresh, monkeypatch):

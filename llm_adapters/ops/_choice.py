@@ -35,6 +35,7 @@ import statistics
 import tempfile
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterable
 from datetime import datetime, timezone
 from pathlib import Path
@@ -288,7 +289,10 @@ def measure(key: tuple, m: int, backends: list[str], device: torch.device,
                 ms = time_backend(key, m, name, device, repeats=repeats)
             except torch.cuda.OutOfMemoryError:
                 raise
-            except Exception:  # noqa: BLE001 - a backend that cannot run this shape is no choice
+            except Exception as exc:  # noqa: BLE001 - a backend failing here is no choice
+                warnings.warn(
+                    f"llm_adapters auto: backend {name!r} failed at {key} and is left out of "
+                    f"the choice: {type(exc).__name__}: {exc}", RuntimeWarning, stacklevel=2)
                 continue
             results[name] = min(ms, results.get(name, math.inf))
     return results
