@@ -2,7 +2,7 @@
 
 On a GPU the candidates are the Triton and CUDA kernels; here the same machinery runs with the
 CPU registered as a measured device type, where the candidates are the torch backend and the
-Triton interpreter (which is far slower, so the measured choice is known in advance).
+Triton interpreter. No test depends on which one is faster: timings on a shared machine vary.
 """
 
 from __future__ import annotations
@@ -149,8 +149,8 @@ def test_a_backend_that_fails_to_run_is_not_chosen(fresh, monkeypatch):
 
 def test_auto_measures_real_backends_per_shape_without_touching_the_rng(fresh, monkeypatch):
     """End to end through ops.lora_linear / series_adapter: the first call at a shape times the
-    torch backend against the Triton interpreter (slower by orders of magnitude), picks torch,
-    writes both timings, and gives the same result as an explicit backend."""
+    torch backend against the Triton interpreter, picks the faster, writes both timings, and
+    gives the same result as an explicit backend."""
     monkeypatch.setenv("LLM_ADAPTERS_AUTO_MEASURE", "1")
     x = torch.randn(5, 7, 24, requires_grad=True)
     w = torch.randn(20, 24)
@@ -171,8 +171,12 @@ def test_auto_measures_real_backends_per_shape_without_touching_the_rng(fresh, m
         ("lora", 64, 24, 20, 4), ("series", 16, 24, 24, 3)}
     for row in rows:
         assert set(row["ms"]) == {"torch", "triton"}
-        assert row["ms"]["torch"] < row["ms"]["triton"]
-    assert ops._backend("lora", x.reshape(-1, 24), None, 20, 4, 0.0).name == "torch"
+        assert all(t > 0 for t in row["ms"].values())
+    # the choice is the faster of the two as measured (which one that is, is not asserted:
+    # tests never depend on timings)
+    lora_ms = next(r["ms"] for r in rows if r["op"] == "lora")
+    chosen = ops._backend("lora", x.reshape(-1, 24), None, 20, 4, 0.0).name
+    assert chosen == min(lora_ms, key=lora_ms.get)
 
 
 def test_eager_choice_follows_the_shape(fresh, monkeypatch):
@@ -220,8 +224,10 @@ def test_tune_backends_command_writes_a_table_auto_reads(fresh, capsys):
     assert rc == 0
     text = capsys.readouterr().out
     assert "leaving out backend 'cuda'" in text
-    assert "torch" in text.splitlines()[-3]  # the row: torch is the faster one
     shipped = json.loads(out.read_text())
+    ms = shipped["rows"][0]["ms"]
+    faster = min(ms, key=ms.get)
+    assert text.splitlines()[-3].split()[-2:] == [faster, "-"]  # the row: winner, no cuda
     assert shipped["device"] == "cpu"
     assert [(r["op"], r["m"], set(r["ms"])) for r in shipped["rows"]] == [
         ("lora", 32, {"torch", "triton"})]
@@ -233,4 +239,4 @@ def test_tune_backends_command_writes_a_table_auto_reads(fresh, capsys):
         raise AssertionError("measured a tuned shape")
 
     assert _choice.choose(_key(m=20, k=24, n=24), 20, ["triton", "torch"], CPU,
-                          must_not_measure) == "torch"
+                          must_not_measure) == faster
