@@ -8,8 +8,8 @@
 #                                                this script, not the GPU code)
 #
 # Installs nothing. Uses $PYTHON (default: python3, else python) from the repository root.
-# Time budget per part (seconds), overridable: T_TESTS, T_OPS, T_TUNE, T_E2E. Exit status:
-# 0 when every part passed, 1 otherwise (the summary says which).
+# Time budget per part (seconds), overridable: T_TESTS, T_OPS, T_TUNE, T_E2E, T_KERNELS.
+# Exit status: 0 when every part passed, 1 otherwise (the summary says which).
 
 set -uo pipefail
 
@@ -134,13 +134,25 @@ run_part ops "$OUT/bench-ops.log" "${CMD_OPS[@]}"
 run_part tune "$OUT/tune-backends.log" "${CMD_TUNE[@]}"
 run_part e2e "$OUT/bench-e2e.log" "${CMD_E2E[@]}"
 
+# ---- the LoRA shrink kernel alone: GB/s of x read, tensor-core vs CUDA-core variant ----------
+if [ "$MODE" = cpu ]; then  # the host emulation (after a JIT build of the extension): wiring only
+  T_KERNELS="${T_KERNELS:-400}"
+  KERNEL_ARGS=(--device cpu --m 64 300 --k 256 --r 16 --reps 2)
+else
+  T_KERNELS="${T_KERNELS:-60}"
+  KERNEL_ARGS=(--device cuda --m 512 2048 8192 16384 --k 4096 --r 16 --dtype bfloat16)
+fi
+CMD_KERNELS=(timeout --kill-after=20 "$T_KERNELS" "$PYTHON" -m llm_adapters.bench.kernels
+             "${KERNEL_ARGS[@]}" --out "$OUT")
+run_part kernels "$OUT/bench-kernels.log" "${CMD_KERNELS[@]}"
+
 # ---- the summary, last -------------------------------------------------------------------
 TOTAL=$(( $(date +%s) - START ))
 echo
 echo "== summary ($OUT, ${TOTAL} s in all)"
 printf '%-6s %-12s %6s  %s\n' part status secs log
 status=0
-for part in tests ops tune e2e; do
+for part in tests ops tune e2e kernels; do
   rc="${RC[$part]}"
   case "$rc" in
     0) st=ok ;;
@@ -154,6 +166,7 @@ for part in tests ops tune e2e; do
     ops) log=bench-ops.log ;;
     tune) log=tune-backends.log ;;
     e2e) log=bench-e2e.log ;;
+    kernels) log=bench-kernels.log ;;
   esac
   printf '%-6s %-12s %6s  %s\n' "$part" "$st" "${SECS[$part]}" "$log"
 done

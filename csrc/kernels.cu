@@ -27,12 +27,16 @@ __global__ void __launch_bounds__(kThreads) shrink_kernel(const ShrinkArgs<T> ar
 
 // The tile MMAs need sm_80 (bfloat16 WMMA); below it the body is empty and ops.cpp never
 // launches it. 32-byte alignment: the WMMA tile pointers are offsets of 32-byte multiples.
-template <typename T>
-__global__ void __launch_bounds__(kThreads) shrink_tc_kernel(const ShrinkArgs<T> args) {
+// Two blocks per SM (<= 128 registers: twice the loads of x in flight) where that costs no
+// spills on sm_80 / sm_90 (ptxas -v): NT = 1, r <= 16. Wider rank tiles hold 2x / 4x the
+// accumulators and run one block per SM.
+template <typename T, int NT>
+__global__ void __launch_bounds__(kThreads, NT == 1 ? 2 : 1)
+    shrink_tc_kernel(const ShrinkArgs<T> args) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   __shared__ __align__(32) float smem[kTcSmemFloats];
   DeviceSync sync;
-  shrink_tc_block(args, block_index(), static_cast<int>(threadIdx.x), smem, sync);
+  shrink_tc_block<NT>(args, block_index(), static_cast<int>(threadIdx.x), smem, sync);
 #endif
 }
 
@@ -91,8 +95,15 @@ int launch_shrink(const ShrinkArgs<T>& args, Grid grid, void* stream) {
 }
 
 template <typename T>
-int launch_shrink_tc(const ShrinkArgs<T>& args, Grid grid, void* stream) {
-  shrink_tc_kernel<T><<<to_dim3(grid), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(args);
+int launch_shrink_tc(const ShrinkArgs<T>& args, Grid grid, int nt, void* stream) {
+  const auto s = static_cast<cudaStream_t>(stream);
+  if (nt == 1) {
+    shrink_tc_kernel<T, 1><<<to_dim3(grid), kThreads, 0, s>>>(args);
+  } else if (nt == 2) {
+    shrink_tc_kernel<T, 2><<<to_dim3(grid), kThreads, 0, s>>>(args);
+  } else {
+    shrink_tc_kernel<T, kTcMaxNT><<<to_dim3(grid), kThreads, 0, s>>>(args);
+  }
   return static_cast<int>(cudaGetLastError());
 }
 
@@ -156,7 +167,7 @@ int launch_keep_mask(bool* out, int64_t numel, DropoutParams drop, void* stream)
 LA_INSTANTIATE(float)
 LA_INSTANTIATE(c10::Half)
 LA_INSTANTIATE(c10::BFloat16)
-template int launch_shrink_tc<c10::Half>(const ShrinkArgs<c10::Half>&, Grid, void*);
-template int launch_shrink_tc<c10::BFloat16>(const ShrinkArgs<c10::BFloat16>&, Grid, void*);
+template int launch_shrink_tc<c10::Half>(const ShrinkArgs<c10::Half>&, Grid, int, void*);
+template int launch_shrink_tc<c10::BFloat16>(const ShrinkArgs<c10::BFloat16>&, Grid, int, void*);
 
 }  // namespace llm_adapters

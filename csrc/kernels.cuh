@@ -286,7 +286,8 @@ constexpr int kTcWBytes = kTcMaxBR * kTcLD * 2;
 constexpr int kTcCLD = mma::kTile;
 constexpr int kTcSmemFloats = (kTcXBytes + 2 * kTcWBytes) / 4;
 constexpr int kTcXVecs = kTcBM * kTcBK / 8 / kThreads;         // 16-byte vectors per thread
-constexpr int kTcWPerThread = kTcMaxBR * kTcBK / kThreads;       // w floats per thread
+// w floats per thread: NT · 16 rank rows x kTcBK columns
+constexpr int tc_w_per_thread(int nt) { return nt * mma::kTile * kTcBK / kThreads; }
 static_assert(kTcXBytes % mma::kAlignBytes == 0 && kTcWBytes % mma::kAlignBytes == 0,
               "tile areas keep 32-byte alignment");
 static_assert(kTcWarps * mma::kTile * kTcCLD * 4 <= kTcXBytes, "epilogue scratch fits");
@@ -298,17 +299,22 @@ LA_HOST_DEVICE int tc_rank_tile(int64_t r) {
   return static_cast<int>(padded < kTcMaxBR ? padded : kTcMaxBR);
 }
 
+// The NT instantiation a rank tile of br columns runs: 1, 2 or 4 tiles of 16 ranks.
+LA_HOST_DEVICE int tc_rank_tiles(int br) {
+  return br <= mma::kTile ? 1 : (br <= 2 * mma::kTile ? 2 : kTcMaxNT);
+}
+
 // The next x and w tile, held in registers between the global loads and the shared stores.
-template <typename T>
+template <int NT, typename T>
 struct TcStage {
   VecData<T> x[kTcXVecs];
-  float w[kTcWPerThread];
+  float w[tc_w_per_thread(NT)];
 };
 
 // Global -> registers. The vector path loads 16-byte vectors (8 elements) of x; the scalar
 // path (misaligned x, or K not a multiple of 8) reads x in tc_store_stage instead.
-template <typename T>
-LA_HOST_DEVICE void tc_load_stage(const ShrinkArgs<T>& a, TcStage<T>& st, int64_t m0, int64_t j0,
+template <int NT, typename T>
+LA_HOST_DEVICE void tc_load_stage(const ShrinkArgs<T>& a, TcStage<NT, T>& st, int64_t m0, int64_t j0,
                                   int64_t k0, int64_t k_end, int tid) {
   constexpr int V = 8;
   static_assert(Vec<T>::kSize == V, "16-bit x");
@@ -326,7 +332,7 @@ LA_HOST_DEVICE void tc_load_stage(const ShrinkArgs<T>& a, TcStage<T>& st, int64_
     }
   }
   LA_UNROLL
-  for (int i = 0; i < kTcWPerThread; ++i) {
+  for (int i = 0; i < tc_w_per_thread(NT); ++i) {
     const int e = tid + i * kThreads;
     const int64_t jg = j0 + e / kTcBK;
     const int64_t k = k0 + e % kTcBK;
@@ -336,8 +342,8 @@ LA_HOST_DEVICE void tc_load_stage(const ShrinkArgs<T>& a, TcStage<T>& st, int64_
 
 // Registers -> shared memory: x with the keep-mask (zeros outside the matrix), w as
 // T(w·w_mult) and T(rest).
-template <typename T>
-LA_HOST_DEVICE void tc_store_stage(const ShrinkArgs<T>& a, const TcStage<T>& st, T* xs, T* w_hi,
+template <int NT, typename T>
+LA_HOST_DEVICE void tc_store_stage(const ShrinkArgs<T>& a, const TcStage<NT, T>& st, T* xs, T* w_hi,
                                    T* w_lo, int64_t m0, int64_t k0, int64_t k_end, float w_mult,
                                    int tid) {
   constexpr int V = 8;
@@ -355,9 +361,19 @@ LA_HOST_DEVICE void tc_store_stage(const ShrinkArgs<T>& a, const TcStage<T>& st,
       if (m < a.M && k < k_end) {
         val = st.x[i];
         if (a.drop.enabled) {
+          // the keep bits one Philox at a time (a rolled loop: eight unrolled Philox chains
+          // would hold registers the accumulators need), then applied to the vector
+          const uint64_t index = static_cast<uint64_t>(m * a.K + k);
+          unsigned keep = 0u;
+#if defined(__CUDA_ARCH__)
+#pragma unroll 1
+#endif
+          for (int c = 0; c < V; ++c) {
+            keep |= static_cast<unsigned>(keep_element(a.drop, index + c)) << c;
+          }
           LA_UNROLL
           for (int c = 0; c < V; ++c) {
-            if (!keep_element(a.drop, static_cast<uint64_t>(m * a.K + k + c))) val.v[c] = zero;
+            if (!((keep >> c) & 1u)) val.v[c] = zero;
           }
         }
       } else {
@@ -383,7 +399,7 @@ LA_HOST_DEVICE void tc_store_stage(const ShrinkArgs<T>& a, const TcStage<T>& st,
     }
   }
   LA_UNROLL
-  for (int i = 0; i < kTcWPerThread; ++i) {
+  for (int i = 0; i < tc_w_per_thread(NT); ++i) {
     const int e = tid + i * kThreads;
     const int jj = e / kTcBK;
     const int kk = e % kTcBK;
@@ -427,7 +443,9 @@ LA_HOST_DEVICE int tc_weight_exponent(const ShrinkArgs<T>& a, int64_t j0, int64_
   return e < -100 ? -100 : (e > 100 ? 100 : e);
 }
 
-template <typename T, typename Sync>
+// NT: the most 16-rank tiles a block holds accumulators for (1, 2 or 4: br 16, 32, 64), a
+// template argument so that r <= 16 keeps 16 accumulator registers per thread, not 64.
+template <int NT, typename T, typename Sync>
 LA_HOST_DEVICE void shrink_tc_block(const ShrinkArgs<T>& a, BlockIdx block, int tid, float* smem,
                                     Sync& sync) {
   unsigned char* base = reinterpret_cast<unsigned char*>(smem);
@@ -447,14 +465,15 @@ LA_HOST_DEVICE void shrink_tc_block(const ShrinkArgs<T>& a, BlockIdx block, int 
   const float w_mult = ldexpf(1.f, e_w);
   const float c_mult = a.out_scale * ldexpf(1.f, -e_w);
 
-  mma::FragC acc[2][kTcMaxNT];
+  static_assert(NT >= 1 && NT <= kTcMaxNT, "rank tiles per block");
+  mma::FragC acc[2][NT];
   LA_UNROLL
   for (int i = 0; i < 2; ++i) {
     LA_UNROLL
-    for (int j = 0; j < kTcMaxNT; ++j) mma::fill_zero(acc[i][j]);
+    for (int j = 0; j < NT; ++j) mma::fill_zero(acc[i][j]);
   }
 
-  TcStage<T> st;
+  TcStage<NT, T> st;
   tc_load_stage(a, st, m0, j0, k_begin, k_end, tid);
   for (int64_t k0 = k_begin; k0 < k_end; k0 += kTcBK) {
     tc_store_stage(a, st, xs, w_hi, w_lo, m0, k0, k_end, w_mult, tid);
@@ -468,7 +487,7 @@ LA_HOST_DEVICE void shrink_tc_block(const ShrinkArgs<T>& a, BlockIdx block, int 
         mma::load_a(xa[i], xs + (warp * kTcWarpM + i * mma::kTile) * kTcLD + ks, kTcLD);
       }
       LA_UNROLL
-      for (int j = 0; j < kTcMaxNT; ++j) {
+      for (int j = 0; j < NT; ++j) {
         if (j >= nt) break;
         mma::FragB<T> wb;
         mma::load_b(wb, w_hi + j * mma::kTile * kTcLD + ks, kTcLD);
@@ -489,7 +508,7 @@ LA_HOST_DEVICE void shrink_tc_block(const ShrinkArgs<T>& a, BlockIdx block, int 
   LA_UNROLL
   for (int i = 0; i < 2; ++i) {
     LA_UNROLL
-    for (int j = 0; j < kTcMaxNT; ++j) {
+    for (int j = 0; j < NT; ++j) {
       if (j >= nt) break;
       mma::store_c(scratch, acc[i][j], kTcCLD, lane);
       sync();
@@ -1035,9 +1054,9 @@ struct Grid {
 
 template <typename T>
 int launch_shrink(const ShrinkArgs<T>& args, Grid grid, void* stream);
-// float16 / bfloat16 only; sm_80+ (ops.cpp checks the device)
+// float16 / bfloat16 only; sm_80+ (ops.cpp checks the device); nt = tc_rank_tiles(br)
 template <typename T>
-int launch_shrink_tc(const ShrinkArgs<T>& args, Grid grid, void* stream);
+int launch_shrink_tc(const ShrinkArgs<T>& args, Grid grid, int nt, void* stream);
 template <typename T>
 int launch_expand(const ExpandArgs<T>& args, Grid grid, void* stream);
 template <typename T>

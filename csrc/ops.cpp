@@ -209,7 +209,8 @@ bool use_tensor_cores(const at::Tensor& x, bool tensor_cores) {
   return major >= 8;
 }
 
-// The tensor-core shrink (16-bit x): 256 rows x up to 64 ranks per block, K in steps of 32.
+// The tensor-core shrink (16-bit x): 256 rows x up to 64 ranks per block (r rounded up to 16;
+// 1, 2 or 4 accumulator tiles), K in steps of 32.
 template <typename T>
 void shrink_tc(const at::Tensor& x, const at::Tensor& w, at::Tensor& part_out, int64_t threshold,
                double out_scale, int64_t seed, const Exec& exec) {
@@ -227,11 +228,20 @@ void shrink_tc(const at::Tensor& x, const at::Tensor& w, at::Tensor& part_out, i
       x.data_ptr<T>(), M, K, w.data_ptr<float>(), w.stride(0), w.stride(1), R,
       part_out.data_ptr<float>(), br, k_per_split, make_dropout(threshold, seed),
       static_cast<float>(out_scale), vec_aligned<T>(x.data_ptr(), K)};
+  const int nt = tc_rank_tiles(br);
   if (exec.cuda) {
-    check_launch(launch_shrink_tc(args, grid, exec.stream));
+    check_launch(launch_shrink_tc(args, grid, nt, exec.stream));
+  } else if (nt == 1) {
+    emulate(grid, kTcSmemFloats, [&](BlockIdx b, int tid, float* smem, HostBarrier& s) {
+      shrink_tc_block<1>(args, b, tid, smem, s);
+    });
+  } else if (nt == 2) {
+    emulate(grid, kTcSmemFloats, [&](BlockIdx b, int tid, float* smem, HostBarrier& s) {
+      shrink_tc_block<2>(args, b, tid, smem, s);
+    });
   } else {
     emulate(grid, kTcSmemFloats, [&](BlockIdx b, int tid, float* smem, HostBarrier& s) {
-      shrink_tc_block(args, b, tid, smem, s);
+      shrink_tc_block<kTcMaxNT>(args, b, tid, smem, s);
     });
   }
 }

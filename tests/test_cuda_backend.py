@@ -687,3 +687,144 @@ def test_backward_is_deterministic_gpu(ext, dw_path, kind):
     second = torch.autograd.grad(run(), [x, a, b], g)
     for one, two in zip(first, second):
         assert torch.equal(one, two)
+
+
+# ---------------------------------------------------------------------------------------------
+# The tensor-core shrink (16-bit x): CPU runs its tile code with the host tile MMAs of
+# csrc/mma.cuh; GPU runs nvcuda::wmma. Both are compared with float64 and with the CUDA-core
+# shrink.
+# ---------------------------------------------------------------------------------------------
+
+
+def _shrink_case(dtype, m, k, r, p, w_scale, out_scale, device, seed=11, bias=False):
+    """Inputs, the float64 reference and the same-dtype PyTorch S of one shrink call."""
+    dev = torch.device(device)
+    gen = torch.Generator(device="cpu").manual_seed(m * 7919 + k * 31 + r)
+    x = torch.randn(m, k, generator=gen).to(dtype).to(dev)
+    w = (torch.randn(r, k, generator=gen) * w_scale).to(dev)
+    b = torch.randn(r, generator=gen).to(dev) if bias else None
+    t, inv = dropout_threshold(p) if p > 0 else (0, 1.0)
+    keep = BACKEND.keep_mask((m, k), p, seed, dev) if p > 0 else None
+    xd = x.double() if keep is None else torch.where(keep, x.double(), 0.0)
+    ref = (xd * inv) @ w.double().t() * out_scale
+    xs = x if keep is None else torch.where(keep, x, 0.0)
+    same = ((xs * inv) @ w.to(dtype).t()).float() * out_scale
+    # the worst-case error of float32 accumulation with w carried to 2^-16 of itself (the
+    # hi / lo split): a w rounded to x's dtype alone (error up to 2^-9 |w|) does not fit it
+    absdot = (xd.abs() * inv) @ w.double().abs().t() * abs(out_scale)
+    split_bound = (2.0**-15 + k * 2.0**-24) * absdot
+    if bias:
+        ref = ref + b.double()
+        same = same + b
+    return x, w, b, t, inv, seed, ref, same, split_bound
+
+
+def _check_shrink(ext, dtype, m, k, r, p, w_scale=None, out_scale=1.0, device="cpu",
+                  bias=False):
+    w_scale = k**-0.5 if w_scale is None else w_scale
+    x, w, b, t, inv, seed, ref, same, split_bound = _shrink_case(
+        dtype, m, k, r, p, w_scale, out_scale, device, bias=bias)
+    tag = f"shrink {dtype} m={m} k={k} r={r} p={p} w~{w_scale:.0e}"
+    out = {}
+    for tc in (True, False):
+        s = ext.shrink(x, w, b, t, inv * out_scale, seed, tc)
+        assert s.dtype == torch.float32 and s.shape == (m, r)
+        _assert_close(f"{tag} tensor_cores={tc}", s, same, ref, dtype)
+        excess = ((s.double() - ref).abs() - split_bound).max().item()
+        assert excess <= 0, f"{tag} tensor_cores={tc}: beyond the float32-weight bound by {excess}"
+        out[tc] = s
+    return out
+
+
+# (m, k, r, p): rows 1 / 37 / 300 (one and two 256-row blocks), k not a multiple of 16 / 32
+# (k = 40, 136), not a multiple of the 8-element vector (129, 4: the scalar path), rank tiles
+# of 16 / 32 / 64 and two rank blocks (100 = 64 + 36), dropout on and off, split K (the
+# emulation pretends 2 SMs: few blocks split K)
+_TC_CASES = [
+    (1, 40, 1, 0.0),
+    (37, 136, 12, 0.1),
+    (37, 4, 16, 0.0),
+    (300, 129, 100, 0.0),
+    (70, 264, 24, 0.3),
+    (19, 1000, 40, 0.0),
+    (2, 520, 64, 0.2),
+]
+
+
+@needs_extension
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m,k,r,p", _TC_CASES)
+def test_tensor_core_shrink_on_host_threads(ext, dtype, m, k, r, p):
+    """Both shrink variants against float64: within 2x the PyTorch error and within the
+    float32-weight bound (the hi / lo split of w)."""
+    _check_shrink(ext, dtype, m, k, r, p, out_scale=1.25, bias=(m == 37))
+
+
+@needs_extension
+@pytest.mark.parametrize("w_scale", [1e-2, 1e-4, 1e-6])
+def test_tensor_core_shrink_small_float16_weights(ext, w_scale):
+    """float16 has a narrow exponent: LoRA weights of 1e-4 .. 1e-6 would lose their low part
+    (or all of it) without the block's power-of-two pre-scaling of w."""
+    _check_shrink(ext, torch.float16, 37, 136, 16, 0.1, w_scale=w_scale)
+
+
+@needs_extension
+def test_tensor_core_shrink_split_k_is_deterministic(ext):
+    """Split-K partials summed in a fixed order: repeated calls are bitwise equal."""
+    x, w, _, t, inv, seed, *_ = _shrink_case(torch.bfloat16, 5, 1000, 16, 0.1, 0.03, 1.0, "cpu")
+    first = ext.shrink(x, w, None, t, inv, seed, True)
+    assert torch.equal(first, ext.shrink(x, w, None, t, inv, seed, True))
+
+
+def test_tensor_core_switch_reads_the_environment():
+    assert cuda_backend.tensor_cores_from_env({}) is True
+    assert cuda_backend.tensor_cores_from_env({"LLM_ADAPTERS_CUDA_TENSOR_CORES": "0"}) is False
+    assert cuda_backend.tensor_cores_from_env({"LLM_ADAPTERS_CUDA_TENSOR_CORES": "1"}) is True
+    assert cuda_backend.tensor_cores_from_env({"LLM_ADAPTERS_CUDA_TENSOR_CORES": " 0 "}) is False
+
+
+@needs_extension
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_lora_forward_honours_the_tensor_core_switch(ext, monkeypatch, dtype):
+    """TENSOR_CORES reaches the shrink: S differs between the variants (different summation)
+    and both are within the parity bound; the whole LoRA op passes parity with either."""
+    x, w, _, t, inv, seed, ref, same, _ = _shrink_case(dtype, 37, 136, 12, 0.0, 0.1, 1.0, "cpu")
+    weight = torch.randn(9, 136).to(dtype)
+    b = torch.randn(9, 12)
+    s_pre = {}
+    for tc in (True, False):
+        monkeypatch.setattr(cuda_backend, "TENSOR_CORES", tc)
+        _, s_pre[tc], _ = BACKEND.lora_forward(x, weight, None, w, b, None, None, None, 1.0, 0.0,
+                                               seed, "identity")
+        _assert_close(f"lora s_pre tensor_cores={tc}", s_pre[tc], same, ref, dtype)
+        _check_parity("lora", dtype, 19, 129, 40, 3, 0.1, "identity", False, True, device="cpu")
+    assert not torch.equal(s_pre[True], s_pre[False])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", _GPU_DTYPES)
+@pytest.mark.parametrize("m,k,r,p", _TC_CASES)
+def test_tensor_core_shrink_gpu(ext, dtype, m, k, r, p):
+    _check_shrink(ext, dtype, m, k, r, p, out_scale=1.25, device="cuda", bias=(m == 37))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", _GPU_DTYPES)
+@pytest.mark.parametrize("p", [0.0, 0.1])
+@pytest.mark.parametrize("m,r", [(2048, 16), (16384, 16), (2048, 64), (513, 100)])
+def test_tensor_core_shrink_llama_shape_gpu(ext, dtype, p, m, r):
+    """K = 4096: against float64, against the CUDA-core shrink, deterministic."""
+    out = _check_shrink(ext, dtype, m, 4096, r, p, device="cuda")
+    x, w, _, t, inv, seed, _, _, split_bound = _shrink_case(dtype, m, 4096, r, p, 4096**-0.5,
+                                                            1.0, "cuda")
+    assert ((out[True].double() - out[False].double()).abs() <= 2 * split_bound).all()
+    assert torch.equal(out[True], ext.shrink(x, w, None, t, inv, seed, True))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", _GPU_DTYPES)
+def test_lora_parity_both_shrink_variants_gpu(ext, monkeypatch, dtype):
+    """The LoRA op end to end (forward and every gradient) with either shrink."""
+    for tc in (True, False):
+        monkeypatch.setattr(cuda_backend, "TENSOR_CORES", tc)
+        _check_parity("lora", dtype, 2048, 4096, 4096, 16, 0.1, "identity", False, True)

@@ -140,7 +140,13 @@ def _empty(g: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
 
 # Whether the shrink of float16 / bfloat16 x runs on the tensor cores (see the module
 # docstring); read once, at import. Tests and benchmarks may set it directly.
-TENSOR_CORES = os.environ.get("LLM_ADAPTERS_CUDA_TENSOR_CORES", "1").strip() != "0"
+def tensor_cores_from_env(environ=os.environ) -> bool:
+    """LLM_ADAPTERS_CUDA_TENSOR_CORES: "0" turns the tensor-core shrink off; unset or any other
+    value leaves it on."""
+    return environ.get("LLM_ADAPTERS_CUDA_TENSOR_CORES", "1").strip() != "0"
+
+
+TENSOR_CORES = tensor_cores_from_env()
 
 # Where d(up) = s·gᵀφ(S) comes from. "partials": the grad_rows pass over g also writes per-64-
 # row-block partials ([M/64, N, r] float32) that a second kernel sums in block order; "reduce":
