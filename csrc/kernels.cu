@@ -47,6 +47,17 @@ __global__ void __launch_bounds__(kThreads) expand_kernel(const ExpandArgs<T> ar
   expand_block(args, block_index(), static_cast<int>(threadIdx.x), smem, sync);
 }
 
+// As shrink_tc_kernel: empty below sm_80; two blocks per SM at NT = 1.
+template <typename T, int NT>
+__global__ void __launch_bounds__(kThreads, NT == 1 ? 2 : 1)
+    reduce_rows_tc_kernel(const ReduceArgs<T> args) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  __shared__ __align__(32) float smem[kRtSmemFloats];
+  DeviceSync sync;
+  reduce_rows_tc_block<NT>(args, block_index(), static_cast<int>(threadIdx.x), smem, sync);
+#endif
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kThreads) reduce_rows_kernel(const ReduceArgs<T> args) {
   __shared__ __align__(16) float smem[kReduceSmemFloats];
@@ -120,6 +131,19 @@ int launch_reduce_rows(const ReduceArgs<T>& args, Grid grid, void* stream) {
 }
 
 template <typename T>
+int launch_reduce_rows_tc(const ReduceArgs<T>& args, Grid grid, int nt, void* stream) {
+  const auto s = static_cast<cudaStream_t>(stream);
+  if (nt == 1) {
+    reduce_rows_tc_kernel<T, 1><<<to_dim3(grid), kThreads, 0, s>>>(args);
+  } else if (nt == 2) {
+    reduce_rows_tc_kernel<T, 2><<<to_dim3(grid), kThreads, 0, s>>>(args);
+  } else {
+    reduce_rows_tc_kernel<T, kTcMaxNT><<<to_dim3(grid), kThreads, 0, s>>>(args);
+  }
+  return static_cast<int>(cudaGetLastError());
+}
+
+template <typename T>
 int launch_series_fwd(const SeriesFwdArgs<T>& args, int64_t blocks, bool wide, void* stream) {
   const auto s = static_cast<cudaStream_t>(stream);
   if (wide) {
@@ -169,5 +193,8 @@ LA_INSTANTIATE(c10::Half)
 LA_INSTANTIATE(c10::BFloat16)
 template int launch_shrink_tc<c10::Half>(const ShrinkArgs<c10::Half>&, Grid, int, void*);
 template int launch_shrink_tc<c10::BFloat16>(const ShrinkArgs<c10::BFloat16>&, Grid, int, void*);
+template int launch_reduce_rows_tc<c10::Half>(const ReduceArgs<c10::Half>&, Grid, int, void*);
+template int launch_reduce_rows_tc<c10::BFloat16>(const ReduceArgs<c10::BFloat16>&, Grid, int,
+                                                  void*);
 
 }  // namespace llm_adapters

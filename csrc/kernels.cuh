@@ -10,6 +10,7 @@
 //                (shrink_tc_block: the same on the tensor cores for 16-bit x, see mma.cuh)
 //   expand       out = in + keep·scale·φ(H) wᵀ + bias    H [M, r], w [N, r] -> out [M, N]
 //   reduce_rows  Σ_m D(X)[m, n] φ(H[m, j])               X [M, N], H [M, r] -> [splits, N, r]
+//                (reduce_rows_tc_block: on the tensor cores for 16-bit X)
 //   series_fwd   row blocks: S = D(h) Dnᵀ, z = h + s·φ(S) Upᵀ + u_b
 //   grad_rows    row blocks, one pass over g: G = g W, partials of gᵀφ(S), dS, [dh]
 // Partials of split reductions are summed afterwards in a fixed order: no atomics anywhere.
@@ -410,10 +411,32 @@ LA_HOST_DEVICE void tc_store_stage(const ShrinkArgs<T>& a, const TcStage<NT, T>&
   }
 }
 
-// float16 only: the power of two e with max |w| over the block's slice · 2^e in [2^14, 2^15),
-// clamped to [-100, 100] so that 2^e and 2^-e are normal floats (weights below 2^-85 would
-// lose precision; none are that small). 0 for bfloat16, whose exponent range is float32's,
-// and for an all-zero or non-finite slice. `red`: kThreads + 16 floats of shared memory.
+// The power of two e that brings a block's largest magnitude `mx` (the max over the threads'
+// `local_max`) into [2^14, 2^15), clamped to [-100, 100] so that 2^e and 2^-e are normal
+// floats (magnitudes below 2^-85 would lose precision; none are that small); 0 for an all-zero
+// or non-finite block. `red`: kThreads + 16 floats of shared memory, free again on return.
+template <typename Sync>
+LA_HOST_DEVICE int tc_block_exponent(float local_max, int tid, float* red, Sync& sync) {
+  red[tid] = local_max;
+  sync();
+  if (tid < 16) {
+    float part = 0.f;
+    for (int i = 0; i < kThreads / 16; ++i) part = fmaxf(part, red[tid * (kThreads / 16) + i]);
+    red[kThreads + tid] = part;
+  }
+  sync();
+  float mx = 0.f;
+  for (int i = 0; i < 16; ++i) mx = fmaxf(mx, red[kThreads + i]);
+  sync();  // red lies in the tile area, written next
+  if (!(mx > 0.f) || mx > 3.0e38f) return 0;
+  int exp2 = 0;
+  frexpf(mx, &exp2);  // mx = f · 2^exp2, f in [0.5, 1)
+  const int e = 15 - exp2;
+  return e < -100 ? -100 : (e > 100 ? 100 : e);
+}
+
+// float16 only (see above): the exponent of the block's w slice; 0 for bfloat16, whose
+// exponent range is float32's.
 template <typename T, typename Sync>
 LA_HOST_DEVICE int tc_weight_exponent(const ShrinkArgs<T>& a, int64_t j0, int64_t k_begin,
                                       int64_t k_end, int tid, float* red, Sync& sync) {
@@ -425,22 +448,7 @@ LA_HOST_DEVICE int tc_weight_exponent(const ShrinkArgs<T>& a, int64_t j0, int64_
       mx = fmaxf(mx, fabsf(a.w[(j0 + jj) * a.w_sr + k * a.w_sk]));
     }
   }
-  red[tid] = mx;
-  sync();
-  if (tid < 16) {
-    float part = 0.f;
-    for (int i = 0; i < kThreads / 16; ++i) part = fmaxf(part, red[tid * (kThreads / 16) + i]);
-    red[kThreads + tid] = part;
-  }
-  sync();
-  mx = 0.f;
-  for (int i = 0; i < 16; ++i) mx = fmaxf(mx, red[kThreads + i]);
-  sync();  // red lies in the x tile area, written next
-  if (!(mx > 0.f) || mx > 3.0e38f) return 0;
-  int exp2 = 0;
-  frexpf(mx, &exp2);  // mx = f · 2^exp2, f in [0.5, 1)
-  const int e = 15 - exp2;
-  return e < -100 ? -100 : (e > 100 ? 100 : e);
+  return tc_block_exponent(mx, tid, red, sync);
 }
 
 // NT: the most 16-rank tiles a block holds accumulators for (1, 2 or 4: br 16, 32, 64), a
@@ -791,6 +799,223 @@ LA_HOST_DEVICE void reduce_rows_block(const ReduceArgs<T>& a, BlockIdx block, in
 }
 
 // ----------------------------------------------------------------------------------------------
+// reduce_rows on the tensor cores (float16 / bfloat16 X; sm_80+)
+// ----------------------------------------------------------------------------------------------
+// out[n, j] = Σ_m D(X)[m, n] φ(H[m, j]) as the tile product Xᵀ φ(H): the shrink's scheme
+// transposed. A block covers kRtBN = 256 columns n (8 warps x 32: two 16-column A tiles per
+// warp, read column-major from the staged rows of X) x the rank tiles of its rank range, and
+// walks its split of M kRtBM = 32 rows at a time: the tile of X in its own type with the
+// keep-mask applied (element index m*N + n), φ(H) split into hi + lo parts in X's type as w is
+// in the shrink (with the block's power-of-two pre-scaling for float16: dS has no fixed
+// magnitude). The next tile is loaded into registers before the MMAs of the current one.
+
+constexpr int kRtBN = kTcWarps * kTcWarpM;  // 256 columns n per block
+constexpr int kRtBM = 32;                   // rows m per step
+// 264 elements (528 bytes = 132 words: 8 consecutive rows fall 4 banks apart, so the 16-byte
+// pieces one column-major load takes from 8 rows cover all 32 banks once); 72 for φ(H)
+constexpr int kRtXLD = kRtBN + 8;
+constexpr int kRtHLD = kTcMaxBR + 8;
+constexpr int kRtXBytes = kRtBM * kRtXLD * 2;
+constexpr int kRtHBytes = kRtBM * kRtHLD * 2;
+constexpr int kRtSmemFloats = (kRtXBytes + 2 * kRtHBytes) / 4;
+constexpr int kRtXVecs = kRtBM * kRtBN / 8 / kThreads;
+constexpr int rt_h_per_thread(int nt) { return kRtBM * nt * mma::kTile / kThreads; }
+static_assert(kRtXBytes % mma::kAlignBytes == 0 && kRtHBytes % mma::kAlignBytes == 0,
+              "tile areas keep 32-byte alignment");
+static_assert((16 * kRtXLD * 2) % mma::kAlignBytes == 0 && (16 * kRtHLD * 2) % 32 == 0,
+              "16-row steps keep 32-byte alignment");
+static_assert(kTcWarps * mma::kTile * kTcCLD * 4 <= kRtXBytes, "epilogue scratch fits");
+static_assert(kRtXLD % mma::kLdmMultiple16 == 0 && kRtHLD % mma::kLdmMultiple16 == 0,
+              "WMMA ldm of 16-bit tiles");
+
+template <int NT, typename T>
+struct RtStage {
+  VecData<T> x[kRtXVecs];
+  float h[rt_h_per_thread(NT)];  // φ(H), zero outside the matrix
+};
+
+template <int NT, typename T>
+LA_HOST_DEVICE void rt_load_stage(const ReduceArgs<T>& a, RtStage<NT, T>& st, int64_t n0,
+                                  int64_t j0, int64_t mb, int64_t m_end, int tid) {
+  constexpr int V = 8;
+  constexpr int per_row = kRtBN / V;
+  if (a.vec_ok) {
+    LA_UNROLL
+    for (int i = 0; i < kRtXVecs; ++i) {
+      const int v = tid + i * kThreads;
+      const int64_t m = mb + v / per_row;
+      const int64_t n = n0 + (v % per_row) * V;
+      // N % 8 == 0 and n0 % 8 == 0: a vector is wholly inside or wholly outside
+      if (m < m_end && n < a.N) st.x[i] = *reinterpret_cast<const VecData<T>*>(a.x + m * a.N + n);
+    }
+  }
+  constexpr int cols = NT * mma::kTile;
+  LA_UNROLL
+  for (int i = 0; i < rt_h_per_thread(NT); ++i) {
+    const int e = tid + i * kThreads;
+    const int64_t m = mb + e / cols;
+    const int64_t jg = j0 + e % cols;
+    st.h[i] = (m < m_end && jg < a.R && e % cols < a.br) ? activate(a.h[m * a.R + jg], a.act)
+                                                        : 0.f;
+  }
+}
+
+template <int NT, typename T>
+LA_HOST_DEVICE void rt_store_stage(const ReduceArgs<T>& a, const RtStage<NT, T>& st, T* xs,
+                                   T* h_hi, T* h_lo, int64_t n0, int64_t mb, int64_t m_end,
+                                   float h_mult, int tid) {
+  constexpr int V = 8;
+  constexpr int per_row = kRtBN / V;
+  const T zero = T(0.f);
+  if (a.vec_ok) {
+    LA_UNROLL
+    for (int i = 0; i < kRtXVecs; ++i) {
+      const int v = tid + i * kThreads;
+      const int mm = v / per_row;
+      const int nn = (v % per_row) * V;
+      const int64_t m = mb + mm;
+      const int64_t n = n0 + nn;
+      VecData<T> val;
+      if (m < m_end && n < a.N) {
+        val = st.x[i];
+        if (a.drop.enabled) {  // one Philox at a time, as in tc_store_stage
+          const uint64_t index = static_cast<uint64_t>(m * a.N + n);
+          unsigned keep = 0u;
+#if defined(__CUDA_ARCH__)
+#pragma unroll 1
+#endif
+          for (int c = 0; c < V; ++c) {
+            keep |= static_cast<unsigned>(keep_element(a.drop, index + c)) << c;
+          }
+          LA_UNROLL
+          for (int c = 0; c < V; ++c) {
+            if (!((keep >> c) & 1u)) val.v[c] = zero;
+          }
+        }
+      } else {
+        LA_UNROLL
+        for (int c = 0; c < V; ++c) val.v[c] = zero;
+      }
+      *reinterpret_cast<VecData<T>*>(xs + mm * kRtXLD + nn) = val;
+    }
+  } else {
+    for (int e = tid; e < kRtBM * kRtBN; e += kThreads) {
+      const int mm = e / kRtBN;
+      const int nn = e % kRtBN;
+      const int64_t m = mb + mm;
+      const int64_t n = n0 + nn;
+      T val = zero;
+      if (m < m_end && n < a.N) {
+        val = a.x[m * a.N + n];
+        if (a.drop.enabled && !keep_element(a.drop, static_cast<uint64_t>(m * a.N + n))) {
+          val = zero;
+        }
+      }
+      xs[mm * kRtXLD + nn] = val;
+    }
+  }
+  constexpr int cols = NT * mma::kTile;
+  LA_UNROLL
+  for (int i = 0; i < rt_h_per_thread(NT); ++i) {
+    const int e = tid + i * kThreads;
+    const int mm = e / cols;
+    const int jj = e % cols;
+    const float hv = st.h[i] * h_mult;  // a power of two: exact
+    const T hi = T(hv);
+    h_hi[mm * kRtHLD + jj] = hi;
+    h_lo[mm * kRtHLD + jj] = T(hv - static_cast<float>(hi));
+  }
+}
+
+// NT as in shrink_tc_block: accumulators for 1, 2 or 4 rank tiles of 16.
+template <int NT, typename T, typename Sync>
+LA_HOST_DEVICE void reduce_rows_tc_block(const ReduceArgs<T>& a, BlockIdx block, int tid,
+                                         float* smem, Sync& sync) {
+  static_assert(NT >= 1 && NT <= kTcMaxNT, "rank tiles per block");
+  unsigned char* base = reinterpret_cast<unsigned char*>(smem);
+  T* xs = reinterpret_cast<T*>(base);
+  T* h_hi = reinterpret_cast<T*>(base + kRtXBytes);
+  T* h_lo = reinterpret_cast<T*>(base + kRtXBytes + kRtHBytes);
+  const int warp = tid / 32;
+  const int lane = tid % 32;
+  const int64_t n0 = block.x * kRtBN;
+  const int64_t j0 = block.y * a.br;
+  const int64_t m_begin = block.z * a.rows_per_split;
+  const int64_t m_end = a.M < m_begin + a.rows_per_split ? a.M : m_begin + a.rows_per_split;
+  const int64_t ranks = a.R - j0 < a.br ? a.R - j0 : a.br;
+  const int nt = static_cast<int>((ranks + mma::kTile - 1) / mma::kTile);
+
+  int e_h = 0;
+  if (std::is_same<T, c10::Half>::value) {
+    float mx = 0.f;
+    for (int64_t m = m_begin + tid / 16; m < m_end; m += kThreads / 16) {
+      for (int64_t jj = tid % 16; jj < ranks; jj += 16) {
+        mx = fmaxf(mx, fabsf(activate(a.h[m * a.R + j0 + jj], a.act)));
+      }
+    }
+    e_h = tc_block_exponent(mx, tid, smem, sync);
+  }
+  const float h_mult = ldexpf(1.f, e_h);
+  const float c_mult = ldexpf(1.f, -e_h);
+
+  mma::FragC acc[2][NT];
+  LA_UNROLL
+  for (int i = 0; i < 2; ++i) {
+    LA_UNROLL
+    for (int j = 0; j < NT; ++j) mma::fill_zero(acc[i][j]);
+  }
+
+  RtStage<NT, T> st;
+  rt_load_stage(a, st, n0, j0, m_begin, m_end, tid);
+  for (int64_t mb = m_begin; mb < m_end; mb += kRtBM) {
+    rt_store_stage(a, st, xs, h_hi, h_lo, n0, mb, m_end, h_mult, tid);
+    sync();
+    if (mb + kRtBM < m_end) rt_load_stage(a, st, n0, j0, mb + kRtBM, m_end, tid);
+    LA_UNROLL
+    for (int ks = 0; ks < kRtBM; ks += mma::kTile) {
+      mma::FragACol<T> xa[2];
+      LA_UNROLL
+      for (int i = 0; i < 2; ++i) {
+        mma::load_a_col(xa[i], xs + ks * kRtXLD + warp * kTcWarpM + i * mma::kTile, kRtXLD);
+      }
+      LA_UNROLL
+      for (int j = 0; j < NT; ++j) {
+        if (j >= nt) break;
+        mma::FragBRow<T> hb;
+        mma::load_b_row(hb, h_hi + ks * kRtHLD + j * mma::kTile, kRtHLD);
+        mma::mma(acc[0][j], xa[0], hb);
+        mma::mma(acc[1][j], xa[1], hb);
+        mma::load_b_row(hb, h_lo + ks * kRtHLD + j * mma::kTile, kRtHLD);
+        mma::mma(acc[0][j], xa[0], hb);
+        mma::mma(acc[1][j], xa[1], hb);
+      }
+    }
+    sync();
+  }
+
+  // Epilogue as in shrink_tc_block: [n][j] tiles through the warp's scratch, times 2^-e_h.
+  float* scratch = smem + warp * mma::kTile * kTcCLD;
+  float* part = a.out + block.z * a.N * a.R;
+  LA_UNROLL
+  for (int i = 0; i < 2; ++i) {
+    LA_UNROLL
+    for (int j = 0; j < NT; ++j) {
+      if (j >= nt) break;
+      mma::store_c(scratch, acc[i][j], kTcCLD, lane);
+      sync();
+      for (int e = lane; e < mma::kTile * mma::kTile; e += 32) {
+        const int64_t n = n0 + warp * kTcWarpM + i * mma::kTile + e / mma::kTile;
+        const int64_t jg = j0 + j * mma::kTile + e % mma::kTile;
+        if (n < a.N && jg < a.R) {
+          part[n * a.R + jg] = scratch[(e / mma::kTile) * kTcCLD + e % mma::kTile] * c_mult;
+        }
+      }
+      sync();
+    }
+  }
+}
+
+// ----------------------------------------------------------------------------------------------
 // Row-block kernels: one block per kRowBM rows, walking the whole width N
 // ----------------------------------------------------------------------------------------------
 // row_shrink_block computes, for the block's rows,
@@ -1061,6 +1286,9 @@ template <typename T>
 int launch_expand(const ExpandArgs<T>& args, Grid grid, void* stream);
 template <typename T>
 int launch_reduce_rows(const ReduceArgs<T>& args, Grid grid, void* stream);
+// float16 / bfloat16 only; sm_80+; nt = tc_rank_tiles(br)
+template <typename T>
+int launch_reduce_rows_tc(const ReduceArgs<T>& args, Grid grid, int nt, void* stream);
 template <typename T>
 int launch_series_fwd(const SeriesFwdArgs<T>& args, int64_t blocks, bool wide, void* stream);
 template <typename T>

@@ -64,8 +64,9 @@ struct CudaType<c10::BFloat16> {
   using type = __nv_bfloat16;
 };
 
-// A: 16x16 (m x k), row-major in memory; B: 16x16 (k x n), column-major, i.e. stored as
-// [n][k] (a row of w); C: the float32 accumulator.
+// A: 16x16 (m x k), row-major in memory (element (m, k) at p[m * ldm + k]); B: 16x16 (k x n),
+// column-major, i.e. stored as [n][k] (rows of w: (k, n) at p[n * ldm + k]); C: the float32
+// accumulator.
 template <typename T>
 using FragA = wmma::fragment<wmma::matrix_a, kTile, kTile, kTile, typename CudaType<T>::type,
                              wmma::row_major>;
@@ -73,6 +74,14 @@ template <typename T>
 using FragB = wmma::fragment<wmma::matrix_b, kTile, kTile, kTile, typename CudaType<T>::type,
                              wmma::col_major>;
 using FragC = wmma::fragment<wmma::accumulator, kTile, kTile, kTile, float>;
+// The transposed layouts: A column-major (a [k][m] array: the staged rows of X for Xᵀ), B
+// row-major (a [k][n] array).
+template <typename T>
+using FragACol = wmma::fragment<wmma::matrix_a, kTile, kTile, kTile, typename CudaType<T>::type,
+                                wmma::col_major>;
+template <typename T>
+using FragBRow = wmma::fragment<wmma::matrix_b, kTile, kTile, kTile, typename CudaType<T>::type,
+                                wmma::row_major>;
 
 __device__ __forceinline__ void fill_zero(FragC& c) { wmma::fill_fragment(c, 0.f); }
 
@@ -84,6 +93,18 @@ __device__ __forceinline__ void load_a(FragA<T>& a, const T* p, int ldm) {
 
 template <typename T>
 __device__ __forceinline__ void load_b(FragB<T>& b, const T* p, int ldm) {
+  wmma::load_matrix_sync(b, reinterpret_cast<const typename CudaType<T>::type*>(p),
+                         static_cast<unsigned>(ldm));
+}
+
+template <typename T>
+__device__ __forceinline__ void load_a_col(FragACol<T>& a, const T* p, int ldm) {
+  wmma::load_matrix_sync(a, reinterpret_cast<const typename CudaType<T>::type*>(p),
+                         static_cast<unsigned>(ldm));
+}
+
+template <typename T>
+__device__ __forceinline__ void load_b_row(FragBRow<T>& b, const T* p, int ldm) {
   wmma::load_matrix_sync(b, reinterpret_cast<const typename CudaType<T>::type*>(p),
                          static_cast<unsigned>(ldm));
 }
@@ -144,6 +165,11 @@ struct FragB {
 struct FragC {
   float v[kTile][kTile];  // [m][n]
 };
+// the host fragments hold values, not a register layout: one type per operand serves both
+template <typename T>
+using FragACol = FragA<T>;
+template <typename T>
+using FragBRow = FragB<T>;
 
 LA_HOST_DEVICE void fill_zero(FragC& c) {
   for (int i = 0; i < kTile; ++i) {
@@ -164,6 +190,24 @@ LA_HOST_DEVICE void load_b(FragB<T>& b, const T* p, int ldm) {
   if (!check_tile<T>(p, ldm)) return;
   for (int n = 0; n < kTile; ++n) {
     for (int k = 0; k < kTile; ++k) b.v[k][n] = static_cast<float>(p[n * ldm + k]);
+  }
+}
+
+// A column-major: element (m, k) at p[k * ldm + m]
+template <typename T>
+LA_HOST_DEVICE void load_a_col(FragA<T>& a, const T* p, int ldm) {
+  if (!check_tile<T>(p, ldm)) return;
+  for (int k = 0; k < kTile; ++k) {
+    for (int m = 0; m < kTile; ++m) a.v[m][k] = static_cast<float>(p[k * ldm + m]);
+  }
+}
+
+// B row-major: element (k, n) at p[k * ldm + n]
+template <typename T>
+LA_HOST_DEVICE void load_b_row(FragB<T>& b, const T* p, int ldm) {
+  if (!check_tile<T>(p, ldm)) return;
+  for (int k = 0; k < kTile; ++k) {
+    for (int n = 0; n < kTile; ++n) b.v[k][n] = static_cast<float>(p[k * ldm + n]);
   }
 }
 

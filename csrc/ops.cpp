@@ -197,7 +197,8 @@ c10::optional<c10::Device> cuda_device_of(const at::Tensor& t) {
 // shrink
 // ----------------------------------------------------------------------------------------------
 
-// Whether the tensor-core shrink can run for x: 16-bit x, asked for, and (on a GPU) sm_80+.
+// Whether the tensor-core shrink / reduce_rows can run for x: 16-bit x, asked for, and (on a
+// GPU) sm_80+.
 bool use_tensor_cores(const at::Tensor& x, bool tensor_cores) {
   if (!tensor_cores || (x.scalar_type() != at::kHalf && x.scalar_type() != at::kBFloat16)) {
     return false;
@@ -373,8 +374,46 @@ void expand_add_(const at::Tensor& out, const c10::optional<at::Tensor>& input,
 // reduce_rows
 // ----------------------------------------------------------------------------------------------
 
+// The tensor-core reduce_rows (16-bit x): 256 columns x up to 64 ranks per block, M in steps
+// of 32 rows; returns the [splits, N, r] partials.
+template <typename T>
+at::Tensor reduce_rows_tc(const at::Tensor& x, const at::Tensor& h, int64_t act,
+                          int64_t threshold, int64_t seed, const Exec& exec) {
+  const int64_t M = x.size(0), N = x.size(1), R = h.size(1);
+  const int br = tc_rank_tile(R);
+  const int64_t gx = ceil_div(N, kRtBN), gy = ceil_div(R, br);
+  const int64_t m_tiles = ceil_div(M, kRtBM);
+  int64_t splits = split_count(gx * gy, m_tiles, exec.sms);
+  const int64_t rows_per_split = ceil_div(m_tiles, splits) * kRtBM;
+  splits = ceil_div(M, rows_per_split);
+  TORCH_CHECK(gy <= 65535 && splits <= 65535, "llm_adapters_C: reduce_rows: shape too large");
+  at::Tensor part = at::empty({splits, N, R}, x.options().dtype(at::kFloat));
+  const Grid grid{gx, gy, splits};
+  const ReduceArgs<T> args{
+      x.data_ptr<T>(), M, N, h.data_ptr<float>(), R, static_cast<int>(act),
+      part.data_ptr<float>(), br, rows_per_split, make_dropout(threshold, seed),
+      vec_aligned<T>(x.data_ptr(), N)};
+  const int nt = tc_rank_tiles(br);
+  if (exec.cuda) {
+    check_launch(launch_reduce_rows_tc(args, grid, nt, exec.stream));
+  } else if (nt == 1) {
+    emulate(grid, kRtSmemFloats, [&](BlockIdx b, int tid, float* smem, HostBarrier& s) {
+      reduce_rows_tc_block<1>(args, b, tid, smem, s);
+    });
+  } else if (nt == 2) {
+    emulate(grid, kRtSmemFloats, [&](BlockIdx b, int tid, float* smem, HostBarrier& s) {
+      reduce_rows_tc_block<2>(args, b, tid, smem, s);
+    });
+  } else {
+    emulate(grid, kRtSmemFloats, [&](BlockIdx b, int tid, float* smem, HostBarrier& s) {
+      reduce_rows_tc_block<kTcMaxNT>(args, b, tid, smem, s);
+    });
+  }
+  return part;
+}
+
 at::Tensor reduce_rows(const at::Tensor& x, const at::Tensor& h, int64_t act, int64_t threshold,
-                       int64_t seed) {
+                       int64_t seed, bool tensor_cores) {
   check_matrix(x, "reduce_rows: x");
   check_matrix(h, "reduce_rows: h");
   check_same_device(h, x, "reduce_rows: h");
@@ -390,6 +429,13 @@ at::Tensor reduce_rows(const at::Tensor& x, const at::Tensor& h, int64_t act, in
   const c10::cuda::OptionalCUDAGuard guard(cuda_device_of(x));
   if (M == 0 || N == 0) return at::zeros({N, R}, x.options().dtype(at::kFloat));
   const Exec exec = exec_for(x);
+  if (use_tensor_cores(x, tensor_cores)) {
+    const at::Tensor part =
+        x.scalar_type() == at::kHalf
+            ? reduce_rows_tc<c10::Half>(x, h, act, threshold, seed, exec)
+            : reduce_rows_tc<c10::BFloat16>(x, h, act, threshold, seed, exec);
+    return part.size(0) == 1 ? part.select(0, 0) : part.sum(0);
+  }
   const int br = rank_tile(R);
   const int64_t gx = ceil_div(N, shrink_layout(br).bm), gy = ceil_div(R, br);
   const int64_t m_tiles = ceil_div(M, kReduceBM);
@@ -621,8 +667,9 @@ TORCH_LIBRARY(llm_adapters_C, m) {
   // out = input (or out) + keep · scaling · scale · φ(h) wᵀ + bias: h [M, r] f32, w [N, r] f32
   m.def("expand_add_(Tensor(a!) out, Tensor? input, Tensor h, int act, Tensor w, Tensor? bias, "
         "Tensor? scale, float scaling, int threshold, int seed) -> ()");
-  // Σ_m D(x)[m, n] φ(h[m, j]): x [M, N], h [M, r] f32 -> [N, r] f32
-  m.def("reduce_rows(Tensor x, Tensor h, int act, int threshold, int seed) -> Tensor");
+  // Σ_m D(x)[m, n] φ(h[m, j]): x [M, N], h [M, r] f32 -> [N, r] f32; tensor_cores as shrink's
+  m.def("reduce_rows(Tensor x, Tensor h, int act, int threshold, int seed, "
+        "bool tensor_cores=True) -> Tensor");
   // fused series forward, one block per 64 rows: (z, s_pre); down_t, up: [N, r] f32
   m.def("series_forward(Tensor h, Tensor down_t, Tensor up, Tensor? down_bias, Tensor? up_bias, "
         "Tensor? scale, float scaling, int act, int threshold, float out_scale, int seed) "

@@ -690,9 +690,9 @@ def test_backward_is_deterministic_gpu(ext, dw_path, kind):
 
 
 # ---------------------------------------------------------------------------------------------
-# The tensor-core shrink (16-bit x): CPU runs its tile code with the host tile MMAs of
-# csrc/mma.cuh; GPU runs nvcuda::wmma. Both are compared with float64 and with the CUDA-core
-# shrink.
+# The tensor-core shrink and reduce_rows (16-bit x): CPU runs their tile code with the host
+# tile MMAs of csrc/mma.cuh; GPU runs nvcuda::wmma. Both are compared with float64 and with the
+# CUDA-core kernels.
 # ---------------------------------------------------------------------------------------------
 
 
@@ -799,6 +799,86 @@ def test_lora_forward_honours_the_tensor_core_switch(ext, monkeypatch, dtype):
         _assert_close(f"lora s_pre tensor_cores={tc}", s_pre[tc], same, ref, dtype)
         _check_parity("lora", dtype, 19, 129, 40, 3, 0.1, "identity", False, True, device="cpu")
     assert not torch.equal(s_pre[True], s_pre[False])
+
+
+def _check_reduce_rows(ext, dtype, m, n, r, p, activation, h_scale=1.0, device="cpu"):
+    """Both reduce_rows variants against float64: within 2x the PyTorch error and within the
+    float32-operand bound (φ(H) split into hi + lo parts)."""
+    dev = torch.device(device)
+    gen = torch.Generator(device="cpu").manual_seed(m * 131 + n * 7 + r)
+    x = torch.randn(m, n, generator=gen).to(dtype).to(dev)
+    h = (torch.randn(m, r, generator=gen) * h_scale).to(dev)
+    act = cuda_backend.ACTIVATION_CODES[activation]
+    t = dropout_threshold(p)[0] if p > 0 else 0
+    keep = BACKEND.keep_mask((m, n), p, 9, dev) if p > 0 else None
+    xd = x.double() if keep is None else torch.where(keep, x.double(), 0.0)
+    phi = apply_activation(h.double(), activation)
+    ref = xd.t() @ phi
+    xs = x if keep is None else torch.where(keep, x, 0.0)
+    same = (xs.t() @ apply_activation(h, activation).to(dtype)).float()
+    bound = (2.0**-15 + m * 2.0**-24) * (xd.abs().t() @ phi.abs())
+    tag = f"reduce_rows {dtype} m={m} n={n} r={r} p={p} {activation} h~{h_scale:.0e}"
+    out = {}
+    for tc in (True, False):
+        got = ext.reduce_rows(x, h, act, t, 9, tc)
+        assert got.dtype == torch.float32 and got.shape == (n, r)
+        _assert_close(f"{tag} tensor_cores={tc}", got, same, ref, dtype)
+        excess = ((got.double() - ref).abs() - bound).max().item()
+        assert excess <= 0, f"{tag} tensor_cores={tc}: beyond the float32-operand bound by {excess}"
+        out[tc] = got
+    return out
+
+
+# (m, n, r, p, activation, scale of H): columns 40 / 136 / 264 (one and two 256-column blocks)
+# and 129 (the scalar path), rows 1 .. 700 (split M on the emulation's 2 SMs), rank tiles of
+# 16 / 32 / 64 and two rank blocks (100), dropout, every φ, small and large dS for float16
+_TC_REDUCE_CASES = [
+    (1, 40, 1, 0.0, "identity", 1.0),
+    (37, 136, 12, 0.1, "tanh", 1.0),
+    (300, 129, 100, 0.0, "identity", 1e-3),
+    (70, 264, 24, 0.3, "silu", 1e-5),
+    (700, 20, 16, 0.0, "relu", 30.0),
+    (19, 1000, 64, 0.2, "gelu", 1.0),
+]
+
+
+@needs_extension
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m,n,r,p,activation,h_scale", _TC_REDUCE_CASES)
+def test_tensor_core_reduce_rows_on_host_threads(ext, dtype, m, n, r, p, activation, h_scale):
+    _check_reduce_rows(ext, dtype, m, n, r, p, activation, h_scale)
+
+
+@needs_extension
+@pytest.mark.parametrize("kind", ["lora", "series"])
+def test_backward_with_cuda_core_kernels_on_host_threads(ext, monkeypatch, kind):
+    """LLM_ADAPTERS_CUDA_TENSOR_CORES=0: forward and every gradient through the CUDA-core
+    shrink / reduce_rows (the other parity tests run the tensor-core ones for 16-bit x)."""
+    monkeypatch.setattr(cuda_backend, "TENSOR_CORES", False)
+    _check_parity(kind, torch.bfloat16, 37, 136, 67, 12, 0.1, "tanh", True, True, device="cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", _GPU_DTYPES)
+@pytest.mark.parametrize("m,n,r,p,activation,h_scale", _TC_REDUCE_CASES)
+def test_tensor_core_reduce_rows_gpu(ext, dtype, m, n, r, p, activation, h_scale):
+    _check_reduce_rows(ext, dtype, m, n, r, p, activation, h_scale, device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", _GPU_DTYPES)
+@pytest.mark.parametrize("p", [0.0, 0.1])
+@pytest.mark.parametrize("m,r", [(2048, 16), (8192, 64)])
+def test_tensor_core_reduce_rows_llama_shape_gpu(ext, dtype, p, m, r):
+    """dA at N = 4096: against float64, close to the CUDA-core variant, deterministic."""
+    out = _check_reduce_rows(ext, dtype, m, 4096, r, p, "identity", 1e-3, device="cuda")
+    rel = (out[True] - out[False]).abs().max() / out[False].abs().max()
+    assert rel.item() < 1e-4
+    torch.manual_seed(0)
+    x = torch.randn(m, 4096, device="cuda").to(dtype)
+    h = torch.randn(m, r, device="cuda")
+    first = ext.reduce_rows(x, h, 0, 100, 3, True)
+    assert torch.equal(first, ext.reduce_rows(x, h, 0, 100, 3, True))
 
 
 @pytest.mark.gpu

@@ -9,7 +9,8 @@ The C++ registers six low-level ops under `torch.ops.llm_adapters_C` (see csrc/o
     shrink          S = D(x) wᵀ·c (+ bias)          one read of x, Philox dropout fused;
                                                     tensor cores for 16-bit x (see below)
     expand_add_     out = in + keep·s·φ(H) wᵀ + bias  in place into the cuBLAS output when in = out
-    reduce_rows     Σ_m D(X)[m, :]ᵀ φ(H)[m, :]        skinny reduction over M (dA, dDn)
+    reduce_rows     Σ_m D(X)[m, :]ᵀ φ(H)[m, :]        skinny reduction over M (dA, dDn);
+                                                    tensor cores for 16-bit X
     series_forward  fused series forward, one block per 64 rows of h (DESIGN §2.2)
     grad_rows       one pass over g: G = g·w, dS, s·gᵀφ(S), the rows of d(scale), and
                     optionally dh = g + D'(dS Dn)
@@ -32,12 +33,13 @@ dB / dUp are sums of per-64-row-block partials (a [M/64, N, r] float32 buffer) a
 order by a second small kernel, and dDn / dA use reduce_rows' fixed-order splits: no atomics,
 so gradients are bitwise reproducible.
 
-The shrink of float16 / bfloat16 activations runs on the tensor cores (16x16x16 WMMA tiles,
-float32 accumulators; sm_80+): the float32 adapter weight is split into a high and a low part
-in the activations' dtype (w = w_hi + w_lo), both multiplied, so the result keeps float32-weight
-accuracy (csrc/kernels.cuh, shrink_tc_block). float32 activations, GPUs below sm_80 and
+The shrink and reduce_rows of float16 / bfloat16 activations run on the tensor cores (16x16x16
+WMMA tiles, float32 accumulators; sm_80+): the float32 operand (the adapter weight, or φ(dS)) is
+split into a high and a low part in the activations' dtype (w = w_hi + w_lo), both multiplied,
+so the result keeps float32-operand accuracy (csrc/kernels.cuh, shrink_tc_block and
+reduce_rows_tc_block). float32 activations, GPUs below sm_80 and
 LLM_ADAPTERS_CUDA_TENSOR_CORES=0 (read once, at import, into `TENSOR_CORES`) use the CUDA-core
-shrink instead.
+kernels instead.
 
 The extension also registers CPU implementations of its ops that run the kernels' own code on
 host threads (csrc/ops.cpp, emulate()): the functions below then work on CPU tensors, slowly,
@@ -138,8 +140,8 @@ def _empty(g: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
     return g.new_empty(0, dtype=dtype)
 
 
-# Whether the shrink of float16 / bfloat16 x runs on the tensor cores (see the module
-# docstring); read once, at import. Tests and benchmarks may set it directly.
+# Whether shrink and reduce_rows of float16 / bfloat16 x run on the tensor cores (see the
+# module docstring); read once, at import. Tests and benchmarks may set it directly.
 def tensor_cores_from_env(environ=os.environ) -> bool:
     """LLM_ADAPTERS_CUDA_TENSOR_CORES: "0" turns the tensor-core shrink off; unset or any other
     value leaves it on."""
@@ -177,7 +179,7 @@ def _grad_rows(C, g, s_pre, up, scale_t, scaling, activation, need_up, need_scal
         float(dh_scaling), int(threshold), int(seed),
     )
     if need_up and not partials:
-        d_up = C.reduce_rows(g, s_pre, act, 0, 0).mul_(_scale(scale_t, scaling))
+        d_up = C.reduce_rows(g, s_pre, act, 0, 0, TENSOR_CORES).mul_(_scale(scale_t, scaling))
     d_scale = row_terms.sum() if need_scale else None
     return ds, (d_up if need_up else None), d_scale, dh
 
@@ -218,7 +220,8 @@ def lora_backward(g, x, weight, a, b, scale_t, scaling, p, seed, activation, s_p
         C.expand_add_(dx, None, ds, 0, _rank_rows(a), None, None, inv_keep, threshold, seed)
     d_a = _empty(g)
     if need_a:
-        d_a = C.reduce_rows(x, ds, 0, threshold, seed).mul_(inv_keep).t().contiguous()
+        d_a = C.reduce_rows(x, ds, 0, threshold, seed, TENSOR_CORES)
+        d_a = d_a.mul_(inv_keep).t().contiguous()
     g_sum = g.sum(0, dtype=torch.float32) if (need_bias or need_bb) else None
     return (
         dx,
@@ -263,7 +266,8 @@ def series_backward(g, h, down, up, scale_t, scaling, p, seed, activation, s_pre
         dh = _empty(g, g.dtype)
     d_down = _empty(g)
     if need_down:
-        d_down = C.reduce_rows(h, ds, 0, threshold, seed).mul_(inv_keep).t().contiguous()
+        d_down = C.reduce_rows(h, ds, 0, threshold, seed, TENSOR_CORES)
+        d_down = d_down.mul_(inv_keep).t().contiguous()
     return (
         dh,
         d_down,
