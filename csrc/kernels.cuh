@@ -252,16 +252,18 @@ LA_HOST_DEVICE void shrink_block(const ShrinkArgs<T>& a, BlockIdx block, int tid
 //
 // Block: 8 warps x kTcWarpM = 32 rows (two 16-row A tiles per warp, so every B fragment
 // loaded from shared memory serves two MMAs and the w staged per row of x halves) x all rank
-// tiles of the block's rank range (br <= 64: up to 4 accumulators of 16 ranks per A tile).
+// tiles of the block's rank range (br <= 64: NT = 1, 2 or 4 accumulators of 16 ranks per A
+// tile; NT is a template argument, so r <= 16 holds 16 accumulator registers, not 64).
 // x is staged kTcBK = 32 columns at a time in its own type, the keep-mask applied on the way
 // in (element index m*K + k, as the CUDA-core kernel); the next tile of x and w is loaded into
 // registers before the MMAs of the current one, so the global loads overlap them.
 //
-// w is float32 (adapter weights are trained in float32); one rounding to T would cost more
-// than the CUDA-core path loses. It is split w = w_hi + w_lo with both in T (w_hi = T(w),
-// w_lo = T(w - w_hi)) and both go through the MMA into the same float32 accumulator: the
-// residual is below 2^-16 |w| (bfloat16) / 2^-22 |w| (float16), under the float32 rounding of
-// the accumulation itself. Twice the tensor-core work, which the read of x still hides.
+// w is float32 (adapter weights are trained in float32); rounding it once to T would add an
+// error of up to 2^-9 |w| (bfloat16) that the CUDA-core kernel does not have. It is split
+// w = w_hi + w_lo with both in T (w_hi = T(w), w_lo = T(w - w_hi), the difference exact in
+// float32) and both go through the MMA into the same float32 accumulator: what is left of w is
+// at most 2^-18 |w| (bfloat16) / 2^-22 |w| (float16). Twice the tensor-core work, which the
+// read of x still hides.
 // float16 has a narrow exponent: LoRA weights of ~1e-4 would put w_lo below its normal range
 // (and w_hi near it). The block therefore scales its w slice by 2^e so that its largest
 // magnitude lands in [2^14, 2^15) (no overflow: 2^15 · 65504 and its sums stay far inside
