@@ -134,7 +134,7 @@ run_part ops "$OUT/bench-ops.log" "${CMD_OPS[@]}"
 run_part tune "$OUT/tune-backends.log" "${CMD_TUNE[@]}"
 run_part e2e "$OUT/bench-e2e.log" "${CMD_E2E[@]}"
 
-# ---- the LoRA shrink kernel alone: GB/s of x read, tensor-core vs CUDA-core variant ----------
+# ---- the skinny LoRA kernels alone (shrink, reduce_rows): GB/s of x, tensor vs CUDA cores ---
 if [ "$MODE" = cpu ]; then  # the host emulation (after a JIT build of the extension): wiring only
   T_KERNELS="${T_KERNELS:-400}"
   KERNEL_ARGS=(--device cpu --m 64 300 --k 256 --r 16 --reps 2)

@@ -1,14 +1,16 @@
-"""Single-kernel timings of the `cuda` backend: the LoRA shrink alone, both variants.
+"""Single-kernel timings of the `cuda` backend: the skinny GEMMs alone, both variants.
 
-    S = D(x) Aᵀ · c        x [M, K] (float16 / bfloat16), A [r, K] float32 -> S [M, r] float32
+    shrink       S = D(x) Aᵀ · c          x [M, K] (float16 / bfloat16), A [r, K] f32 -> [M, r]
+    reduce_rows  dA = Σ_m D(X)[m, :]ᵀ dS   X [M, N] (float16 / bfloat16), dS [M, r] f32 -> [N, r]
 
-The shrink reads x once and writes a rank-sized result, so its speed is the bandwidth at which
-it reads x: GB/s = M·K·(bytes per element) / time, reported against the device's peak
-(`harness.ROOFLINES`, or `--peak-tbps`). Variants: `tensor_cores` (WMMA tiles, the default for
-16-bit x) and `cuda_cores` (float32 FMAs; LLM_ADAPTERS_CUDA_TENSOR_CORES=0).
+Each reads its activation once and writes a rank-sized result, so its speed is the bandwidth
+at which it reads it: GB/s = M·K·(bytes per element) / time, reported against the device's
+peak (`harness.ROOFLINES`, or `--peak-tbps`). Variants: `tensor_cores` (WMMA tiles, the
+default for 16-bit activations) and `cuda_cores` (float32 FMAs;
+LLM_ADAPTERS_CUDA_TENSOR_CORES=0).
 
     python -m llm_adapters.bench.kernels --m 512 2048 8192 16384 --k 4096 --r 16 \
-        --dtype bfloat16 --out OUT_DIR
+        --dtype bfloat16 [--kernels shrink reduce_rows] --out OUT_DIR
 
 Each call is timed with CUDA events after an L2 flush (a 256 MiB write outside the timed
 region), so small x is read from memory, not from a warm cache; the median of `--reps` calls
@@ -107,13 +109,59 @@ def shrink_bandwidth(
     return rows
 
 
+def reduce_rows_bandwidth(
+    ms=(512, 2048, 8192, 16384),
+    n: int = 4096,
+    r: int = 16,
+    dtype: torch.dtype = torch.bfloat16,
+    device: str | torch.device = "cuda",
+    p: float = 0.0,
+    reps: int = 50,
+    peak_tbps: Optional[float] = None,
+    variants=tuple(VARIANTS),
+) -> list[dict]:
+    """As `shrink_bandwidth` for reduce_rows, dA = Σ_m D(X)[m, :]ᵀ dS[m, :]: X [M, N] in
+    `dtype`, dS [M, r] float32; GB/s of X read (the column `k` holds N)."""
+    dev = torch.device(device)
+    ext = cuda_backend.load_extension()
+    if peak_tbps is None:
+        peak_tbps = roofline(dev)[1]
+    flush = torch.empty(_FLUSH_BYTES, dtype=torch.uint8, device=dev) if dev.type == "cuda" \
+        else None
+    threshold = dropout_threshold(p)[0] if p > 0 else 0
+    rows = []
+    for m in ms:
+        gen = torch.Generator(device=dev).manual_seed(m)
+        x = torch.randn(m, n, generator=gen, device=dev).to(dtype)
+        h = torch.randn(m, r, generator=gen, device=dev)
+        results = {}
+        for name in variants:
+            fn = functools.partial(ext.reduce_rows, x, h, 0, threshold, 7, VARIANTS[name])
+            results[name] = fn()
+            ms_med = statistics.median(_time_ms(fn, dev, reps, flush))
+            gbps = m * n * x.element_size() / (ms_med * 1e-3) / 1e9
+            rows.append({
+                "kernel": "reduce_rows", "variant": name, "m": m, "k": n, "r": r,
+                "dtype": str(dtype).replace("torch.", ""), "dropout": p, "ms": ms_med,
+                "gbps": gbps, "pct_peak": None if not peak_tbps else 100 * gbps / (peak_tbps * 1e3),
+                "device": device_name(dev), "reps": reps,
+            })
+        if len(results) == 2:
+            one, two = results.values()
+            diff = (one - two).abs().max().item()
+            for row in rows[-2:]:
+                row["max_abs_diff_between_variants"] = diff
+    return rows
+
+
 def format_rows(rows: list[dict]) -> str:
-    lines = [f"{'M':>6} {'K':>5} {'r':>3} {'dtype':>8} {'variant':>12} {'ms':>9} {'GB/s':>8} "
-             f"{'% peak':>7}"]
+    lines = [f"{'kernel':>11} {'M':>6} {'K|N':>5} {'r':>3} {'dtype':>8} {'variant':>12} "
+             f"{'ms':>9} {'GB/s':>8} {'% peak':>7}"]
     for row in rows:
         pct = "-" if row["pct_peak"] is None else f"{row['pct_peak']:.1f}"
-        lines.append(f"{row['m']:>6} {row['k']:>5} {row['r']:>3} {row['dtype']:>8} "
-                     f"{row['variant']:>12} {row['ms']:>9.4f} {row['gbps']:>8.1f} {pct:>7}")
+        lines.append(f"{row['kernel']:>11} {row['m']:>6} {row['k']:>5} {row['r']:>3} "
+                     f"{row['dtype']:>8} {row['variant']:>12} {row['ms']:>9.4f} "
+                     f"{row['gbps']:>8.1f} {pct:>7}")
     return "\n".join(lines)
 
 
@@ -128,15 +176,20 @@ def main(argv=None) -> int:
     parser.add_argument("--reps", type=int, default=50)
     parser.add_argument("--peak-tbps", type=float, default=None,
                         help="peak memory bandwidth (TB/s); default: the known device's")
-    parser.add_argument("--out", default=None, help="folder for kernels-shrink.json")
+    parser.add_argument("--kernels", nargs="+", choices=["shrink", "reduce_rows"],
+                        default=["shrink", "reduce_rows"])
+    parser.add_argument("--out", default=None, help="folder for kernels-bandwidth.json")
     args = parser.parse_args(argv)
-    rows = shrink_bandwidth(args.m, args.k, args.r, getattr(torch, args.dtype), args.device,
-                            args.dropout, args.reps, args.peak_tbps)
-    print(f"shrink bandwidth on {rows[0]['device'] if rows else args.device}")
+    rows = []
+    for kernel in args.kernels:
+        fn = shrink_bandwidth if kernel == "shrink" else reduce_rows_bandwidth
+        rows += fn(args.m, args.k, args.r, getattr(torch, args.dtype), args.device,
+                   args.dropout, args.reps, args.peak_tbps)
+    print(f"kernel bandwidth on {rows[0]['device'] if rows else args.device}")
     print(format_rows(rows))
     if args.out:
         os.makedirs(args.out, exist_ok=True)
-        path = os.path.join(args.out, "kernels-shrink.json")
+        path = os.path.join(args.out, "kernels-bandwidth.json")
         with open(path, "w") as f:
             json.dump(rows, f, indent=1)
         print(f"written: {path}")
