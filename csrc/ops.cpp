@@ -659,29 +659,8 @@ void keep_mask_(const at::Tensor& out, int64_t threshold, int64_t seed) {
 
 }  // namespace
 
-TORCH_LIBRARY(llm_adapters_C, m) {
-  // S = D(x) wᵀ · out_scale (+ bias): x [M, K] (f16/bf16/f32), w [r, K] f32 -> [M, r] f32;
-  // tensor_cores: 16-bit x on the tensor cores (sm_80+), else the CUDA-core kernel
-  m.def("shrink(Tensor x, Tensor w, Tensor? bias, int threshold, float out_scale, int seed, "
-        "bool tensor_cores=True) -> Tensor");
-  // out = input (or out) + keep · scaling · scale · φ(h) wᵀ + bias: h [M, r] f32, w [N, r] f32
-  m.def("expand_add_(Tensor(a!) out, Tensor? input, Tensor h, int act, Tensor w, Tensor? bias, "
-        "Tensor? scale, float scaling, int threshold, int seed) -> ()");
-  // Σ_m D(x)[m, n] φ(h[m, j]): x [M, N], h [M, r] f32 -> [N, r] f32; tensor_cores as shrink's
-  m.def("reduce_rows(Tensor x, Tensor h, int act, int threshold, int seed, "
-        "bool tensor_cores=True) -> Tensor");
-  // fused series forward, one block per 64 rows: (z, s_pre); down_t, up: [N, r] f32
-  m.def("series_forward(Tensor h, Tensor down_t, Tensor up, Tensor? down_bias, Tensor? up_bias, "
-        "Tensor? scale, float scaling, int act, int threshold, float out_scale, int seed) "
-        "-> (Tensor, Tensor)");
-  // one pass over g: (dS, d_w = s·gᵀφ(s_pre), row terms of d(scale), dh = g + D'(dS dh_wᵀ))
-  m.def("grad_rows(Tensor g, Tensor w, Tensor s_pre, int act, Tensor? scale, float scaling, "
-        "bool need_dw, bool need_row_terms, Tensor? dh_w, float dh_scaling, int threshold, "
-        "int seed) -> (Tensor, Tensor, Tensor, Tensor)");
-  // out (bool, row-major) = the dropout keep-mask for its linear indices
-  m.def("keep_mask_(Tensor(a!) out, int threshold, int seed) -> ()");
-}
-
+// The schemas are defined in Python (llm_adapters/ops/_cuda_ops.py, with their fake
+// implementations) before this library is loaded; here only the kernels are registered.
 TORCH_LIBRARY_IMPL(llm_adapters_C, CUDA, m) {
   m.impl("series_forward", &series_forward);
   m.impl("grad_rows", &grad_rows);

@@ -100,6 +100,21 @@ def build_dir(archs: str) -> Path:
     return cache / "llm_adapters" / f"cuda-ext-{tag}"
 
 
+def jit_cached() -> Path | None:
+    """The library an earlier JIT build left in the cache for this torch, Python and GPU
+    architecture list, when no source or header in csrc/ is newer (loading it then compiles
+    nothing); else None."""
+    if jit_unavailable_reason() is not None:
+        return None
+    lib = build_dir(jit_archs()) / f"{EXTENSION_NAME}.so"
+    try:
+        built = lib.stat().st_mtime
+        newest = max(p.stat().st_mtime for p in CSRC.iterdir() if p.is_file())
+    except (OSError, ValueError):
+        return None
+    return lib if built >= newest else None
+
+
 def jit_build(verbose: bool = False) -> str:
     """Compile (or reuse) the extension with torch's JIT loader and load it into this process;
     returns the library path. Raises RuntimeError with the compiler's message on failure."""

@@ -108,10 +108,11 @@ def _auto_order(op: str, device: torch.device) -> list[str]:
 
 def _ready_for_auto(name: str) -> bool:
     """Whether `auto` may pick backend `name` without first compiling it: the CUDA extension
-    takes part only once it is loaded or was built ahead of time (a JIT build takes minutes)."""
+    takes part once it is loaded, built ahead of time or in the JIT cache (a fresh JIT build
+    takes minutes, and auto never starts one)."""
     if name != "cuda":
         return True
-    return bool(importlib.import_module(_MODULES[name]).extension_status()[0])
+    return bool(importlib.import_module(_MODULES[name]).ready_without_compile())
 
 
 def auto_candidates(op: str | None, device: torch.device) -> list[str]:

@@ -60,6 +60,7 @@ import torch
 from torch import Tensor
 
 from .. import _cuda_build
+from . import _cuda_ops
 from .torch_backend import dropout_threshold
 
 ACTIVATION_CODES = {"identity": 0, "tanh": 1, "relu": 2, "gelu": 3, "silu": 4}
@@ -73,6 +74,7 @@ def _import_prebuilt() -> str | None:
     """Import the ahead-of-time build; None on success, else why it failed."""
     if _state["import_error"] is not None:
         return str(_state["import_error"])
+    _cuda_ops.define()  # the schemas first: the library only registers kernels for them
     try:
         module = importlib.import_module("llm_adapters._C")
     except (ImportError, OSError) as exc:  # not built, or built against another torch
@@ -98,12 +100,21 @@ def extension_status() -> tuple[bool, str]:
     return False, f"{why}; a JIT build is not possible: {jit_reason}"
 
 
+def ready_without_compile() -> bool:
+    """Whether the kernels can be used without compiling anything: loaded, built ahead of time,
+    or JIT-built earlier into the cache with nothing newer in csrc/ (`auto` takes the cuda
+    backend into account only then)."""
+    loaded, _ = extension_status()
+    return loaded or _cuda_build.jit_cached() is not None
+
+
 def load_extension(verbose: bool = False, prefer_prebuilt: bool = True):
     """Load the kernels (import the prebuilt extension, else JIT-build it) and return
     `torch.ops.llm_adapters_C`. Raises RuntimeError naming the reason when neither works.
     `prefer_prebuilt=False` always goes through the JIT build (csrc/build_check.sh)."""
     with _lock:
         if not _state["loaded"] and (not prefer_prebuilt or _import_prebuilt() is not None):
+            _cuda_ops.define()
             path = _cuda_build.jit_build(verbose=verbose)
             _state["loaded"] = True
             _state["how"] = f"JIT-built and loaded from {path}"
