@@ -95,3 +95,33 @@ def test_jit_cache_counts_as_ready_only_when_current(monkeypatch, tmp_path):
     assert build.jit_cached() == lib
     os.utime(lib, (newest - 10, newest - 10))
     assert build.jit_cached() is None
+
+
+def test_kernel_bandwidth_bench_on_host_threads(ext, tmp_path):
+    """The single-kernel benchmark runs every kernel and variant (here on the host emulation,
+    so the times mean nothing) and its two variants of shrink / reduce_rows agree."""
+    from llm_adapters.bench import kernels, summary
+
+    rows = []
+    for kernel in kernels.KERNELS:
+        rows += kernels.kernel_bandwidth(kernel, ms=(21,), k=40, r=3, dtype=torch.float16,
+                                         device="cpu", p=0.1, reps=1, peak_tbps=1.0)
+    assert [(r["kernel"], r["variant"]) for r in rows] == [
+        ("shrink", "tensor_cores"), ("shrink", "cuda_cores"), ("expand", "cuda_cores"),
+        ("reduce_rows", "tensor_cores"), ("reduce_rows", "cuda_cores")]
+    for r in rows:
+        assert r["ms"] > 0 and r["gbps"] > 0 and r["pct_peak"] == pytest.approx(r["gbps"] / 10)
+        if "max_abs_diff_between_variants" in r:
+            assert r["max_abs_diff_between_variants"] < 1e-2
+    expand = rows[2]
+    assert expand["gbps"] == pytest.approx(2 * 21 * 40 * 2 / (expand["ms"] * 1e-3) / 1e9)
+    with pytest.raises(ValueError, match="unknown kernel 'gemm'"):
+        kernels.kernel_bandwidth("gemm", device="cpu")
+
+    for r in rows:  # as if measured on a GPU at M = 512: 69% and 90% of the peak
+        r["m"], r["pct_peak"] = 512, 69.0 if r["kernel"] == "expand" else 90.0
+    (tmp_path / "kernels-bandwidth.json").write_text(__import__("json").dumps(rows))
+    lines: list[str] = []
+    summary.summarise(str(tmp_path), printer=lines.append)
+    assert lines[-1] == ("shrink / expand at M >= 512: lowest 69.0% of peak (expand, M=512; "
+                         "target >= 70%) MISSED")

@@ -1,16 +1,17 @@
-"""Single-kernel timings of the `cuda` backend: the skinny GEMMs alone, both variants.
+"""Single-kernel timings of the `cuda` backend: the skinny rank-r kernels alone.
 
     shrink       S = D(x) Aᵀ · c          x [M, K] (float16 / bfloat16), A [r, K] f32 -> [M, r]
+    expand       y += s·φ(H) Bᵀ, in place  y [M, N] (16-bit), H [M, r], B [N, r] f32 (N = K here)
     reduce_rows  dA = Σ_m D(X)[m, :]ᵀ dS   X [M, N] (float16 / bfloat16), dS [M, r] f32 -> [N, r]
 
-Each reads its activation once and writes a rank-sized result, so its speed is the bandwidth
-at which it reads it: GB/s = M·K·(bytes per element) / time, reported against the device's
-peak (`harness.ROOFLINES`, or `--peak-tbps`). Variants: `tensor_cores` (WMMA tiles, the
-default for 16-bit activations) and `cuda_cores` (float32 FMAs;
-LLM_ADAPTERS_CUDA_TENSOR_CORES=0).
+Each streams its activation (shrink and reduce_rows read it once, expand reads and writes it)
+and touches only rank-sized data besides, so its speed is the bandwidth at which it moves the
+activation: GB/s = bytes / time, reported against the device's peak (`harness.ROOFLINES`, or
+`--peak-tbps`). Variants of shrink and reduce_rows: `tensor_cores` (WMMA tiles, the default for
+16-bit activations) and `cuda_cores` (float32 FMAs; LLM_ADAPTERS_CUDA_TENSOR_CORES=0).
 
     python -m llm_adapters.bench.kernels --m 512 2048 8192 16384 --k 4096 --r 16 \
-        --dtype bfloat16 [--kernels shrink reduce_rows] --out OUT_DIR
+        --dtype bfloat16 [--kernels shrink expand reduce_rows] --out OUT_DIR
 
 Each call is timed with CUDA events after an L2 flush (a 256 MiB write outside the timed
 region), so small x is read from memory, not from a warm cache; the median of `--reps` calls
@@ -60,7 +61,35 @@ def _time_ms(fn, device: torch.device, reps: int, flush: Optional[torch.Tensor])
     return out
 
 
-def shrink_bandwidth(
+KERNELS = ("shrink", "expand", "reduce_rows")
+
+
+def _operands(kernel: str, ext, m: int, k: int, r: int, dtype: torch.dtype, dev: torch.device,
+              p: float) -> tuple[dict, int]:
+    """({variant: a call of the kernel}, bytes of the activation it reads and writes per call).
+
+    shrink: x [M, K] read; expand: out [M, K] read and written in place (the add into the base
+    GEMM's output, N = K here); reduce_rows: X [M, K] read."""
+    gen = torch.Generator(device=dev).manual_seed(m)
+    act = torch.randn(m, k, generator=gen, device=dev).to(dtype)
+    threshold, inv_keep = dropout_threshold(p) if p > 0 else (0, 1.0)
+    size = m * k * act.element_size()
+    if kernel == "shrink":
+        a = torch.randn(r, k, generator=gen, device=dev) * k**-0.5
+        return {name: functools.partial(ext.shrink, act, a, None, threshold, inv_keep, 7, tc)
+                for name, tc in VARIANTS.items()}, size
+    if kernel == "reduce_rows":
+        h = torch.randn(m, r, generator=gen, device=dev)
+        return {name: functools.partial(ext.reduce_rows, act, h, 0, threshold, 7, tc)
+                for name, tc in VARIANTS.items()}, size
+    h = torch.randn(m, r, generator=gen, device=dev)
+    w = torch.randn(k, r, generator=gen, device=dev) * 0.01
+    call = functools.partial(ext.expand_add_, act, None, h, 0, w, None, None, 2.0, threshold, 7)
+    return {"cuda_cores": call}, 2 * size  # no tensor-core variant: rank-r FMAs per element
+
+
+def kernel_bandwidth(
+    kernel: str,
     ms=(512, 2048, 8192, 16384),
     k: int = 4096,
     r: int = 16,
@@ -69,79 +98,28 @@ def shrink_bandwidth(
     p: float = 0.0,
     reps: int = 50,
     peak_tbps: Optional[float] = None,
-    variants=tuple(VARIANTS),
 ) -> list[dict]:
-    """One row per (M, variant): median time (ms), GB/s of x read, % of the peak bandwidth
-    (None when the peak is unknown), and the max abs difference from the other variant's S.
-
-    x [M, K] in `dtype`, A [r, K] float32 ~ N(0, 1/K), dropout `p` (fused keep-mask)."""
+    """One row per (M, variant) of `kernel` (see KERNELS): median time (ms), GB/s of the
+    activation moved, % of the peak bandwidth (None when the peak is unknown) and, where there
+    are two variants, the max abs difference between their results. Dropout `p` is fused."""
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown kernel {kernel!r}: expected one of {', '.join(KERNELS)}")
     dev = torch.device(device)
     ext = cuda_backend.load_extension()
     if peak_tbps is None:
         peak_tbps = roofline(dev)[1]
     flush = torch.empty(_FLUSH_BYTES, dtype=torch.uint8, device=dev) if dev.type == "cuda" \
         else None
-    threshold, inv_keep = dropout_threshold(p) if p > 0 else (0, 1.0)
     rows = []
     for m in ms:
-        gen = torch.Generator(device=dev).manual_seed(m)
-        x = torch.randn(m, k, generator=gen, device=dev).to(dtype)
-        a = torch.randn(r, k, generator=gen, device=dev) * k**-0.5
+        calls, nbytes = _operands(kernel, ext, m, k, r, dtype, dev, p)
         results = {}
-        for name in variants:
-            tc = VARIANTS[name]
-            fn = functools.partial(ext.shrink, x, a, None, threshold, inv_keep, 7, tc)
-            results[name] = fn()
-            times = _time_ms(fn, dev, reps, flush)
-            ms_med = statistics.median(times)
-            gbps = m * k * x.element_size() / (ms_med * 1e-3) / 1e9
-            rows.append({
-                "kernel": "shrink", "variant": name, "m": m, "k": k, "r": r,
-                "dtype": str(dtype).replace("torch.", ""), "dropout": p, "ms": ms_med,
-                "gbps": gbps, "pct_peak": None if not peak_tbps else 100 * gbps / (peak_tbps * 1e3),
-                "device": device_name(dev), "reps": reps,
-            })
-        if len(results) == 2:
-            one, two = results.values()
-            diff = (one - two).abs().max().item()
-            for row in rows[-2:]:
-                row["max_abs_diff_between_variants"] = diff
-    return rows
-
-
-def reduce_rows_bandwidth(
-    ms=(512, 2048, 8192, 16384),
-    n: int = 4096,
-    r: int = 16,
-    dtype: torch.dtype = torch.bfloat16,
-    device: str | torch.device = "cuda",
-    p: float = 0.0,
-    reps: int = 50,
-    peak_tbps: Optional[float] = None,
-    variants=tuple(VARIANTS),
-) -> list[dict]:
-    """As `shrink_bandwidth` for reduce_rows, dA = Σ_m D(X)[m, :]ᵀ dS[m, :]: X [M, N] in
-    `dtype`, dS [M, r] float32; GB/s of X read (the column `k` holds N)."""
-    dev = torch.device(device)
-    ext = cuda_backend.load_extension()
-    if peak_tbps is None:
-        peak_tbps = roofline(dev)[1]
-    flush = torch.empty(_FLUSH_BYTES, dtype=torch.uint8, device=dev) if dev.type == "cuda" \
-        else None
-    threshold = dropout_threshold(p)[0] if p > 0 else 0
-    rows = []
-    for m in ms:
-        gen = torch.Generator(device=dev).manual_seed(m)
-        x = torch.randn(m, n, generator=gen, device=dev).to(dtype)
-        h = torch.randn(m, r, generator=gen, device=dev)
-        results = {}
-        for name in variants:
-            fn = functools.partial(ext.reduce_rows, x, h, 0, threshold, 7, VARIANTS[name])
+        for name, fn in calls.items():
             results[name] = fn()
             ms_med = statistics.median(_time_ms(fn, dev, reps, flush))
-            gbps = m * n * x.element_size() / (ms_med * 1e-3) / 1e9
+            gbps = nbytes / (ms_med * 1e-3) / 1e9
             rows.append({
-                "kernel": "reduce_rows", "variant": name, "m": m, "k": n, "r": r,
+                "kernel": kernel, "variant": name, "m": m, "k": k, "r": r,
                 "dtype": str(dtype).replace("torch.", ""), "dropout": p, "ms": ms_med,
                 "gbps": gbps, "pct_peak": None if not peak_tbps else 100 * gbps / (peak_tbps * 1e3),
                 "device": device_name(dev), "reps": reps,
@@ -176,15 +154,13 @@ def main(argv=None) -> int:
     parser.add_argument("--reps", type=int, default=50)
     parser.add_argument("--peak-tbps", type=float, default=None,
                         help="peak memory bandwidth (TB/s); default: the known device's")
-    parser.add_argument("--kernels", nargs="+", choices=["shrink", "reduce_rows"],
-                        default=["shrink", "reduce_rows"])
+    parser.add_argument("--kernels", nargs="+", choices=list(KERNELS), default=list(KERNELS))
     parser.add_argument("--out", default=None, help="folder for kernels-bandwidth.json")
     args = parser.parse_args(argv)
     rows = []
     for kernel in args.kernels:
-        fn = shrink_bandwidth if kernel == "shrink" else reduce_rows_bandwidth
-        rows += fn(args.m, args.k, args.r, getattr(torch, args.dtype), args.device,
-                   args.dropout, args.reps, args.peak_tbps)
+        rows += kernel_bandwidth(kernel, args.m, args.k, args.r, getattr(torch, args.dtype),
+                                 args.device, args.dropout, args.reps, args.peak_tbps)
     print(f"kernel bandwidth on {rows[0]['device'] if rows else args.device}")
     print(format_rows(rows))
     if args.out:

@@ -111,9 +111,40 @@ def summarise(out_dir: str, printer=print) -> int:
             printer(f"{r['variant']:<9}{r['impl']:<7}{r['tokens_per_s']:>10.0f}{peak:>10}"
                     f"{sp:>9}{mr:>10}{dl:>12}")
     tuned = _backend_table(os.path.join(out_dir, "backend_table.json"), printer)
-    if not ops_rows and not e2e_rows and not tuned:
+    kernels = _kernel_bandwidth(os.path.join(out_dir, "kernels-bandwidth.json"), printer)
+    if not ops_rows and not e2e_rows and not tuned and not kernels:
         printer(f"no benchmark results in {out_dir}")
     return status
+
+
+def _kernel_bandwidth(path: str, printer) -> bool:
+    """Print the fastest variant of each skinny kernel per M from `llm_adapters.bench.kernels`,
+    and the check that shrink and expand reach 70% of the peak bandwidth for M >= 512."""
+    if not os.path.exists(path):
+        return False
+    with open(path) as f:
+        rows = json.load(f)
+    best: dict[tuple, dict[str, Any]] = {}
+    for r in rows:
+        key = (r["kernel"], r["m"], r["k"], r["r"], r["dtype"])
+        if key not in best or r["gbps"] > best[key]["gbps"]:
+            best[key] = r
+    device = rows[0]["device"] if rows else "?"
+    printer(f"kernel bandwidth ({os.path.basename(path)}, {device}), fastest variant:")
+    printer(f"{'kernel':<12}{'M':>7}{'K':>6}{'r':>4}  {'variant':<13}{'ms':>9}{'GB/s':>9}"
+            f"{'% peak':>8}")
+    for key, r in sorted(best.items()):
+        pct = "-" if r["pct_peak"] is None else f"{r['pct_peak']:.1f}"
+        printer(f"{key[0]:<12}{key[1]:>7}{key[2]:>6}{key[3]:>4}  {r['variant']:<13}"
+                f"{r['ms']:>9.4f}{r['gbps']:>9.1f}{pct:>8}")
+    target = [r for (kernel, m, *_), r in best.items()
+              if kernel in ("shrink", "expand") and m >= 512 and r["pct_peak"] is not None]
+    if target:
+        worst = min(target, key=lambda r: r["pct_peak"])
+        printer(f"shrink / expand at M >= 512: lowest {worst['pct_peak']:.1f}% of peak "
+                f"({worst['kernel']}, M={worst['m']}; target >= 70%) "
+                + ("met" if worst["pct_peak"] >= 70 else "MISSED"))
+    return True
 
 
 def _backend_table(path: str, printer) -> bool:
