@@ -240,3 +240,20 @@ def test_tune_backends_command_writes_a_table_auto_reads(fresh, capsys):
 
     assert _choice.choose(_key(m=20, k=24, n=24), 20, ["triton", "torch"], CPU,
                           must_not_measure) == faster
+
+
+def test_saving_keeps_rows_another_process_wrote(fresh):
+    """Two processes measure different shapes at once; each save keeps the other's rows."""
+    mine = _choice.table_for("cpu")
+    other = _choice.Table("cpu")
+    other.add(_key(m=16), {"torch": 1.0, "triton": 2.0}, user=True)
+    _choice.save_user_table(other)
+    mine.add(_key(m=4096), {"torch": 3.0, "triton": 1.0}, user=True)
+    mine.add(_key(m=16), {"torch": 5.0, "triton": 1.0}, user=True)  # measured here: kept
+    _choice.save_user_table(mine)
+    rows = json.loads(_choice.user_table_path("cpu").read_text())["rows"]
+    assert {(r["m"], r["ms"]["torch"]) for r in rows} == {(16, 5.0), (4096, 3.0)}
+    other.add(_key(m=256), {"torch": 1.0}, user=True)
+    _choice.save_user_table(other)
+    rows = json.loads(_choice.user_table_path("cpu").read_text())["rows"]
+    assert {(r["m"], r["ms"]["torch"]) for r in rows} == {(16, 1.0), (256, 1.0), (4096, 3.0)}

@@ -163,8 +163,15 @@ def table_for(device: str) -> Table:
 
 
 def save_user_table(table: Table, path: Optional[Path] = None) -> Path:
-    """Write the table's user rows (atomically: a concurrent reader sees old or new, whole)."""
+    """Write the table's user rows (atomically: a concurrent reader sees old or new, whole).
+    Rows another process added to the file meanwhile (the ranks of a multi-GPU job measure at
+    the same time) are kept, unless this table measured the same key."""
+    shared = path is None
     path = path or user_table_path(table.device)
+    if shared:
+        for key, ms in _parse(path, table.device):
+            if key not in table.user_rows:
+                table.add(key, ms, user=True)
     rows = [
         {**dict(zip(_KEY_FIELDS, key)), "ms": {b: round(t, 5) for b, t in sorted(ms.items())}}
         for key, ms in sorted(table.user_rows.items())
