@@ -33,13 +33,13 @@ def fresh(monkeypatch, tmp_path):
     _choice.reset()
 
 
-def _key(m=40, k=24, n=20, r=4, dropout=False, grad=True, op="lora", dtype=torch.float32):
-    return _choice.shape_key(op, dtype, m, k, n, r, dropout, grad)
+def _key(m=40, k=24, n=20, r=4, dropout=False, op="lora", dtype=torch.float32):
+    return _choice.shape_key(op, dtype, m, k, n, r, dropout)
 
 
 def _write_table(path, device, rows):
     path.parent.mkdir(parents=True, exist_ok=True)
-    fields = ("op", "dtype", "m", "k", "n", "r", "dropout", "grad")
+    fields = ("op", "dtype", "m", "k", "n", "r", "dropout")
     data = {"format": _choice.FORMAT, "device": device,
             "rows": [{**dict(zip(fields, key)), "ms": ms} for key, ms in rows]}
     path.write_text(json.dumps(data))
@@ -48,8 +48,8 @@ def _write_table(path, device, rows):
 def test_shape_key_buckets_rows_like_the_triton_autotuner():
     assert [_choice.m_bucket(m) for m in (1, 16, 17, 32, 33, 1000, 1024, 1025)] == [
         16, 16, 32, 32, 64, 1024, 1024, 2048]
-    assert _key(m=600) == ("lora", "float32", 1024, 24, 20, 4, False, True)
-    assert _key(op="series", dtype=torch.bfloat16, dropout=True, grad=False)[:2] == (
+    assert _key(m=600) == ("lora", "float32", 1024, 24, 20, 4, False)
+    assert _key(op="series", dtype=torch.bfloat16, dropout=True)[:2] == (
         "series", "bfloat16")
 
 
@@ -197,7 +197,7 @@ def test_eager_choice_follows_the_shape(fresh, monkeypatch):
 def test_compiled_callers_use_the_table_without_measuring(fresh, monkeypatch):
     monkeypatch.setenv("LLM_ADAPTERS_AUTO_MEASURE", "1")
     _write_table(_choice.user_table_path("cpu"), "cpu", [
-        (_key(m=16, k=24, n=20, r=4, grad=False), {"triton": 5.0, "torch": 1.0}),
+        (_key(m=16, k=24, n=20, r=4), {"triton": 5.0, "torch": 1.0}),
     ])
 
     def must_not_measure(*args, **kw):
@@ -210,7 +210,7 @@ def test_compiled_callers_use_the_table_without_measuring(fresh, monkeypatch):
     with torch.no_grad():
         y = f(x)
     torch.testing.assert_close(y, ops.lora_linear(x, w, None, a, b, 0.5, backend="torch"))
-    memo = ("cpu", _key(m=9, k=24, n=20, r=4, grad=False), ("triton", "torch"))
+    memo = ("cpu", _key(m=9, k=24, n=20, r=4), ("triton", "torch"))
     assert _choice._choices[memo] == "torch"
 
 
@@ -257,3 +257,40 @@ def test_saving_keeps_rows_another_process_wrote(fresh):
     _choice.save_user_table(other)
     rows = json.loads(_choice.user_table_path("cpu").read_text())["rows"]
     assert {(r["m"], r["ms"]["torch"]) for r in rows} == {(16, 1.0), (256, 1.0), (4096, 3.0)}
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_measuring_inside_activation_checkpointing_leaves_it_intact(fresh, reentrant):
+    """The first call at a shape may come inside a checkpointed forward (saved-tensor hooks
+    active, or grad mode off) or its recomputation in backward: measuring there must neither
+    disturb the checkpoint nor inherit its state."""
+    from torch.utils.checkpoint import checkpoint
+
+    x = torch.randn(6, 24, requires_grad=True)
+    w = torch.randn(20, 24)
+    a = torch.randn(4, 24, requires_grad=True)
+    b = torch.randn(20, 4, requires_grad=True)
+
+    def f(x):
+        return ops.lora_linear(x, w, None, a, b, scaling=2.0, dropout_p=0.1, seed=9)
+
+    def grads_of(y, g):
+        for t in (x, a, b):
+            t.grad = None
+        y.backward(g)  # (reentrant checkpointing does not support autograd.grad)
+        return [t.grad.clone() for t in (x, a, b)]
+
+    y = checkpoint(f, x, use_reentrant=reentrant)
+    g = torch.randn_like(y)
+    grads = grads_of(y, g)
+    # one measurement for forward (grad mode off under reentrant checkpointing) and
+    # recomputation: one key, one backend for both
+    (row,) = json.loads(_choice.user_table_path("cpu").read_text())["rows"]
+    assert set(row["ms"]) == {"torch", "triton"}
+    chosen = min(row["ms"], key=row["ms"].get)
+    key = _key(m=6, k=24, n=20, r=4, dropout=True)
+    assert _choice._choices[("cpu", key, ("triton", "torch"))] == chosen
+    ref_y = ops.lora_linear(x, w, None, a, b, 2.0, 0.1, seed=9, backend=chosen)
+    ref = grads_of(ref_y, g)
+    for got, want in zip(grads, ref):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)

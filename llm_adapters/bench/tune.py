@@ -1,10 +1,11 @@
 """`llm-adapters tune-backends`: measure which backend is faster per shape on this GPU.
 
-Times forward + backward of each op with every backend that can run it (the measurement `auto`
-otherwise makes on first use of a shape, see llm_adapters/ops/_choice.py) over a grid of shapes,
-prints the winner per shape with the cuda / triton time ratio, and adds the rows to the user's
-table (read by `auto` in every later process). `--out FILE` also writes the rows measured now as
-a table file of the shipped format, ready to be placed in llm_adapters/ops/backend_tables/.
+Times a training step (forward + backward) of each op with every backend that can run it (the
+measurement `auto` otherwise makes on first use of a shape, see llm_adapters/ops/_choice.py)
+over a grid of shapes, prints the winner per shape with the cuda / triton time ratio, and adds
+the rows to the user's table (read by `auto` in every later process). `--out FILE` also writes
+the rows measured now as a table file of the shipped format, ready to be placed in
+llm_adapters/ops/backend_tables/.
 """
 
 from __future__ import annotations
@@ -36,8 +37,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="K = N of the LoRA layer, hidden size of the series adapter")
     p.add_argument("--rank", nargs="+", type=int, default=None)
     p.add_argument("--dropout", nargs="+", type=float, default=None)
-    p.add_argument("--forward-only", action="store_true",
-                   help="time inference (no gradients) instead of training steps")
     p.add_argument("--backends", nargs="+", default=None, metavar="NAME",
                    help="candidates (default: those auto would choose among; naming cuda "
                         "builds its extension if needed)")
@@ -80,7 +79,6 @@ def run(args: argparse.Namespace) -> int:
     hidden = args.hidden or grid["hidden"]
     ranks = args.rank or grid["r"]
     dropouts = args.dropout if args.dropout is not None else grid["dropout"]
-    grad = not args.forward_only
     name = _choice.device_name(device)
     table = _choice.table_for(name)
     fresh = _choice.Table(name)  # the rows of this run, for --out
@@ -99,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
             if args.seconds is not None and time.perf_counter() - start > args.seconds:
                 skipped += 1
                 continue
-            key = _choice.shape_key(op, getattr(torch, dtype), m, h, h, r, p > 0, grad)
+            key = _choice.shape_key(op, getattr(torch, dtype), m, h, h, r, p > 0)
             try:
                 result = _choice.measure(key, m, candidates, device, repeats=args.repeats)
             except torch.cuda.OutOfMemoryError:

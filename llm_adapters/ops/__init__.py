@@ -131,7 +131,7 @@ def _backend(op: str, x: Tensor, requested: Optional[str], n: int, r: int, p: fl
         m = x.shape[0]
         key = None
         if isinstance(m, int) and applies_to(device):  # not for a dynamic (symbolic) M
-            key = shape_key(op, x.dtype, m, x.shape[1], n, r, p > 0, torch.is_grad_enabled())
+            key = shape_key(op, x.dtype, m, x.shape[1], n, r, p > 0)
         return loaded_backend(_backend_name(op, device.type, requested or "", key, m or 0))
     env = os.environ
     ekey = (op, device.type, requested or "", env.get("LLM_ADAPTERS_BACKEND", ""),
@@ -144,7 +144,7 @@ def _backend(op: str, x: Tensor, requested: Optional[str], n: int, r: int, p: fl
             impl = _resolved[ekey] = loaded_backend(_backend_name(op, device.type, requested or ""))
     if type(impl) is dict:
         m = x.shape[0]
-        key = shape_key(op, x.dtype, m, x.shape[1], n, r, p > 0, torch.is_grad_enabled())
+        key = shape_key(op, x.dtype, m, x.shape[1], n, r, p > 0)
         choice = impl.get((device.index, key))
         if choice is None:
             choice = impl[(device.index, key)] = resolve_backend(op, device, requested, key, m)

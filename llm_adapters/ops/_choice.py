@@ -16,8 +16,11 @@ forward + backward passes, in this order:
    the nearest measured row for this GPU model, op and dtype (distance in log2 of M, K, N, r);
 4. else the fixed order triton, cuda, torch.
 
-Shape key: op, dtype, M rounded up to a power of two (as the Triton autotuner does), K, N, r,
-whether dropout is on and whether gradients are wanted. `llm-adapters tune-backends` measures
+Shape key: op, dtype, M rounded up to a power of two (as the Triton autotuner does), K, N, r
+and whether dropout is on; what is timed is a training step's forward + backward. Grad mode is
+deliberately not part of the key: a checkpointed layer runs its forward without gradients and
+its recomputation with them, and both must take the same backend (the torch backend's dropout
+mask is not the GPU kernels' one). `llm-adapters tune-backends` measures
 a grid of keys ahead of time and writes the same table.
 
 Candidates are the backends that load and run the op on the device, with one exception: the
@@ -58,14 +61,14 @@ def m_bucket(m: int) -> int:
     return 1 << max(int(m) - 1, 15).bit_length()
 
 
-def shape_key(op: str, dtype: torch.dtype, m: int, k: int, n: int, r: int, dropout: bool,
-              grad: bool) -> tuple:
+def shape_key(op: str, dtype: torch.dtype, m: int, k: int, n: int, r: int,
+              dropout: bool) -> tuple:
     """The key a choice is made and stored under."""
     return (op, str(dtype).removeprefix("torch."), m_bucket(m), int(k), int(n), int(r),
-            bool(dropout), bool(grad))
+            bool(dropout))
 
 
-_KEY_FIELDS = ("op", "dtype", "m", "k", "n", "r", "dropout", "grad")
+_KEY_FIELDS = ("op", "dtype", "m", "k", "n", "r", "dropout")
 
 
 def cache_dir() -> Path:
@@ -110,13 +113,13 @@ class Table:
 
     def nearest(self, key: tuple) -> Optional[dict[str, float]]:
         """The row of the same op and dtype closest in log2 (M, K, N, r), preferring rows with
-        the same dropout / grad flags."""
+        the same dropout flag."""
         best, best_d = None, math.inf
         for other, ms in self.rows.items():
             if other[:2] != key[:2]:
                 continue
             d = sum(abs(math.log2(a / b)) for a, b in zip(key[2:6], other[2:6]))
-            d += 0.5 * (other[6] != key[6]) + 0.5 * (other[7] != key[7])
+            d += 0.5 * (other[6] != key[6])
             if d < best_d:
                 best, best_d = ms, d
         return best
@@ -137,7 +140,7 @@ def _parse(path: Path, device: str) -> Iterable[tuple[tuple, dict[str, float]]]:
     for row in data.get("rows", []):
         try:
             key = shape_key(row["op"], getattr(torch, row["dtype"]), row["m"], row["k"],
-                            row["n"], row["r"], row["dropout"], row["grad"])
+                            row["n"], row["r"], row["dropout"])
             ms = {str(b): float(t) for b, t in row["ms"].items() if math.isfinite(float(t))}
         except (KeyError, TypeError, ValueError, AttributeError):
             continue
@@ -229,7 +232,7 @@ def _sync(device: torch.device) -> None:
 
 
 def _inputs(key: tuple, m: int, device: torch.device) -> dict[str, Any]:
-    op, dtype_name, _, k, n, r, dropout, grad = key
+    op, dtype_name, _, k, n, r, dropout = key
     dtype = getattr(torch, dtype_name)
     gen = torch.Generator(device=device)
     gen.manual_seed(0)
@@ -241,15 +244,15 @@ def _inputs(key: tuple, m: int, device: torch.device) -> dict[str, Any]:
     p = 0.05 if dropout else 0.0
     if op == "lora":
         return dict(
-            args=(rand(m, k, req=grad), rand(n, k, scale=k ** -0.5), None,
-                  rand(r, k, scale=k ** -0.5, dt=torch.float32, req=grad),
-                  rand(n, r, scale=0.01, dt=torch.float32, req=grad)),
+            args=(rand(m, k, req=True), rand(n, k, scale=k ** -0.5), None,
+                  rand(r, k, scale=k ** -0.5, dt=torch.float32, req=True),
+                  rand(n, r, scale=0.01, dt=torch.float32, req=True)),
             kwargs=dict(scaling=2.0, dropout_p=p, seed=1234),
             grad_out=rand(m, n),
         )
     return dict(
-        args=(rand(m, n, req=grad), rand(r, n, scale=n ** -0.5, dt=torch.float32, req=grad),
-              rand(n, r, scale=0.01, dt=torch.float32, req=grad)),
+        args=(rand(m, n, req=True), rand(r, n, scale=n ** -0.5, dt=torch.float32, req=True),
+              rand(n, r, scale=0.01, dt=torch.float32, req=True)),
         kwargs=dict(scaling=1.0, dropout_p=p, seed=1234),
         grad_out=rand(m, n),
     )
@@ -257,21 +260,17 @@ def _inputs(key: tuple, m: int, device: torch.device) -> dict[str, Any]:
 
 def time_backend(key: tuple, m: int, backend: str, device: torch.device, repeats: int = 5,
                  warmup: int = 2) -> float:
-    """Median milliseconds of one forward (+ backward when the key wants gradients) of the op
-    at `key` with M = m rows, on `backend`. Warm-up calls first (Triton compiles and autotunes
-    there)."""
+    """Median milliseconds of one forward + backward of the op at `key` with M = m rows, on
+    `backend`. Warm-up calls first (Triton compiles and autotunes there)."""
     from . import lora_linear, series_adapter  # the public ops, with an explicit backend
 
     fn = lora_linear if key[0] == "lora" else series_adapter
     data = _inputs(key, m, device)
-    grad = key[7]
 
     def once():
-        out = fn(*data["args"], **data["kwargs"], backend=backend)
-        if grad:
-            out.backward(data["grad_out"])
+        fn(*data["args"], **data["kwargs"], backend=backend).backward(data["grad_out"])
 
-    with torch.enable_grad() if grad else torch.no_grad():
+    with torch.enable_grad():
         for _ in range(warmup):
             once()
         _sync(device)
@@ -315,6 +314,29 @@ def _can_measure(device: torch.device) -> bool:
     return True
 
 
+def _in_clean_thread(fn: Callable[..., Any], *args: Any) -> Any:
+    """fn(*args) on a new thread, waited for. The caller may be inside a checkpointed forward
+    or its recomputation (saved-tensor hooks that would capture the measurement's tensors),
+    under no_grad, inference_mode or autocast: all of that state is per thread, and a new
+    thread starts without it."""
+    result: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            if args[-1].type == "cuda":
+                torch.cuda.set_device(args[-1])
+            result["value"] = fn(*args)
+        except BaseException as exc:  # noqa: BLE001 - re-raised on the caller's thread
+            result["error"] = exc
+
+    worker = threading.Thread(target=run, name="llm_adapters-measure", daemon=True)
+    worker.start()
+    worker.join()
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
+
+
 def choose(key: tuple, m: int, candidates: list[str], device: torch.device,
            measure_fn: Callable[..., dict[str, float]] = measure) -> str:
     """The backend among `candidates` to run `key` with (see the module docstring)."""
@@ -330,7 +352,7 @@ def choose(key: tuple, m: int, candidates: list[str], device: torch.device,
         complete = row is not None and all(c in row for c in candidates)
         if not complete and _can_measure(device):
             try:
-                measured = measure_fn(key, m, candidates, device)
+                measured = _in_clean_thread(measure_fn, key, m, candidates, device)
             except torch.cuda.OutOfMemoryError:
                 measured = {}
             if measured:
