@@ -323,8 +323,9 @@ def _in_clean_thread(fn: Callable[..., Any], *args: Any) -> Any:
 
     def run() -> None:
         try:
-            if args[-1].type == "cuda":
-                torch.cuda.set_device(args[-1])
+            device = args[-1]
+            if device.type == "cuda" and device.index is not None:
+                torch.cuda.set_device(device)  # the current device is per thread too
             result["value"] = fn(*args)
         except BaseException as exc:  # noqa: BLE001 - re-raised on the caller's thread
             result["error"] = exc
