@@ -81,6 +81,18 @@ __global__ void __launch_bounds__(kThreads) grad_rows_kernel(const GradRowsArgs<
                   sync);
 }
 
+// As shrink_tc_kernel: empty below sm_80.
+template <typename T, int NT>
+__global__ void __launch_bounds__(kThreads, NT == 1 ? 2 : 1)
+    grad_rows_tc_kernel(const GradRowsArgs<T> args) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  __shared__ __align__(32) float smem[kGtSmemFloats];
+  DeviceSync sync;
+  grad_rows_tc_block<NT>(args, static_cast<int64_t>(blockIdx.x), static_cast<int>(threadIdx.x),
+                         smem, sync);
+#endif
+}
+
 __global__ void sum_partials_kernel(float* __restrict__ out, const float* __restrict__ part,
                                     int64_t splits, int64_t count, const float* scale_ptr,
                                     float scaling) {
@@ -165,6 +177,20 @@ int launch_grad_rows(const GradRowsArgs<T>& args, int64_t blocks, bool wide, voi
   return static_cast<int>(cudaGetLastError());
 }
 
+template <typename T>
+int launch_grad_rows_tc(const GradRowsArgs<T>& args, int64_t blocks, int nt, void* stream) {
+  const auto s = static_cast<cudaStream_t>(stream);
+  const unsigned grid = static_cast<unsigned>(blocks);
+  if (nt == 1) {
+    grad_rows_tc_kernel<T, 1><<<grid, kThreads, 0, s>>>(args);
+  } else if (nt == 2) {
+    grad_rows_tc_kernel<T, 2><<<grid, kThreads, 0, s>>>(args);
+  } else {
+    grad_rows_tc_kernel<T, kTcMaxNT><<<grid, kThreads, 0, s>>>(args);
+  }
+  return static_cast<int>(cudaGetLastError());
+}
+
 int launch_sum_partials(float* out, const float* part, int64_t splits, int64_t count,
                         const float* scale_ptr, float scaling, void* stream) {
   const int64_t blocks = (count + kThreads - 1) / kThreads;
@@ -196,5 +222,8 @@ template int launch_shrink_tc<c10::BFloat16>(const ShrinkArgs<c10::BFloat16>&, G
 template int launch_reduce_rows_tc<c10::Half>(const ReduceArgs<c10::Half>&, Grid, int, void*);
 template int launch_reduce_rows_tc<c10::BFloat16>(const ReduceArgs<c10::BFloat16>&, Grid, int,
                                                   void*);
+template int launch_grad_rows_tc<c10::Half>(const GradRowsArgs<c10::Half>&, int64_t, int, void*);
+template int launch_grad_rows_tc<c10::BFloat16>(const GradRowsArgs<c10::BFloat16>&, int64_t, int,
+                                                void*);
 
 }  // namespace llm_adapters

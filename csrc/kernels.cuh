@@ -13,6 +13,7 @@
 //                (reduce_rows_tc_block: on the tensor cores for 16-bit X)
 //   series_fwd   row blocks: S = D(h) Dnᵀ, z = h + s·φ(S) Upᵀ + u_b
 //   grad_rows    row blocks, one pass over g: G = g W, partials of gᵀφ(S), dS, [dh]
+//                (grad_rows_tc_block: G and the partials on the tensor cores for 16-bit g)
 // Partials of split reductions are summed afterwards in a fixed order: no atomics anywhere.
 #pragma once
 
@@ -1226,13 +1227,14 @@ struct GradRowsArgs {
   float scaling;
   bool dh;
   ExpandArgs<T> expand;     // out = dh, in = g, h = dS, w = Dn as [N, r], scaling = 1 / keep
+  bool vec_ok = false;      // grad_rows_tc_block: g 16-byte aligned, N a multiple of 8
 };
 
-template <int RT, typename T, typename Sync>
-LA_HOST_DEVICE void grad_rows_block(const GradRowsArgs<T>& a, int64_t mb, int tid, float* smem,
-                                    Sync& sync) {
-  row_shrink_block<RT>(a.shrink, mb, tid, smem, sync);
-  sync();
+// The part of grad_rows after G: row terms, dS in place, [dh]. G of the block's rows is in
+// the dS buffer (global memory); the caller has synchronised the block.
+template <typename T, typename Sync>
+LA_HOST_DEVICE void grad_rows_tail(const GradRowsArgs<T>& a, int64_t mb, int tid, float* smem,
+                                   Sync& sync) {
   const int64_t m0 = mb * kRowBM;
   const int64_t M = a.shrink.M, R = a.shrink.R;
   const int act = a.shrink.act;
@@ -1259,6 +1261,280 @@ LA_HOST_DEVICE void grad_rows_block(const GradRowsArgs<T>& a, int64_t mb, int ti
   for (int64_t nb = 0; nb * kExpandBN < a.expand.N; ++nb) {
     expand_block(a.expand, BlockIdx{mb, nb, 0}, tid, smem, sync);
   }
+}
+
+template <int RT, typename T, typename Sync>
+LA_HOST_DEVICE void grad_rows_block(const GradRowsArgs<T>& a, int64_t mb, int tid, float* smem,
+                                    Sync& sync) {
+  row_shrink_block<RT>(a.shrink, mb, tid, smem, sync);
+  sync();
+  grad_rows_tail(a, mb, tid, smem, sync);
+}
+
+// ----------------------------------------------------------------------------------------------
+// grad_rows on the tensor cores (float16 / bfloat16 g; sm_80+)
+// ----------------------------------------------------------------------------------------------
+// The GEMM-shaped parts of the one pass over g with tile MMAs; the rest (row terms, dS, dh with
+// its dropout) is grad_rows_tail on the CUDA cores, as in grad_rows_block. Same block (64 rows
+// of g), same outputs, same per-block partials: only how G and the partials are summed differs.
+//   G = g·W           A = the staged g tile [64 m][64 n] row-major, B = W hi / lo [n][j]
+//   part = gᵀ φ(S)    A = the same g tile read column-major ([n][m]), B = φ(S) hi / lo [m][j]
+// Operands in float32 (W, φ(S)) are split into hi + lo parts in g's type, both through the MMA
+// into one float32 accumulator, with a power-of-two pre-scale of each for float16, exactly as
+// shrink_tc_block / reduce_rows_tc_block do (their comments give the error bound).
+// Warps: G's 4 row tiles x 4 k-steps of a 64-column step are split as row tile warp % 4, k-steps
+// 2 (warp / 4) and 2 (warp / 4) + 1; the two halves are added in a fixed order at the end. The
+// partials' 4 column tiles x NT rank tiles: column tile warp % 4, rank tiles of parity warp / 4
+// (each warp all 64 rows: a partial is complete within the step and written out at once).
+// g of the block is read once per rank tile of 64 (r > 64 re-reads it, from L2 when it is
+// there). The keep-mask does not apply to g here: grad_rows never masks the g it multiplies.
+// Smem: g 64 x 72, W hi / lo 64 x 72, φ(S) hi / lo 64 x 72, all in g's type: 45 KB.
+
+constexpr int kGtBM = kRowBM;   // 64 rows of g per block
+constexpr int kGtBN = 64;       // columns of g per step
+// 72 elements: 144-byte rows put the 16-byte pieces of 8 consecutive rows on disjoint banks
+constexpr int kGtLD = kTcMaxBR + 8;
+constexpr int kGtTileBytes = 64 * kGtLD * 2;
+constexpr int kGtSmemFloats = 5 * kGtTileBytes / 4;
+constexpr int kGtXVecs = kGtBM * kGtBN / 8 / kThreads;
+constexpr int gt_w_per_thread(int nt) { return kGtBN * nt * mma::kTile / kThreads; }
+// the partials' accumulators per warp: rank tiles j = 2 q + warp / 4
+constexpr int gt_part_tiles(int nt) { return (nt + 1) / 2; }
+static_assert(kGtBM == 4 * mma::kTile && kGtBN == 4 * mma::kTile && kTcWarps == 8,
+              "grad_rows_tc_block's warp layout");
+static_assert(kGtTileBytes % mma::kAlignBytes == 0 && (16 * kGtLD * 2) % mma::kAlignBytes == 0,
+              "tile areas and 16-row steps keep 32-byte alignment");
+static_assert(kGtLD % mma::kLdmMultiple16 == 0, "WMMA ldm of 16-bit tiles");
+static_assert(kTcWarps * gt_part_tiles(kTcMaxNT) * 256 * 4 <= 3 * kGtTileBytes,
+              "partials scratch fits in the g and W areas");
+static_assert(kTcWarps * kTcMaxNT * 256 * 4 <= 5 * kGtTileBytes, "G scratch fits");
+static_assert(kGtSmemFloats >= kExpandSmemFloats && kGtSmemFloats >= kThreads + 16,
+              "the dh expand and the exponent reduction reuse the buffer");
+static_assert(kGtSmemFloats * 4 <= 48 * 1024, "static shared memory");
+
+template <int NT, typename T>
+struct GtStage {
+  VecData<T> x[kGtXVecs];
+  float w[gt_w_per_thread(NT)];
+};
+
+template <int NT, typename T>
+LA_HOST_DEVICE void gt_load_stage(const RowShrinkArgs<T>& a, GtStage<NT, T>& st, int64_t m0,
+                                  int64_t n0, int64_t j0, int64_t ranks, bool vec_ok, int tid) {
+  constexpr int V = 8;
+  constexpr int per_row = kGtBN / V;
+  if (vec_ok) {
+    LA_UNROLL
+    for (int i = 0; i < kGtXVecs; ++i) {
+      const int v = tid + i * kThreads;
+      const int64_t m = m0 + v / per_row;
+      const int64_t n = n0 + (v % per_row) * V;
+      // N % 8 == 0 and n0 % 8 == 0: a vector is wholly inside or wholly outside
+      if (m < a.M && n < a.N) st.x[i] = *reinterpret_cast<const VecData<T>*>(a.x + m * a.N + n);
+    }
+  }
+  constexpr int cols = NT * mma::kTile;
+  LA_UNROLL
+  for (int i = 0; i < gt_w_per_thread(NT); ++i) {
+    const int e = tid + i * kThreads;
+    const int64_t n = n0 + e / cols;
+    const int jj = e % cols;
+    st.w[i] = (n < a.N && jj < ranks) ? a.w[n * a.w_sn + (j0 + jj) * a.w_sr] : 0.f;
+  }
+}
+
+template <int NT, typename T>
+LA_HOST_DEVICE void gt_store_stage(const RowShrinkArgs<T>& a, const GtStage<NT, T>& st, T* xs,
+                                   T* w_hi, T* w_lo, int64_t m0, int64_t n0, float w_mult,
+                                   bool vec_ok, int tid) {
+  constexpr int V = 8;
+  constexpr int per_row = kGtBN / V;
+  const T zero = T(0.f);
+  if (vec_ok) {
+    LA_UNROLL
+    for (int i = 0; i < kGtXVecs; ++i) {
+      const int v = tid + i * kThreads;
+      const int mm = v / per_row;
+      const int nn = (v % per_row) * V;
+      VecData<T> val;
+      if (m0 + mm < a.M && n0 + nn < a.N) {
+        val = st.x[i];
+      } else {
+        LA_UNROLL
+        for (int c = 0; c < V; ++c) val.v[c] = zero;
+      }
+      *reinterpret_cast<VecData<T>*>(xs + mm * kGtLD + nn) = val;
+    }
+  } else {
+    for (int e = tid; e < kGtBM * kGtBN; e += kThreads) {
+      const int mm = e / kGtBN;
+      const int nn = e % kGtBN;
+      const int64_t m = m0 + mm;
+      const int64_t n = n0 + nn;
+      xs[mm * kGtLD + nn] = (m < a.M && n < a.N) ? a.x[m * a.N + n] : zero;
+    }
+  }
+  constexpr int cols = NT * mma::kTile;
+  LA_UNROLL
+  for (int i = 0; i < gt_w_per_thread(NT); ++i) {
+    const int e = tid + i * kThreads;
+    const int nn = e / cols;
+    const int jj = e % cols;
+    const float wv = st.w[i] * w_mult;  // a power of two: exact
+    const T hi = T(wv);
+    w_hi[nn * kGtLD + jj] = hi;
+    w_lo[nn * kGtLD + jj] = T(wv - static_cast<float>(hi));
+  }
+}
+
+// NT: accumulators for 1, 2 or 4 rank tiles of 16 (tc_rank_tiles of the first rank tile).
+template <int NT, typename T, typename Sync>
+LA_HOST_DEVICE void grad_rows_tc_block(const GradRowsArgs<T>& args, int64_t mb, int tid,
+                                       float* smem, Sync& sync) {
+  static_assert(NT >= 1 && NT <= kTcMaxNT, "rank tiles per block");
+  constexpr int PJ = gt_part_tiles(NT);
+  constexpr int cols = NT * mma::kTile;
+  const RowShrinkArgs<T>& a = args.shrink;
+  unsigned char* base = reinterpret_cast<unsigned char*>(smem);
+  T* xs = reinterpret_cast<T*>(base);
+  T* w_hi = reinterpret_cast<T*>(base + kGtTileBytes);
+  T* w_lo = reinterpret_cast<T*>(base + 2 * kGtTileBytes);
+  T* p_hi = reinterpret_cast<T*>(base + 3 * kGtTileBytes);
+  T* p_lo = reinterpret_cast<T*>(base + 4 * kGtTileBytes);
+  const int warp = tid / 32;
+  const int lane = tid % 32;
+  const int wrow = warp % 4;   // G: row tile; partials: column tile of the step
+  const int whalf = warp / 4;  // G: k-steps 2 whalf, 2 whalf + 1; partials: rank tile parity
+  const int64_t m0 = mb * kGtBM;
+  const bool partials = a.part != nullptr;
+  const int64_t rows = a.M - m0 < kGtBM ? a.M - m0 : kGtBM;
+
+  for (int64_t j0 = 0; j0 < a.R; j0 += cols) {
+    // rank tiles of this pass (the last may be narrower); block-uniform
+    const int64_t ranks = a.R - j0 < cols ? a.R - j0 : cols;
+    const int nt = static_cast<int>((ranks + mma::kTile - 1) / mma::kTile);
+    int e_w = 0, e_h = 0;
+    if (std::is_same<T, c10::Half>::value) {
+      float mx = 0.f;
+      for (int64_t e = tid; e < a.N * ranks; e += kThreads) {
+        mx = fmaxf(mx, fabsf(a.w[(e / ranks) * a.w_sn + (j0 + e % ranks) * a.w_sr]));
+      }
+      e_w = tc_block_exponent(mx, tid, smem, sync);
+      if (partials) {
+        mx = 0.f;
+        for (int64_t e = tid; e < rows * ranks; e += kThreads) {
+          mx = fmaxf(mx, fabsf(activate(a.h[(m0 + e / ranks) * a.R + j0 + e % ranks], a.act)));
+        }
+        e_h = tc_block_exponent(mx, tid, smem, sync);
+      }
+    }
+    const float w_mult = ldexpf(1.f, e_w);
+    const float g_mult = a.out_scale * ldexpf(1.f, -e_w);
+    const float h_mult = ldexpf(1.f, e_h);
+    const float p_mult = ldexpf(1.f, -e_h);
+    if (partials) {  // φ(S) of the block's rows, hi / lo, zero outside the matrix
+      for (int e = tid; e < kGtBM * cols; e += kThreads) {
+        const int mm = e / cols;
+        const int jj = e % cols;
+        const float hv = (mm < rows && jj < ranks)
+                             ? activate(a.h[(m0 + mm) * a.R + j0 + jj], a.act) * h_mult
+                             : 0.f;
+        const T hi = T(hv);
+        p_hi[mm * kGtLD + jj] = hi;
+        p_lo[mm * kGtLD + jj] = T(hv - static_cast<float>(hi));
+      }
+    }
+
+    mma::FragC acc[NT];
+    LA_UNROLL
+    for (int j = 0; j < NT; ++j) mma::fill_zero(acc[j]);
+
+    GtStage<NT, T> st;
+    gt_load_stage(a, st, m0, 0, j0, ranks, args.vec_ok, tid);
+    for (int64_t n0 = 0; n0 < a.N; n0 += kGtBN) {
+      gt_store_stage(a, st, xs, w_hi, w_lo, m0, n0, w_mult, args.vec_ok, tid);
+      sync();
+      if (n0 + kGtBN < a.N) gt_load_stage(a, st, m0, n0 + kGtBN, j0, ranks, args.vec_ok, tid);
+      LA_UNROLL
+      for (int kk = 0; kk < 2; ++kk) {
+        const int ks = (2 * whalf + kk) * mma::kTile;
+        mma::FragA<T> ga;
+        mma::load_a(ga, xs + wrow * mma::kTile * kGtLD + ks, kGtLD);
+        LA_UNROLL
+        for (int j = 0; j < NT; ++j) {
+          if (j >= nt) break;
+          mma::FragBRow<T> wb;
+          mma::load_b_row(wb, w_hi + ks * kGtLD + j * mma::kTile, kGtLD);
+          mma::mma(acc[j], ga, wb);
+          mma::load_b_row(wb, w_lo + ks * kGtLD + j * mma::kTile, kGtLD);
+          mma::mma(acc[j], ga, wb);
+        }
+      }
+      if (partials) {
+        mma::FragC pacc[PJ];
+        LA_UNROLL
+        for (int q = 0; q < PJ; ++q) mma::fill_zero(pacc[q]);
+        LA_UNROLL
+        for (int ks = 0; ks < kGtBM; ks += mma::kTile) {
+          mma::FragACol<T> gt;
+          mma::load_a_col(gt, xs + ks * kGtLD + wrow * mma::kTile, kGtLD);
+          LA_UNROLL
+          for (int q = 0; q < PJ; ++q) {
+            const int j = 2 * q + whalf;
+            if (j >= nt) break;  // warp-uniform
+            mma::FragBRow<T> pb;
+            mma::load_b_row(pb, p_hi + ks * kGtLD + j * mma::kTile, kGtLD);
+            mma::mma(pacc[q], gt, pb);
+            mma::load_b_row(pb, p_lo + ks * kGtLD + j * mma::kTile, kGtLD);
+            mma::mma(pacc[q], gt, pb);
+          }
+        }
+        sync();  // the g and W tiles are read: their area holds the partials now
+        float* scratch = smem + warp * PJ * mma::kTile * mma::kTile;
+        LA_UNROLL
+        for (int q = 0; q < PJ; ++q) {
+          if (2 * q + whalf >= nt) break;
+          mma::store_c(scratch + q * mma::kTile * mma::kTile, pacc[q], mma::kTile, lane);
+        }
+        sync();
+        // part[mb, n, j0 + jj]: rows of the step's 64 columns, ranks contiguous
+        for (int e = tid; e < kGtBN * cols; e += kThreads) {
+          const int nn = e / cols;
+          const int jj = e % cols;
+          const int64_t n = n0 + nn;
+          if (n >= a.N || jj >= ranks) continue;
+          const int j = jj / mma::kTile;
+          const int owner = nn / mma::kTile + 4 * (j % 2);
+          const float v = smem[(owner * PJ + j / 2) * mma::kTile * mma::kTile +
+                               (nn % mma::kTile) * mma::kTile + jj % mma::kTile];
+          a.part[(mb * a.N + n) * a.R + j0 + jj] = v * p_mult;
+        }
+      }
+      sync();
+    }
+
+    // G of the pass: the two k halves through shared memory, added in a fixed order
+    LA_UNROLL
+    for (int j = 0; j < NT; ++j) {
+      if (j >= nt) break;
+      mma::store_c(smem + (warp * NT + j) * mma::kTile * mma::kTile, acc[j], mma::kTile, lane);
+    }
+    sync();
+    for (int e = tid; e < kGtBM * cols; e += kThreads) {
+      const int mm = e / cols;
+      const int jj = e % cols;
+      if (mm >= rows || jj >= ranks) continue;
+      const int within = (mm % mma::kTile) * mma::kTile + jj % mma::kTile;
+      const int j = jj / mma::kTile;
+      const float lo_half = smem[((mm / mma::kTile) * NT + j) * mma::kTile * mma::kTile + within];
+      const float hi_half =
+          smem[((mm / mma::kTile + 4) * NT + j) * mma::kTile * mma::kTile + within];
+      a.s[(m0 + mm) * a.R + j0 + jj] =
+          (lo_half + hi_half) * g_mult + (a.s_bias != nullptr ? a.s_bias[j0 + jj] : 0.f);
+    }
+    sync();
+  }
+  grad_rows_tail(args, mb, tid, smem, sync);
 }
 
 // out[i] = scaling · scale · Σ_z part[z, i], z in order (the second, tiny kernel of the
@@ -1295,6 +1571,9 @@ template <typename T>
 int launch_series_fwd(const SeriesFwdArgs<T>& args, int64_t blocks, bool wide, void* stream);
 template <typename T>
 int launch_grad_rows(const GradRowsArgs<T>& args, int64_t blocks, bool wide, void* stream);
+// float16 / bfloat16 only; sm_80+; nt = tc_rank_tiles(tc_rank_tile(r))
+template <typename T>
+int launch_grad_rows_tc(const GradRowsArgs<T>& args, int64_t blocks, int nt, void* stream);
 int launch_sum_partials(float* out, const float* part, int64_t splits, int64_t count,
                         const float* scale_ptr, float scaling, void* stream);
 int launch_keep_mask(bool* out, int64_t numel, DropoutParams drop, void* stream);

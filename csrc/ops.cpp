@@ -553,6 +553,35 @@ std::tuple<at::Tensor, at::Tensor> series_forward(
   return {z, s_pre};
 }
 
+// grad_rows_tc_block for 16-bit g: 64 rows per block, rank passes of up to 64 (NT accumulator
+// tiles of 16 for the first pass); anything else is dispatched to the CUDA-core kernel.
+template <typename T>
+void grad_rows_tc(const GradRowsArgs<T>& args, int64_t blocks, int64_t R, const Exec& exec) {
+  if constexpr (std::is_same<T, float>::value) {
+    TORCH_CHECK(false, "llm_adapters_C: grad_rows: the tensor-core variant takes 16-bit g");
+  } else {
+    const int nt = tc_rank_tiles(tc_rank_tile(R));
+    if (exec.cuda) {
+      check_launch(launch_grad_rows_tc(args, blocks, nt, exec.stream));
+    } else if (nt == 1) {
+      emulate(Grid{blocks, 1, 1}, kGtSmemFloats,
+              [&](BlockIdx b, int tid, float* smem, HostBarrier& s) {
+                grad_rows_tc_block<1>(args, b.x, tid, smem, s);
+              });
+    } else if (nt == 2) {
+      emulate(Grid{blocks, 1, 1}, kGtSmemFloats,
+              [&](BlockIdx b, int tid, float* smem, HostBarrier& s) {
+                grad_rows_tc_block<2>(args, b.x, tid, smem, s);
+              });
+    } else {
+      emulate(Grid{blocks, 1, 1}, kGtSmemFloats,
+              [&](BlockIdx b, int tid, float* smem, HostBarrier& s) {
+                grad_rows_tc_block<kTcMaxNT>(args, b.x, tid, smem, s);
+              });
+    }
+  }
+}
+
 // One pass over g [M, N]:
 //   dS = s·(g w) ⊙ φ'(s_pre)                                  [M, r] float32
 //   d_w = s·gᵀ φ(s_pre)             (need_dw; else empty)      [N, r] float32
@@ -562,7 +591,8 @@ std::tuple<at::Tensor, at::Tensor> series_forward(
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> grad_rows(
     const at::Tensor& g, const at::Tensor& w, const at::Tensor& s_pre, int64_t act,
     const c10::optional<at::Tensor>& scale, double scaling, bool need_dw, bool need_row_terms,
-    const c10::optional<at::Tensor>& dh_w, double dh_scaling, int64_t threshold, int64_t seed) {
+    const c10::optional<at::Tensor>& dh_w, double dh_scaling, int64_t threshold, int64_t seed,
+    bool tensor_cores) {
   check_matrix(g, "grad_rows: g");
   TORCH_CHECK(g.is_contiguous(), "llm_adapters_C: grad_rows: g must be contiguous");
   check_activation(act);
@@ -590,10 +620,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> grad_rows(
   at::Tensor part = need_dw ? at::empty({blocks, N, R}, f32) : at::empty({0}, f32);
   // up to 256 ranks per read of g; the partials stage φ(S) in shared memory, 64 ranks at a time
   const bool wide = !need_dw && R > kRowBR;
+  // G and the partials on the tensor cores for 16-bit g (sm_80+); the float32 parts as below
+  const bool tc = use_tensor_cores(g, tensor_cores);
   LA_DISPATCH_FLOAT_HALF_BF16(g.scalar_type(), "grad_rows", [&] {
     const at::Tensor& dhw = dh_w.has_value() ? dh_w.value() : w;
     const at::Tensor& dh_out = dh_w.has_value() ? dh : g;
-    const GradRowsArgs<scalar_t> args{
+    GradRowsArgs<scalar_t> args{
         RowShrinkArgs<scalar_t>{g.data_ptr<scalar_t>(), M, N, w.data_ptr<float>(), R, 1, R,
                                 ds.data_ptr<float>(), nullptr, 1.f, DropoutParams{},
                                 s_pre.data_ptr<float>(), static_cast<int>(act),
@@ -605,7 +637,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> grad_rows(
         dh_w.has_value(),
         expand_args<scalar_t>(dh_out, g, ds, kIdentity, dhw, nullptr, nullptr, dh_scaling,
                               make_dropout(threshold, seed))};
-    if (exec.cuda) {
+    args.vec_ok = vec_aligned<scalar_t>(g.data_ptr(), N);
+    if (tc) {
+      grad_rows_tc(args, blocks, R, exec);
+    } else if (exec.cuda) {
       check_launch(launch_grad_rows(args, blocks, wide, exec.stream));
     } else if (wide) {
       emulate(Grid{blocks, 1, 1}, row_fused_smem_floats<kRowWideRT>(),

@@ -910,3 +910,150 @@ def test_lora_parity_both_shrink_variants_gpu(ext, monkeypatch, dtype):
     for tc in (True, False):
         monkeypatch.setattr(cuda_backend, "TENSOR_CORES", tc)
         _check_parity("lora", dtype, 2048, 4096, 4096, 16, 0.1, "identity", False, True)
+
+
+# ---------------------------------------------------------------------------------------------
+# The tensor-core grad_rows (16-bit g): G = g·w and the d_w partials gᵀφ(S) on the tile MMAs,
+# the rest in float32 as the CUDA-core kernel. Both variants against float64.
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_grad_rows(ext, dtype, m, n, r, p, activation, need_dw=True, need_row_terms=True,
+                     learned=False, dh=False, w_scale=None, s_scale=1.0, device="cpu"):
+    """Both grad_rows variants against float64: dS, d_w, the row terms and dh each within 2x
+    the same-dtype PyTorch error and within the float32-operand bound of the hi / lo split
+    (2^-15 relative, plus float32 accumulation); two runs bitwise equal. Returns {tc: outputs}."""
+    dev = torch.device(device)
+    gen = torch.Generator(device="cpu").manual_seed(m * 523 + n * 17 + r)
+    g = torch.randn(m, n, generator=gen).to(dtype).to(dev)
+    w = (torch.randn(n, r, generator=gen) * (n**-0.5 if w_scale is None else w_scale)).to(dev)
+    s_pre = (torch.randn(m, r, generator=gen) * s_scale).to(dev)
+    dh_w = (torch.randn(n, r, generator=gen) * n**-0.5).to(dev) if dh else None
+    scale = torch.tensor([0.7], device=dev) if learned else None
+    scaling = 1.5
+    s = scaling * (0.7 if learned else 1.0)
+    t, inv = dropout_threshold(p) if (dh and p > 0) else (0, 1.0)
+    keep = BACKEND.keep_mask((m, n), p, 5, dev) if (dh and p > 0) else None
+    act = cuda_backend.ACTIVATION_CODES[activation]
+
+    gd, sd = g.double(), s_pre.double()
+    phi = apply_activation(sd, activation)
+    # (activation_grad gives None for the identity)
+    dphi = torch.ones_like(sd) if activation == "identity" else activation_grad(sd, activation)
+    dphi32 = dphi.float() if activation == "identity" else activation_grad(s_pre, activation)
+    gw = gd @ w.double()
+    refs = {"dS": s * gw * dphi, "d_w": s * gd.t() @ phi, "row_terms": (gw * phi).sum(1)}
+    abs_gw = gd.abs() @ w.double().abs()
+    rel_n, rel_m = 2.0**-15 + (n + r) * 2.0**-24, 2.0**-15 + m * 2.0**-24
+    # φ' is evaluated in float32: an absolute 2^-20 on values of order one
+    bounds = {"dS": abs(s) * abs_gw * (dphi.abs() * rel_n + 2.0**-20),
+              "d_w": abs(s) * rel_m * (gd.abs().t() @ phi.abs()),
+              "row_terms": rel_n * (abs_gw * phi.abs()).sum(1)}
+    gw_same = (g @ w.to(dtype)).float()
+    phi32 = apply_activation(s_pre, activation)
+    same = {"dS": s * gw_same * dphi32,
+            "d_w": s * (g.t() @ phi32.to(dtype)).float(),
+            "row_terms": (gw_same * phi32).sum(1)}
+    if dh:
+        back = refs["dS"] @ dh_w.double().t() * inv
+        refs["dh"] = gd + (back if keep is None else torch.where(keep, back, 0.0))
+        back_same = (same["dS"] @ dh_w.t() * inv)
+        same["dh"] = (g.float() + (back_same if keep is None else torch.where(keep, back_same, 0.0))
+                      ).to(dtype)
+        # rounding to g's dtype, plus dS's bound carried through dh_w
+        bounds["dh"] = (torch.finfo(dtype).eps * refs["dh"].abs()
+                        + 2 * inv * bounds["dS"] @ dh_w.double().abs().t()
+                        + 2.0**-22 * (refs["dS"].abs() @ dh_w.double().abs().t()))
+    names = ["dS", "d_w", "row_terms", "dh"]
+    tag = (f"grad_rows {dtype} m={m} n={n} r={r} p={p} {activation} dw={need_dw} "
+           f"rows={need_row_terms} learned={learned} dh={dh}")
+    out = {}
+    for tc in (True, False):
+        args = (g, w, s_pre, act, scale, scaling, need_dw,
+                need_row_terms, dh_w, inv, t, 5, tc)
+        got = ext.grad_rows(*args)
+        for a, b in zip(got, ext.grad_rows(*args)):
+            assert torch.equal(a, b), f"{tag} tensor_cores={tc}: not deterministic"
+        wanted = {"dS": True, "d_w": need_dw, "row_terms": need_row_terms, "dh": dh}
+        for name, value in zip(names, got):
+            if not wanted[name]:
+                assert value.numel() == 0, f"{tag}: {name} computed though not asked for"
+                continue
+            assert value.shape == refs[name].shape, f"{tag}: {name} shape"
+            _assert_close(f"{tag} tensor_cores={tc} {name}", value, same[name], refs[name], dtype)
+            excess = ((value.double() - refs[name]).abs() - bounds[name]).max().item()
+            assert excess <= 0, (
+                f"{tag} tensor_cores={tc} {name}: beyond the float32-operand bound by {excess}")
+        out[tc] = got
+    return out
+
+
+# (m, n, r, p, activation, need_dw, need_row_terms, learned scale, dh): rows 1 .. 300 (one to
+# five 64-row blocks, a partial last one), columns 40 / 136 / 264 and 129 / 77 / 20 (not a
+# multiple of the 8-element vector: the scalar path), rank tiles of 16 / 32 / 64 and two rank
+# passes (100 = 64 + 36), every φ, the optional outputs on and off, dh with and without dropout
+_TC_GRAD_ROWS_CASES = [
+    (1, 40, 1, 0.0, "identity", True, True, True, False),
+    (37, 136, 12, 0.1, "tanh", True, False, False, True),
+    (70, 129, 24, 0.0, "silu", False, True, True, False),
+    (300, 264, 100, 0.0, "gelu", True, True, False, False),
+    (37, 20, 16, 0.2, "relu", False, False, True, True),
+    (70, 77, 40, 0.0, "gelu", True, True, True, False),
+    (37, 64, 64, 0.1, "silu", True, False, False, True),
+]
+
+
+@needs_extension
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m,n,r,p,activation,need_dw,need_rows,learned,dh", _TC_GRAD_ROWS_CASES)
+def test_tensor_core_grad_rows_on_host_threads(ext, dtype, m, n, r, p, activation, need_dw,
+                                               need_rows, learned, dh):
+    _check_grad_rows(ext, dtype, m, n, r, p, activation, need_dw, need_rows, learned, dh)
+
+
+@needs_extension
+@pytest.mark.parametrize("w_scale,s_scale", [(1e-4, 1.0), (1e-6, 1e-3), (1e-2, 1e-5)])
+def test_tensor_core_grad_rows_small_float16_operands(ext, w_scale, s_scale):
+    """float16: small weights and small φ(S) keep their low parts through the block's
+    power-of-two pre-scaling of w and of φ(S)."""
+    _check_grad_rows(ext, torch.float16, 70, 136, 24, 0.0, "identity", w_scale=w_scale,
+                     s_scale=s_scale)
+
+
+@needs_extension
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["lora", "series"])
+def test_backward_with_tensor_core_grad_rows_on_host_threads(ext, dw_path, dtype, kind):
+    """The whole op (forward and every gradient) through grad_rows with the tensor cores on and
+    off: both pass parity against float64, through either source of dB / dUp."""
+    for tc in (True, False):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(cuda_backend, "TENSOR_CORES", tc)
+            _check_parity(kind, dtype, 70, 136, 77, 24, 0.1, "tanh", True, True, device="cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", _GPU_DTYPES)
+@pytest.mark.parametrize("m,n,r,p,activation,need_dw,need_rows,learned,dh", _TC_GRAD_ROWS_CASES)
+def test_tensor_core_grad_rows_gpu(ext, dtype, m, n, r, p, activation, need_dw, need_rows,
+                                   learned, dh):
+    _check_grad_rows(ext, dtype, m, n, r, p, activation, need_dw, need_rows, learned, dh,
+                     device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", _GPU_DTYPES)
+@pytest.mark.parametrize("r", [16, 64])
+@pytest.mark.parametrize("dh", [False, True])
+def test_tensor_core_grad_rows_llama_shape_gpu(ext, dtype, r, dh):
+    """M 2048, N 4096: both variants against float64 (inside _check_grad_rows, which also checks
+    determinism), and the two variants within twice the float32-operand bound of each other."""
+    out = _check_grad_rows(ext, dtype, 2048, 4096, r, 0.1, "gelu", True, True, True, dh,
+                           device="cuda")
+    for name, a, b in zip(["dS", "d_w", "row_terms", "dh"], out[True], out[False]):
+        if a.numel() == 0:
+            continue
+        scale = b.double().abs().max().item() + 1e-30
+        rel = (a.double() - b.double()).abs().max().item() / scale
+        limit = torch.finfo(dtype).eps if name == "dh" else 1e-3
+        assert rel <= limit, f"grad_rows {name}: variants differ by {rel:.2e} of the max"

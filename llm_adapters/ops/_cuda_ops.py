@@ -34,10 +34,12 @@ SCHEMAS = {
                       "Tensor? up_bias, Tensor? scale, float scaling, int act, int threshold, "
                       "float out_scale, int seed) -> (Tensor, Tensor)",
     # one pass over g [M, N] with w [N, r]: (dS [M, r], d_w = s·gᵀφ(s_pre) [N, r] or empty,
-    # the row terms of d(scale) [M] or empty, dh = g + D'(dS dh_wᵀ) [M, N] or empty)
+    # the row terms of d(scale) [M] or empty, dh = g + D'(dS dh_wᵀ) [M, N] or empty);
+    # tensor_cores: g·w and the d_w partials of 16-bit g on the tensor cores, as shrink's
     "grad_rows": "(Tensor g, Tensor w, Tensor s_pre, int act, Tensor? scale, float scaling, "
                  "bool need_dw, bool need_row_terms, Tensor? dh_w, float dh_scaling, "
-                 "int threshold, int seed) -> (Tensor, Tensor, Tensor, Tensor)",
+                 "int threshold, int seed, bool tensor_cores=True) "
+                 "-> (Tensor, Tensor, Tensor, Tensor)",
     # out (bool, row-major) = the dropout keep-mask for its linear indices
     "keep_mask_": "(Tensor(a!) out, int threshold, int seed) -> ()",
 }
@@ -68,7 +70,7 @@ def _fake_series_forward(h, down_t, up, down_bias, up_bias, scale, scaling, act,
 
 
 def _fake_grad_rows(g, w, s_pre, act, scale, scaling, need_dw, need_row_terms, dh_w,
-                    dh_scaling, threshold, seed):
+                    dh_scaling, threshold, seed, tensor_cores=True):
     m, n = g.shape
     r = w.shape[1]
     return (

@@ -33,11 +33,12 @@ dB / dUp are sums of per-64-row-block partials (a [M/64, N, r] float32 buffer) a
 order by a second small kernel, and dDn / dA use reduce_rows' fixed-order splits: no atomics,
 so gradients are bitwise reproducible.
 
-The shrink and reduce_rows of float16 / bfloat16 activations run on the tensor cores (16x16x16
+The shrink, reduce_rows and the GEMM-shaped parts of grad_rows (g·w and the d_w partials
+gᵀφ(S)) of float16 / bfloat16 activations run on the tensor cores (16x16x16
 WMMA tiles, float32 accumulators; sm_80+): the float32 operand (the adapter weight, or φ(dS)) is
 split into a high and a low part in the activations' dtype (w = w_hi + w_lo), both multiplied,
-so the result keeps float32-operand accuracy (csrc/kernels.cuh, shrink_tc_block and
-reduce_rows_tc_block). float32 activations, GPUs below sm_80 and
+so the result keeps float32-operand accuracy (csrc/kernels.cuh, shrink_tc_block,
+reduce_rows_tc_block and grad_rows_tc_block). float32 activations, GPUs below sm_80 and
 LLM_ADAPTERS_CUDA_TENSOR_CORES=0 (read once, at import, into `TENSOR_CORES`) use the CUDA-core
 kernels instead.
 
@@ -187,7 +188,7 @@ def _grad_rows(C, g, s_pre, up, scale_t, scaling, activation, need_up, need_scal
     ds, d_up, row_terms, dh = C.grad_rows(
         g, up.to(torch.float32).contiguous(), s_pre, act, _f32(scale_t),
         float(scaling) if scale_t is None else 1.0, partials, bool(need_scale), dh_w,
-        float(dh_scaling), int(threshold), int(seed),
+        float(dh_scaling), int(threshold), int(seed), TENSOR_CORES,
     )
     if need_up and not partials:
         d_up = C.reduce_rows(g, s_pre, act, 0, 0, TENSOR_CORES).mul_(_scale(scale_t, scaling))
