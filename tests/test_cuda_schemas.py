@@ -99,7 +99,7 @@ def test_jit_cache_counts_as_ready_only_when_current(monkeypatch, tmp_path):
 
 def test_kernel_bandwidth_bench_on_host_threads(ext, tmp_path):
     """The single-kernel benchmark runs every kernel and variant (here on the host emulation,
-    so the times mean nothing) and its two variants of shrink / reduce_rows agree."""
+    so the times mean nothing) and its two variants of shrink / reduce_rows / grad_rows agree."""
     from llm_adapters.bench import kernels, summary
 
     rows = []
@@ -108,13 +108,16 @@ def test_kernel_bandwidth_bench_on_host_threads(ext, tmp_path):
                                          device="cpu", p=0.1, reps=1, peak_tbps=1.0)
     assert [(r["kernel"], r["variant"]) for r in rows] == [
         ("shrink", "tensor_cores"), ("shrink", "cuda_cores"), ("expand", "cuda_cores"),
-        ("reduce_rows", "tensor_cores"), ("reduce_rows", "cuda_cores")]
+        ("reduce_rows", "tensor_cores"), ("reduce_rows", "cuda_cores"),
+        ("grad_rows", "tensor_cores"), ("grad_rows", "cuda_cores")]
     for r in rows:
         assert r["ms"] > 0 and r["gbps"] > 0 and r["pct_peak"] == pytest.approx(r["gbps"] / 10)
         if "max_abs_diff_between_variants" in r:
             assert r["max_abs_diff_between_variants"] < 1e-2
     expand = rows[2]
     assert expand["gbps"] == pytest.approx(2 * 21 * 40 * 2 / (expand["ms"] * 1e-3) / 1e9)
+    grad = rows[5]  # g read once
+    assert grad["gbps"] == pytest.approx(21 * 40 * 2 / (grad["ms"] * 1e-3) / 1e9)
     with pytest.raises(ValueError, match="unknown kernel 'gemm'"):
         kernels.kernel_bandwidth("gemm", device="cpu")
 

@@ -3,15 +3,19 @@
     shrink       S = D(x) Aᵀ · c          x [M, K] (float16 / bfloat16), A [r, K] f32 -> [M, r]
     expand       y += s·φ(H) Bᵀ, in place  y [M, N] (16-bit), H [M, r], B [N, r] f32 (N = K here)
     reduce_rows  dA = Σ_m D(X)[m, :]ᵀ dS   X [M, N] (float16 / bfloat16), dS [M, r] f32 -> [N, r]
+    grad_rows    the LoRA backward's one pass over g [M, N] (16-bit), B [N, r] f32: dS = s·(g B)
+                 ⊙ φ'(S) and, where the backend takes them (DW_PATH), the 64-row partials of
+                 dB = s·gᵀφ(S); no dh (the series form), so g is the only large operand
 
 Each streams its activation (shrink and reduce_rows read it once, expand reads and writes it)
 and touches only rank-sized data besides, so its speed is the bandwidth at which it moves the
 activation: GB/s = bytes / time, reported against the device's peak (`harness.ROOFLINES`, or
-`--peak-tbps`). Variants of shrink and reduce_rows: `tensor_cores` (WMMA tiles, the default for
-16-bit activations) and `cuda_cores` (float32 FMAs; LLM_ADAPTERS_CUDA_TENSOR_CORES=0).
+`--peak-tbps`). grad_rows reads g once (its d_w partials, [M/64, N, r] float32, are not
+counted). Variants of shrink, reduce_rows and grad_rows: `tensor_cores` (WMMA tiles, the
+default for 16-bit activations) and `cuda_cores` (float32 FMAs; LLM_ADAPTERS_CUDA_TENSOR_CORES=0).
 
     python -m llm_adapters.bench.kernels --m 512 2048 8192 16384 --k 4096 --r 16 \
-        --dtype bfloat16 [--kernels shrink expand reduce_rows] --out OUT_DIR
+        --dtype bfloat16 [--kernels shrink expand reduce_rows grad_rows] --out OUT_DIR
 
 Each call is timed with CUDA events after an L2 flush (a 256 MiB write outside the timed
 region), so small x is read from memory, not from a warm cache; the median of `--reps` calls
@@ -61,7 +65,7 @@ def _time_ms(fn, device: torch.device, reps: int, flush: Optional[torch.Tensor])
     return out
 
 
-KERNELS = ("shrink", "expand", "reduce_rows")
+KERNELS = ("shrink", "expand", "reduce_rows", "grad_rows")
 
 
 def _operands(kernel: str, ext, m: int, k: int, r: int, dtype: torch.dtype, dev: torch.device,
@@ -69,7 +73,7 @@ def _operands(kernel: str, ext, m: int, k: int, r: int, dtype: torch.dtype, dev:
     """({variant: a call of the kernel}, bytes of the activation it reads and writes per call).
 
     shrink: x [M, K] read; expand: out [M, K] read and written in place (the add into the base
-    GEMM's output, N = K here); reduce_rows: X [M, K] read."""
+    GEMM's output, N = K here); reduce_rows: X [M, K] read; grad_rows: g [M, K] read (N = K)."""
     gen = torch.Generator(device=dev).manual_seed(m)
     act = torch.randn(m, k, generator=gen, device=dev).to(dtype)
     threshold, inv_keep = dropout_threshold(p) if p > 0 else (0, 1.0)
@@ -81,6 +85,14 @@ def _operands(kernel: str, ext, m: int, k: int, r: int, dtype: torch.dtype, dev:
     if kernel == "reduce_rows":
         h = torch.randn(m, r, generator=gen, device=dev)
         return {name: functools.partial(ext.reduce_rows, act, h, 0, threshold, 7, tc)
+                for name, tc in VARIANTS.items()}, size
+    if kernel == "grad_rows":
+        s_pre = torch.randn(m, r, generator=gen, device=dev)
+        b = torch.randn(k, r, generator=gen, device=dev) * r**-0.5
+        partials = cuda_backend._dw_from_partials(act, r)  # as the LoRA backward asks
+        gelu = cuda_backend.ACTIVATION_CODES["gelu"]
+        return {name: functools.partial(ext.grad_rows, act, b, s_pre, gelu, None, 2.0, partials,
+                                        False, None, 1.0, 0, 0, tc)
                 for name, tc in VARIANTS.items()}, size
     h = torch.randn(m, r, generator=gen, device=dev)
     w = torch.randn(k, r, generator=gen, device=dev) * 0.01
@@ -125,8 +137,8 @@ def kernel_bandwidth(
                 "device": device_name(dev), "reps": reps,
             })
         if len(results) == 2:
-            one, two = results.values()
-            diff = (one - two).abs().max().item()
+            one, two = (v if isinstance(v, (tuple, list)) else (v,) for v in results.values())
+            diff = max((a - b).abs().max().item() for a, b in zip(one, two) if a.numel())
             for row in rows[-2:]:
                 row["max_abs_diff_between_variants"] = diff
     return rows
