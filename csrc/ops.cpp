@@ -553,8 +553,9 @@ std::tuple<at::Tensor, at::Tensor> series_forward(
   return {z, s_pre};
 }
 
-// grad_rows_tc_block for 16-bit g: 64 rows per block, rank passes of up to 64 (NT accumulator
-// tiles of 16 for the first pass); anything else is dispatched to the CUDA-core kernel.
+// grad_rows_tc_block for 16-bit g: 64 rows per block (the CUDA-core kernel's blocks, so the same
+// partials), rank passes of up to 64 (NT accumulator tiles of 16). float32 g never gets here
+// (use_tensor_cores); the branch only keeps the dispatch macro's float case compiling.
 template <typename T>
 void grad_rows_tc(const GradRowsArgs<T>& args, int64_t blocks, int64_t R, const Exec& exec) {
   if constexpr (std::is_same<T, float>::value) {
@@ -588,6 +589,7 @@ void grad_rows_tc(const GradRowsArgs<T>& args, int64_t blocks, int64_t R, const 
 //   row_terms[m] = Σ_j (g w)[m, j] φ(s_pre)[m, j]  (need_row_terms; Σ_m is d(scale))
 //   dh = g + keep · dh_scaling · dS dhwᵀ  (dh_w given, [N, r]; else empty)
 // s = scaling · scale. d_w is summed over the 64-row blocks' partials in block order.
+// tensor_cores: g w and the partials of 16-bit g on the tensor cores (sm_80+; as shrink's).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> grad_rows(
     const at::Tensor& g, const at::Tensor& w, const at::Tensor& s_pre, int64_t act,
     const c10::optional<at::Tensor>& scale, double scaling, bool need_dw, bool need_row_terms,
