@@ -7,8 +7,8 @@ Triton kernels' mask under TRITON_INTERPRET=1, and the kernels themselves (csrc/
 run on host threads by the extension's CPU ops) pass the float64 parity checks and opcheck:
 among them the fused series row-block kernels (bottleneck 1..1024, hidden up to 16384) and the
 one-pass backward over g (grad_rows), through both sources of dB / dUp (DW_PATH), and the
-tensor-core shrink / reduce_rows of 16-bit x (csrc/mma.cuh's host tile MMAs standing in for
-WMMA), each variant against float64 and the float32-operand error bound of the hi / lo split.
+tensor-core shrink / reduce_rows / grad_rows of 16-bit x (csrc/mma.cuh's host tile MMAs standing
+in for WMMA), each variant against float64 and the float32-operand error bound of the hi / lo split.
 GPU (`pytest -m gpu`): output and every gradient against a float64 reference at odd and LLaMA
 shapes in float16 / bfloat16 (error at most about 2x the same-dtype PyTorch error), dropout on
 and off, masks identical to the Triton backend's, and torch.library.opcheck of the custom ops.

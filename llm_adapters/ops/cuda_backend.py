@@ -152,11 +152,11 @@ def _empty(g: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
     return g.new_empty(0, dtype=dtype)
 
 
-# Whether shrink and reduce_rows of float16 / bfloat16 x run on the tensor cores (see the
+# Whether shrink, reduce_rows and grad_rows of float16 / bfloat16 x run on the tensor cores (see the
 # module docstring); read once, at import. Tests and benchmarks may set it directly.
 def tensor_cores_from_env(environ=os.environ) -> bool:
-    """LLM_ADAPTERS_CUDA_TENSOR_CORES: "0" turns the tensor-core shrink off; unset or any other
-    value leaves it on."""
+    """LLM_ADAPTERS_CUDA_TENSOR_CORES: "0" turns the tensor-core kernels (shrink, reduce_rows,
+    grad_rows) off; unset or any other value leaves them on."""
     return environ.get("LLM_ADAPTERS_CUDA_TENSOR_CORES", "1").strip() != "0"
 
 
