@@ -289,7 +289,6 @@ constexpr int kTcWBytes = kTcMaxBR * kTcLD * 2;
 // the (then idle) x area
 constexpr int kTcCLD = mma::kTile;
 constexpr int kTcSmemFloats = (kTcXBytes + 2 * kTcWBytes) / 4;
-constexpr int kTcXVecs = kTcBM * kTcBK / 8 / kThreads;         // 16-byte vectors per thread
 // w floats per thread: NT · 16 rank rows x kTcBK columns
 constexpr int tc_w_per_thread(int nt) { return nt * mma::kTile * kTcBK / kThreads; }
 static_assert(kTcXBytes % mma::kAlignBytes == 0 && kTcWBytes % mma::kAlignBytes == 0,
@@ -308,33 +307,128 @@ LA_HOST_DEVICE int tc_rank_tiles(int br) {
   return br <= mma::kTile ? 1 : (br <= 2 * mma::kTile ? 2 : kTcMaxNT);
 }
 
+// A ROWS x COLS tile of a row-major 16-bit activation x (leading dimension ld) at (r0, c0), on
+// its way from global to shared memory in two steps, so that the global loads of the next tile
+// are in flight during the MMAs of the current one: load_act_tile reads 16-byte vectors into
+// registers, store_act_tile writes them to shared memory with the dropout keep-mask of each
+// element's linear index r·ld + c applied (one Philox at a time: a rolled loop, as eight
+// unrolled Philox chains would hold registers the accumulators need) and zeros outside
+// [0, row_end) x [0, col_end). Without vec_ok (x not 16-byte aligned, or ld not a multiple of
+// 8) load_act_tile does nothing and store_act_tile reads x element by element.
+template <typename T>
+struct ActSource {
+  const T* x;
+  int64_t ld, r0, row_end, c0, col_end;
+  bool vec_ok;
+};
+
+template <int ROWS, int COLS, typename T>
+struct ActTile {
+  static constexpr int V = 8;
+  static constexpr int kPerRow = COLS / V;
+  static constexpr int kVecs = ROWS * COLS / V / kThreads;
+  static_assert(Vec<T>::kSize == V && COLS % V == 0 && (ROWS * COLS) % (V * kThreads) == 0,
+                "16-bit tiles, whole 16-byte vectors spread evenly over the threads");
+  VecData<T> v[kVecs];
+};
+
+template <int ROWS, int COLS, typename T>
+LA_HOST_DEVICE void load_act_tile(ActTile<ROWS, COLS, T>& t, const ActSource<T>& s, int tid) {
+  using Tile = ActTile<ROWS, COLS, T>;
+  if (!s.vec_ok) return;
+  LA_UNROLL
+  for (int i = 0; i < Tile::kVecs; ++i) {
+    const int v = tid + i * kThreads;
+    const int64_t r = s.r0 + v / Tile::kPerRow;
+    const int64_t c = s.c0 + (v % Tile::kPerRow) * Tile::V;
+    // ld % 8 == 0 and c0 % 8 == 0: a vector is wholly inside or wholly outside
+    if (r < s.row_end && c < s.col_end) {
+      t.v[i] = *reinterpret_cast<const VecData<T>*>(s.x + r * s.ld + c);
+    }
+  }
+}
+
+template <int ROWS, int COLS, typename T>
+LA_HOST_DEVICE void store_act_tile(const ActTile<ROWS, COLS, T>& t, const ActSource<T>& s,
+                                   const DropoutParams& drop, T* xs, int lds, int tid) {
+  using Tile = ActTile<ROWS, COLS, T>;
+  constexpr int V = Tile::V;
+  const T zero = T(0.f);
+  if (s.vec_ok) {
+    LA_UNROLL
+    for (int i = 0; i < Tile::kVecs; ++i) {
+      const int v = tid + i * kThreads;
+      const int rr = v / Tile::kPerRow;
+      const int cc = (v % Tile::kPerRow) * V;
+      const int64_t r = s.r0 + rr;
+      const int64_t c = s.c0 + cc;
+      VecData<T> val;
+      if (r < s.row_end && c < s.col_end) {
+        val = t.v[i];
+        if (drop.enabled) {
+          const uint64_t index = static_cast<uint64_t>(r * s.ld + c);
+          unsigned keep = 0u;
+#if defined(__CUDA_ARCH__)
+#pragma unroll 1
+#endif
+          for (int e = 0; e < V; ++e) {
+            keep |= static_cast<unsigned>(keep_element(drop, index + e)) << e;
+          }
+          LA_UNROLL
+          for (int e = 0; e < V; ++e) {
+            if (!((keep >> e) & 1u)) val.v[e] = zero;
+          }
+        }
+      } else {
+        LA_UNROLL
+        for (int e = 0; e < V; ++e) val.v[e] = zero;
+      }
+      *reinterpret_cast<VecData<T>*>(xs + rr * lds + cc) = val;
+    }
+  } else {
+    for (int e = tid; e < ROWS * COLS; e += kThreads) {
+      const int rr = e / COLS;
+      const int cc = e % COLS;
+      const int64_t r = s.r0 + rr;
+      const int64_t c = s.c0 + cc;
+      T val = zero;
+      if (r < s.row_end && c < s.col_end) {
+        val = s.x[r * s.ld + c];
+        if (drop.enabled && !keep_element(drop, static_cast<uint64_t>(r * s.ld + c))) val = zero;
+      }
+      xs[rr * lds + cc] = val;
+    }
+  }
+}
+
+// A float32 operand value v as the pair T(v·mult), T(rest) at hi[at], lo[at]: their sum is
+// v·mult to about 16 significant bits (mult, a power of two, scales exactly).
+template <typename T>
+LA_HOST_DEVICE void store_hi_lo(T* hi, T* lo, int at, float v, float mult) {
+  const float scaled = v * mult;
+  const T h = T(scaled);
+  hi[at] = h;
+  lo[at] = T(scaled - static_cast<float>(h));
+}
+
 // The next x and w tile, held in registers between the global loads and the shared stores.
 template <int NT, typename T>
 struct TcStage {
-  VecData<T> x[kTcXVecs];
+  ActTile<kTcBM, kTcBK, T> x;
   float w[tc_w_per_thread(NT)];
 };
 
-// Global -> registers. The vector path loads 16-byte vectors (8 elements) of x; the scalar
-// path (misaligned x, or K not a multiple of 8) reads x in tc_store_stage instead.
+template <typename T>
+LA_HOST_DEVICE ActSource<T> tc_x_source(const ShrinkArgs<T>& a, int64_t m0, int64_t k0,
+                                        int64_t k_end) {
+  return ActSource<T>{a.x, a.K, m0, a.M, k0, k_end, a.vec_ok};
+}
+
+// Global -> registers: the x tile (see load_act_tile) and this thread's w values.
 template <int NT, typename T>
 LA_HOST_DEVICE void tc_load_stage(const ShrinkArgs<T>& a, TcStage<NT, T>& st, int64_t m0, int64_t j0,
                                   int64_t k0, int64_t k_end, int tid) {
-  constexpr int V = 8;
-  static_assert(Vec<T>::kSize == V, "16-bit x");
-  constexpr int per_row = kTcBK / V;
-  if (a.vec_ok) {
-    LA_UNROLL
-    for (int i = 0; i < kTcXVecs; ++i) {
-      const int v = tid + i * kThreads;
-      const int64_t m = m0 + v / per_row;
-      const int64_t k = k0 + (v % per_row) * V;
-      // K % 8 == 0 and k0 % 8 == 0: a vector is wholly inside or wholly outside
-      if (m < a.M && k < k_end) {
-        st.x[i] = *reinterpret_cast<const VecData<T>*>(a.x + m * a.K + k);
-      }
-    }
-  }
+  load_act_tile(st.x, tc_x_source(a, m0, k0, k_end), tid);
   LA_UNROLL
   for (int i = 0; i < tc_w_per_thread(NT); ++i) {
     const int e = tid + i * kThreads;
@@ -350,67 +444,11 @@ template <int NT, typename T>
 LA_HOST_DEVICE void tc_store_stage(const ShrinkArgs<T>& a, const TcStage<NT, T>& st, T* xs, T* w_hi,
                                    T* w_lo, int64_t m0, int64_t k0, int64_t k_end, float w_mult,
                                    int tid) {
-  constexpr int V = 8;
-  constexpr int per_row = kTcBK / V;
-  const T zero = T(0.f);
-  if (a.vec_ok) {
-    LA_UNROLL
-    for (int i = 0; i < kTcXVecs; ++i) {
-      const int v = tid + i * kThreads;
-      const int mm = v / per_row;
-      const int kk = (v % per_row) * V;
-      const int64_t m = m0 + mm;
-      const int64_t k = k0 + kk;
-      VecData<T> val;
-      if (m < a.M && k < k_end) {
-        val = st.x[i];
-        if (a.drop.enabled) {
-          // the keep bits one Philox at a time (a rolled loop: eight unrolled Philox chains
-          // would hold registers the accumulators need), then applied to the vector
-          const uint64_t index = static_cast<uint64_t>(m * a.K + k);
-          unsigned keep = 0u;
-#if defined(__CUDA_ARCH__)
-#pragma unroll 1
-#endif
-          for (int c = 0; c < V; ++c) {
-            keep |= static_cast<unsigned>(keep_element(a.drop, index + c)) << c;
-          }
-          LA_UNROLL
-          for (int c = 0; c < V; ++c) {
-            if (!((keep >> c) & 1u)) val.v[c] = zero;
-          }
-        }
-      } else {
-        LA_UNROLL
-        for (int c = 0; c < V; ++c) val.v[c] = zero;
-      }
-      *reinterpret_cast<VecData<T>*>(xs + mm * kTcLD + kk) = val;
-    }
-  } else {
-    for (int e = tid; e < kTcBM * kTcBK; e += kThreads) {
-      const int mm = e / kTcBK;
-      const int kk = e % kTcBK;
-      const int64_t m = m0 + mm;
-      const int64_t k = k0 + kk;
-      T val = zero;
-      if (m < a.M && k < k_end) {
-        val = a.x[m * a.K + k];
-        if (a.drop.enabled && !keep_element(a.drop, static_cast<uint64_t>(m * a.K + k))) {
-          val = zero;
-        }
-      }
-      xs[mm * kTcLD + kk] = val;
-    }
-  }
+  store_act_tile(st.x, tc_x_source(a, m0, k0, k_end), a.drop, xs, kTcLD, tid);
   LA_UNROLL
   for (int i = 0; i < tc_w_per_thread(NT); ++i) {
     const int e = tid + i * kThreads;
-    const int jj = e / kTcBK;
-    const int kk = e % kTcBK;
-    const float wv = st.w[i] * w_mult;  // a power of two: exact
-    const T hi = T(wv);
-    w_hi[jj * kTcLD + kk] = hi;
-    w_lo[jj * kTcLD + kk] = T(wv - static_cast<float>(hi));
+    store_hi_lo(w_hi, w_lo, (e / kTcBK) * kTcLD + e % kTcBK, st.w[i], w_mult);
   }
 }
 
@@ -821,7 +859,6 @@ constexpr int kRtHLD = kTcMaxBR + 8;
 constexpr int kRtXBytes = kRtBM * kRtXLD * 2;
 constexpr int kRtHBytes = kRtBM * kRtHLD * 2;
 constexpr int kRtSmemFloats = (kRtXBytes + 2 * kRtHBytes) / 4;
-constexpr int kRtXVecs = kRtBM * kRtBN / 8 / kThreads;
 constexpr int rt_h_per_thread(int nt) { return kRtBM * nt * mma::kTile / kThreads; }
 static_assert(kRtXBytes % mma::kAlignBytes == 0 && kRtHBytes % mma::kAlignBytes == 0,
               "tile areas keep 32-byte alignment");
@@ -833,25 +870,20 @@ static_assert(kRtXLD % mma::kLdmMultiple16 == 0 && kRtHLD % mma::kLdmMultiple16 
 
 template <int NT, typename T>
 struct RtStage {
-  VecData<T> x[kRtXVecs];
+  ActTile<kRtBM, kRtBN, T> x;
   float h[rt_h_per_thread(NT)];  // φ(H), zero outside the matrix
 };
+
+template <typename T>
+LA_HOST_DEVICE ActSource<T> rt_x_source(const ReduceArgs<T>& a, int64_t n0, int64_t mb,
+                                        int64_t m_end) {
+  return ActSource<T>{a.x, a.N, mb, m_end, n0, a.N, a.vec_ok};
+}
 
 template <int NT, typename T>
 LA_HOST_DEVICE void rt_load_stage(const ReduceArgs<T>& a, RtStage<NT, T>& st, int64_t n0,
                                   int64_t j0, int64_t mb, int64_t m_end, int tid) {
-  constexpr int V = 8;
-  constexpr int per_row = kRtBN / V;
-  if (a.vec_ok) {
-    LA_UNROLL
-    for (int i = 0; i < kRtXVecs; ++i) {
-      const int v = tid + i * kThreads;
-      const int64_t m = mb + v / per_row;
-      const int64_t n = n0 + (v % per_row) * V;
-      // N % 8 == 0 and n0 % 8 == 0: a vector is wholly inside or wholly outside
-      if (m < m_end && n < a.N) st.x[i] = *reinterpret_cast<const VecData<T>*>(a.x + m * a.N + n);
-    }
-  }
+  load_act_tile(st.x, rt_x_source(a, n0, mb, m_end), tid);
   constexpr int cols = NT * mma::kTile;
   LA_UNROLL
   for (int i = 0; i < rt_h_per_thread(NT); ++i) {
@@ -867,66 +899,12 @@ template <int NT, typename T>
 LA_HOST_DEVICE void rt_store_stage(const ReduceArgs<T>& a, const RtStage<NT, T>& st, T* xs,
                                    T* h_hi, T* h_lo, int64_t n0, int64_t mb, int64_t m_end,
                                    float h_mult, int tid) {
-  constexpr int V = 8;
-  constexpr int per_row = kRtBN / V;
-  const T zero = T(0.f);
-  if (a.vec_ok) {
-    LA_UNROLL
-    for (int i = 0; i < kRtXVecs; ++i) {
-      const int v = tid + i * kThreads;
-      const int mm = v / per_row;
-      const int nn = (v % per_row) * V;
-      const int64_t m = mb + mm;
-      const int64_t n = n0 + nn;
-      VecData<T> val;
-      if (m < m_end && n < a.N) {
-        val = st.x[i];
-        if (a.drop.enabled) {  // one Philox at a time, as in tc_store_stage
-          const uint64_t index = static_cast<uint64_t>(m * a.N + n);
-          unsigned keep = 0u;
-#if defined(__CUDA_ARCH__)
-#pragma unroll 1
-#endif
-          for (int c = 0; c < V; ++c) {
-            keep |= static_cast<unsigned>(keep_element(a.drop, index + c)) << c;
-          }
-          LA_UNROLL
-          for (int c = 0; c < V; ++c) {
-            if (!((keep >> c) & 1u)) val.v[c] = zero;
-          }
-        }
-      } else {
-        LA_UNROLL
-        for (int c = 0; c < V; ++c) val.v[c] = zero;
-      }
-      *reinterpret_cast<VecData<T>*>(xs + mm * kRtXLD + nn) = val;
-    }
-  } else {
-    for (int e = tid; e < kRtBM * kRtBN; e += kThreads) {
-      const int mm = e / kRtBN;
-      const int nn = e % kRtBN;
-      const int64_t m = mb + mm;
-      const int64_t n = n0 + nn;
-      T val = zero;
-      if (m < m_end && n < a.N) {
-        val = a.x[m * a.N + n];
-        if (a.drop.enabled && !keep_element(a.drop, static_cast<uint64_t>(m * a.N + n))) {
-          val = zero;
-        }
-      }
-      xs[mm * kRtXLD + nn] = val;
-    }
-  }
+  store_act_tile(st.x, rt_x_source(a, n0, mb, m_end), a.drop, xs, kRtXLD, tid);
   constexpr int cols = NT * mma::kTile;
   LA_UNROLL
   for (int i = 0; i < rt_h_per_thread(NT); ++i) {
     const int e = tid + i * kThreads;
-    const int mm = e / cols;
-    const int jj = e % cols;
-    const float hv = st.h[i] * h_mult;  // a power of two: exact
-    const T hi = T(hv);
-    h_hi[mm * kRtHLD + jj] = hi;
-    h_lo[mm * kRtHLD + jj] = T(hv - static_cast<float>(hi));
+    store_hi_lo(h_hi, h_lo, (e / cols) * kRtHLD + e % cols, st.h[i], h_mult);
   }
 }
 
@@ -1296,7 +1274,6 @@ constexpr int kGtBN = 64;       // columns of g per step
 constexpr int kGtLD = kTcMaxBR + 8;
 constexpr int kGtTileBytes = 64 * kGtLD * 2;
 constexpr int kGtSmemFloats = 5 * kGtTileBytes / 4;
-constexpr int kGtXVecs = kGtBM * kGtBN / 8 / kThreads;
 constexpr int gt_w_per_thread(int nt) { return kGtBN * nt * mma::kTile / kThreads; }
 // the partials' accumulators per warp: rank tiles j = 2 q + warp / 4
 constexpr int gt_part_tiles(int nt) { return (nt + 1) / 2; }
@@ -1314,25 +1291,20 @@ static_assert(kGtSmemFloats * 4 <= 48 * 1024, "static shared memory");
 
 template <int NT, typename T>
 struct GtStage {
-  VecData<T> x[kGtXVecs];
+  ActTile<kGtBM, kGtBN, T> x;
   float w[gt_w_per_thread(NT)];
 };
+
+template <typename T>
+LA_HOST_DEVICE ActSource<T> gt_g_source(const RowShrinkArgs<T>& a, int64_t m0, int64_t n0,
+                                        bool vec_ok) {
+  return ActSource<T>{a.x, a.N, m0, a.M, n0, a.N, vec_ok};
+}
 
 template <int NT, typename T>
 LA_HOST_DEVICE void gt_load_stage(const RowShrinkArgs<T>& a, GtStage<NT, T>& st, int64_t m0,
                                   int64_t n0, int64_t j0, int64_t ranks, bool vec_ok, int tid) {
-  constexpr int V = 8;
-  constexpr int per_row = kGtBN / V;
-  if (vec_ok) {
-    LA_UNROLL
-    for (int i = 0; i < kGtXVecs; ++i) {
-      const int v = tid + i * kThreads;
-      const int64_t m = m0 + v / per_row;
-      const int64_t n = n0 + (v % per_row) * V;
-      // N % 8 == 0 and n0 % 8 == 0: a vector is wholly inside or wholly outside
-      if (m < a.M && n < a.N) st.x[i] = *reinterpret_cast<const VecData<T>*>(a.x + m * a.N + n);
-    }
-  }
+  load_act_tile(st.x, gt_g_source(a, m0, n0, vec_ok), tid);
   constexpr int cols = NT * mma::kTile;
   LA_UNROLL
   for (int i = 0; i < gt_w_per_thread(NT); ++i) {
@@ -1347,43 +1319,12 @@ template <int NT, typename T>
 LA_HOST_DEVICE void gt_store_stage(const RowShrinkArgs<T>& a, const GtStage<NT, T>& st, T* xs,
                                    T* w_hi, T* w_lo, int64_t m0, int64_t n0, float w_mult,
                                    bool vec_ok, int tid) {
-  constexpr int V = 8;
-  constexpr int per_row = kGtBN / V;
-  const T zero = T(0.f);
-  if (vec_ok) {
-    LA_UNROLL
-    for (int i = 0; i < kGtXVecs; ++i) {
-      const int v = tid + i * kThreads;
-      const int mm = v / per_row;
-      const int nn = (v % per_row) * V;
-      VecData<T> val;
-      if (m0 + mm < a.M && n0 + nn < a.N) {
-        val = st.x[i];
-      } else {
-        LA_UNROLL
-        for (int c = 0; c < V; ++c) val.v[c] = zero;
-      }
-      *reinterpret_cast<VecData<T>*>(xs + mm * kGtLD + nn) = val;
-    }
-  } else {
-    for (int e = tid; e < kGtBM * kGtBN; e += kThreads) {
-      const int mm = e / kGtBN;
-      const int nn = e % kGtBN;
-      const int64_t m = m0 + mm;
-      const int64_t n = n0 + nn;
-      xs[mm * kGtLD + nn] = (m < a.M && n < a.N) ? a.x[m * a.N + n] : zero;
-    }
-  }
+  store_act_tile(st.x, gt_g_source(a, m0, n0, vec_ok), DropoutParams{}, xs, kGtLD, tid);
   constexpr int cols = NT * mma::kTile;
   LA_UNROLL
   for (int i = 0; i < gt_w_per_thread(NT); ++i) {
     const int e = tid + i * kThreads;
-    const int nn = e / cols;
-    const int jj = e % cols;
-    const float wv = st.w[i] * w_mult;  // a power of two: exact
-    const T hi = T(wv);
-    w_hi[nn * kGtLD + jj] = hi;
-    w_lo[nn * kGtLD + jj] = T(wv - static_cast<float>(hi));
+    store_hi_lo(w_hi, w_lo, (e / cols) * kGtLD + e % cols, st.w[i], w_mult);
   }
 }
 
