@@ -494,6 +494,32 @@ LA_HOST_DEVICE int tc_weight_exponent(const ShrinkArgs<T>& a, int64_t j0, int64_
 
 // NT: the most 16-rank tiles a block holds accumulators for (1, 2 or 4: br 16, 32, 64), a
 // template argument so that r <= 16 keeps 16 accumulator registers per thread, not 64.
+// The epilogue of a warp's 2 x NT accumulator tiles (rows row0 + 16 i, ranks j0 + 16 j, the
+// first nt rank tiles in use): one tile at a time through the warp's 16 x 16 float scratch,
+// bounds-checked against [0, rows) x [0, ranks), times `mult`, into part [rows, ranks].
+template <int NT, typename Sync>
+LA_HOST_DEVICE void store_acc_tiles(const mma::FragC (&acc)[2][NT], int nt, float* scratch,
+                                    float* part, int64_t row0, int64_t rows, int64_t j0,
+                                    int64_t ranks, float mult, int lane, Sync& sync) {
+  LA_UNROLL
+  for (int i = 0; i < 2; ++i) {
+    LA_UNROLL
+    for (int j = 0; j < NT; ++j) {
+      if (j >= nt) break;
+      mma::store_c(scratch, acc[i][j], kTcCLD, lane);
+      sync();
+      for (int e = lane; e < mma::kTile * mma::kTile; e += 32) {
+        const int64_t row = row0 + i * mma::kTile + e / mma::kTile;
+        const int64_t jg = j0 + j * mma::kTile + e % mma::kTile;
+        if (row < rows && jg < ranks) {
+          part[row * ranks + jg] = scratch[(e / mma::kTile) * kTcCLD + e % mma::kTile] * mult;
+        }
+      }
+      sync();
+    }
+  }
+}
+
 template <int NT, typename T, typename Sync>
 LA_HOST_DEVICE void shrink_tc_block(const ShrinkArgs<T>& a, BlockIdx block, int tid, float* smem,
                                     Sync& sync) {
@@ -550,27 +576,9 @@ LA_HOST_DEVICE void shrink_tc_block(const ShrinkArgs<T>& a, BlockIdx block, int 
     sync();
   }
 
-  // Epilogue: one accumulator at a time through the warp's scratch tile, rows and ranks
-  // bounds-checked, times out_scale · 2^-e_w (exact: |e_w| <= 100 keeps it a normal float).
-  float* scratch = smem + warp * mma::kTile * kTcCLD;
-  float* part = a.out + block.z * a.M * a.R;
-  LA_UNROLL
-  for (int i = 0; i < 2; ++i) {
-    LA_UNROLL
-    for (int j = 0; j < NT; ++j) {
-      if (j >= nt) break;
-      mma::store_c(scratch, acc[i][j], kTcCLD, lane);
-      sync();
-      for (int e = lane; e < mma::kTile * mma::kTile; e += 32) {
-        const int64_t m = m0 + warp * kTcWarpM + i * mma::kTile + e / mma::kTile;
-        const int64_t jg = j0 + j * mma::kTile + e % mma::kTile;
-        if (m < a.M && jg < a.R) {
-          part[m * a.R + jg] = scratch[(e / mma::kTile) * kTcCLD + e % mma::kTile] * c_mult;
-        }
-      }
-      sync();
-    }
-  }
+  // times out_scale · 2^-e_w (exact: |e_w| <= 100 keeps it a normal float)
+  store_acc_tiles<NT>(acc, nt, smem + warp * mma::kTile * kTcCLD, a.out + block.z * a.M * a.R,
+                      m0 + warp * kTcWarpM, a.M, j0, a.R, c_mult, lane, sync);
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -974,26 +982,9 @@ LA_HOST_DEVICE void reduce_rows_tc_block(const ReduceArgs<T>& a, BlockIdx block,
     sync();
   }
 
-  // Epilogue as in shrink_tc_block: [n][j] tiles through the warp's scratch, times 2^-e_h.
-  float* scratch = smem + warp * mma::kTile * kTcCLD;
-  float* part = a.out + block.z * a.N * a.R;
-  LA_UNROLL
-  for (int i = 0; i < 2; ++i) {
-    LA_UNROLL
-    for (int j = 0; j < NT; ++j) {
-      if (j >= nt) break;
-      mma::store_c(scratch, acc[i][j], kTcCLD, lane);
-      sync();
-      for (int e = lane; e < mma::kTile * mma::kTile; e += 32) {
-        const int64_t n = n0 + warp * kTcWarpM + i * mma::kTile + e / mma::kTile;
-        const int64_t jg = j0 + j * mma::kTile + e % mma::kTile;
-        if (n < a.N && jg < a.R) {
-          part[n * a.R + jg] = scratch[(e / mma::kTile) * kTcCLD + e % mma::kTile] * c_mult;
-        }
-      }
-      sync();
-    }
-  }
+  // [n][j] tiles, times 2^-e_h
+  store_acc_tiles<NT>(acc, nt, smem + warp * mma::kTile * kTcCLD, a.out + block.z * a.N * a.R,
+                      n0 + warp * kTcWarpM, a.N, j0, a.R, c_mult, lane, sync);
 }
 
 // ----------------------------------------------------------------------------------------------
