@@ -120,13 +120,9 @@ int launch_shrink(const ShrinkArgs<T>& args, Grid grid, void* stream) {
 template <typename T>
 int launch_shrink_tc(const ShrinkArgs<T>& args, Grid grid, int nt, void* stream) {
   const auto s = static_cast<cudaStream_t>(stream);
-  if (nt == 1) {
-    shrink_tc_kernel<T, 1><<<to_dim3(grid), kThreads, 0, s>>>(args);
-  } else if (nt == 2) {
-    shrink_tc_kernel<T, 2><<<to_dim3(grid), kThreads, 0, s>>>(args);
-  } else {
-    shrink_tc_kernel<T, kTcMaxNT><<<to_dim3(grid), kThreads, 0, s>>>(args);
-  }
+  with_rank_tiles(nt, [&](auto tiles) {
+    shrink_tc_kernel<T, decltype(tiles)::value><<<to_dim3(grid), kThreads, 0, s>>>(args);
+  });
   return static_cast<int>(cudaGetLastError());
 }
 
@@ -145,13 +141,9 @@ int launch_reduce_rows(const ReduceArgs<T>& args, Grid grid, void* stream) {
 template <typename T>
 int launch_reduce_rows_tc(const ReduceArgs<T>& args, Grid grid, int nt, void* stream) {
   const auto s = static_cast<cudaStream_t>(stream);
-  if (nt == 1) {
-    reduce_rows_tc_kernel<T, 1><<<to_dim3(grid), kThreads, 0, s>>>(args);
-  } else if (nt == 2) {
-    reduce_rows_tc_kernel<T, 2><<<to_dim3(grid), kThreads, 0, s>>>(args);
-  } else {
-    reduce_rows_tc_kernel<T, kTcMaxNT><<<to_dim3(grid), kThreads, 0, s>>>(args);
-  }
+  with_rank_tiles(nt, [&](auto tiles) {
+    reduce_rows_tc_kernel<T, decltype(tiles)::value><<<to_dim3(grid), kThreads, 0, s>>>(args);
+  });
   return static_cast<int>(cudaGetLastError());
 }
 
@@ -181,13 +173,9 @@ template <typename T>
 int launch_grad_rows_tc(const GradRowsArgs<T>& args, int64_t blocks, int nt, void* stream) {
   const auto s = static_cast<cudaStream_t>(stream);
   const unsigned grid = static_cast<unsigned>(blocks);
-  if (nt == 1) {
-    grad_rows_tc_kernel<T, 1><<<grid, kThreads, 0, s>>>(args);
-  } else if (nt == 2) {
-    grad_rows_tc_kernel<T, 2><<<grid, kThreads, 0, s>>>(args);
-  } else {
-    grad_rows_tc_kernel<T, kTcMaxNT><<<grid, kThreads, 0, s>>>(args);
-  }
+  with_rank_tiles(nt, [&](auto tiles) {
+    grad_rows_tc_kernel<T, decltype(tiles)::value><<<grid, kThreads, 0, s>>>(args);
+  });
   return static_cast<int>(cudaGetLastError());
 }
 

@@ -307,6 +307,20 @@ LA_HOST_DEVICE int tc_rank_tiles(int br) {
   return br <= mma::kTile ? 1 : (br <= 2 * mma::kTile ? 2 : kTcMaxNT);
 }
 
+// Calls f(std::integral_constant<int, NT>{}) with the NT instantiation that nt (1, 2 or 4
+// rank tiles of 16) selects: one place that turns the run-time tile count into a template
+// argument, for the launches (kernels.cu) and the host emulation (ops.cpp) alike.
+template <typename F>
+void with_rank_tiles(int nt, F&& f) {
+  if (nt == 1) {
+    f(std::integral_constant<int, 1>{});
+  } else if (nt == 2) {
+    f(std::integral_constant<int, 2>{});
+  } else {
+    f(std::integral_constant<int, kTcMaxNT>{});
+  }
+}
+
 // A ROWS x COLS tile of a row-major 16-bit activation x (leading dimension ld) at (r0, c0), on
 // its way from global to shared memory in two steps, so that the global loads of the next tile
 // are in flight during the MMAs of the current one: load_act_tile reads 16-byte vectors into

@@ -232,17 +232,11 @@ void shrink_tc(const at::Tensor& x, const at::Tensor& w, at::Tensor& part_out, i
   const int nt = tc_rank_tiles(br);
   if (exec.cuda) {
     check_launch(launch_shrink_tc(args, grid, nt, exec.stream));
-  } else if (nt == 1) {
-    emulate(grid, kTcSmemFloats, [&](BlockIdx b, int tid, float* smem, HostBarrier& s) {
-      shrink_tc_block<1>(args, b, tid, smem, s);
-    });
-  } else if (nt == 2) {
-    emulate(grid, kTcSmemFloats, [&](BlockIdx b, int tid, float* smem, HostBarrier& s) {
-      shrink_tc_block<2>(args, b, tid, smem, s);
-    });
   } else {
-    emulate(grid, kTcSmemFloats, [&](BlockIdx b, int tid, float* smem, HostBarrier& s) {
-      shrink_tc_block<kTcMaxNT>(args, b, tid, smem, s);
+    with_rank_tiles(nt, [&](auto tiles) {
+      emulate(grid, kTcSmemFloats, [&](BlockIdx b, int tid, float* smem, HostBarrier& s) {
+        shrink_tc_block<decltype(tiles)::value>(args, b, tid, smem, s);
+      });
     });
   }
 }
@@ -396,17 +390,11 @@ at::Tensor reduce_rows_tc(const at::Tensor& x, const at::Tensor& h, int64_t act,
   const int nt = tc_rank_tiles(br);
   if (exec.cuda) {
     check_launch(launch_reduce_rows_tc(args, grid, nt, exec.stream));
-  } else if (nt == 1) {
-    emulate(grid, kRtSmemFloats, [&](BlockIdx b, int tid, float* smem, HostBarrier& s) {
-      reduce_rows_tc_block<1>(args, b, tid, smem, s);
-    });
-  } else if (nt == 2) {
-    emulate(grid, kRtSmemFloats, [&](BlockIdx b, int tid, float* smem, HostBarrier& s) {
-      reduce_rows_tc_block<2>(args, b, tid, smem, s);
-    });
   } else {
-    emulate(grid, kRtSmemFloats, [&](BlockIdx b, int tid, float* smem, HostBarrier& s) {
-      reduce_rows_tc_block<kTcMaxNT>(args, b, tid, smem, s);
+    with_rank_tiles(nt, [&](auto tiles) {
+      emulate(grid, kRtSmemFloats, [&](BlockIdx b, int tid, float* smem, HostBarrier& s) {
+        reduce_rows_tc_block<decltype(tiles)::value>(args, b, tid, smem, s);
+      });
     });
   }
   return part;
@@ -564,21 +552,13 @@ void grad_rows_tc(const GradRowsArgs<T>& args, int64_t blocks, int64_t R, const 
     const int nt = tc_rank_tiles(tc_rank_tile(R));
     if (exec.cuda) {
       check_launch(launch_grad_rows_tc(args, blocks, nt, exec.stream));
-    } else if (nt == 1) {
-      emulate(Grid{blocks, 1, 1}, kGtSmemFloats,
-              [&](BlockIdx b, int tid, float* smem, HostBarrier& s) {
-                grad_rows_tc_block<1>(args, b.x, tid, smem, s);
-              });
-    } else if (nt == 2) {
-      emulate(Grid{blocks, 1, 1}, kGtSmemFloats,
-              [&](BlockIdx b, int tid, float* smem, HostBarrier& s) {
-                grad_rows_tc_block<2>(args, b.x, tid, smem, s);
-              });
     } else {
-      emulate(Grid{blocks, 1, 1}, kGtSmemFloats,
-              [&](BlockIdx b, int tid, float* smem, HostBarrier& s) {
-                grad_rows_tc_block<kTcMaxNT>(args, b.x, tid, smem, s);
-              });
+      with_rank_tiles(nt, [&](auto tiles) {
+        emulate(Grid{blocks, 1, 1}, kGtSmemFloats,
+                [&](BlockIdx b, int tid, float* smem, HostBarrier& s) {
+                  grad_rows_tc_block<decltype(tiles)::value>(args, b.x, tid, smem, s);
+                });
+      });
     }
   }
 }
