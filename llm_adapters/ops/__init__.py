@@ -143,11 +143,13 @@ def _backend(op: str, x: Tensor, requested: Optional[str], n: int, r: int, p: fl
         else:
             impl = _resolved[ekey] = loaded_backend(_backend_name(op, device.type, requested or ""))
     if type(impl) is dict:
+        # looked up by the raw shape on every call; the bucketed key is built only on a miss
         m = x.shape[0]
-        key = shape_key(op, x.dtype, m, x.shape[1], n, r, p > 0)
-        choice = impl.get((device.index, key))
+        raw = (device.index, x.dtype, m, x.shape[1], n, r, p > 0)
+        choice = impl.get(raw)
         if choice is None:
-            choice = impl[(device.index, key)] = resolve_backend(op, device, requested, key, m)
+            key = shape_key(op, x.dtype, m, x.shape[1], n, r, p > 0)
+            choice = impl[raw] = resolve_backend(op, device, requested, key, m)
         return choice
     return impl
 
