@@ -47,6 +47,17 @@ __global__ void __launch_bounds__(kThreads) expand_kernel(const ExpandArgs<T> ar
   expand_block(args, block_index(), static_cast<int>(threadIdx.x), smem, sync);
 }
 
+// As shrink_tc_kernel: empty below sm_80. Two blocks per SM (<= 128 registers, no spills on
+// sm_80 / sm_90): the epilogue's reads of `in` and writes of `out` are the kernel's traffic.
+template <typename T>
+__global__ void __launch_bounds__(kThreads, 2) expand_tc_kernel(const ExpandArgs<T> args) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  __shared__ __align__(32) float smem[kEtSmemFloats];
+  DeviceSync sync;
+  expand_tc_block(args, block_index(), static_cast<int>(threadIdx.x), smem, sync);
+#endif
+}
+
 // As shrink_tc_kernel: empty below sm_80; two blocks per SM at NT = 1.
 template <typename T, int NT>
 __global__ void __launch_bounds__(kThreads, NT == 1 ? 2 : 1)
@@ -71,6 +82,18 @@ __global__ void __launch_bounds__(kThreads) series_fwd_kernel(const SeriesFwdArg
   DeviceSync sync;
   series_fwd_block<RT>(args, static_cast<int64_t>(blockIdx.x), static_cast<int>(threadIdx.x), smem,
                    sync);
+}
+
+// As shrink_tc_kernel: empty below sm_80. The tile buffer of grad_rows_tc_kernel.
+template <typename T, int NT>
+__global__ void __launch_bounds__(kThreads, NT == 1 ? 2 : 1)
+    series_fwd_tc_kernel(const SeriesFwdArgs<T> args) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  __shared__ __align__(32) float smem[kGtSmemFloats];
+  DeviceSync sync;
+  series_fwd_tc_block<NT>(args, static_cast<int64_t>(blockIdx.x), static_cast<int>(threadIdx.x),
+                          smem, sync);
+#endif
 }
 
 template <typename T, int RT>
@@ -133,6 +156,12 @@ int launch_expand(const ExpandArgs<T>& args, Grid grid, void* stream) {
 }
 
 template <typename T>
+int launch_expand_tc(const ExpandArgs<T>& args, Grid grid, void* stream) {
+  expand_tc_kernel<T><<<to_dim3(grid), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(args);
+  return static_cast<int>(cudaGetLastError());
+}
+
+template <typename T>
 int launch_reduce_rows(const ReduceArgs<T>& args, Grid grid, void* stream) {
   reduce_rows_kernel<T><<<to_dim3(grid), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(args);
   return static_cast<int>(cudaGetLastError());
@@ -155,6 +184,16 @@ int launch_series_fwd(const SeriesFwdArgs<T>& args, int64_t blocks, bool wide, v
   } else {
     series_fwd_kernel<T, 1><<<static_cast<unsigned>(blocks), kThreads, 0, s>>>(args);
   }
+  return static_cast<int>(cudaGetLastError());
+}
+
+template <typename T>
+int launch_series_fwd_tc(const SeriesFwdArgs<T>& args, int64_t blocks, int nt, void* stream) {
+  const auto s = static_cast<cudaStream_t>(stream);
+  const unsigned grid = static_cast<unsigned>(blocks);
+  with_rank_tiles(nt, [&](auto tiles) {
+    series_fwd_tc_kernel<T, decltype(tiles)::value><<<grid, kThreads, 0, s>>>(args);
+  });
   return static_cast<int>(cudaGetLastError());
 }
 
@@ -210,6 +249,12 @@ template int launch_shrink_tc<c10::BFloat16>(const ShrinkArgs<c10::BFloat16>&, G
 template int launch_reduce_rows_tc<c10::Half>(const ReduceArgs<c10::Half>&, Grid, int, void*);
 template int launch_reduce_rows_tc<c10::BFloat16>(const ReduceArgs<c10::BFloat16>&, Grid, int,
                                                   void*);
+template int launch_expand_tc<c10::Half>(const ExpandArgs<c10::Half>&, Grid, void*);
+template int launch_expand_tc<c10::BFloat16>(const ExpandArgs<c10::BFloat16>&, Grid, void*);
+template int launch_series_fwd_tc<c10::Half>(const SeriesFwdArgs<c10::Half>&, int64_t, int,
+                                             void*);
+template int launch_series_fwd_tc<c10::BFloat16>(const SeriesFwdArgs<c10::BFloat16>&, int64_t,
+                                                 int, void*);
 template int launch_grad_rows_tc<c10::Half>(const GradRowsArgs<c10::Half>&, int64_t, int, void*);
 template int launch_grad_rows_tc<c10::BFloat16>(const GradRowsArgs<c10::BFloat16>&, int64_t, int,
                                                 void*);

@@ -197,8 +197,8 @@ c10::optional<c10::Device> cuda_device_of(const at::Tensor& t) {
 // shrink
 // ----------------------------------------------------------------------------------------------
 
-// Whether the tensor-core shrink / reduce_rows can run for x: 16-bit x, asked for, and (on a
-// GPU) sm_80+.
+// Whether the tensor-core variant of an op can run for x (the activations, or expand's out):
+// 16-bit x, asked for, and (on a GPU) sm_80+.
 bool use_tensor_cores(const at::Tensor& x, bool tensor_cores) {
   if (!tensor_cores || (x.scalar_type() != at::kHalf && x.scalar_type() != at::kBFloat16)) {
     return false;
@@ -302,10 +302,37 @@ at::Tensor shrink(const at::Tensor& x, const at::Tensor& w, const c10::optional<
 // expand_add_
 // ----------------------------------------------------------------------------------------------
 
+// The kernels' view of an expand: out = in + keep · scaling · scale · φ(h) wᵀ + bias.
+template <typename T>
+ExpandArgs<T> expand_args(const at::Tensor& out, const at::Tensor& in, const at::Tensor& h,
+                          int64_t act, const at::Tensor& w, const float* bias,
+                          const float* scale_ptr, double scaling, DropoutParams drop) {
+  const int64_t N = out.size(1);
+  return ExpandArgs<T>{out.data_ptr<T>(), in.data_ptr<T>(), out.size(0), N, h.data_ptr<float>(),
+                       h.size(1), static_cast<int>(act), w.data_ptr<float>(), w.stride(0),
+                       w.stride(1), bias, scale_ptr, static_cast<float>(scaling), drop,
+                       vec_aligned<T>(out.data_ptr(), N) && vec_aligned<T>(in.data_ptr(), N)};
+}
+
+// expand_tc_block for 16-bit out (the CUDA-core kernel's tiles and grid). float32 never gets
+// here (use_tensor_cores); the branch only keeps the dispatch macro's float case compiling.
+template <typename T>
+void expand_tc(const ExpandArgs<T>& args, Grid grid, const Exec& exec) {
+  if constexpr (std::is_same<T, float>::value) {
+    TORCH_CHECK(false, "llm_adapters_C: expand_add_: the tensor-core variant takes 16-bit out");
+  } else if (exec.cuda) {
+    check_launch(launch_expand_tc(args, grid, exec.stream));
+  } else {
+    emulate(grid, kEtSmemFloats, [&](BlockIdx b, int tid, float* smem, HostBarrier& s) {
+      expand_tc_block(args, b, tid, smem, s);
+    });
+  }
+}
+
 void expand_add_(const at::Tensor& out, const c10::optional<at::Tensor>& input,
                  const at::Tensor& h, int64_t act, const at::Tensor& w,
                  const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& scale,
-                 double scaling, int64_t threshold, int64_t seed) {
+                 double scaling, int64_t threshold, int64_t seed, bool tensor_cores) {
   check_matrix(out, "expand_add_: out");
   check_matrix(h, "expand_add_: h");
   check_matrix(w, "expand_add_: w");
@@ -347,14 +374,13 @@ void expand_add_(const at::Tensor& out, const c10::optional<at::Tensor>& input,
   const Grid grid{ceil_div(M, kExpandBM), ceil_div(N, kExpandBN), 1};
   const float* bias_ptr = bias.has_value() ? bias.value().data_ptr<float>() : nullptr;
   const float* scale_ptr = scale.has_value() ? scale.value().data_ptr<float>() : nullptr;
+  const bool tc = use_tensor_cores(out, tensor_cores);
   LA_DISPATCH_FLOAT_HALF_BF16(out.scalar_type(), "expand_add_", [&] {
-    const bool vec_ok = vec_aligned<scalar_t>(out.data_ptr(), N) &&
-                        vec_aligned<scalar_t>(in.data_ptr(), N);
-    const ExpandArgs<scalar_t> args{
-        out.data_ptr<scalar_t>(), in.data_ptr<scalar_t>(), M, N, h.data_ptr<float>(), R,
-        static_cast<int>(act), w.data_ptr<float>(), w.stride(0), w.stride(1), bias_ptr,
-        scale_ptr, static_cast<float>(scaling), make_dropout(threshold, seed), vec_ok};
-    if (exec.cuda) {
+    const ExpandArgs<scalar_t> args = expand_args<scalar_t>(
+        out, in, h, act, w, bias_ptr, scale_ptr, scaling, make_dropout(threshold, seed));
+    if (tc) {
+      expand_tc(args, grid, exec);
+    } else if (exec.cuda) {
       check_launch(launch_expand(args, grid, exec.stream));
     } else {
       emulate(grid, kExpandSmemFloats, [&](BlockIdx b, int tid, float* smem, HostBarrier& s) {
@@ -474,15 +500,25 @@ const float* scale_pointer(const c10::optional<at::Tensor>& scale, const at::Ten
   return s.data_ptr<float>();
 }
 
+// series_fwd_tc_block for 16-bit h: 64 rows per block, rank passes of up to 64 (NT accumulator
+// tiles of 16), the tile buffer of grad_rows_tc. float32 never gets here, as in expand_tc.
 template <typename T>
-ExpandArgs<T> expand_args(const at::Tensor& out, const at::Tensor& in, const at::Tensor& h,
-                          int64_t act, const at::Tensor& w, const float* bias,
-                          const float* scale_ptr, double scaling, DropoutParams drop) {
-  const int64_t N = out.size(1);
-  return ExpandArgs<T>{out.data_ptr<T>(), in.data_ptr<T>(), out.size(0), N, h.data_ptr<float>(),
-                       h.size(1), static_cast<int>(act), w.data_ptr<float>(), w.stride(0),
-                       w.stride(1), bias, scale_ptr, static_cast<float>(scaling), drop,
-                       vec_aligned<T>(out.data_ptr(), N) && vec_aligned<T>(in.data_ptr(), N)};
+void series_fwd_tc(const SeriesFwdArgs<T>& args, int64_t blocks, int64_t R, const Exec& exec) {
+  if constexpr (std::is_same<T, float>::value) {
+    TORCH_CHECK(false, "llm_adapters_C: series_forward: the tensor-core variant takes 16-bit h");
+  } else {
+    const int nt = tc_rank_tiles(tc_rank_tile(R));
+    if (exec.cuda) {
+      check_launch(launch_series_fwd_tc(args, blocks, nt, exec.stream));
+    } else {
+      with_rank_tiles(nt, [&](auto tiles) {
+        emulate(Grid{blocks, 1, 1}, kGtSmemFloats,
+                [&](BlockIdx b, int tid, float* smem, HostBarrier& s) {
+                  series_fwd_tc_block<decltype(tiles)::value>(args, b.x, tid, smem, s);
+                });
+      });
+    }
+  }
 }
 
 // z = h + s·φ(D(h) Dnᵀ · out_scale + d_b) Upᵀ + u_b and s_pre = D(h) Dnᵀ · out_scale + d_b, one
@@ -491,7 +527,7 @@ std::tuple<at::Tensor, at::Tensor> series_forward(
     const at::Tensor& h, const at::Tensor& down_t, const at::Tensor& up,
     const c10::optional<at::Tensor>& down_bias, const c10::optional<at::Tensor>& up_bias,
     const c10::optional<at::Tensor>& scale, double scaling, int64_t act, int64_t threshold,
-    double out_scale, int64_t seed) {
+    double out_scale, int64_t seed, bool tensor_cores) {
   check_matrix(h, "series_forward: h");
   TORCH_CHECK(h.is_contiguous(), "llm_adapters_C: series_forward: h must be contiguous");
   check_activation(act);
@@ -515,8 +551,10 @@ std::tuple<at::Tensor, at::Tensor> series_forward(
   TORCH_CHECK(blocks <= 2147483647, "llm_adapters_C: series_forward: too many rows (", M, ")");
   const DropoutParams drop = make_dropout(threshold, seed);
   const bool wide = R > kRowBR;  // up to 256 ranks per read of h
+  // both products on the tensor cores for 16-bit h (sm_80+): rank passes of up to 64
+  const bool tc = use_tensor_cores(h, tensor_cores);
   LA_DISPATCH_FLOAT_HALF_BF16(h.scalar_type(), "series_forward", [&] {
-    const SeriesFwdArgs<scalar_t> args{
+    SeriesFwdArgs<scalar_t> args{
         RowShrinkArgs<scalar_t>{h.data_ptr<scalar_t>(), M, N, down_t.data_ptr<float>(), R, 1, R,
                                 s_pre.data_ptr<float>(),
                                 down_bias.has_value() ? down_bias->data_ptr<float>() : nullptr,
@@ -524,7 +562,10 @@ std::tuple<at::Tensor, at::Tensor> series_forward(
         expand_args<scalar_t>(z, h, s_pre, act, up,
                               up_bias.has_value() ? up_bias->data_ptr<float>() : nullptr,
                               scale_ptr, scaling, DropoutParams{})};
-    if (exec.cuda) {
+    args.vec_ok = vec_aligned<scalar_t>(h.data_ptr(), N);
+    if (tc) {
+      series_fwd_tc(args, blocks, R, exec);
+    } else if (exec.cuda) {
       check_launch(launch_series_fwd(args, blocks, wide, exec.stream));
     } else if (wide) {
       emulate(Grid{blocks, 1, 1}, row_fused_smem_floats<kRowWideRT>(),

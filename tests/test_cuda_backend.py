@@ -1057,3 +1057,175 @@ def test_tensor_core_grad_rows_llama_shape_gpu(ext, dtype, r, dh):
         rel = (a.double() - b.double()).abs().max().item() / scale
         limit = torch.finfo(dtype).eps if name == "dh" else 1e-3
         assert rel <= limit, f"grad_rows {name}: variants differ by {rel:.2e} of the max"
+
+
+# ---------------------------------------------------------------------------------------------
+# The tensor-core expand (16-bit out) and series forward (16-bit h): φ(H) wᵀ with both float32
+# operands split into hi + lo parts (three tile MMAs), the series' D(h) Dnᵀ as grad_rows' G.
+# Both variants against float64, with a bound that a 16-bit rounding of either operand fails:
+# in "cancel" cases `in` is minus the rounded product, so out is the small rounding residue and
+# its error is measured against the product's magnitude, not the output's.
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_expand(ext, dtype, m, n, r, p, activation, h_scale=1.0, w_scale=None, cancel=False,
+                  bias=False, learned=False, inplace=False, device="cpu"):
+    dev = torch.device(device)
+    gen = torch.Generator(device="cpu").manual_seed(m * 613 + n * 19 + r)
+    h = (torch.randn(m, r, generator=gen) * h_scale).to(dev)
+    w = (torch.randn(n, r, generator=gen) * (r**-0.5 if w_scale is None else w_scale)).to(dev)
+    b = torch.randn(n, generator=gen).to(dev) if bias else None
+    scale = torch.tensor([0.7], device=dev) if learned else None
+    scaling = 1.25
+    s = scaling * (0.7 if learned else 1.0)
+    t = dropout_threshold(p)[0] if p > 0 else 0
+    keep = BACKEND.keep_mask((m, n), p, 21, dev) if p > 0 else None
+    act = cuda_backend.ACTIVATION_CODES[activation]
+    phi = apply_activation(h.double(), activation)
+    prod = s * phi @ w.double().t()
+    absprod = abs(s) * phi.abs() @ w.double().abs().t()
+    if keep is not None:
+        prod, absprod = torch.where(keep, prod, 0.0), torch.where(keep, absprod, 0.0)
+    if cancel:
+        base = (-prod).to(dtype)
+    else:
+        base = torch.randn(m, n, generator=gen).to(dtype).to(dev)
+    ref = base.double() + prod + (b.double() if bias else 0.0)
+    same_prod = (s * (apply_activation(h, activation).to(dtype) @ w.to(dtype).t())).float()
+    if keep is not None:
+        same_prod = torch.where(keep, same_prod, 0.0)
+    same = (base.float() + same_prod + (b if bias else 0.0)).to(dtype)
+    # the result's rounding to dtype (relative, or the subnormal spacing), float32 adds, and the
+    # product carried to 2^-15 of |φ(H)| |w| (hi / lo split of both operands) plus float32
+    # accumulation over r
+    info = torch.finfo(dtype)
+    bound = (info.eps * ref.abs() + info.eps * info.tiny
+             + 2.0**-23 * (base.double().abs() + ref.abs())
+             + (2.0**-15 + (r + 2) * 2.0**-24) * absprod)
+    tag = (f"expand {dtype} m={m} n={n} r={r} p={p} {activation} h~{h_scale:.0e} "
+           f"cancel={cancel} bias={bias} learned={learned} inplace={inplace}")
+    out = {}
+    for tc in (True, False):
+        y = base.clone() if inplace else torch.full_like(base, float("nan"))
+        ext.expand_add_(y, None if inplace else base, h, act, w, b, scale, scaling, t, 21, tc)
+        if not cancel:
+            _assert_close(f"{tag} tensor_cores={tc}", y, same, ref, dtype)
+        excess = ((y.double() - ref).abs() - bound).max().item()
+        assert excess <= 0, f"{tag} tensor_cores={tc}: beyond the float32-operand bound by {excess}"
+        y2 = base.clone() if inplace else torch.empty_like(base)
+        ext.expand_add_(y2, None if inplace else base, h, act, w, b, scale, scaling, t, 21, tc)
+        assert torch.equal(y, y2), f"{tag} tensor_cores={tc}: not deterministic"
+        out[tc] = y
+    return out
+
+
+# (m, n, r, p, activation, h_scale, w_scale, cancel, bias, learned, inplace): rows 1 .. 130 (up
+# to three 64-row tiles, a partial last one), columns 40 / 136 / 264 and 129 / 20 (not a
+# multiple of the 8-element vector: the scalar epilogue), ranks 1 .. 256 (one to eight steps of
+# 32, partial steps), every φ, dropout, bias, learned scale, in place, and float16 operands
+# below its normal range (w ~ 1e-5, φ(H) ~ 1e-4) with a product inside it
+_TC_EXPAND_CASES = [
+    (1, 40, 1, 0.0, "identity", 1.0, None, False, True, False, False),
+    (37, 136, 12, 0.1, "tanh", 1.0, None, True, False, True, False),
+    (70, 129, 40, 0.0, "silu", 1.0, None, True, True, False, True),
+    (130, 264, 100, 0.2, "gelu", 1.0, None, True, False, False, False),
+    (64, 20, 16, 0.0, "relu", 3.0, None, False, False, True, True),
+    (19, 300, 256, 0.0, "identity", 1.0, None, True, False, False, False),
+    (37, 136, 24, 0.0, "identity", 1e3, 1e-5, True, False, False, False),
+    (37, 136, 24, 0.0, "tanh", 1e-4, 30.0, True, False, False, False),
+]
+
+
+@needs_extension
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m,n,r,p,activation,h_scale,w_scale,cancel,bias,learned,inplace",
+                         _TC_EXPAND_CASES)
+def test_tensor_core_expand_on_host_threads(ext, dtype, m, n, r, p, activation, h_scale,
+                                            w_scale, cancel, bias, learned, inplace):
+    _check_expand(ext, dtype, m, n, r, p, activation, h_scale, w_scale, cancel, bias, learned,
+                  inplace)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", _GPU_DTYPES)
+@pytest.mark.parametrize("m,n,r,p,activation,h_scale,w_scale,cancel,bias,learned,inplace",
+                         _TC_EXPAND_CASES)
+def test_tensor_core_expand_gpu(ext, dtype, m, n, r, p, activation, h_scale, w_scale, cancel,
+                                bias, learned, inplace):
+    _check_expand(ext, dtype, m, n, r, p, activation, h_scale, w_scale, cancel, bias, learned,
+                  inplace, device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", _GPU_DTYPES)
+@pytest.mark.parametrize("m,r,cancel", [(2048, 16, False), (16384, 16, True), (4096, 256, True)])
+def test_tensor_core_expand_llama_shape_gpu(ext, dtype, m, r, cancel):
+    """N = 4096: the LoRA expand (r 16) and a series bottleneck of 256, both variants."""
+    _check_expand(ext, dtype, m, 4096, r, 0.0, "identity", cancel=cancel, inplace=True,
+                  device="cuda")
+
+
+def _check_series_forward(ext, dtype, m, n, r, p, activation, biases=True, learned=False,
+                          device="cpu"):
+    """Both series_forward variants: s_pre within the float32-operand bound of float64, z within
+    2x the PyTorch error and the bound of its product; deterministic."""
+    dev = torch.device(device)
+    gen = torch.Generator(device="cpu").manual_seed(m * 389 + n * 23 + r)
+    h = torch.randn(m, n, generator=gen).to(dtype).to(dev)
+    down_t = (torch.randn(n, r, generator=gen) * n**-0.5).to(dev)
+    up = (torch.randn(n, r, generator=gen) * r**-0.5).to(dev)
+    d_b = torch.randn(r, generator=gen).to(dev) if biases else None
+    u_b = torch.randn(n, generator=gen).to(dev) if biases else None
+    scale = torch.tensor([0.7], device=dev) if learned else None
+    scaling = 1.5
+    s = scaling * (0.7 if learned else 1.0)
+    t, inv = dropout_threshold(p) if p > 0 else (0, 1.0)
+    keep = BACKEND.keep_mask((m, n), p, 33, dev) if p > 0 else None
+    act = cuda_backend.ACTIVATION_CODES[activation]
+    hd = h.double() if keep is None else torch.where(keep, h.double(), 0.0)
+    s_ref = hd @ down_t.double() * inv + (d_b.double() if biases else 0.0)
+    s_bound = (2.0**-15 + n * 2.0**-24) * inv * (hd.abs() @ down_t.double().abs())
+    phi = apply_activation(s_ref, activation)
+    z_ref = h.double() + s * phi @ up.double().t() + (u_b.double() if biases else 0.0)
+    hs = h if keep is None else torch.where(keep, h, 0.0)
+    s_same = (hs * inv) @ down_t.to(dtype) + (d_b.to(dtype) if biases else 0.0)
+    z_same = (h + s * apply_activation(s_same, activation) @ up.to(dtype).t()
+              + (u_b.to(dtype) if biases else 0.0))
+    tag = f"series_forward {dtype} m={m} n={n} r={r} p={p} {activation} learned={learned}"
+    for tc in (True, False):
+        args = (h, down_t, up, d_b, u_b, scale, scaling, act, t, inv, 33, tc)
+        z, s_pre = ext.series_forward(*args)
+        z2, s_pre2 = ext.series_forward(*args)
+        assert torch.equal(z, z2) and torch.equal(s_pre, s_pre2), f"{tag}: not deterministic"
+        assert z.dtype == dtype and s_pre.dtype == torch.float32
+        excess = ((s_pre.double() - s_ref).abs() - s_bound).max().item()
+        assert excess <= 0, f"{tag} tensor_cores={tc} s_pre: beyond the bound by {excess}"
+        _assert_close(f"{tag} tensor_cores={tc} s_pre", s_pre, s_same.float(), s_ref, dtype)
+        _assert_close(f"{tag} tensor_cores={tc} z", z, z_same, z_ref, dtype)
+
+
+# (m, n, r, p, activation, biases, learned): bottlenecks 1 .. 256 (one to four rank passes of
+# 64), hidden 40 .. 300 and 129 / 77 (the scalar path), dropout of h, every φ
+_TC_SERIES_CASES = [
+    (1, 40, 1, 0.0, "identity", True, False),
+    (37, 136, 12, 0.1, "tanh", True, True),
+    (70, 129, 64, 0.0, "silu", False, False),
+    (130, 264, 100, 0.2, "gelu", True, False),
+    (19, 77, 256, 0.1, "relu", True, True),
+]
+
+
+@needs_extension
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m,n,r,p,activation,biases,learned", _TC_SERIES_CASES)
+def test_tensor_core_series_forward_on_host_threads(ext, dtype, m, n, r, p, activation, biases,
+                                                    learned):
+    _check_series_forward(ext, dtype, m, n, r, p, activation, biases, learned)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", _GPU_DTYPES)
+@pytest.mark.parametrize("m,n,r,p,activation,biases,learned",
+                         _TC_SERIES_CASES + [(2048, 4096, 256, 0.1, "relu", True, False)])
+def test_tensor_core_series_forward_gpu(ext, dtype, m, n, r, p, activation, biases, learned):
+    _check_series_forward(ext, dtype, m, n, r, p, activation, biases, learned, device="cuda")

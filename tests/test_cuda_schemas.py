@@ -42,10 +42,11 @@ def test_schemas_come_from_python_only(ext):
 
 
 @pytest.mark.parametrize("device", _DEVICES)
-def test_opcheck_low_level_ops(ext, device):
-    """Schema, fake (meta) function and dispatch of every low-level op agree with its kernel."""
+@pytest.mark.parametrize("dt", [torch.float32, torch.bfloat16])
+def test_opcheck_low_level_ops(ext, device, dt):
+    """Schema, fake (meta) function and dispatch of every low-level op agree with its kernel:
+    float32 takes the CUDA-core kernels, bfloat16 the tensor-core ones (16-bit)."""
     m, k, n, r = 9, 24, 16, 3
-    dt = torch.float16 if device == "cuda" else torch.float32
     x = torch.randn(m, k, device=device, dtype=dt)
     w = torch.randn(r, k, device=device)
     h = torch.randn(m, r, device=device)
@@ -59,8 +60,12 @@ def test_opcheck_low_level_ops(ext, device):
         (ext.reduce_rows, (x, h, 1, t, 7, True)),
         (ext.expand_add_, (torch.randn(m, n, device=device, dtype=dt), None, h, 2,
                            up, None, scale, 2.0, t, 7)),
+        (ext.expand_add_, (torch.randn(m, n, device=device, dtype=dt), g, h, 0,
+                           up, torch.randn(n, device=device), None, 2.0, 0, 0, False)),
         (ext.series_forward, (g, up, up, None, torch.randn(n, device=device), None, 1.5, 1, t,
                               1.1, 7)),
+        (ext.series_forward, (g, up, up, torch.randn(r, device=device), None, scale, 1.0, 0, 0,
+                              1.0, 0, False)),
         (ext.grad_rows, (g, up, h, 1, scale, 1.0, True, True, up, 1.0, t, 7)),
         (ext.grad_rows, (g, up, h, 0, None, 2.0, False, False, None, 1.0, 0, 0)),
         (ext.keep_mask_, (torch.empty(5, 7, dtype=torch.bool, device=device), t, 3)),
@@ -99,7 +104,7 @@ def test_jit_cache_counts_as_ready_only_when_current(monkeypatch, tmp_path):
 
 def test_kernel_bandwidth_bench_on_host_threads(ext, tmp_path):
     """The single-kernel benchmark runs every kernel and variant (here on the host emulation,
-    so the times mean nothing) and its two variants of shrink / reduce_rows / grad_rows agree."""
+    so the times mean nothing) and the two variants of each kernel agree."""
     from llm_adapters.bench import kernels, summary
 
     rows = []
@@ -107,16 +112,14 @@ def test_kernel_bandwidth_bench_on_host_threads(ext, tmp_path):
         rows += kernels.kernel_bandwidth(kernel, ms=(21,), k=40, r=3, dtype=torch.float16,
                                          device="cpu", p=0.1, reps=1, peak_tbps=1.0)
     assert [(r["kernel"], r["variant"]) for r in rows] == [
-        ("shrink", "tensor_cores"), ("shrink", "cuda_cores"), ("expand", "cuda_cores"),
-        ("reduce_rows", "tensor_cores"), ("reduce_rows", "cuda_cores"),
-        ("grad_rows", "tensor_cores"), ("grad_rows", "cuda_cores")]
+        (kernel, variant) for kernel in kernels.KERNELS
+        for variant in ("tensor_cores", "cuda_cores")]
     for r in rows:
         assert r["ms"] > 0 and r["gbps"] > 0 and r["pct_peak"] == pytest.approx(r["gbps"] / 10)
-        if "max_abs_diff_between_variants" in r:
-            assert r["max_abs_diff_between_variants"] < 1e-2
+        assert r["max_abs_diff_between_variants"] < 1e-2
     expand = rows[2]
     assert expand["gbps"] == pytest.approx(2 * 21 * 40 * 2 / (expand["ms"] * 1e-3) / 1e9)
-    grad = rows[5]  # g read once
+    grad = rows[6]  # g read once
     assert grad["gbps"] == pytest.approx(21 * 40 * 2 / (grad["ms"] * 1e-3) / 1e9)
     with pytest.raises(ValueError, match="unknown kernel 'gemm'"):
         kernels.kernel_bandwidth("gemm", device="cpu")

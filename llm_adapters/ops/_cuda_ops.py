@@ -22,17 +22,19 @@ SCHEMAS = {
     # tensor_cores: 16-bit x on the tensor cores (sm_80+), else the CUDA-core kernel
     "shrink": "(Tensor x, Tensor w, Tensor? bias, int threshold, float out_scale, int seed, "
               "bool tensor_cores=True) -> Tensor",
-    # out = input (or out) + keep · scaling · scale · φ(h) wᵀ + bias: h [M, r] f32, w [N, r] f32
+    # out = input (or out) + keep · scaling · scale · φ(h) wᵀ + bias: h [M, r] f32, w [N, r] f32;
+    # tensor_cores: φ(h) wᵀ on the tensor cores for 16-bit out (sm_80+), as shrink's
     "expand_add_": "(Tensor(a!) out, Tensor? input, Tensor h, int act, Tensor w, Tensor? bias, "
-                   "Tensor? scale, float scaling, int threshold, int seed) -> ()",
+                   "Tensor? scale, float scaling, int threshold, int seed, "
+                   "bool tensor_cores=True) -> ()",
     # Σ_m D(x)[m, n] φ(h[m, j]): x [M, N], h [M, r] f32 -> [N, r] f32; tensor_cores as shrink's
     "reduce_rows": "(Tensor x, Tensor h, int act, int threshold, int seed, "
                    "bool tensor_cores=True) -> Tensor",
     # fused series forward, one block per 64 rows: (z [M, N], s_pre [M, r] f32);
-    # down_t, up: [N, r] f32
+    # down_t, up: [N, r] f32; tensor_cores: both products of 16-bit h on the tensor cores
     "series_forward": "(Tensor h, Tensor down_t, Tensor up, Tensor? down_bias, "
                       "Tensor? up_bias, Tensor? scale, float scaling, int act, int threshold, "
-                      "float out_scale, int seed) -> (Tensor, Tensor)",
+                      "float out_scale, int seed, bool tensor_cores=True) -> (Tensor, Tensor)",
     # one pass over g [M, N] with w [N, r]: (dS [M, r], d_w = s·gᵀφ(s_pre) [N, r] or empty,
     # the row terms of d(scale) [M] or empty, dh = g + D'(dS dh_wᵀ) [M, N] or empty);
     # tensor_cores: g·w and the d_w partials of 16-bit g on the tensor cores, as shrink's
@@ -56,7 +58,8 @@ def _fake_shrink(x, w, bias, threshold, out_scale, seed, tensor_cores=True):
     return _f32(x, x.shape[0], w.shape[0])
 
 
-def _fake_expand_add_(out, input, h, act, w, bias, scale, scaling, threshold, seed):
+def _fake_expand_add_(out, input, h, act, w, bias, scale, scaling, threshold, seed,
+                      tensor_cores=True):
     return None
 
 
@@ -65,7 +68,7 @@ def _fake_reduce_rows(x, h, act, threshold, seed, tensor_cores=True):
 
 
 def _fake_series_forward(h, down_t, up, down_bias, up_bias, scale, scaling, act, threshold,
-                         out_scale, seed):
+                         out_scale, seed, tensor_cores=True):
     return torch.empty_like(h), _f32(h, h.shape[0], down_t.shape[1])
 
 

@@ -33,12 +33,13 @@ dB / dUp are sums of per-64-row-block partials (a [M/64, N, r] float32 buffer) a
 order by a second small kernel, and dDn / dA use reduce_rows' fixed-order splits: no atomics,
 so gradients are bitwise reproducible.
 
-The shrink, reduce_rows and the GEMM-shaped parts of grad_rows (g·w and the d_w partials
-gᵀφ(S)) of float16 / bfloat16 activations run on the tensor cores (16x16x16
-WMMA tiles, float32 accumulators; sm_80+): the float32 operand (the adapter weight, or φ(dS)) is
-split into a high and a low part in the activations' dtype (w = w_hi + w_lo), both multiplied,
-so the result keeps float32-operand accuracy (csrc/kernels.cuh, shrink_tc_block,
-reduce_rows_tc_block and grad_rows_tc_block). float32 activations, GPUs below sm_80 and
+For float16 / bfloat16 activations every kernel's products run on the tensor cores (16x16x16
+WMMA tiles, float32 accumulators; sm_80+): the shrink, the expand, reduce_rows, both products
+of the series forward, and g·w, the d_w partials gᵀφ(S) and dh of grad_rows. Each float32
+operand (an adapter weight, φ(S), dS) is split into a high and a low part in the activations'
+dtype (w = w_hi + w_lo) and both parts are multiplied (in the expand, where both operands are
+float32: hi·hi + hi·lo + lo·hi), so the result keeps float32-operand accuracy
+(csrc/kernels.cuh, the *_tc_block functions). float32 activations, GPUs below sm_80 and
 LLM_ADAPTERS_CUDA_TENSOR_CORES=0 (read once, at import, into `TENSOR_CORES`) use the CUDA-core
 kernels instead.
 
@@ -152,11 +153,11 @@ def _empty(g: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
     return g.new_empty(0, dtype=dtype)
 
 
-# Whether shrink, reduce_rows and grad_rows of float16 / bfloat16 x run on the tensor cores (see the
-# module docstring); read once, at import. Tests and benchmarks may set it directly.
+# Whether the kernels of float16 / bfloat16 activations run on the tensor cores (see the module
+# docstring); read once, at import. Tests and benchmarks may set it directly.
 def tensor_cores_from_env(environ=os.environ) -> bool:
-    """LLM_ADAPTERS_CUDA_TENSOR_CORES: "0" turns the tensor-core kernels (shrink, reduce_rows,
-    grad_rows) off; unset or any other value leaves them on."""
+    """LLM_ADAPTERS_CUDA_TENSOR_CORES: "0" turns the tensor-core kernels (shrink, expand,
+    reduce_rows, the series forward, grad_rows) off; unset or any other value leaves them on."""
     return environ.get("LLM_ADAPTERS_CUDA_TENSOR_CORES", "1").strip() != "0"
 
 
@@ -208,7 +209,7 @@ def lora_forward(x, weight, bias, a, b, a_bias, b_bias, scale_t, scaling, p, see
     y = y.contiguous()
     C.expand_add_(
         y, None, s_pre, ACTIVATION_CODES[activation], _f32(b).contiguous(), None,
-        _f32(scale_t), float(scaling) if scale_t is None else 1.0, 0, 0,
+        _f32(scale_t), float(scaling) if scale_t is None else 1.0, 0, 0, TENSOR_CORES,
     )
     return y, s_pre, _empty(x, torch.bool)
 
@@ -229,7 +230,8 @@ def lora_backward(g, x, weight, a, b, scale_t, scaling, p, seed, activation, s_p
     dx = _empty(g, g.dtype)
     if need_dx:
         dx = (g @ weight).contiguous()
-        C.expand_add_(dx, None, ds, 0, _rank_rows(a), None, None, inv_keep, threshold, seed)
+        C.expand_add_(dx, None, ds, 0, _rank_rows(a), None, None, inv_keep, threshold, seed,
+                      TENSOR_CORES)
     d_a = _empty(g)
     if need_a:
         d_a = C.reduce_rows(x, ds, 0, threshold, seed, TENSOR_CORES)
@@ -256,7 +258,7 @@ def series_forward(h, down, up, down_bias, up_bias, scale_t, scaling, p, seed, a
         None if down_bias is None else _f32(down_bias).contiguous(),
         None if up_bias is None else _f32(up_bias).contiguous(),
         _f32(scale_t), float(scaling) if scale_t is None else 1.0,
-        ACTIVATION_CODES[activation], threshold, inv_keep, int(seed),
+        ACTIVATION_CODES[activation], threshold, inv_keep, int(seed), TENSOR_CORES,
     )
     return z, s_pre, _empty(h, torch.bool)
 
