@@ -110,7 +110,7 @@ CMD_TUNE=(timeout --kill-after=20 "$T_TUNE" "$PYTHON" -m llm_adapters.cli tune-b
 CMD_E2E=(timeout --kill-after=20 "$T_E2E" "$PYTHON" -m llm_adapters.cli bench --e2e-only
          "${BENCH_ARGS[@]}" --out "$OUT")
 
-# ---- the skinny LoRA kernels alone (shrink, reduce_rows): GB/s of x, tensor vs CUDA cores ---
+# ---- the skinny LoRA kernels alone (shrink, expand, reduce_rows, grad_rows): GB/s, both variants
 if [ "$MODE" = cpu ]; then  # the host emulation (after a JIT build of the extension): wiring only
   T_KERNELS="${T_KERNELS:-400}"
   KERNEL_ARGS=(--device cpu --m 64 300 --k 256 --r 16 --reps 2)

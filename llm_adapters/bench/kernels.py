@@ -11,8 +11,8 @@ Each streams its activation (shrink and reduce_rows read it once, expand reads a
 and touches only rank-sized data besides, so its speed is the bandwidth at which it moves the
 activation: GB/s = bytes / time, reported against the device's peak (`harness.ROOFLINES`, or
 `--peak-tbps`). grad_rows reads g once (its d_w partials, [M/64, N, r] float32, are not
-counted). Variants of shrink, reduce_rows and grad_rows: `tensor_cores` (WMMA tiles, the
-default for 16-bit activations) and `cuda_cores` (float32 FMAs; LLM_ADAPTERS_CUDA_TENSOR_CORES=0).
+counted). Variants of each: `tensor_cores` (WMMA tiles, the default for 16-bit activations) and
+`cuda_cores` (float32 FMAs; LLM_ADAPTERS_CUDA_TENSOR_CORES=0).
 
     python -m llm_adapters.bench.kernels --m 512 2048 8192 16384 --k 4096 --r 16 \
         --dtype bfloat16 [--kernels shrink expand reduce_rows grad_rows] --out OUT_DIR
@@ -96,8 +96,13 @@ def _operands(kernel: str, ext, m: int, k: int, r: int, dtype: torch.dtype, dev:
                 for name, tc in VARIANTS.items()}, size
     h = torch.randn(m, r, generator=gen, device=dev)
     w = torch.randn(k, r, generator=gen, device=dev) * 0.01
-    call = functools.partial(ext.expand_add_, act, None, h, 0, w, None, None, 2.0, threshold, 7)
-    return {"cuda_cores": call}, 2 * size  # no tensor-core variant: rank-r FMAs per element
+    outs = {name: act.clone() for name in VARIANTS}  # each variant adds into its own y
+
+    def expand(name: str, tc: bool) -> torch.Tensor:
+        ext.expand_add_(outs[name], None, h, 0, w, None, None, 2.0, threshold, 7, tc)
+        return outs[name]
+
+    return {name: functools.partial(expand, name, tc) for name, tc in VARIANTS.items()}, 2 * size
 
 
 def kernel_bandwidth(
@@ -127,7 +132,9 @@ def kernel_bandwidth(
         calls, nbytes = _operands(kernel, ext, m, k, r, dtype, dev, p)
         results = {}
         for name, fn in calls.items():
-            results[name] = fn()
+            first = fn()  # copied: the timed calls that follow may write into it (expand)
+            results[name] = tuple(t.clone() for t in
+                                  (first if isinstance(first, (tuple, list)) else (first,)))
             ms_med = statistics.median(_time_ms(fn, dev, reps, flush))
             gbps = nbytes / (ms_med * 1e-3) / 1e9
             rows.append({
@@ -137,7 +144,7 @@ def kernel_bandwidth(
                 "device": device_name(dev), "reps": reps,
             })
         if len(results) == 2:
-            one, two = (v if isinstance(v, (tuple, list)) else (v,) for v in results.values())
+            one, two = results.values()
             diff = max((a - b).abs().max().item() for a, b in zip(one, two) if a.numel())
             for row in rows[-2:]:
                 row["max_abs_diff_between_variants"] = diff
