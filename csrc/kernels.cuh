@@ -900,7 +900,9 @@ LA_HOST_DEVICE void expand_tc_block(const ExpandArgs<T>& a, BlockIdx block, int 
   const int ty = tid / 16;
   float out[kExpandTM][kExpandTN];
   LA_UNROLL
-  for (int i = 0; i < kExpandTM; ++i) load_f8(ctile + (ty + 16 * i) * kEtCLD + tx * kExpandTN, out[i]);
+  for (int i = 0; i < kExpandTM; ++i) {
+    load_f8(ctile + (ty + 16 * i) * kEtCLD + tx * kExpandTN, out[i]);
+  }
   // times 2^-(e_h + e_w): exact where the product is a normal float32. Beyond that it is either
   // below 2^-96 (0 in a 16-bit out, as it becomes) or above 2^127 (an overflow in any case).
   expand_epilogue(a, m0, n0, tid, out, ldexpf(1.f, -(e_h + e_w)));

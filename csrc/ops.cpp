@@ -500,24 +500,39 @@ const float* scale_pointer(const c10::optional<at::Tensor>& scale, const at::Ten
   return s.data_ptr<float>();
 }
 
-// series_fwd_tc_block for 16-bit h: 64 rows per block, rank passes of up to 64 (NT accumulator
-// tiles of 16), the tile buffer of grad_rows_tc. float32 never gets here, as in expand_tc.
+// The row-block tensor-core kernels (series_fwd_tc_block, grad_rows_tc_block) for 16-bit
+// activations: one block per 64 rows, rank passes of up to 64 (NT accumulator tiles of 16),
+// the tile buffer kGtSmemFloats. launch(nt) starts the CUDA kernel; body(tiles, block, tid,
+// smem, sync) runs one block of the NT = tiles instantiation on host threads.
+template <typename Launch, typename Body>
+void row_tc(int64_t blocks, int64_t R, const Exec& exec, const Launch& launch, const Body& body) {
+  const int nt = tc_rank_tiles(tc_rank_tile(R));
+  if (exec.cuda) {
+    check_launch(launch(nt));
+    return;
+  }
+  with_rank_tiles(nt, [&](auto tiles) {
+    emulate(Grid{blocks, 1, 1}, kGtSmemFloats,
+            [&](BlockIdx b, int tid, float* smem, HostBarrier& s) {
+              body(tiles, b.x, tid, smem, s);
+            });
+  });
+}
+
+// series_fwd_tc_block. float32 h never gets here (use_tensor_cores); the branch only keeps the
+// dispatch macro's float case compiling.
 template <typename T>
 void series_fwd_tc(const SeriesFwdArgs<T>& args, int64_t blocks, int64_t R, const Exec& exec) {
   if constexpr (std::is_same<T, float>::value) {
     TORCH_CHECK(false, "llm_adapters_C: series_forward: the tensor-core variant takes 16-bit h");
   } else {
-    const int nt = tc_rank_tiles(tc_rank_tile(R));
-    if (exec.cuda) {
-      check_launch(launch_series_fwd_tc(args, blocks, nt, exec.stream));
-    } else {
-      with_rank_tiles(nt, [&](auto tiles) {
-        emulate(Grid{blocks, 1, 1}, kGtSmemFloats,
-                [&](BlockIdx b, int tid, float* smem, HostBarrier& s) {
-                  series_fwd_tc_block<decltype(tiles)::value>(args, b.x, tid, smem, s);
-                });
-      });
-    }
+    const auto launch = [&](int nt) {
+      return launch_series_fwd_tc(args, blocks, nt, exec.stream);
+    };
+    row_tc(blocks, R, exec, launch,
+           [&](auto tiles, int64_t mb, int tid, float* smem, HostBarrier& s) {
+             series_fwd_tc_block<decltype(tiles)::value>(args, mb, tid, smem, s);
+           });
   }
 }
 
@@ -582,25 +597,20 @@ std::tuple<at::Tensor, at::Tensor> series_forward(
   return {z, s_pre};
 }
 
-// grad_rows_tc_block for 16-bit g: 64 rows per block (the CUDA-core kernel's blocks, so the same
-// partials), rank passes of up to 64 (NT accumulator tiles of 16). float32 g never gets here
-// (use_tensor_cores); the branch only keeps the dispatch macro's float case compiling.
+// grad_rows_tc_block (the CUDA-core kernel's 64-row blocks, so the same partials); float32 g
+// never gets here, as in series_fwd_tc.
 template <typename T>
 void grad_rows_tc(const GradRowsArgs<T>& args, int64_t blocks, int64_t R, const Exec& exec) {
   if constexpr (std::is_same<T, float>::value) {
     TORCH_CHECK(false, "llm_adapters_C: grad_rows: the tensor-core variant takes 16-bit g");
   } else {
-    const int nt = tc_rank_tiles(tc_rank_tile(R));
-    if (exec.cuda) {
-      check_launch(launch_grad_rows_tc(args, blocks, nt, exec.stream));
-    } else {
-      with_rank_tiles(nt, [&](auto tiles) {
-        emulate(Grid{blocks, 1, 1}, kGtSmemFloats,
-                [&](BlockIdx b, int tid, float* smem, HostBarrier& s) {
-                  grad_rows_tc_block<decltype(tiles)::value>(args, b.x, tid, smem, s);
-                });
-      });
-    }
+    const auto launch = [&](int nt) {
+      return launch_grad_rows_tc(args, blocks, nt, exec.stream);
+    };
+    row_tc(blocks, R, exec, launch,
+           [&](auto tiles, int64_t mb, int tid, float* smem, HostBarrier& s) {
+             grad_rows_tc_block<decltype(tiles)::value>(args, mb, tid, smem, s);
+           });
   }
 }
 
