@@ -500,6 +500,29 @@ const float* scale_pointer(const c10::optional<at::Tensor>& scale, const at::Ten
   return s.data_ptr<float>();
 }
 
+// The row-block CUDA-core kernels (series_fwd_block, grad_rows_block): one block per 64 rows,
+// RT = kRowWideRT rank tiles per pass over the rows when `wide`, else 1. launch() starts the
+// CUDA kernel; body(rt, block, tid, smem, sync) runs one block of the RT = rt instantiation on
+// host threads.
+template <typename Launch, typename Body>
+void row_cc(int64_t blocks, bool wide, const Exec& exec, const Launch& launch, const Body& body) {
+  if (exec.cuda) {
+    check_launch(launch());
+    return;
+  }
+  const auto run = [&](auto rt) {
+    emulate(Grid{blocks, 1, 1}, row_fused_smem_floats<decltype(rt)::value>(),
+            [&](BlockIdx b, int tid, float* smem, HostBarrier& s) {
+              body(rt, b.x, tid, smem, s);
+            });
+  };
+  if (wide) {
+    run(std::integral_constant<int, kRowWideRT>{});
+  } else {
+    run(std::integral_constant<int, 1>{});
+  }
+}
+
 // The row-block tensor-core kernels (series_fwd_tc_block, grad_rows_tc_block) for 16-bit
 // activations: one block per 64 rows, rank passes of up to 64 (NT accumulator tiles of 16),
 // the tile buffer kGtSmemFloats. launch(nt) starts the CUDA kernel; body(tiles, block, tid,
@@ -580,18 +603,12 @@ std::tuple<at::Tensor, at::Tensor> series_forward(
     args.vec_ok = vec_aligned<scalar_t>(h.data_ptr(), N);
     if (tc) {
       series_fwd_tc(args, blocks, R, exec);
-    } else if (exec.cuda) {
-      check_launch(launch_series_fwd(args, blocks, wide, exec.stream));
-    } else if (wide) {
-      emulate(Grid{blocks, 1, 1}, row_fused_smem_floats<kRowWideRT>(),
-              [&](BlockIdx b, int tid, float* smem, HostBarrier& s) {
-                series_fwd_block<kRowWideRT>(args, b.x, tid, smem, s);
-              });
     } else {
-      emulate(Grid{blocks, 1, 1}, row_fused_smem_floats<1>(),
-              [&](BlockIdx b, int tid, float* smem, HostBarrier& s) {
-                series_fwd_block<1>(args, b.x, tid, smem, s);
-              });
+      row_cc(
+          blocks, wide, exec, [&] { return launch_series_fwd(args, blocks, wide, exec.stream); },
+          [&](auto rt, int64_t mb, int tid, float* smem, HostBarrier& s) {
+            series_fwd_block<decltype(rt)::value>(args, mb, tid, smem, s);
+          });
     }
   });
   return {z, s_pre};
@@ -673,18 +690,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> grad_rows(
     args.vec_ok = vec_aligned<scalar_t>(g.data_ptr(), N);
     if (tc) {
       grad_rows_tc(args, blocks, R, exec);
-    } else if (exec.cuda) {
-      check_launch(launch_grad_rows(args, blocks, wide, exec.stream));
-    } else if (wide) {
-      emulate(Grid{blocks, 1, 1}, row_fused_smem_floats<kRowWideRT>(),
-              [&](BlockIdx b, int tid, float* smem, HostBarrier& s) {
-                grad_rows_block<kRowWideRT>(args, b.x, tid, smem, s);
-              });
     } else {
-      emulate(Grid{blocks, 1, 1}, row_fused_smem_floats<1>(),
-              [&](BlockIdx b, int tid, float* smem, HostBarrier& s) {
-                grad_rows_block<1>(args, b.x, tid, smem, s);
-              });
+      row_cc(
+          blocks, wide, exec, [&] { return launch_grad_rows(args, blocks, wide, exec.stream); },
+          [&](auto rt, int64_t mb, int tid, float* smem, HostBarrier& s) {
+            grad_rows_block<decltype(rt)::value>(args, mb, tid, smem, s);
+          });
     }
   });
   if (need_dw && N > 0) {
