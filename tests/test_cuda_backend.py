@@ -183,6 +183,16 @@ def _assert_close(name, ours, same_dtype, ref, dtype):
     )
 
 
+def _assert_within(name, ours, same_dtype, ref, bound, dtype, operand="float32-operand"):
+    """_assert_close against the float64 reference (skipped when same_dtype is None), and the
+    error within `bound` everywhere: the bound of float32-accurate operands, which rounding an
+    operand to 16 bits would break."""
+    if same_dtype is not None:
+        _assert_close(name, ours, same_dtype, ref, dtype)
+    excess = ((ours.double() - ref).abs() - bound).max().item()
+    assert excess <= 0, f"{name}: beyond the {operand} bound by {excess}"
+
+
 def _lora_reference(x, w, bias, a, b, a_bias, b_bias, scale, keep, inv_keep, activation):
     """Eager y = x Wᵀ + b + s·φ(D(x) Aᵀ + a_b) Bᵀ + b_b in x's dtype (weights cast to it)."""
     dt = x.dtype
@@ -778,9 +788,8 @@ def _check_shrink(ext, dtype, m, k, r, p, w_scale=None, out_scale=1.0, device="c
     for tc in (True, False):
         s = ext.shrink(x, w, b, t, inv * out_scale, seed, tc)
         assert s.dtype == torch.float32 and s.shape == (m, r)
-        _assert_close(f"{tag} tensor_cores={tc}", s, same, ref, dtype)
-        excess = ((s.double() - ref).abs() - split_bound).max().item()
-        assert excess <= 0, f"{tag} tensor_cores={tc}: beyond the float32-weight bound by {excess}"
+        _assert_within(f"{tag} tensor_cores={tc}", s, same, ref, split_bound, dtype,
+                       "float32-weight")
         out[tc] = s
     return out
 
@@ -871,9 +880,7 @@ def _check_reduce_rows(ext, dtype, m, n, r, p, activation, h_scale=1.0, device="
     for tc in (True, False):
         got = ext.reduce_rows(x, h, act, t, 9, tc)
         assert got.dtype == torch.float32 and got.shape == (n, r)
-        _assert_close(f"{tag} tensor_cores={tc}", got, same, ref, dtype)
-        excess = ((got.double() - ref).abs() - bound).max().item()
-        assert excess <= 0, f"{tag} tensor_cores={tc}: beyond the float32-operand bound by {excess}"
+        _assert_within(f"{tag} tensor_cores={tc}", got, same, ref, bound, dtype)
         out[tc] = got
     return out
 
@@ -1027,10 +1034,8 @@ def _check_grad_rows(ext, dtype, m, n, r, p, activation, need_dw=True, need_row_
                 assert value.numel() == 0, f"{tag}: {name} computed though not asked for"
                 continue
             assert value.shape == refs[name].shape, f"{tag}: {name} shape"
-            _assert_close(f"{tag} tensor_cores={tc} {name}", value, same[name], refs[name], dtype)
-            excess = ((value.double() - refs[name]).abs() - bounds[name]).max().item()
-            assert excess <= 0, (
-                f"{tag} tensor_cores={tc} {name}: beyond the float32-operand bound by {excess}")
+            _assert_within(f"{tag} tensor_cores={tc} {name}", value, same[name], refs[name],
+                           bounds[name], dtype)
         out[tc] = got
     return out
 
@@ -1155,10 +1160,8 @@ def _check_expand(ext, dtype, m, n, r, p, activation, h_scale=1.0, w_scale=None,
     for tc in (True, False):
         y = base.clone() if inplace else torch.full_like(base, float("nan"))
         ext.expand_add_(y, None if inplace else base, h, act, w, b, scale, scaling, t, 21, tc)
-        if not cancel:
-            _assert_close(f"{tag} tensor_cores={tc}", y, same, ref, dtype)
-        excess = ((y.double() - ref).abs() - bound).max().item()
-        assert excess <= 0, f"{tag} tensor_cores={tc}: beyond the float32-operand bound by {excess}"
+        _assert_within(f"{tag} tensor_cores={tc}", y, None if cancel else same, ref, bound,
+                       dtype)
         y2 = base.clone() if inplace else torch.empty_like(base)
         ext.expand_add_(y2, None if inplace else base, h, act, w, b, scale, scaling, t, 21, tc)
         assert torch.equal(y, y2), f"{tag} tensor_cores={tc}: not deterministic"
@@ -1245,9 +1248,8 @@ def _check_series_forward(ext, dtype, m, n, r, p, activation, biases=True, learn
         z2, s_pre2 = ext.series_forward(*args)
         assert torch.equal(z, z2) and torch.equal(s_pre, s_pre2), f"{tag}: not deterministic"
         assert z.dtype == dtype and s_pre.dtype == torch.float32
-        excess = ((s_pre.double() - s_ref).abs() - s_bound).max().item()
-        assert excess <= 0, f"{tag} tensor_cores={tc} s_pre: beyond the bound by {excess}"
-        _assert_close(f"{tag} tensor_cores={tc} s_pre", s_pre, s_same.float(), s_ref, dtype)
+        _assert_within(f"{tag} tensor_cores={tc} s_pre", s_pre, s_same.float(), s_ref, s_bound,
+                       dtype)
         _assert_close(f"{tag} tensor_cores={tc} z", z, z_same, z_ref, dtype)
 
 
