@@ -36,7 +36,7 @@ from typing import Optional
 import torch
 
 from ..ops import cuda_backend
-from ..ops.torch_backend import dropout_threshold
+from .._numerics import dropout_threshold
 from .harness import device_name, roofline
 
 VARIANTS = {"tensor_cores": True, "cuda_cores": False}

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
-from ..ops.torch_backend import dropout_threshold
+from .._numerics import dropout_threshold
 from .harness import Case, OpSpec, Provider, Runner
 
 # --------------------------------------------------------------------------------------------

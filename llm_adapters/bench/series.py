@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import ops
-from ..ops.torch_backend import dropout_threshold
+from .._numerics import dropout_threshold
 from . import lora
 from .harness import Case, OpSpec, Provider, Runner
 from .lora import ACTIVATION_FNS

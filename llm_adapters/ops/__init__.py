@@ -16,7 +16,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import Tensor
 
-from ._activations import ACTIVATIONS, check_activation
+from .._numerics import ACTIVATIONS, check_activation
 from ._choice import applies_to, shape_key
 from ._custom import eager_lora, eager_series
 from ._dispatch import (

@@ -46,6 +46,8 @@ from typing import Any, Optional
 
 import torch
 
+from .._numerics import m_bucket
+
 FORMAT = 1
 SHIPPED_DIR = Path(__file__).resolve().parent / "backend_tables"
 DEFAULT_ORDER = ("triton", "cuda", "torch")
@@ -54,11 +56,6 @@ _MEASURED_DEVICE_TYPES = {"cuda"}  # tests add "cpu" to exercise the machinery w
 _lock = threading.RLock()
 _tables: dict[str, Table] = {}  # device name -> merged table (user rows over shipped rows)
 _choices: dict[tuple, str] = {}  # (device name, shape key, candidates) -> backend name
-
-
-def m_bucket(m: int) -> int:
-    """M rounded up to a power of two, at least 16."""
-    return 1 << max(int(m) - 1, 15).bit_length()
 
 
 def shape_key(op: str, dtype: torch.dtype, m: int, k: int, n: int, r: int,

@@ -17,7 +17,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from .torch_backend import acc_dtype
+from .._numerics import acc_dtype
 
 _ops: dict[tuple[str, str], Callable[..., Any]] = {}
 

@@ -63,9 +63,8 @@ from torch import Tensor
 
 from .. import _cuda_build
 from . import _cuda_ops
-from .torch_backend import dropout_threshold
+from .._numerics import ACTIVATION_CODES, dropout_threshold
 
-ACTIVATION_CODES = {"identity": 0, "tanh": 1, "relu": 2, "gelu": 3, "silu": 4}
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 _lock = threading.Lock()

@@ -1,6 +1,8 @@
 """The `torch` backend: plain PyTorch in the fused order. The CPU path and the reference.
 
-Every backend implements the same four functions on 2-D, validated inputs:
+Every backend implements the same four functions on 2-D, validated inputs (the forwards here
+also take an optional `mask=`: another backend's keep-mask to use instead of this one's draw,
+which is how the GPU backends run float64 in PyTorch with their own Philox mask):
 
 lora_forward(x, weight, bias, a, b, a_bias, b_bias, scale_t, scaling, p, seed, activation)
     x [M, K], weight [N, K] (any strides; x.dtype), bias [N] | None, a [r, K], b [N, r],
@@ -34,16 +36,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._activations import activation_grad, apply_activation
+from .._numerics import DROPOUT_LANES as _LANES
+from .._numerics import acc_dtype, activation_grad, apply_activation, dropout_threshold
 
-_LANES = 65536
-
-
-def dropout_threshold(p: float) -> tuple[int, float]:
-    """(threshold on a uniform 16-bit lane, 1 / realised keep probability)."""
-    t = int(round(p * _LANES))
-    t = min(max(t, 0), _LANES - 1)
-    return t, _LANES / (_LANES - t)
+__all__ = ["BACKEND", "acc_dtype", "dropout_threshold", "keep_mask"]
 
 
 def keep_mask(shape: tuple[int, ...], p: float, seed: int, device: torch.device) -> Tensor:
@@ -59,10 +55,6 @@ def keep_mask(shape: tuple[int, ...], p: float, seed: int, device: torch.device)
     lanes = words.view(torch.int16)[:numel]
     return (lanes >= t - _LANES // 2).view(shape)
 
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Accumulation dtype of the rank-sized intermediates: float32, float64 for float64 inputs."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
@@ -84,11 +76,14 @@ def _scale_of(scale_t: Tensor | None, scaling: float, dtype: torch.dtype) -> Ten
     return scaling if scale_t is None else _as(scale_t, dtype)
 
 
-def _shrink(x: Tensor, a: Tensor, a_bias: Tensor | None, p: float, seed: int):
-    """S = D(x) aᵀ + a_bias in float32, and the keep-mask (empty when p == 0)."""
+def _shrink(x: Tensor, a: Tensor, a_bias: Tensor | None, p: float, seed: int,
+            mask: Tensor | None = None):
+    """S = D(x) aᵀ + a_bias in float32, and the keep-mask (empty when p == 0). `mask`, when
+    given, is used instead of this backend's own draw (another backend's keep-mask)."""
     a_ = _as(a, x.dtype)
     if p > 0.0:
-        mask = keep_mask(tuple(x.shape), p, seed, x.device)
+        if mask is None:
+            mask = keep_mask(tuple(x.shape), p, seed, x.device)
         _, inv_keep = dropout_threshold(p)
         s = _masked(x, mask) @ a_.t()
         s = _as(s, acc_dtype(x.dtype)).mul_(inv_keep)  # scale the rank-sized result, not x
@@ -131,8 +126,9 @@ def _branch_grads(g, h_act, s_pre, up, scale_t, scaling, activation, need_up, ne
     return ds, d_up, d_scale
 
 
-def lora_forward(x, weight, bias, a, b, a_bias, b_bias, scale_t, scaling, p, seed, activation):
-    s_pre, mask = _shrink(x, a, a_bias, p, seed)
+def lora_forward(x, weight, bias, a, b, a_bias, b_bias, scale_t, scaling, p, seed, activation,
+                 mask=None):
+    s_pre, mask = _shrink(x, a, a_bias, p, seed, mask)
     h_act = _as(apply_activation(s_pre, activation), x.dtype)
     if b_bias is not None:  # b_bias is not scaled: fold it into the base bias (N-sized)
         bias = _as(b_bias, x.dtype) if bias is None else bias + _as(b_bias, x.dtype)
@@ -168,8 +164,9 @@ def lora_backward(g, x, weight, a, b, scale_t, scaling, p, seed, activation, s_p
     )
 
 
-def series_forward(h, down, up, down_bias, up_bias, scale_t, scaling, p, seed, activation):
-    s_pre, mask = _shrink(h, down, down_bias, p, seed)
+def series_forward(h, down, up, down_bias, up_bias, scale_t, scaling, p, seed, activation,
+                   mask=None):
+    s_pre, mask = _shrink(h, down, down_bias, p, seed, mask)
     h_act = _as(apply_activation(s_pre, activation), h.dtype)
     up_ = _as(up, h.dtype)
     if scale_t is None:

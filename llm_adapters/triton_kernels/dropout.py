@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops.torch_backend import dropout_threshold  # noqa: F401  (same p -> t rule)
+from .._numerics import dropout_threshold
 
 
 @triton.jit

@@ -36,15 +36,18 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..ops import torch_backend
-from ..ops._activations import activation_grad, apply_activation
-from ..ops.torch_backend import acc_dtype, dropout_threshold
-from .dropout import keep_bits, keep_mask
+from .._numerics import (
+    acc_dtype,
+    activation_code,
+    activation_grad,
+    apply_activation,
+    dropout_threshold,
+    fp32_ieee,
+    m_bucket,
+)
+from .dropout import keep_bits
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-
-# Activation codes shared by the launchers and the kernels' constexpr switch.
-_ACT_CODE = {"identity": 0, "tanh": 1, "relu": 2, "gelu": 3, "silu": 4}
 
 # The rank is processed in chunks of at most this many columns: the [BLOCK_M, R] tiles of S
 # and the [R, BLOCK_N] tiles of B share registers with the GEMM accumulator in the epilogue.
@@ -141,7 +144,7 @@ def _tanh(x):
 
 @triton.jit
 def _activation(s, ACT: tl.constexpr):
-    """φ(s) in fp32 for the activation code ACT (see _ACT_CODE)."""
+    """φ(s) in fp32 for the activation code ACT (see _numerics.ACTIVATION_CODES)."""
     if ACT == 1:
         s = _tanh(s)
     elif ACT == 2:
@@ -436,17 +439,8 @@ def _dx_kernel(
 # ----------------------------------------------------------------------------------------------
 
 
-def _m_bucket(m: int) -> int:
-    # Autotuning key for M: retune per power of two of the token count, not per batch shape.
-    return triton.next_power_of_2(max(int(m), 16))
-
-
 def _r_block(r: int, cap: int) -> int:
     return min(max(16, triton.next_power_of_2(int(r))), cap)
-
-
-def _ieee(dtype: torch.dtype) -> bool:
-    return dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
 
 
 @functools.cache
@@ -489,9 +483,9 @@ def _reduce(x, y, z, act, p, seed, do_row, do_col, r):
         y.stride(0) if y is not None else 0, y.stride(1) if y is not None else 0,
         z if z is not None else dummy, z.stride(0) if z is not None else 0,
         rows if rows is not None else dummy, cols if cols is not None else dummy,
-        m, c, r, _m_bucket(m), int(seed), t,
-        DO_ROW=do_row, DO_COL=do_col, ACT=_ACT_CODE[act], DROPOUT=p > 0.0,
-        IEEE=_ieee(x.dtype), BLOCK_R=block_r,
+        m, c, r, m_bucket(m), int(seed), t,
+        DO_ROW=do_row, DO_COL=do_col, ACT=activation_code(act), DROPOUT=p > 0.0,
+        IEEE=fp32_ieee(x.dtype), BLOCK_R=block_r,
     )
     rows = None if rows is None else (rows[0] if split_c == 1 else rows.sum(0))
     cols = None if cols is None else (cols[0] if split_m == 1 else cols.sum(0))
@@ -504,38 +498,10 @@ def _check(x: Tensor, weight: Tensor, a: Tensor, b: Tensor) -> None:
             f"lora_forward expects 2-D x, weight, a, b; got shapes {tuple(x.shape)}, "
             f"{tuple(weight.shape)}, {tuple(a.shape)}, {tuple(b.shape)}"
         )
-    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-        raise TypeError(f"x has dtype {x.dtype}; expected float16, bfloat16, float32 or float64")
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"x has dtype {x.dtype}; expected float16, bfloat16 or float32")
     if weight.dtype != x.dtype:
         raise TypeError(f"weight dtype {weight.dtype} does not match x dtype {x.dtype}")
-
-
-# float64 (gradcheck and references only) has no tensor-core path in Triton, so the triton
-# backend runs it in PyTorch, through the torch backend's functions, with this backend's own
-# Philox keep-mask regenerated from the seed: same mask, same contract, nothing stored.
-def _f64_forward(x, weight, bias, a, b, a_bias, b_bias, scale_t, scaling, p, seed, activation):
-    xa = x
-    if p > 0.0:
-        _, inv_keep = dropout_threshold(p)
-        xa = torch.where(keep_mask(tuple(x.shape), p, seed, x.device), x, 0.0)
-    s_pre = xa @ a.to(x.dtype).t()
-    if p > 0.0:
-        s_pre = s_pre.mul_(inv_keep)
-    if a_bias is not None:
-        s_pre = s_pre.add_(a_bias.to(x.dtype))
-    y = x @ weight.t() if bias is None else torch.addmm(bias, x, weight.t())
-    if b_bias is not None:
-        y = y.add_(b_bias.to(x.dtype))
-    s = scaling if scale_t is None else scale_t.to(x.dtype)
-    y = y.addmm_(apply_activation(s_pre, activation) * s, b.to(x.dtype).t())
-    return y, s_pre, x.new_empty(0, dtype=torch.bool)
-
-
-def _f64_backward(g, x, weight, a, b, scale_t, scaling, p, seed, activation, s_pre, needs):
-    mask = keep_mask(tuple(x.shape), p, seed, x.device) if p > 0.0 else x.new_empty(0, dtype=bool)
-    return torch_backend.lora_backward(
-        g, x, weight, a, b, scale_t, scaling, p, seed, activation, s_pre, mask, needs
-    )
 
 
 def lora_forward(
@@ -560,10 +526,6 @@ def lora_forward(
     keep-mask is regenerated from `seed` in backward).
     """
     _check(x, weight, a, b)
-    if x.dtype == torch.float64:
-        return _f64_forward(
-            x, weight, bias, a, b, a_bias, b_bias, scale_t, scaling, p, seed, activation
-        )
     m, k = x.shape
     n, r = b.shape
     t, inv_keep = dropout_threshold(p)
@@ -573,8 +535,8 @@ def lora_forward(
     empty_mask = x.new_empty(0, dtype=torch.bool)
     if m == 0:
         return y, s_pre, empty_mask
-    ieee = _ieee(x.dtype)
-    bucket = _m_bucket(m)
+    ieee = fp32_ieee(x.dtype)
+    bucket = m_bucket(m)
     dummy = s_pre  # any valid pointer; the kernels never touch an operand they were not given
     block_r = _r_block(r, _MAX_R_REDUCE)
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(r, block_r))  # noqa: E731
@@ -601,7 +563,7 @@ def lora_forward(
         scale_t if scale_t is not None else dummy, float(scaling),
         y, y.stride(0), y.stride(1),
         m, n, k, r, bucket,
-        ACT=_ACT_CODE[activation], HAS_BIAS=bias is not None, HAS_BB=b_bias is not None,
+        ACT=activation_code(activation), HAS_BIAS=bias is not None, HAS_BB=b_bias is not None,
         HAS_SCALE_T=scale_t is not None, IEEE=ieee, BLOCK_R=_r_block(r, _MAX_R_CHUNK),
     )
     return y, s_pre, empty_mask
@@ -629,10 +591,6 @@ def lora_backward(
     (fp64 for fp64 g); an empty [0] tensor where not needed. `mask` is unused (empty): the
     keep-mask is regenerated from `seed`.
     """
-    if g.dtype == torch.float64:
-        return _f64_backward(
-            g, x, weight, a, b, scale_t, scaling, p, seed, activation, s_pre, needs
-        )
     need_dx, need_bias, need_a, need_b, need_ab, need_bb, need_scale = (bool(v) for v in needs)
     s_pre = s_pre.contiguous()
     m, k = x.shape
@@ -678,8 +636,8 @@ def lora_backward(
                 ds, ds.stride(0),
                 a, a.stride(0), a.stride(1),
                 dx, dx.stride(0), dx.stride(1),
-                m, n, k, r, _m_bucket(m), int(seed), t, inv_keep,
-                DROPOUT=dropout, IEEE=_ieee(g.dtype), BLOCK_R=_r_block(r, _MAX_R_CHUNK),
+                m, n, k, r, m_bucket(m), int(seed), t, inv_keep,
+                DROPOUT=dropout, IEEE=fp32_ieee(g.dtype), BLOCK_R=_r_block(r, _MAX_R_CHUNK),
             )
     d_a = empty()
     if need_a:

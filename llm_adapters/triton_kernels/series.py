@@ -40,13 +40,14 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops._activations import activation_grad, apply_activation
-from ..ops.torch_backend import dropout_threshold
+from .._numerics import (
+    activation_code,
+    activation_grad,
+    apply_activation,
+    check_activation,
+    dropout_threshold,
+)
 from .dropout import keep_bits
-from .dropout import keep_mask as _keep_mask
-
-# Activation codes: compile-time constants so each kernel specialises on one φ.
-_ACT_CODES = {"identity": 0, "tanh": 1, "relu": 2, "gelu": 3, "silu": 4}
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -587,56 +588,7 @@ def _check(h: torch.Tensor, down: torch.Tensor, up: torch.Tensor, activation: st
         raise ValueError(f"down has shape {tuple(down.shape)}, expected [r >= 1, {n}]")
     if tuple(up.shape) != (n, r):
         raise ValueError(f"up has shape {tuple(up.shape)}, expected [{n}, {r}]")
-    if activation not in _ACT_CODES:
-        raise ValueError(
-            f"unknown activation {activation!r}: expected one of {', '.join(_ACT_CODES)}"
-        )
-
-
-# float64 (gradcheck) has no tensor-core path: it runs in PyTorch with the same Philox mask.
-def _series_forward_f64(h, down, up, down_bias, up_bias, scale_t, scaling, p, seed, activation):
-    hd = h
-    if p > 0.0:
-        mask = _keep_mask(tuple(h.shape), p, seed, h.device)
-        hd = torch.where(mask, h, 0.0)
-    s_pre = hd @ down.to(h.dtype).t()
-    if p > 0.0:
-        s_pre = s_pre * dropout_threshold(p)[1]
-    if down_bias is not None:
-        s_pre = s_pre + down_bias.to(h.dtype)
-    act = apply_activation(s_pre, activation)
-    s = scaling if scale_t is None else scale_t.to(h.dtype)
-    z = h + s * (act @ up.to(h.dtype).t())
-    if up_bias is not None:
-        z = z + up_bias.to(h.dtype)
-    return z, s_pre, h.new_empty(0, dtype=torch.bool)
-
-
-def _series_backward_f64(g, h, down, up, scale_t, scaling, p, seed, activation, s_pre, needs):
-    need_dh, need_down, need_up, need_db, need_ub, need_scale = needs
-    inv_keep = dropout_threshold(p)[1] if p > 0.0 else 1.0
-    mask = _keep_mask(tuple(h.shape), p, seed, h.device) if p > 0.0 else None
-    act = apply_activation(s_pre, activation)
-    s = scaling if scale_t is None else scale_t.to(g.dtype)
-    gu = g @ up.to(g.dtype)
-    grad = activation_grad(s_pre, activation)
-    ds = s * gu if grad is None else s * gu * grad
-    dh = g.new_empty(0)
-    if need_dh:
-        t = ds @ down.to(g.dtype)
-        dh = g + (t if mask is None else torch.where(mask, t, 0.0) * inv_keep)
-    d_down = g.new_empty(0)
-    if need_down:
-        hd = h if mask is None else torch.where(mask, h, 0.0)
-        d_down = (ds.t() @ hd) * inv_keep
-    return (
-        dh,
-        d_down,
-        s * (g.t() @ act) if need_up else g.new_empty(0),
-        ds.sum(0) if need_db else g.new_empty(0),
-        g.sum(0) if need_ub else g.new_empty(0),
-        (gu * act).sum() if need_scale else g.new_empty(0),
-    )
+    check_activation(activation)
 
 
 def series_forward(h, down, up, down_bias, up_bias, scale_t, scaling, p, seed, activation):
@@ -650,10 +602,6 @@ def series_forward(h, down, up, down_bias, up_bias, scale_t, scaling, p, seed, a
     mask is regenerated from the seed in backward.
     """
     _check(h, down, up, activation)
-    if h.dtype == torch.float64:
-        return _series_forward_f64(
-            h, down, up, down_bias, up_bias, scale_t, scaling, p, seed, activation
-        )
     h = h.contiguous()
     # Every row block streams both weight matrices through L2: cast them to h's dtype once
     # here (r·N elements, the same rounding as a cast in the kernel) to halve that traffic when
@@ -680,7 +628,7 @@ def series_forward(h, down, up, down_bias, up_bias, scale_t, scaling, p, seed, a
             m, n, r,
             down.stride(0), down.stride(1), up.stride(0), up.stride(1),
             float(scaling), int(seed), threshold, inv_keep,
-            ACT=_ACT_CODES[activation],
+            ACT=activation_code(activation),
             HAS_DB=down_bias is not None,
             HAS_UB=up_bias is not None,
             HAS_SCALE_T=scale_t is not None,
@@ -703,10 +651,6 @@ def series_backward(g, h, down, up, scale_t, scaling, p, seed, activation, s_pre
     """
     _check(h, down, up, activation)
     needs = tuple(bool(x) for x in needs)
-    if g.dtype == torch.float64:
-        return _series_backward_f64(
-            g, h, down, up, scale_t, scaling, p, seed, activation, s_pre, needs
-        )
     need_dh, need_down, need_up, need_db, need_ub, need_scale = needs
     g = g.contiguous()
     h = h.contiguous()
@@ -744,7 +688,7 @@ def series_backward(g, h, down, up, scale_t, scaling, p, seed, activation, s_pre
                 m, n, r,
                 down.stride(0), down.stride(1), up.stride(0), up.stride(1),
                 float(scaling), int(seed), threshold, inv_keep,
-                ACT=_ACT_CODES[activation],
+                ACT=activation_code(activation),
                 HAS_SCALE_T=scale_t is not None,
                 HAS_DROPOUT=has_dropout,
                 NEED_DS=need_ds,
@@ -777,7 +721,7 @@ def series_backward(g, h, down, up, scale_t, scaling, p, seed, activation, s_pre
                 d_ub if need_ub else s_pre,
                 m, n, r, rows_per_split,
                 float(scaling), int(seed), threshold, inv_keep,
-                ACT=_ACT_CODES[activation],
+                ACT=activation_code(activation),
                 HAS_SCALE_T=scale_t is not None,
                 HAS_DROPOUT=has_dropout,
                 NEED_DOWN=need_down,
