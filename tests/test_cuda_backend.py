@@ -22,10 +22,9 @@ import pytest
 import torch
 
 from llm_adapters import ops
+from llm_adapters._numerics import ACTIVATIONS, activation_grad, apply_activation, dropout_threshold
 from llm_adapters.ops import cuda_backend
-from llm_adapters._numerics import ACTIVATIONS, activation_grad, apply_activation
 from llm_adapters.ops._custom import lora_op, series_op
-from llm_adapters._numerics import dropout_threshold
 
 BACKEND = cuda_backend.BACKEND
 _prebuilt_ok = cuda_backend.extension_status()[0]

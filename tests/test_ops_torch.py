@@ -5,9 +5,9 @@ import torch
 from torch.library import opcheck
 
 from llm_adapters import ops
+from llm_adapters._numerics import dropout_threshold
 from llm_adapters.ops._custom import lora_op, series_op
 from llm_adapters.ops._dispatch import resolve_backend
-from llm_adapters._numerics import dropout_threshold
 
 ACTS = list(ops.ACTIVATIONS)
 F64 = torch.float64

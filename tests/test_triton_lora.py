@@ -16,9 +16,9 @@ import torch.nn.functional as F
 import triton
 
 from llm_adapters import ops
+from llm_adapters._numerics import dropout_threshold
 from llm_adapters.ops._custom import lora_op
 from llm_adapters.ops._dispatch import resolve_backend
-from llm_adapters._numerics import dropout_threshold
 
 BACKEND = "triton"
 _PHI = {

@@ -15,8 +15,8 @@ from tiny_models import tiny_batch, tiny_model
 
 import llm_adapters as la
 from llm_adapters import ops
-from llm_adapters.ops._custom import series_op
 from llm_adapters._numerics import dropout_threshold
+from llm_adapters.ops._custom import series_op
 
 triton = pytest.importorskip("triton")
 

@@ -35,8 +35,8 @@ from typing import Optional
 
 import torch
 
-from ..ops import cuda_backend
 from .._numerics import dropout_threshold
+from ..ops import cuda_backend
 from .harness import device_name, roofline
 
 VARIANTS = {"tensor_cores": True, "cuda_cores": False}

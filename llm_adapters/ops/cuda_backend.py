@@ -62,8 +62,8 @@ import torch
 from torch import Tensor
 
 from .. import _cuda_build
-from . import _cuda_ops
 from .._numerics import ACTIVATION_CODES, dropout_threshold
+from . import _cuda_ops
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 

@@ -42,8 +42,6 @@ import triton.language as tl
 
 from .._numerics import (
     activation_code,
-    activation_grad,
-    apply_activation,
     check_activation,
     dropout_threshold,
 )
