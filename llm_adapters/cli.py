@@ -18,6 +18,7 @@ SUBCOMMANDS = {
     "evaluate": "llm_adapters.evaluate",
     "bench": "llm_adapters.bench.cli",
     "tune-backends": "llm_adapters.bench.tune",
+    "check": "llm_adapters.selfcheck",
 }
 
 
