@@ -1,0 +1,192 @@
+"""Saving and loading adapters, in PEFT's file format for LoRA.
+
+A saved adapter is a folder with `adapter_config.json` and `adapter_model.safetensors`
+(older PEFT / LLM-Adapters releases wrote `adapter_model.bin`, which loads too). How a
+parameter is named in the file is decided in one place, the key-naming section below, which
+both saving and loading use.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from typing import Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from ..config import AdapterConfig, LoraConfig, PrefixTuningConfig, load_config
+from .adapter_model import AdapterModel
+from .inject import adapter_modules, attach_adapters, own_parameters, plan_adapters
+from .targets import model_type
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+LEGACY_WEIGHTS_NAME = "adapter_model.bin"
+PEFT_PREFIX = "base_model.model."
+
+
+# ---- key naming ------------------------------------------------------------------------------
+def layer_key(config: AdapterConfig, layer_name: str, param_name: str) -> str:
+    """File key of an adapter layer's parameter: PEFT's for LoRA
+    (`base_model.model.<layer>.lora_A.weight`); the module path for bottleneck adapters."""
+    key = f"{layer_name}.{param_name}"
+    return PEFT_PREFIX + key if isinstance(config, LoraConfig) else key
+
+
+def soft_key(config: AdapterConfig, param_name: str) -> str:
+    """File key of a prefix encoder's or prompt embedding's parameter."""
+    owner = "prefix_encoder" if isinstance(config, PrefixTuningConfig) else "prompt_embedding"
+    return f"{owner}.{param_name}"
+
+
+def bias_key(param_name: str) -> str:
+    """File key of a trained base bias (LoRA with `bias != "none"`), named as PEFT does:
+    a wrapped layer's bias is `<layer>.base_layer.bias`."""
+    return PEFT_PREFIX + param_name
+
+
+def is_bias_key(key: str) -> bool:
+    return key.startswith(PEFT_PREFIX) and key.endswith("bias")
+
+
+def _bias_names(key: str) -> tuple[str, str]:
+    """The names a bias key may have in a model without adapters: as saved, and without the
+    `.base_layer.` that the wrapping adds."""
+    name = key[len(PEFT_PREFIX):]
+    return name, name.replace(".base_layer.", ".")
+
+
+def _keyed_parameters(
+    config: AdapterConfig, layers: Iterable[tuple[str, nn.Module]], soft: Optional[nn.Module]
+) -> dict[str, nn.Parameter]:
+    """file key -> parameter, for adapter layers given as (name, layer) and a soft prompt."""
+    keyed: dict[str, nn.Parameter] = {}
+    for name, layer in layers:
+        for pname, p in own_parameters(layer):
+            keyed[layer_key(config, name, pname)] = p
+    if soft is not None:
+        for pname, p in soft.named_parameters():
+            keyed[soft_key(config, pname)] = p
+    return keyed
+
+
+# ---- save ------------------------------------------------------------------------------------
+def _adapter_state(wrapper: AdapterModel) -> dict[str, Tensor]:
+    config = wrapper.adapter_config
+    base = wrapper.base_model
+    soft = wrapper.prefix_encoder if wrapper.prefix_encoder is not None else (
+        wrapper.prompt_embedding
+    )
+    state: dict[str, Tensor] = dict(_keyed_parameters(config, adapter_modules(base), soft))
+    if isinstance(config, LoraConfig) and config.bias != "none":
+        for name, p in base.named_parameters():
+            if name.endswith("bias") and p.requires_grad:
+                state[bias_key(name)] = p
+    return {k: v.detach().contiguous().cpu() for k, v in state.items()}
+
+
+def save_adapter(model: AdapterModel, save_directory: str) -> None:
+    """Write adapter_config.json and adapter_model.safetensors (PEFT's format for LoRA)."""
+    if not isinstance(model, AdapterModel):
+        raise TypeError("save_adapter expects the model returned by get_adapter_model")
+    state = _adapter_state(model)
+    os.makedirs(save_directory, exist_ok=True)
+    model.adapter_config.save(save_directory)
+    metadata = {"format": "pt", "model_type": model_type(model.base_model)}
+    save_file(state, os.path.join(save_directory, WEIGHTS_NAME), metadata=metadata)
+
+
+# ---- load ------------------------------------------------------------------------------------
+def _read_weights(directory: str) -> tuple[dict[str, Tensor], dict[str, str]]:
+    path = os.path.join(directory, WEIGHTS_NAME)
+    legacy = os.path.join(directory, LEGACY_WEIGHTS_NAME)
+    if not os.path.isfile(path):
+        if os.path.isfile(legacy):
+            state = torch.load(legacy, map_location="cpu", weights_only=True)
+            tensors_only = isinstance(state, dict) and all(
+                isinstance(v, Tensor) for v in state.values()
+            )
+            if not tensors_only:
+                raise ValueError(f"{legacy} does not hold a tensor state dict")
+            return state, {}
+        raise FileNotFoundError(
+            f"no {WEIGHTS_NAME} (or {LEGACY_WEIGHTS_NAME}) in {directory!r}"
+        )
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        metadata = f.metadata() or {}
+    return load_file(path), metadata
+
+
+def load_adapter(model: nn.Module, adapter_path: str, is_trainable: bool = False) -> AdapterModel:
+    """Load an adapter saved by `save_adapter` (or PEFT, for LoRA) into a base model.
+
+    Every check runs before the model is touched: the config must fit the model, and the file
+    must hold exactly the expected tensors with the expected shapes. Unless `is_trainable`,
+    the adapter is frozen and the model put in eval mode, as PEFT does.
+    """
+    config = load_config(adapter_path)
+    tensors, metadata = _read_weights(adapter_path)
+    saved_type = metadata.get("model_type")
+    if saved_type and saved_type != model_type(model):
+        raise ValueError(
+            f"adapter at {adapter_path!r} was trained on a {saved_type} model, not "
+            f"{model_type(model)}"
+        )
+    plan = plan_adapters(model, config)
+    layers = ((swap.name, swap.new) for swap in plan.swaps)
+    expected: dict[str, Optional[nn.Parameter]] = dict(
+        _keyed_parameters(config, layers, plan.soft)
+    )
+    if isinstance(config, LoraConfig) and config.bias != "none":
+        for key in tensors:
+            if is_bias_key(key):
+                expected.setdefault(key, None)
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise ValueError(
+            f"adapter at {adapter_path!r} does not match this model: missing {missing[:5]}"
+            f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
+            f"{'...' if len(unexpected) > 5 else ''}"
+        )
+    bias_values = {}
+    for key, p in expected.items():
+        t = tensors[key]
+        if p is None:
+            bias_values[key] = t
+            continue
+        if tuple(t.shape) != tuple(p.shape):
+            raise ValueError(
+                f"adapter tensor {key!r} has shape {tuple(t.shape)}, but this model needs "
+                f"{tuple(p.shape)} (another rank or architecture?)"
+            )
+    base_params = dict(model.named_parameters())
+    for key, t in bias_values.items():
+        saved_name, plain_name = _bias_names(key)
+        target = base_params.get(saved_name)
+        if target is None:
+            target = base_params.get(plain_name)
+        if target is None or target.shape != t.shape:
+            raise ValueError(f"adapter tensor {key!r} does not match a bias of this model")
+        bias_values[key] = (target, t)
+    with torch.no_grad():
+        for key, p in expected.items():
+            if p is not None:
+                p.copy_(tensors[key])
+    wrapper = attach_adapters(model, config, plan)
+    with torch.no_grad():
+        for target, t in bias_values.values():
+            target.copy_(t)
+    if not is_trainable:  # inference: nothing trains, dropout off
+        for p in wrapper.parameters():
+            p.requires_grad_(False)
+        wrapper.eval()
+    return wrapper
+
+
+def read_adapter_config(adapter_path: str) -> AdapterConfig:
+    """The config of a saved adapter (ours or PEFT's LoRA)."""
+    return load_config(adapter_path)
