@@ -3,6 +3,7 @@ and `llm-adapters bench --quick` runs (in-process and as the installed console s
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 import shutil
@@ -14,8 +15,9 @@ import torch
 import torch.nn.functional as F
 
 from llm_adapters import ops
-from llm_adapters.bench import harness, lora, series
-from llm_adapters.bench.harness import Budget, Case
+from llm_adapters.bench import harness, lora, memory, parity, results, series, timing
+from llm_adapters.bench.harness import Case
+from llm_adapters.bench.timing import Budget
 
 QUICK = Budget(warmup=1, min_reps=3, max_reps=4, seconds=0.01, sets=2)
 
@@ -110,7 +112,7 @@ def test_wrong_results_fail_parity():
     bad = by["wrong-grad"]
     assert bad.parity_errors["out"] <= bad.parity_tol["out"]
     assert bad.parity_errors["d_lora_a"] > bad.parity_tol["d_lora_a"]
-    assert "FAIL (d_lora_a" in harness.format_table(rows)
+    assert "FAIL (d_lora_a" in results.format_table(rows)
 
 
 def test_dropout_parity_uses_each_providers_mask():
@@ -125,11 +127,11 @@ def test_dropout_parity_uses_each_providers_mask():
 
 def test_parity_tolerance_cannot_be_loosened_by_a_broken_baseline():
     errors = {"out": 0.3}
-    ok, tol = harness.parity_verdict(errors, {"out": 0.4}, torch.float32)
+    ok, tol = parity.parity_verdict(errors, {"out": 0.4}, torch.float32)
     assert not ok and tol["out"] < 1e-3
-    ok, _ = harness.parity_verdict({"out": 1e-7}, {"out": 1e-7}, torch.float32)
+    ok, _ = parity.parity_verdict({"out": 1e-7}, {"out": 1e-7}, torch.float32)
     assert ok
-    ok, _ = harness.parity_verdict({"out": math.inf}, {"out": 1e-7}, torch.float32)
+    ok, _ = parity.parity_verdict({"out": math.inf}, {"out": 1e-7}, torch.float32)
     assert not ok
 
 
@@ -149,11 +151,11 @@ def test_timings_positive_and_quantiles_ordered(mode):
 
 
 def test_quantiles_and_time_runners():
-    assert harness.quantiles([3.0, 1.0, 2.0, 5.0, 4.0]) == pytest.approx((1.8, 3.0, 4.2))
+    assert timing.quantiles([3.0, 1.0, 2.0, 5.0, 4.0]) == pytest.approx((1.8, 3.0, 4.2))
     case = _lora_case(mode="backward", x_grad=False)
     sets = [lora.make_tensors(case, s) for s in range(2)]
     runners = [lora.Ours("torch").build(case, t) for t in sets]
-    times = harness.time_runners(runners, "backward", torch.device("cpu"), 1, 4, 4, 0.0)
+    times = timing.time_runners(runners, "backward", torch.device("cpu"), 1, 4, 4, 0.0)
     assert len(times) == 4 and all(t > 0 for t in times)
 
 
@@ -161,8 +163,8 @@ def test_saved_bytes_counts_what_backward_keeps():
     # eager LoRA with dropout keeps a float copy of the dropped x; ours keeps a bool mask
     case = _lora_case(tokens=64, k=32, n=32, rank=4, dropout=0.2)
     t = lora.make_tensors(case, 0)
-    eager, _ = harness.saved_bytes(lora.Eager().build(case, t))
-    ours, out = harness.saved_bytes(lora.Ours("torch").build(case, t))
+    eager, _ = memory.saved_bytes(lora.Eager().build(case, t))
+    ours, out = memory.saved_bytes(lora.Ours("torch").build(case, t))
     assert out == 64 * 32 * 4
     assert eager >= 64 * 32 * 4  # the dropped copy of x, float32
     assert ours < eager
@@ -180,13 +182,13 @@ def test_counts():
 
 def test_results_round_trip(tmp_path):
     rows = harness.run_cases(lora.SPEC, [_lora_case()], [lora.Eager(), lora.Gemm()], QUICK)
-    env = harness.environment(torch.device("cpu"))
+    env = results.environment(torch.device("cpu"))
     records = [r.to_dict(env) for r in rows]
     records[0]["weird"] = math.inf  # non-finite floats are written as null
     path = tmp_path / "res" / "cpu.jsonl"
-    harness.append_results(str(path), records)
-    harness.append_results(str(path), records[:1])
-    back = harness.read_results(str(path))
+    results.append_results(str(path), records)
+    results.append_results(str(path), records[:1])
+    back = results.read_results(str(path))
     assert len(back) == len(records) + 1
     assert back[0]["weird"] is None
     for rec, got in zip(records, back, strict=False):
@@ -196,6 +198,15 @@ def test_results_round_trip(tmp_path):
             assert got[key] == rec[key]
         assert got["time_ms"] == pytest.approx(rec["time_ms"])
         assert got["parity_errors"] == pytest.approx(rec["parity_errors"])
+        _check_load(got["load"])
+
+
+def _check_load(load):
+    """Every row carries the machine's load where bench.load can describe it, else None."""
+    if importlib.util.find_spec("llm_adapters.bench.load") is None:
+        assert load is None
+    else:
+        assert isinstance(load, dict) and load["cpus"] == os.cpu_count(), load
 
 
 def test_case_validation():
@@ -224,7 +235,7 @@ def _check_outputs(out_dir):
     files = os.listdir(out_dir)
     jsonl = [f for f in files if f.endswith(".jsonl")]
     assert len(jsonl) == 1, files
-    recs = harness.read_results(os.path.join(out_dir, jsonl[0]))
+    recs = results.read_results(os.path.join(out_dir, jsonl[0]))
     assert recs and all(r["status"] in ("ok", "skipped") for r in recs)
     assert all(r["parity"] in ("pass", "n/a", None) for r in recs)
     assert {r["op"] for r in recs} == {"lora", "series"}
@@ -263,12 +274,12 @@ def test_table_roofline_and_summary(tmp_path):
                              [lora.Eager(), lora.Gemm(), lora.Ours("torch")], QUICK)
     for r in rows:  # as on a GPU with a known roofline
         r.peak_tflops, r.peak_tbps = 1e-3, 1e-3
-    table = harness.format_table(rows)
+    table = results.format_table(rows)
     assert "roof%" in table
-    frac = harness.roofline_fraction(rows[0])
+    frac = results.roofline_fraction(rows[0])
     assert frac == pytest.approx(max(rows[0].tflops / 1e-3, rows[0].gbps / 1.0))
-    env = harness.environment(torch.device("cpu"))
-    harness.append_results(str(tmp_path / "dev.jsonl"), [r.to_dict(env) for r in rows])
+    env = results.environment(torch.device("cpu"))
+    results.append_results(str(tmp_path / "dev.jsonl"), [r.to_dict(env) for r in rows])
     (tmp_path / "pytest-gpu.xml").write_text(
         '<testsuites><testsuite tests="5" failures="1" errors="0" skipped="2"/></testsuites>'
     )
@@ -295,6 +306,7 @@ def test_e2e_pairs_start_equal_and_train_alike():
         assert r.status == "ok", r.reason
         assert len(r.losses) == 3 and r.tokens_per_s > 0 and r.saved_bytes > 0
         assert r.trainable > 0 and r.trainable < r.params
+        _check_load(r.load)
         # same function, same start, same batches: fp32 losses agree to rounding
         assert r.loss_max_abs_diff < 1e-4, (r.variant, r.loss_max_abs_diff)
     # the adapters do train: the loss moves
@@ -312,7 +324,7 @@ def test_gpu_bench_quick(tmp_path):
     from llm_adapters.cli import main
 
     assert main(["bench", "--quick", "--device", "cuda", "--out", str(tmp_path)]) == 0
-    recs = harness.read_results(os.path.join(tmp_path, os.listdir(tmp_path)[0]))
+    recs = results.read_results(os.path.join(tmp_path, os.listdir(tmp_path)[0]))
     ok = [r for r in recs if r["status"] == "ok"]
     assert ok and all(r["mem_kind"] == "cuda_peak_allocated" for r in ok)
     assert all(r["peak_bytes"] is not None and r["time_ms"] > 0 for r in ok)

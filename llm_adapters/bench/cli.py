@@ -18,8 +18,9 @@ from typing import Any, Optional
 
 import torch
 
-from . import harness
-from .harness import Budget, Case
+from . import harness, results
+from .harness import Case
+from .timing import Budget
 
 OPS = ("lora", "series")
 
@@ -219,7 +220,7 @@ def run(args: argparse.Namespace, argv: Optional[list[str]] = None) -> int:
     device = _device(args)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda, but no CUDA device is available")
-    env = harness.environment(device)
+    env = results.environment(device)
     env["command"] = "llm-adapters bench " + (
         " ".join(shlex.quote(a) for a in argv) if argv is not None else _command(args)
     )
@@ -231,14 +232,14 @@ def run(args: argparse.Namespace, argv: Optional[list[str]] = None) -> int:
     if args.seconds is not None:
         budget.seconds = args.seconds
     status = 0
-    all_rows: list[harness.Row] = []
+    all_rows: list[results.Row] = []
     ops_to_run = [] if args.e2e_only else (list(OPS) if args.op == "all" else [args.op])
     t0 = time.perf_counter()
-    path = harness.results_path(args.out, device)
+    path = results.results_path(args.out, device)
 
-    def write(rows: list[harness.Row]) -> None:  # per case: a run cut short keeps its rows
+    def write(rows: list[results.Row]) -> None:  # per case: a run cut short keeps its rows
         if not args.no_write:
-            harness.append_results(path, [r.to_dict(env) for r in rows])
+            results.append_results(path, [r.to_dict(env) for r in rows])
 
     for op in ops_to_run:
         cases = build_cases(op, args, device)
@@ -247,7 +248,7 @@ def run(args: argparse.Namespace, argv: Optional[list[str]] = None) -> int:
                                  log=lambda s: print(s, flush=True), on_rows=write)
         all_rows.extend(rows)
     if all_rows:
-        print("\n" + harness.format_table(all_rows))
+        print("\n" + results.format_table(all_rows))
         bad = [r for r in all_rows if r.parity == "FAIL" or r.status == "error"]
         if bad:
             status = 1
@@ -257,7 +258,7 @@ def run(args: argparse.Namespace, argv: Optional[list[str]] = None) -> int:
         if not args.no_write:
             print(f"\nresults appended to {path}")
         if not args.no_plot:
-            png = harness.plot_results(
+            png = results.plot_results(
                 all_rows, os.path.splitext(path)[0] + ".png",
                 title=f"{env['device_name']} | torch {env['torch']} | {env['date']}",
             )

@@ -32,6 +32,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import harness
+from .memory import CudaPeak, saved_storages
+from .results import append_results, load_now, pyplot, results_path, save_figure
+from .timing import StepClock, quantiles
 
 ALL_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 VARIANTS = ("lora", "series", "parallel")
@@ -94,6 +97,7 @@ class E2EResult:
     speedup: Optional[float] = None  # tokens/s over the other side's
     cpu_speedup: Optional[float] = None  # the other side's step CPU time over ours (CPU)
     mem_ratio: Optional[float] = None  # peak memory over the other side's
+    load: Optional[dict[str, Any]] = None  # the machine's load before the pair trained
 
 
 # --------------------------------------------------------------------------------------------
@@ -266,29 +270,21 @@ def train_pair(models: list[nn.Module], data: list[Tensor], cfg: E2EConfig,
             order.reverse()
         for i in order:
             model, opt = models[i], opts[i]
-            if cuda:
-                torch.cuda.synchronize(device)
-                torch.cuda.reset_peak_memory_stats(device)
-                before = torch.cuda.memory_allocated(device)
             # each model draws its dropout masks from its own seeded stream
             torch.manual_seed(int(torch.randint(0, 2**62, (), generator=gens[i])))
-            c0, t0 = time.process_time(), time.perf_counter()
-            out = model(input_ids=ids, labels=ids)
-            out.loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            loss = float(out.loss.detach())  # waits for the step
+            with CudaPeak(device) as peak, StepClock(device) as clock:
+                out = model(input_ids=ids, labels=ids)
+                out.loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                loss = float(out.loss.detach())  # waits for the step
+                del out
             if cuda:
-                torch.cuda.synchronize(device)
-            dt = (time.perf_counter() - t0) * 1e3
-            dc = (time.process_time() - c0) * 1e3
-            del out
-            if cuda:
-                peaks[i] = max(peaks[i], torch.cuda.max_memory_allocated(device) - before)
+                peaks[i] = max(peaks[i], peak.bytes)
             losses[i].append(loss)
             if step >= cfg.warmup:
-                times[i].append(dt)
-                cpu_times[i].append(dc)
+                times[i].append(clock.wall_ms)
+                cpu_times[i].append(clock.cpu_ms)
     del opts
     return [(losses[i], times[i], int(peaks[i]) if cuda else None, cpu_times[i])
             for i in range(len(models))]
@@ -297,19 +293,8 @@ def train_pair(models: list[nn.Module], data: list[Tensor], cfg: E2EConfig,
 def saved_bytes(model: nn.Module, ids: Tensor) -> int:
     """Bytes autograd keeps for backward over one training forward: unique storages packed by
     saved-tensor hooks, parameters and buffers left out. The memory figure on a CPU."""
-    keep = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
-    saved: dict[int, int] = {}
-
-    def pack(t: Tensor) -> Tensor:
-        if t.layout == torch.strided:
-            s = t.untyped_storage()
-            if s.data_ptr() not in keep:
-                saved[s.data_ptr()] = s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = model(input_ids=ids, labels=ids).loss
-    del loss
+    _, saved = saved_storages(lambda: model(input_ids=ids, labels=ids).loss,
+                              (*model.parameters(), *model.buffers()))
     return sum(saved.values())
 
 
@@ -331,6 +316,9 @@ def run_e2e(
     for variant in variants:
         other_impl = "peft" if variant == "lora" else "eager"
         pair = [E2EResult(variant, "ours"), E2EResult(variant, other_impl)]
+        load = load_now()  # sampled while this process sleeps, before the pair trains
+        for res in pair:
+            res.load = load
         models: list[Optional[nn.Module]] = [None, None]
         try:  # both built before either trains: the other starts from ours' initial adapters
             models[0] = ours_model(variant, copy.deepcopy(base), cfg)
@@ -351,8 +339,8 @@ def run_e2e(
                 for res, model, (losses, times, peak, cpu) in zip(pair, models, trained,
                                                                   strict=True):
                     res.losses = losses
-                    res.step_cpu_ms = harness.quantiles(cpu)[1] if device.type == "cpu" else None
-                    res.step_p20_ms, res.step_ms, res.step_p80_ms = harness.quantiles(times)
+                    res.step_cpu_ms = quantiles(cpu)[1] if device.type == "cpu" else None
+                    res.step_p20_ms, res.step_ms, res.step_p80_ms = quantiles(times)
                     res.tokens_per_s = tokens / (res.step_ms / 1e3)
                     res.peak_bytes = peak
                     res.saved_bytes = saved_bytes(model, data[0])
@@ -418,12 +406,8 @@ def format_table(results: list[E2EResult], cfg: E2EConfig) -> str:
 
 
 def plot_losses(results: list[E2EResult], path: str, title: str = "") -> Optional[str]:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     ok = [r for r in results if r.status == "ok"]
     variants = sorted({r.variant for r in ok}, key=VARIANTS.index)
@@ -443,10 +427,7 @@ def plot_losses(results: list[E2EResult], path: str, title: str = "") -> Optiona
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def to_records(results: list[E2EResult], cfg: E2EConfig, env: dict[str, Any]):
@@ -482,9 +463,9 @@ def run_from_args(args: argparse.Namespace, device: torch.device, env: dict[str,
     results = run_e2e(cfg, device, variants, log=lambda s: print(s, flush=True))
     print("\n" + format_table(results, cfg))
     out = getattr(args, "out", os.path.join("benchmarks", "results"))
-    path = harness.results_path(out, device)
+    path = results_path(out, device)
     if not getattr(args, "no_write", False):
-        harness.append_results(path, to_records(results, cfg, env))
+        append_results(path, to_records(results, cfg, env))
         print(f"results appended to {path}")
     if not getattr(args, "no_plot", False):
         png = plot_losses(results, os.path.splitext(path)[0] + "-e2e-loss.png",

@@ -9,7 +9,7 @@
 
 Each streams its activation (shrink and reduce_rows read it once, expand reads and writes it)
 and touches only rank-sized data besides, so its speed is the bandwidth at which it moves the
-activation: GB/s = bytes / time, reported against the device's peak (`harness.ROOFLINES`, or
+activation: GB/s = bytes / time, reported against the device's peak (`results.ROOFLINES`, or
 `--peak-tbps`). grad_rows reads g once (its d_w partials, [M/64, N, r] float32, are not
 counted). Variants of each: `tensor_cores` (WMMA tiles, the default for 16-bit activations) and
 `cuda_cores` (float32 FMAs; LLM_ADAPTERS_CUDA_TENSOR_CORES=0).
@@ -37,7 +37,7 @@ import torch
 
 from .._numerics import dropout_threshold
 from ..ops import cuda_backend
-from .harness import device_name, roofline
+from .results import device_name, roofline
 
 VARIANTS = {"tensor_cores": True, "cuda_cores": False}
 _FLUSH_BYTES = 256 * 2**20

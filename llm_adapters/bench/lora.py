@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
-from .._numerics import dropout_threshold
-from .harness import Case, OpSpec, Provider, Runner
+from .harness import Case, OpRunner, OpSpec, Provider, Runner
+from .parity import ACTIVATION_FNS, lora_reference
 
 # --------------------------------------------------------------------------------------------
 # Counts. Sizes: M tokens, K in, N out, r rank; e = activation bytes, w = adapter weight bytes.
@@ -101,25 +101,11 @@ def grad_names(case: Case) -> list[str]:
     return (["x"] if case.x_grad else []) + ["lora_a", "lora_b"]
 
 
-ACTIVATION_FNS = {
-    "identity": lambda s: s,
-    "tanh": torch.tanh,
-    "relu": torch.relu,
-    "gelu": F.gelu,  # exact (erf) GELU, as transformers' ACT2FN["gelu"]
-    "silu": F.silu,
-}
-
-
-def _dropped(x: Tensor, mask: Optional[Tensor], scale: float) -> Tensor:
-    return x if mask is None else x * mask.to(x.dtype) * scale
-
-
 def reference(t: dict[str, Tensor], mask: Optional[Tensor], scale: float, case: Case) -> Tensor:
-    """The op in float64 from float64 copies of the inputs, with the provider's keep-mask."""
-    phi = ACTIVATION_FNS[case.activation]
-    branch = phi(_dropped(t["x"], mask, scale) @ t["lora_a"].t()) @ t["lora_b"].t()
-    y = t["x"] @ t["weight"].t() + case.scaling * branch
-    return y + t["bias"] if "bias" in t else y
+    """The op from float64 copies of the inputs, with the provider's keep-mask."""
+    return lora_reference(t["x"], t["weight"], t.get("bias"), t["lora_a"], t["lora_b"],
+                          scaling=case.scaling, activation=case.activation, keep=mask,
+                          inv_keep=scale)
 
 
 # --------------------------------------------------------------------------------------------
@@ -127,42 +113,20 @@ def reference(t: dict[str, Tensor], mask: Optional[Tensor], scale: float, case: 
 # --------------------------------------------------------------------------------------------
 
 
-class _Base(Runner):
-    def __init__(self, case: Case, t: dict[str, Tensor]) -> None:
-        self.case, self.t = case, t
-        self.out_grad = t["out_grad"]
-        self.record = False
-
-    def grads(self) -> list[Optional[Tensor]]:
-        return [self.t[n].grad for n in grad_names(self.case)]
-
-    def leaves(self) -> list[Tensor]:
-        return [self.t[n] for n in grad_names(self.case)]
-
-    def inputs(self) -> list[Tensor]:
-        return [v for k, v in self.t.items() if k != "out_grad"]
+class _Base(OpRunner):
+    grad_names = staticmethod(grad_names)
+    dropout_input = "x"
 
 
 class _EagerRunner(_Base):
-    def __init__(self, case: Case, t: dict[str, Tensor]) -> None:
-        super().__init__(case, t)
-        self._last: Optional[Tensor] = None
-
     def forward(self) -> Tensor:
         c, t = self.case, self.t
         x = t["x"]
         y = F.linear(x, t["weight"], t.get("bias"))
         xa = x.to(t["lora_a"].dtype)  # PEFT casts x to the adapter dtype
-        d = F.dropout(xa, c.dropout, training=True) if c.dropout > 0 else xa
-        if self.record:
-            self._last = d
+        d = self.dropped(F.dropout(xa, c.dropout, training=True)) if c.dropout > 0 else xa
         branch = F.linear(ACTIVATION_FNS[c.activation](F.linear(d, t["lora_a"])), t["lora_b"])
         return y + (branch * c.scaling).to(y.dtype)
-
-    def keep_mask(self) -> tuple[Optional[Tensor], float]:
-        if self.case.dropout == 0 or self._last is None:
-            return None, 1.0
-        return self._last != 0, 1.0 / (1.0 - self.case.dropout)
 
 
 class Eager(Provider):
@@ -200,12 +164,10 @@ class _PeftRunner(_Base):
         layer.train()
         self.layer = layer
         self._a, self._b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
-        self._last: Optional[Tensor] = None
         layer.lora_dropout["default"].register_forward_hook(self._hook)
 
     def _hook(self, module, args, output) -> None:
-        if self.record:
-            self._last = output
+        self.dropped(output)
 
     def forward(self) -> Tensor:
         return self.layer(self.t["x"])
@@ -219,11 +181,6 @@ class _PeftRunner(_Base):
 
     def inputs(self) -> list[Tensor]:
         return super().inputs() + [self._a, self._b]
-
-    def keep_mask(self) -> tuple[Optional[Tensor], float]:
-        if self.case.dropout == 0 or self._last is None:
-            return None, 1.0
-        return self._last != 0, 1.0 / (1.0 - self.case.dropout)
 
 
 class Peft(Provider):
@@ -283,14 +240,6 @@ class _OursRunner(_Base):
             scaling=c.scaling, dropout_p=c.dropout, activation=c.activation, seed=self.seed,
             backend=self.backend,
         )
-
-    def keep_mask(self) -> tuple[Optional[Tensor], float]:
-        if self.case.dropout == 0:
-            return None, 1.0
-        shape = (self.case.tokens, self.case.k)
-        mask = ops.dropout_mask(shape, self.case.dropout, self.seed, self.case.device,
-                                backend=self.backend)
-        return mask, dropout_threshold(self.case.dropout)[1]
 
 
 def backend_skip_reason(op: str, backend: str, device: str, allow_interpreter: bool):

@@ -17,10 +17,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import ops
-from .._numerics import dropout_threshold
 from . import lora
-from .harness import Case, OpSpec, Provider, Runner
-from .lora import ACTIVATION_FNS
+from .harness import Case, OpRunner, OpSpec, Provider, Runner
+from .parity import ACTIVATION_FNS, series_reference
 
 # --------------------------------------------------------------------------------------------
 # Counts. Sizes: M tokens, N hidden, r bottleneck; e = activation bytes, w = adapter bytes.
@@ -86,12 +85,10 @@ def grad_names(case: Case) -> list[str]:
 
 
 def reference(t: dict[str, Tensor], mask: Optional[Tensor], scale: float, case: Case) -> Tensor:
-    """The op in float64 with the provider's keep-mask (on h, the adapter input)."""
-    h = t["h"]
-    d = h if mask is None else h * mask.to(h.dtype) * scale
-    s = F.linear(d, t["down"], t.get("down_bias"))
-    branch = F.linear(ACTIVATION_FNS[case.activation](s), t["up"], t.get("up_bias"))
-    return h + case.scaling * branch
+    """The op from float64 copies of the inputs, with the provider's keep-mask (on h)."""
+    return series_reference(t["h"], t["down"], t["up"], scaling=case.scaling,
+                            activation=case.activation, keep=mask, inv_keep=scale,
+                            down_bias=t.get("down_bias"), up_bias=t.get("up_bias"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -99,38 +96,21 @@ def reference(t: dict[str, Tensor], mask: Optional[Tensor], scale: float, case: 
 # --------------------------------------------------------------------------------------------
 
 
-class _Base(Runner):
-    def __init__(self, case: Case, t: dict[str, Tensor]) -> None:
-        self.case, self.t = case, t
-        self.out_grad = t["out_grad"]
-        self.record = False
-        self._last: Optional[Tensor] = None
-
-    def grads(self) -> list[Optional[Tensor]]:
-        return [self.t[n].grad for n in grad_names(self.case)]
-
-    def leaves(self) -> list[Tensor]:
-        return [self.t[n] for n in grad_names(self.case)]
-
-    def inputs(self) -> list[Tensor]:
-        return [v for k, v in self.t.items() if k != "out_grad"]
+class _Base(OpRunner):
+    grad_names = staticmethod(grad_names)
+    dropout_input = "h"
 
 
 class _EagerRunner(_Base):
     def forward(self) -> Tensor:
         c, t = self.case, self.t
         h = t["h"]
-        d = F.dropout(h, c.dropout, training=True) if c.dropout > 0 else h
-        if self.record:
-            self._last = d
+        d = self.dropped(F.dropout(h, c.dropout, training=True)) if c.dropout > 0 else h
         down = F.linear(d.to(t["down"].dtype), t["down"], t.get("down_bias"))
-        out = F.linear(ACTIVATION_FNS[c.activation](down), t["up"], t.get("up_bias")) * c.scaling
+        out = F.linear(ACTIVATION_FNS[c.activation](down), t["up"]) * c.scaling
+        if "up_bias" in t:  # outside the scaling, as the op defines it (DESIGN §2.2)
+            out = out + t["up_bias"]
         return h + out.to(h.dtype)
-
-    def keep_mask(self) -> tuple[Optional[Tensor], float]:
-        if self.case.dropout == 0 or self._last is None:
-            return None, 1.0
-        return self._last != 0, 1.0 / (1.0 - self.case.dropout)
 
 
 class Eager(Provider):
@@ -161,6 +141,8 @@ class AdapterHub(Provider):
     def parity_skip_reason(self, case: Case) -> Optional[str]:
         if case.dropout > 0:
             return "dropout on the adapter output: a different function when p > 0"
+        if case.bias and case.scaling != 1.0:
+            return "scales the up-projection's bias: a different function when s != 1"
         return None
 
     def build(self, case: Case, tensors: dict[str, Tensor]) -> Runner:
@@ -180,14 +162,6 @@ class _OursRunner(_Base):
             dropout_p=c.dropout, seed=self.seed, down_bias=t.get("down_bias"),
             up_bias=t.get("up_bias"), backend=self.backend,
         )
-
-    def keep_mask(self) -> tuple[Optional[Tensor], float]:
-        if self.case.dropout == 0:
-            return None, 1.0
-        shape = (self.case.tokens, self.case.n)
-        mask = ops.dropout_mask(shape, self.case.dropout, self.seed, self.case.device,
-                                backend=self.backend)
-        return mask, dropout_threshold(self.case.dropout)[1]
 
 
 class Ours(lora.Ours):

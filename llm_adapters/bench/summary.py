@@ -16,7 +16,7 @@ import sys
 import xml.etree.ElementTree as ET
 from typing import Any, Optional
 
-from .harness import read_results
+from .results import read_results
 
 # DESIGN §7 (H100, bf16, M = 8192, K = N = 4096, r = 16)
 TARGET_CASE = dict(tokens=8192, k=4096, n=4096, rank=16, dtype="bfloat16")
