@@ -1,10 +1,16 @@
-// The __global__ entry points of the kernels in kernels.cuh and their launchers.
+// The __global__ entry points of the kernels (shrink.cuh, expand.cuh, reduce_rows.cuh,
+// row_block.cuh) and their launchers.
 //
 // This file includes no ATen or torch header (only CUDA and c10's Half / BFloat16), so nvcc
 // compiles it in seconds; the tensor checks, allocation and dispatch live in ops.cpp.
 #include <cuda_runtime.h>
 
-#include "kernels.cuh"
+#include "common.cuh"
+#include "expand.cuh"
+#include "reduce_rows.cuh"
+#include "row_block.cuh"
+#include "shrink.cuh"
+#include "tc.cuh"
 
 namespace llm_adapters {
 namespace {

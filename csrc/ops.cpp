@@ -1,5 +1,6 @@
 // The low-level ops of llm_adapters._C (namespace torch.ops.llm_adapters_C): schemas, input
-// checks, grid sizing and dispatch to the kernels of kernels.cuh, and the Python module entry.
+// checks, grid sizing and dispatch to the kernels (common.cuh lists them), and the Python module
+// entry.
 //
 // These ops are building blocks: llm_adapters/ops/cuda_backend.py composes them with the base
 // GEMMs (cuBLAS through torch) into the lora / series forward and backward, and
@@ -27,7 +28,13 @@
 #include <tuple>
 #include <vector>
 
-#include "kernels.cuh"
+#include "common.cuh"
+#include "expand.cuh"
+#include "mma.cuh"
+#include "reduce_rows.cuh"
+#include "row_block.cuh"
+#include "shrink.cuh"
+#include "tc.cuh"
 
 namespace llm_adapters {
 namespace {
