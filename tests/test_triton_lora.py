@@ -12,22 +12,15 @@ import time
 
 import pytest
 import torch
-import torch.nn.functional as F
 import triton
 
 from llm_adapters import ops
 from llm_adapters._numerics import dropout_threshold
+from llm_adapters.bench import parity
 from llm_adapters.ops._custom import lora_op
 from llm_adapters.ops._dispatch import resolve_backend
 
 BACKEND = "triton"
-_PHI = {
-    "identity": lambda s: s,
-    "tanh": torch.tanh,
-    "relu": torch.relu,
-    "gelu": F.gelu,
-    "silu": F.silu,
-}
 _NAMES = ("x", "bias", "lora_a", "lora_b", "lora_a_bias", "lora_b_bias", "scale")
 
 
@@ -45,23 +38,10 @@ DEV = _device()
 
 
 def _reference(x, w, bias, a, b, ab, bb, scale, act, keep, p):
-    """Plain PyTorch in x's dtype (small weights cast to it, as the op does), explicit mask."""
-    dt = x.dtype
-    xd = x
-    if keep is not None:
-        _, inv_keep = dropout_threshold(p)
-        xd = x * keep.to(dt) * inv_keep
-    s = xd @ a.to(dt).t()
-    if ab is not None:
-        s = s + ab.to(dt)
-    h = _PHI[act](s)
-    s_ = scale.to(dt) if isinstance(scale, torch.Tensor) else scale
-    y = x @ w.t() + (h * s_) @ b.to(dt).t()
-    if bias is not None:
-        y = y + bias
-    if bb is not None:
-        y = y + bb.to(dt)
-    return y
+    """The shared reference in x's dtype (small weights cast to it, as the op does)."""
+    return parity.lora_reference(x, w, bias, a, b, scaling=scale, activation=act, keep=keep,
+                                 inv_keep=dropout_threshold(p)[1], lora_a_bias=ab,
+                                 lora_b_bias=bb)
 
 
 def _make(m, k, n, r, dtype, *, bias=True, branch_bias=True, learned=True, wdtype=torch.float32,
@@ -124,32 +104,20 @@ def _run_ref(w, t, act, p, keep, dtype, ref_dtype=torch.float64, x_grad=True):
 
 
 def _assert_parity(name, ours, ref, same, dtype, magnitude=None):
-    """|ours - ref| <= 2 |same - ref| + a floor: a few float32 roundings of the largest value.
+    """DESIGN §6 (parity.assert_parity) with this file's floor: four float32 roundings of the
+    largest value, and ours in same's dtype.
 
     A single number gets a floor of one rounding in the computation dtype of `magnitude`, the
     sum of the absolute values of the terms it adds up (default 8 |ref|): one same-dtype sample
     of a scalar can land on the reference by luck of the quantisation grid, so its error alone
     measures nothing, and d(scale) = Σ (gB) ⊙ φ(S) cancels heavily (|ref| << Σ |terms|)."""
-    assert ours is not None, f"{name}: no gradient"
-    assert ours.shape == ref.shape, f"{name}: shape {tuple(ours.shape)} != {tuple(ref.shape)}"
-    assert ours.dtype == same.dtype, f"{name}: dtype {ours.dtype} != {same.dtype}"
-    ours, ref, same = ours.double(), ref.double(), same.double()
-    assert torch.isfinite(ours).all(), f"{name}: non-finite values"
-    err = (ours - ref).abs()
-    base = (same - ref).abs().max().item()
     if ref.numel() == 1:
+        rel_floor = torch.finfo(dtype).eps
         magnitude = 8 * ref.abs().item() if magnitude is None else magnitude
-        floor = torch.finfo(dtype).eps * magnitude
     else:
-        floor = 4 * torch.finfo(torch.float32).eps * ref.abs().max().item()
-    tol = 2.0 * base + floor
-    worst = err.max().item()
-    if worst > tol:
-        idx = tuple(int(i) for i in torch.nonzero(err == err.max())[0])
-        raise AssertionError(
-            f"{name}: max error {worst:.3e} at {idx} (ours {ours[idx].item():.6g}, "
-            f"ref {ref[idx].item():.6g}) > tol {tol:.3e} (PyTorch same-dtype error {base:.3e})"
-        )
+        rel_floor, magnitude = 4 * torch.finfo(torch.float32).eps, None
+    parity.assert_parity(name, ours, ref, same, rel_floor=rel_floor, magnitude=magnitude,
+                         check_dtype=True)
 
 
 def _check_case(m, k, n, r, dtype, act, p, seed=1234, lead=(), x_grad=True, w_transposed=False,
@@ -191,7 +159,7 @@ def _scale_terms(lv, g, act, keep, p):
     if lv["lora_a_bias"] is not None:
         s = s + lv["lora_a_bias"].detach().double()
     gb = g.reshape(-1, g.shape[-1]).double() @ lv["lora_b"].detach().double()
-    return (gb.abs() * _PHI[act](s).abs()).sum().item()
+    return (gb.abs() * parity.ACTIVATION_FNS[act](s).abs()).sum().item()
 
 
 # ---------------------------------------------------------------------------------------------
