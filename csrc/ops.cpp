@@ -188,10 +188,26 @@ int rank_tile(int64_t r) {
   return width;
 }
 
-// Splits of a reduction of `tiles` steps so that blocks * splits fills about two waves.
-int64_t split_count(int64_t blocks, int64_t tiles, int sms) {
-  if (blocks >= 2 * sms) return 1;
-  return std::max<int64_t>(1, std::min<int64_t>(tiles, ceil_div(2 * sms, blocks)));
+// The grid of a split reduction (shrink over K, reduce_rows over M): gx x gy blocks, and the
+// reduced extent cut over blockIdx.z into splits of whole `step`s (per_split, a multiple of
+// step; none empty) so that blocks * splits fills about two waves of the SMs. Their partials
+// are summed afterwards in split order.
+struct SplitGrid {
+  Grid grid;
+  int64_t per_split;
+};
+
+SplitGrid plan_splits(int64_t gx, int64_t gy, int64_t extent, int64_t step, int sms,
+                      const char* op) {
+  const int64_t blocks = gx * gy;
+  const int64_t tiles = ceil_div(extent, step);
+  int64_t splits = blocks >= 2 * sms
+                       ? 1
+                       : std::max<int64_t>(1, std::min<int64_t>(tiles, ceil_div(2 * sms, blocks)));
+  const int64_t per_split = ceil_div(tiles, splits) * step;
+  splits = ceil_div(extent, per_split);
+  TORCH_CHECK(gy <= 65535 && splits <= 65535, "llm_adapters_C: ", op, ": shape too large");
+  return SplitGrid{Grid{gx, gy, splits}, per_split};
 }
 
 // The device to make current for a launch: the tensor's, when it is a CUDA tensor.
@@ -224,17 +240,13 @@ void shrink_tc(const at::Tensor& x, const at::Tensor& w, at::Tensor& part_out, i
                double out_scale, int64_t seed, const Exec& exec) {
   const int64_t M = x.size(0), K = x.size(1), R = w.size(0);
   const int br = tc_rank_tile(R);
-  const int64_t gx = ceil_div(M, kTcBM), gy = ceil_div(R, br);
-  const int64_t k_tiles = ceil_div(K, kTcBK);
-  int64_t splits = split_count(gx * gy, k_tiles, exec.sms);
-  const int64_t k_per_split = ceil_div(k_tiles, splits) * kTcBK;
-  splits = ceil_div(K, k_per_split);
-  TORCH_CHECK(gy <= 65535 && splits <= 65535, "llm_adapters_C: shrink: shape too large");
-  part_out = at::empty({splits, M, R}, x.options().dtype(at::kFloat));
-  const Grid grid{gx, gy, splits};
+  const SplitGrid split =
+      plan_splits(ceil_div(M, kTcBM), ceil_div(R, br), K, kTcBK, exec.sms, "shrink");
+  const Grid& grid = split.grid;
+  part_out = at::empty({grid.z, M, R}, x.options().dtype(at::kFloat));
   const ShrinkArgs<T> args{
       x.data_ptr<T>(), M, K, w.data_ptr<float>(), w.stride(0), w.stride(1), R,
-      part_out.data_ptr<float>(), br, k_per_split, make_dropout(threshold, seed),
+      part_out.data_ptr<float>(), br, split.per_split, make_dropout(threshold, seed),
       static_cast<float>(out_scale), vec_aligned<T>(x.data_ptr(), K)};
   const int nt = tc_rank_tiles(br);
   if (exec.cuda) {
@@ -278,18 +290,14 @@ at::Tensor shrink(const at::Tensor& x, const at::Tensor& w, const c10::optional<
   } else {
     const Exec exec = exec_for(x);
     const int br = rank_tile(R);
-    const int64_t gx = ceil_div(M, shrink_layout(br).bm), gy = ceil_div(R, br);
-    const int64_t k_tiles = ceil_div(K, kShrinkBK);
-    int64_t splits = split_count(gx * gy, k_tiles, exec.sms);
-    const int64_t k_per_split = ceil_div(k_tiles, splits) * kShrinkBK;
-    splits = ceil_div(K, k_per_split);
-    TORCH_CHECK(gy <= 65535 && splits <= 65535, "llm_adapters_C: shrink: shape too large");
-    at::Tensor part = at::empty({splits, M, R}, x.options().dtype(at::kFloat));
-    const Grid grid{gx, gy, splits};
+    const SplitGrid split = plan_splits(ceil_div(M, shrink_layout(br).bm), ceil_div(R, br), K,
+                                        kShrinkBK, exec.sms, "shrink");
+    const Grid& grid = split.grid;
+    at::Tensor part = at::empty({grid.z, M, R}, x.options().dtype(at::kFloat));
     LA_DISPATCH_FLOAT_HALF_BF16(x.scalar_type(), "shrink", [&] {
       const ShrinkArgs<scalar_t> args{
           x.data_ptr<scalar_t>(), M, K, w.data_ptr<float>(), w.stride(0), w.stride(1), R,
-          part.data_ptr<float>(), br, k_per_split, make_dropout(threshold, seed),
+          part.data_ptr<float>(), br, split.per_split, make_dropout(threshold, seed),
           static_cast<float>(out_scale), vec_aligned<scalar_t>(x.data_ptr(), K)};
       if (exec.cuda) {
         check_launch(launch_shrink(args, grid, exec.stream));
@@ -299,7 +307,7 @@ at::Tensor shrink(const at::Tensor& x, const at::Tensor& w, const c10::optional<
         });
       }
     });
-    result = splits == 1 ? part.select(0, 0) : part.sum(0);
+    result = grid.z == 1 ? part.select(0, 0) : part.sum(0);
   }
   if (bias.has_value()) result.add_(bias.value());
   return result;
@@ -408,17 +416,13 @@ at::Tensor reduce_rows_tc(const at::Tensor& x, const at::Tensor& h, int64_t act,
                           int64_t threshold, int64_t seed, const Exec& exec) {
   const int64_t M = x.size(0), N = x.size(1), R = h.size(1);
   const int br = tc_rank_tile(R);
-  const int64_t gx = ceil_div(N, kRtBN), gy = ceil_div(R, br);
-  const int64_t m_tiles = ceil_div(M, kRtBM);
-  int64_t splits = split_count(gx * gy, m_tiles, exec.sms);
-  const int64_t rows_per_split = ceil_div(m_tiles, splits) * kRtBM;
-  splits = ceil_div(M, rows_per_split);
-  TORCH_CHECK(gy <= 65535 && splits <= 65535, "llm_adapters_C: reduce_rows: shape too large");
-  at::Tensor part = at::empty({splits, N, R}, x.options().dtype(at::kFloat));
-  const Grid grid{gx, gy, splits};
+  const SplitGrid split =
+      plan_splits(ceil_div(N, kRtBN), ceil_div(R, br), M, kRtBM, exec.sms, "reduce_rows");
+  const Grid& grid = split.grid;
+  at::Tensor part = at::empty({grid.z, N, R}, x.options().dtype(at::kFloat));
   const ReduceArgs<T> args{
       x.data_ptr<T>(), M, N, h.data_ptr<float>(), R, static_cast<int>(act),
-      part.data_ptr<float>(), br, rows_per_split, make_dropout(threshold, seed),
+      part.data_ptr<float>(), br, split.per_split, make_dropout(threshold, seed),
       vec_aligned<T>(x.data_ptr(), N)};
   const int nt = tc_rank_tiles(br);
   if (exec.cuda) {
@@ -458,18 +462,14 @@ at::Tensor reduce_rows(const at::Tensor& x, const at::Tensor& h, int64_t act, in
     return part.size(0) == 1 ? part.select(0, 0) : part.sum(0);
   }
   const int br = rank_tile(R);
-  const int64_t gx = ceil_div(N, shrink_layout(br).bm), gy = ceil_div(R, br);
-  const int64_t m_tiles = ceil_div(M, kReduceBM);
-  int64_t splits = split_count(gx * gy, m_tiles, exec.sms);
-  const int64_t rows_per_split = ceil_div(m_tiles, splits) * kReduceBM;
-  splits = ceil_div(M, rows_per_split);
-  TORCH_CHECK(gy <= 65535 && splits <= 65535, "llm_adapters_C: reduce_rows: shape too large");
-  at::Tensor part = at::empty({splits, N, R}, x.options().dtype(at::kFloat));
-  const Grid grid{gx, gy, splits};
+  const SplitGrid split = plan_splits(ceil_div(N, shrink_layout(br).bm), ceil_div(R, br), M,
+                                      kReduceBM, exec.sms, "reduce_rows");
+  const Grid& grid = split.grid;
+  at::Tensor part = at::empty({grid.z, N, R}, x.options().dtype(at::kFloat));
   LA_DISPATCH_FLOAT_HALF_BF16(x.scalar_type(), "reduce_rows", [&] {
     const ReduceArgs<scalar_t> args{
         x.data_ptr<scalar_t>(), M, N, h.data_ptr<float>(), R, static_cast<int>(act),
-        part.data_ptr<float>(), br, rows_per_split, make_dropout(threshold, seed),
+        part.data_ptr<float>(), br, split.per_split, make_dropout(threshold, seed),
         vec_aligned<scalar_t>(x.data_ptr(), N)};
     if (exec.cuda) {
       check_launch(launch_reduce_rows(args, grid, exec.stream));
@@ -479,7 +479,7 @@ at::Tensor reduce_rows(const at::Tensor& x, const at::Tensor& h, int64_t act, in
       });
     }
   });
-  return splits == 1 ? part.select(0, 0) : part.sum(0);
+  return grid.z == 1 ? part.select(0, 0) : part.sum(0);
 }
 
 // ----------------------------------------------------------------------------------------------
