@@ -68,6 +68,7 @@ if os.environ.get("LLM_ADAPTERS_BUILD_CUDA") == "1":
             "llm_adapters._C",
             sources,
             extra_compile_args={"cxx": settings.CXX_FLAGS, "nvcc": settings.NVCC_FLAGS},
+            depends=settings.headers(ROOT),  # an edited header rebuilds the extension
         )
     )
     cmdclass["build_ext"] = BuildExtension

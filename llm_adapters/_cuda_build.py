@@ -28,11 +28,24 @@ CXX_FLAGS = ["-O3"]
 NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr"]
 
 
+def _listed(patterns: tuple[str, ...], root: Path | None) -> list[str]:
+    folder = CSRC if root is None else root / "csrc"
+    found = [p for pattern in patterns for p in sorted(folder.glob(pattern))]
+    return [str(p if root is None else p.relative_to(root)) for p in found]
+
+
 def sources(root: Path | None = None) -> list[str]:
     """The extension's C++ / CUDA sources (sorted), relative to `root` when given."""
-    folder = CSRC if root is None else root / "csrc"
-    found = sorted(folder.glob("*.cpp")) + sorted(folder.glob("*.cu"))
-    return [str(p if root is None else p.relative_to(root)) for p in found]
+    return _listed(("*.cpp", "*.cu"), root)
+
+
+def headers(root: Path | None = None) -> list[str]:
+    """The headers the sources include (csrc/*.cuh: one per kernel family, the tensor-core
+    helpers, the tile MMAs, Philox), relative to `root` when given. setup.py passes them as the
+    extension's `depends`, so an edited header rebuilds it and they go into an sdist; the JIT
+    build tracks them through the compilers' dependency files, and `jit_cached` counts every
+    file in csrc/."""
+    return _listed(("*.cuh", "*.h"), root)
 
 
 def find_cuda_home() -> str | None:
