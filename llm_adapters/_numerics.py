@@ -4,7 +4,7 @@ Kernels (`triton_kernels/`, and `csrc/` through the codes checked by a test), ba
 (`ops/`), layers and the benchmarks all import these names from here, so each rule exists once:
 
 - the branch non-linearities φ: their names, the integer codes the fused kernels specialise on
-  (`csrc/kernels.cuh` `enum Activation` must match `ACTIVATION_CODES`), and φ / φ' in PyTorch on
+  (`csrc/common.cuh` `enum Activation` must match `ACTIVATION_CODES`), and φ / φ' in PyTorch on
   rank-sized tensors;
 - the dropout threshold: p realised on a 16-bit lane, and the inverted-dropout scale;
 - the accumulation dtype of rank-sized intermediates;
