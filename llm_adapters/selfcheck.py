@@ -9,10 +9,12 @@ config.json) in bfloat16, float16 and float32. Its output and every gradient are
 the same computation in float64 on the same inputs and the backend's own dropout keep-mask
 (`ops.dropout_mask`), and each fwd+bwd call is timed. One table, one exit status (0 = all pass).
 
-The bound is DESIGN §6's parity rule: a result may be off float64 by at most about twice what
-eager PyTorch in the same dtype is off (its error measured here, on the same inputs and mask),
-never less than one epsilon of the dtype and never more than min(1000 eps, 0.05), so a baseline
-gone wrong cannot make everything pass. Errors are relative Frobenius norms, per tensor.
+The bound is DESIGN §6's parity rule, as the benchmarks apply it (`bench.parity.parity_verdict`):
+a result may be off float64 by at most twice what eager PyTorch in the same dtype is off (its
+error measured here, on the same inputs and mask) plus one epsilon of the dtype, and never more
+than min(1000 eps, 0.05), so a baseline gone wrong cannot make everything pass. Errors are
+relative Frobenius norms, per tensor; the references are `bench.parity`'s, written with torch's
+own functions, not the package's.
 
 `llm-adapters check --aot [ARGS]` runs the ahead-of-time compile check of the Triton kernels
 instead (`llm_adapters.triton_kernels.aot`).
@@ -36,22 +38,15 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from ._numerics import apply_activation, dropout_threshold
+from ._numerics import dropout_threshold
+from .bench import parity
+from .bench.parity import lora_reference, rel_error, series_reference
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 OPS = ("lora", "parallel", "series")
 PARALLEL_ACTIVATION = "tanh"  # LLM-Adapters' default non-linearity
 SERIES_ACTIVATION = "tanh"
 SEED = 1234  # the dropout seed; inputs come from their own generator (see _inputs)
-
-# DESIGN §6: ours within this factor of eager PyTorch's same-dtype error against float64 ...
-PARITY_FACTOR = 2.0
-# ... never below this many epsilons of the dtype (eager's own error can be near zero on a
-# small or degenerate shape, and a kernel summing in another order may then differ by an ulp),
-PARITY_FLOOR_EPS = 1.0
-# ... and never above min(cap eps, cap): a broken baseline must not make every backend pass.
-PARITY_CAP_EPS = 1000.0
-PARITY_CAP = 0.05
 
 
 @dataclass(frozen=True)
@@ -197,23 +192,19 @@ def model_cases(path: str, tokens: int, rank: int, bottleneck: int) -> list[Case
 # --------------------------------------------------------------------------------------------
 
 
-def _dropped(x: Tensor, keep: Optional[Tensor], inv_keep: float) -> Tensor:
-    return x if keep is None else torch.where(keep, x, 0.0) * inv_keep
-
-
 def eager(case: Case, t: dict[str, Tensor], keep: Optional[Tensor], inv_keep: float) -> Tensor:
-    """The op written plainly in PyTorch, in the dtype of `t` (float64 for the reference)."""
+    """The op written plainly in PyTorch (`bench.parity`), in the dtype of `t`: the same-dtype
+    baseline, and with float64 leaves the reference."""
     if case.op == "series":
-        h = t["h"]
-        s = _dropped(h, keep, inv_keep) @ t["down"].t()
-        return h + (apply_activation(s, SERIES_ACTIVATION) * t["scale"]) @ t["up"].t()
-    x = t["x"]
-    s = _dropped(x, keep, inv_keep) @ t["lora_a"].t()
+        return series_reference(t["h"], t["down"], t["up"], scaling=t["scale"],
+                                activation=SERIES_ACTIVATION, keep=keep, inv_keep=inv_keep)
     if case.op == "lora":
-        return x @ t["weight"].t() + t["bias"] + (2.0 * s) @ t["lora_b"].t()
-    s = s + t["lora_a_bias"]
-    branch = (apply_activation(s, PARALLEL_ACTIVATION) * t["scale"]) @ t["lora_b"].t()
-    return x @ t["weight"].t() + branch + t["lora_b_bias"]
+        return lora_reference(t["x"], t["weight"], t["bias"], t["lora_a"], t["lora_b"],
+                              scaling=2.0, keep=keep, inv_keep=inv_keep)
+    return lora_reference(t["x"], t["weight"], None, t["lora_a"], t["lora_b"],
+                          scaling=t["scale"], activation=PARALLEL_ACTIVATION, keep=keep,
+                          inv_keep=inv_keep, lora_a_bias=t["lora_a_bias"],
+                          lora_b_bias=t["lora_b_bias"])
 
 
 def run_ops(case: Case, t: dict[str, Tensor], backend: str) -> Tensor:
@@ -279,25 +270,6 @@ def _trainable(case: Case) -> list[str]:
     return [name for name, (_, _, train) in _specs(case).items() if train]
 
 
-def rel_error(got: Optional[Tensor], ref: Tensor) -> float:
-    """||got - ref|| / ||ref|| (Frobenius, float64); inf when missing, misshapen or not finite."""
-    if got is None or tuple(got.shape) != tuple(ref.shape):
-        return math.inf
-    got64, ref64 = got.detach().to(torch.float64), ref.detach().to(torch.float64)
-    if not torch.isfinite(got64).all():
-        return math.inf
-    denom = ref64.norm().item()
-    diff = (got64 - ref64).norm().item()
-    return diff / denom if denom > 0 else diff
-
-
-def parity_bound(eager_error: float, dtype: torch.dtype) -> float:
-    """DESIGN §6: PARITY_FACTOR x eager's same-dtype error, clipped to [floor, cap]."""
-    eps = torch.finfo(dtype).eps
-    cap = min(PARITY_CAP_EPS * eps, PARITY_CAP)
-    return min(max(PARITY_FACTOR * eager_error, PARITY_FLOOR_EPS * eps), cap)
-
-
 def _fwd_bwd(fn: Callable[[dict], Tensor], t: dict[str, Tensor], grad: Tensor):
     for v in t.values():
         v.grad = None
@@ -340,7 +312,8 @@ class Row:
     ms: Optional[float] = None  # fwd+bwd, median
     eager_ms: Optional[float] = None
     reason: str = ""
-    errors: dict[str, float] = field(default_factory=dict)
+    errors: dict[str, float] = field(default_factory=dict)  # per tensor: ours vs float64
+    eager_errors: dict[str, float] = field(default_factory=dict)  # eager, same dtype, vs float64
     bounds: dict[str, float] = field(default_factory=dict)
 
 
@@ -369,14 +342,15 @@ def check_case(case: Case, backend: str, dtype: torch.dtype, device: torch.devic
     got = [out, *(ours[n[2:]].grad for n in names[1:])]
     base_got = [out_same, *(same[n[2:]].grad for n in names[1:])]
     want = [out_ref, *(ref[n[2:]].grad for n in names[1:])]
-    ratio = -1.0
     for name, g, e, w in zip(names, got, base_got, want):
-        err, bound = rel_error(g, w), parity_bound(rel_error(e, w), dtype)
-        row.errors[name], row.bounds[name] = err, bound
-        r = err / bound if math.isfinite(err) else math.inf
+        row.errors[name], row.eager_errors[name] = rel_error(g, w), rel_error(e, w)
+    ok, row.bounds = parity.parity_verdict(row.errors, row.eager_errors, dtype)
+    ratio = -1.0
+    for name, err in row.errors.items():
+        r = err / row.bounds[name] if math.isfinite(err) else math.inf
         if r > ratio:
-            ratio, row.error, row.bound, row.worst = r, err, bound, name
-    row.status = "pass" if ratio <= 1.0 else "FAIL"
+            ratio, row.error, row.bound, row.worst = r, err, row.bounds[name], name
+    row.status = "pass" if ok else "FAIL"
     if reps > 0:
         row.ms = _median_ms(lambda: _fwd_bwd(lambda t: run_ops(case, t, backend), ours, grad),
                             reps, device)
@@ -505,15 +479,23 @@ def run_check(
     reps: Optional[int] = None,
     build_cuda: bool = False,
     stream=None,
+    on_row: Optional[Callable[[list[Row]], None]] = None,
 ) -> list[Row]:
     """Check every (backend, case, dtype) and print one table; returns its rows. `reps`:
-    timed calls per row (default 5 on a GPU, 3 on a CPU, 1 under the Triton interpreter)."""
+    timed calls per row (default 5 on a GPU, 3 on a CPU, 1 under the Triton interpreter).
+    `on_row(rows)` is called after each row (to keep what was measured if the run is cut)."""
     table = Table(stream)
+    add = table.add
+    if on_row is not None:
+        def add(row: Row) -> None:
+            table.add(row)
+            on_row(table.rows)
+
     table.header()
     for name in backends:
         why = backend_skip_reason(name, device, build_cuda)
         if why is not None:
-            table.add(Row(name, "*", "*", status="skip", reason=why))
+            add(Row(name, "*", "*", status="skip", reason=why))
             continue
         n_reps = reps
         if n_reps is None:
@@ -524,7 +506,7 @@ def run_check(
             dtype = DTYPES[dname]
             why = dtype_skip_reason(name, dtype, device)
             if why is not None:
-                table.add(Row(name, "*", dname, status="skip", reason=why))
+                add(Row(name, "*", dname, status="skip", reason=why))
                 continue
             for case in cases:
                 try:
@@ -532,7 +514,7 @@ def run_check(
                 except Exception as exc:  # noqa: BLE001 - a crash is a result to report
                     row = Row(name, _op_name(case.op), dname, case.label(), status="ERROR",
                               reason=f"{type(exc).__name__}: {exc}".splitlines()[0][:300])
-                table.add(row)
+                add(row)
     return table.rows
 
 
@@ -596,21 +578,25 @@ def run(args: argparse.Namespace) -> int:
             else "one untimed config each (LLM_ADAPTERS_TRITON_AUTOTUNE=0)"))
     for note in notes:
         print(note)
-    print(f"bound: max({PARITY_FACTOR:g} x eager PyTorch's error in the same dtype, "
-          f"{PARITY_FLOOR_EPS:g} eps), at most min({PARITY_CAP_EPS:g} eps, {PARITY_CAP:g}); "
+    print(f"bound: 2 x eager PyTorch's error in the same dtype + {parity.PARITY_FLOOR_EPS:g} "
+          f"eps, at most min({parity.PARITY_CAP_EPS:g} eps, {parity.PARITY_CAP:g}); "
           "errors: relative Frobenius vs float64, the tensor nearest its bound shown; "
           "ms: fwd+bwd, median of " + (f"{args.reps}" if args.reps is not None else
                                        "5 on a GPU, 3 on a CPU, 1 in the Triton interpreter"))
     print()
+    def save(rows: list[Row], status: Optional[int] = None, summary: str = "incomplete"):
+        if args.json:
+            env.update(_environment(device))  # triton's version is known once it is imported
+            with open(args.json, "w", encoding="utf-8") as f:
+                json.dump({"environment": env, "status": status, "summary": summary,
+                           "rows": [asdict(r) for r in rows]}, f, indent=1)
+
     t0 = time.perf_counter()
-    rows = run_check(cases, args.backends, args.dtypes, device, args.reps, args.build_cuda)
+    rows = run_check(cases, args.backends, args.dtypes, device, args.reps, args.build_cuda,
+                     on_row=save)
     code, text = _summary(rows)
-    env.update(_environment(device))  # triton's version is known once it was imported
     print(f"\n{text} ({time.perf_counter() - t0:.1f} s)")
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump({"environment": env, "status": code, "summary": text,
-                       "rows": [asdict(r) for r in rows]}, f, indent=1)
+    save(rows, code, text)
     return code
 
 

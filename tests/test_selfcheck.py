@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -13,6 +14,7 @@ import pytest
 import torch
 
 from llm_adapters import cli, ops, selfcheck
+from llm_adapters.bench.parity import parity_verdict
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -103,21 +105,23 @@ def test_a_wrong_dropout_mask_fails(capsys, monkeypatch):
             assert ("FAIL" in line) == (" p0.1 " in line), line
 
 
-def test_bound_is_designs_parity_rule():
-    eps32, eps16 = torch.finfo(torch.float32).eps, torch.finfo(torch.bfloat16).eps
-    assert selfcheck.parity_bound(1e-6, torch.float32) == 2e-6  # twice eager's error
-    assert selfcheck.parity_bound(0.0, torch.float32) == eps32  # never below one epsilon
-    assert selfcheck.parity_bound(1.0, torch.float32) == 1000 * eps32  # capped
-    assert selfcheck.parity_bound(1.0, torch.bfloat16) == 0.05  # min(1000 eps, 0.05)
-    assert selfcheck.parity_bound(1e-3, torch.bfloat16) == eps16
-
-
-def test_rel_error_of_missing_or_non_finite_is_inf():
-    ref = torch.ones(3, 4, dtype=torch.float64)
-    assert selfcheck.rel_error(None, ref) == float("inf")
-    assert selfcheck.rel_error(torch.ones(4, 3), ref) == float("inf")
-    assert selfcheck.rel_error(torch.full((3, 4), float("nan")), ref) == float("inf")
-    assert selfcheck.rel_error(ref * 1.5, ref) == pytest.approx(0.5)
+def test_rows_carry_designs_bound_for_every_tensor():
+    """Each row's bound per tensor is DESIGN §6's rule on eager's same-dtype error (the
+    benchmarks' parity_verdict), and the row shows the tensor nearest its bound."""
+    rows = selfcheck.run_check(selfcheck.default_cases(torch.device("cpu"))[:2], ["torch"],
+                               ["bfloat16", "float32"], torch.device("cpu"), reps=0,
+                               stream=io.StringIO())
+    assert len(rows) == 4
+    for row in rows:
+        dtype = selfcheck.DTYPES[row.dtype]
+        assert row.status == "pass"
+        assert set(row.errors) == {"out", "d_x", "d_lora_a", "d_lora_b", "d_bias"}
+        ok, tol = parity_verdict(row.errors, row.eager_errors, dtype)
+        assert ok and tol == row.bounds
+        assert all(0 < e < 10 * torch.finfo(dtype).eps for e in row.eager_errors.values())
+        ratio = {k: row.errors[k] / row.bounds[k] for k in row.errors}
+        assert row.worst == max(ratio, key=ratio.get)
+        assert (row.error, row.bound) == (row.errors[row.worst], row.bounds[row.worst])
 
 
 def _write_config(folder: Path, **cfg) -> Path:
