@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The one-command GPU check: GPU tests, the skinny kernels' bandwidth, op benchmarks, the
-# measured backend table and the end-to-end benchmark at default sizes, everything written into
-# OUT_DIR, a summary table printed last. The part budgets add up to 420 s.
+# The one-command GPU check: the self-check (`llm-adapters check`: every backend vs float64),
+# GPU tests, the skinny kernels' bandwidth, op benchmarks, the measured backend table and the
+# end-to-end benchmark at default sizes, everything written into OUT_DIR, a summary table
+# printed last. The part budgets add up to 430 s (under 8 minutes with the setup around them).
 #
 #   benchmarks/gpu_check.sh OUT_DIR              on a machine with an NVIDIA GPU
 #   benchmarks/gpu_check.sh --dry-run OUT_DIR    print the plan, record the environment only
@@ -9,8 +10,9 @@
 #                                                this script, not the GPU code)
 #
 # Installs nothing. Uses $PYTHON (default: python3, else python) from the repository root.
-# Time budget per part (seconds), overridable: T_TESTS, T_OPS, T_TUNE, T_E2E, T_KERNELS.
-# Exit status: 0 when every part passed, 1 otherwise (the summary says which).
+# Time budget per part (seconds), overridable: T_CHECK, T_TESTS, T_KERNELS, T_OPS, T_TUNE, T_E2E.
+# SKIP_PARTS="kernels ..." leaves parts out (shown as skipped; they do not fail the run).
+# Exit status: 0 when every part that ran passed, 1 otherwise (the summary says which).
 
 set -uo pipefail
 
@@ -18,7 +20,7 @@ MODE=gpu
 case "${1:-}" in
   --dry-run) MODE=dry; shift ;;
   --cpu-smoke) MODE=cpu; shift ;;
-  -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
+  -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
 esac
 if [ $# -ne 1 ]; then
   echo "usage: $0 [--dry-run|--cpu-smoke] OUT_DIR" >&2
@@ -30,10 +32,7 @@ mkdir -p "$1" || { echo "cannot create $1" >&2; exit 2; }
 OUT="$(cd "$1" && pwd)"
 cd "$ROOT" || exit 2
 PYTHON="${PYTHON:-$(command -v python3 || command -v python)}"
-T_TESTS="${T_TESTS:-150}"
-T_OPS="${T_OPS:-90}"
-T_TUNE="${T_TUNE:-75}"
-T_E2E="${T_E2E:-60}"
+SKIP_PARTS="${SKIP_PARTS:-}"
 START=$(date +%s)
 
 # ---- the device first --------------------------------------------------------------------
@@ -85,11 +84,20 @@ echo "environment: $OUT/environment.txt"
 grep -E '^(torch|triton|transformers|peft|backend|gpu)' "$OUT/environment.txt" | sed 's/^/  /'
 
 # ---- the plan --------------------------------------------------------------------------------
+# Budgets: on a GPU they add up to 430 s (check 75, tests 105, kernels 45, ops 85, tune 65,
+# e2e 55), leaving room for the environment record and the summary within 8 minutes. The CPU
+# smoke run checks the wiring, not the time: its budgets only stop a hang, on a loaded machine.
 if [ "$MODE" = cpu ]; then
+  T_CHECK="${T_CHECK:-240}" T_TESTS="${T_TESTS:-300}" T_OPS="${T_OPS:-240}"
+  T_TUNE="${T_TUNE:-120}" T_E2E="${T_E2E:-240}"
+  CHECK_ARGS=(--device cpu --reps 1)  # torch, and triton under the interpreter
   BENCH_ARGS=(--quick --device cpu)
   TEST_ARGS=(-m gpu)  # collected and skipped without a GPU: checks the wiring only
   TUNE_ARGS=(--device cpu --tokens 64 --hidden 64 --rank 8 --dropout 0)
 else
+  T_CHECK="${T_CHECK:-75}" T_TESTS="${T_TESTS:-105}" T_OPS="${T_OPS:-85}"
+  T_TUNE="${T_TUNE:-65}" T_E2E="${T_E2E:-55}"
+  CHECK_ARGS=(--device cuda)
   BENCH_ARGS=(--device cuda)  # an error, not a silent CPU run, if torch sees no GPU
   TEST_ARGS=(-m gpu)
   # which backend is faster per shape, the table `auto` reads (llm_adapters/ops/_choice.py);
@@ -97,9 +105,16 @@ else
   TUNE_ARGS=(--device cuda --backends triton cuda torch --tokens 256 1024 4096 16384
              --hidden 4096 --rank 16 --dropout 0 0.05 --seconds $(( T_TUNE - 25 )))
 fi
-# The tests check numerics, not speed: the Triton kernels take one config each there
-# (LLM_ADAPTERS_TRITON_AUTOTUNE=0) instead of compiling and timing every candidate, which on a
-# fresh machine would spend minutes of the budget; the op benchmarks below autotune.
+# The self-check and the tests check numerics, not speed: the Triton kernels take one config each
+# there (LLM_ADAPTERS_TRITON_AUTOTUNE=0) instead of compiling and timing every candidate, which
+# on a fresh machine would spend minutes of the budget; the op benchmarks below autotune (and
+# check parity too). The self-check runs first: its table says at once whether each backend
+# computes the right thing on this device, and the kernels it compiles are reused from
+# Triton's cache by the tests. It does not start a JIT build of the CUDA extension (the cuda
+# backend is checked when the extension is already built or cached).
+CMD_CHECK=(env LLM_ADAPTERS_TRITON_AUTOTUNE="${LLM_ADAPTERS_TRITON_AUTOTUNE:-0}"
+           timeout --kill-after=20 "$T_CHECK" "$PYTHON" -m llm_adapters.cli check
+           "${CHECK_ARGS[@]}" --json "$OUT/check.json")
 CMD_TESTS=(env LLM_ADAPTERS_TRITON_AUTOTUNE="${LLM_ADAPTERS_TRITON_AUTOTUNE:-0}"
            timeout --kill-after=20 "$T_TESTS" "$PYTHON" -m pytest "${TEST_ARGS[@]}" -q
            -p no:cacheprovider --junitxml="$OUT/pytest-gpu.xml" tests)
@@ -121,6 +136,9 @@ fi
 CMD_KERNELS=(timeout --kill-after=20 "$T_KERNELS" "$PYTHON" -m llm_adapters.bench.kernels
              "${KERNEL_ARGS[@]}" --out "$OUT")
 
+BUDGET=$(( T_CHECK + T_TESTS + T_KERNELS + T_OPS + T_TUNE + T_E2E ))
+echo "part budgets: ${BUDGET} s (check $T_CHECK, tests $T_TESTS, kernels $T_KERNELS, ops $T_OPS, tune $T_TUNE, e2e $T_E2E)"
+
 declare -A RC SECS
 run_part() {  # name logfile command...
   local name="$1" log="$2"; shift 2
@@ -130,17 +148,24 @@ run_part() {  # name logfile command...
     RC[$name]=dry; SECS[$name]=0
     return
   fi
+  if [[ " $SKIP_PARTS " == *" $name "* ]]; then
+    echo "   skipped (SKIP_PARTS)"
+    RC[$name]=skip; SECS[$name]=0
+    return
+  fi
   local t0=$(date +%s)
   "$@" > "$log" 2>&1
   local rc=$?
   SECS[$name]=$(( $(date +%s) - t0 ))
   RC[$name]=$rc
-  tail -n 25 "$log"
+  # the self-check's table is the first thing to read: all of it (60-odd rows on a GPU)
+  if [ "$name" = check ]; then tail -n 120 "$log"; else tail -n 25 "$log"; fi
   if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then
     echo "!! $name ran out of its ${SECS[$name]} s budget (see $log)"
   fi
 }
 
+run_part check "$OUT/check.log" "${CMD_CHECK[@]}"
 run_part tests "$OUT/pytest-gpu.log" "${CMD_TESTS[@]}"
 run_part kernels "$OUT/bench-kernels.log" "${CMD_KERNELS[@]}"
 run_part ops "$OUT/bench-ops.log" "${CMD_OPS[@]}"
@@ -153,16 +178,18 @@ echo
 echo "== summary ($OUT, ${TOTAL} s in all)"
 printf '%-6s %-12s %6s  %s\n' part status secs log
 status=0
-for part in tests kernels ops tune e2e; do
+for part in check tests kernels ops tune e2e; do
   rc="${RC[$part]}"
   case "$rc" in
     0) st=ok ;;
     dry) st=dry-run ;;
+    skip) st=skipped ;;
     124|137) st=TIMEOUT; status=1 ;;
     5) if [ "$part" = tests ]; then st="no-tests"; else st="rc=5"; status=1; fi ;;
     *) st="FAIL(rc=$rc)"; status=1 ;;
   esac
   case "$part" in
+    check) log=check.log ;;
     tests) log=pytest-gpu.log ;;
     ops) log=bench-ops.log ;;
     tune) log=tune-backends.log ;;
@@ -171,6 +198,9 @@ for part in tests kernels ops tune e2e; do
   esac
   printf '%-6s %-12s %6s  %s\n' "$part" "$st" "${SECS[$part]}" "$log"
 done
+if [ -s "$OUT/check.log" ]; then
+  echo "self-check: $(grep -E 'passed, .* failed' "$OUT/check.log" | tail -n 1) (check.log, check.json)"
+fi
 if [ "$MODE" != dry ]; then
   "$PYTHON" -m llm_adapters.bench.summary "$OUT" 2>&1 || status=1
 fi
