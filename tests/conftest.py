@@ -23,27 +23,8 @@ if not _has_cuda():
     # tests use the torch backend unless a test asks for another (keyword or monkeypatch).
     os.environ.setdefault("LLM_ADAPTERS_BACKEND", "torch")
 
-# `auto` on a GPU times its candidate backends per new shape and keeps the results in a table
-# under the user's cache: tests neither measure (tests/test_backend_choice.py turns it on where
-# it is the subject) nor write outside a temporary folder.
-os.environ.setdefault("LLM_ADAPTERS_AUTO_MEASURE", "0")
-if "LLM_ADAPTERS_CACHE_DIR" not in os.environ:
-    import tempfile
-
-    _TEST_CACHE = tempfile.mkdtemp(prefix="llm_adapters_test_cache_")
-    os.environ["LLM_ADAPTERS_CACHE_DIR"] = _TEST_CACHE
-else:
-    _TEST_CACHE = None
-
 import pytest  # noqa: E402
 import torch  # noqa: E402
-
-
-def pytest_sessionfinish(session, exitstatus):
-    if _TEST_CACHE is not None:
-        import shutil
-
-        shutil.rmtree(_TEST_CACHE, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -17,8 +17,8 @@ import torch
 from torch import Tensor
 
 from .._numerics import ACTIVATIONS, check_activation
-from ._choice import applies_to, shape_key
-from ._custom import eager_lora, eager_series
+from ._choice import shape_key
+from ._custom import BoundOp, bound_op
 from ._dispatch import (
     BACKENDS,
     BackendUnavailableError,
@@ -107,11 +107,10 @@ def _split_scale(scaling: Scale) -> tuple[Optional[Tensor], float]:
     return None, float(scaling)
 
 
-def _backend_name(op: str, device_type: str, requested: str, key: Optional[tuple] = None,
-                  m: int = 0) -> str:
+def _backend_name(op: str, device_type: str, requested: str, key: Optional[tuple] = None) -> str:
     # Runs eagerly even while torch.compile traces a caller (its result is a constant of the
     # graph), so the first call may import a backend and create its custom ops mid-trace.
-    return resolve_backend(op, torch.device(device_type), requested or None, key, m).name
+    return resolve_backend(op, torch.device(device_type), requested or None, key).name
 
 
 # What torch.compiler.assume_constant_result(_backend_name) does; the decorator itself imports
@@ -120,19 +119,20 @@ def _backend_name(op: str, device_type: str, requested: str, key: Optional[tuple
 _backend_name._dynamo_marked_constant = True
 
 
-# eager: the choice per (op, device type, keyword, environment); for `auto` on a GPU with
-# several candidates, a dict of choices per device and shape key instead (see _choice)
+# eager: the op per (op, device type, keyword, environment); where a table may send shapes of
+# it to different GPU backends (see _dispatch.shape_dependent), a dict per raw shape instead
 _resolved: dict[tuple[str, ...], Any] = {}
 
 
-def _backend(op: str, x: Tensor, requested: Optional[str], n: int, r: int, p: float) -> Any:
+def _op(op: str, x: Tensor, requested: Optional[str], n: int, r: int, p: float) -> BoundOp:
+    """The op on the backend chosen for it; the choice is made once per shape and remembered."""
     device = x.device
     if torch.compiler.is_compiling():
         m = x.shape[0]
         key = None
-        if isinstance(m, int) and applies_to(device):  # not for a dynamic (symbolic) M
+        if isinstance(m, int) and device.type == "cuda":  # not for a dynamic (symbolic) M
             key = shape_key(op, x.dtype, m, x.shape[1], n, r, p > 0)
-        return loaded_backend(_backend_name(op, device.type, requested or "", key, m or 0))
+        return bound_op(op, loaded_backend(_backend_name(op, device.type, requested or "", key)))
     env = os.environ
     ekey = (op, device.type, requested or "", env.get("LLM_ADAPTERS_BACKEND", ""),
             env.get("TRITON_INTERPRET", ""))
@@ -141,7 +141,7 @@ def _backend(op: str, x: Tensor, requested: Optional[str], n: int, r: int, p: fl
         if shape_dependent(op, device, requested):
             impl = _resolved[ekey] = {}
         else:
-            impl = _resolved[ekey] = loaded_backend(_backend_name(op, device.type, requested or ""))
+            impl = _resolved[ekey] = bound_op(op, resolve_backend(op, device, requested))
     if type(impl) is dict:
         # looked up by the raw shape on every call; the bucketed key is built only on a miss
         m = x.shape[0]
@@ -149,7 +149,7 @@ def _backend(op: str, x: Tensor, requested: Optional[str], n: int, r: int, p: fl
         choice = impl.get(raw)
         if choice is None:
             key = shape_key(op, x.dtype, m, x.shape[1], n, r, p > 0)
-            choice = impl[raw] = resolve_backend(op, device, requested, key, m)
+            choice = impl[raw] = bound_op(op, resolve_backend(op, device, requested, key))
         return choice
     return impl
 
@@ -210,7 +210,7 @@ def lora_linear(
     if lora_b_bias is not None:
         _check_tensor("lora_b_bias", lora_b_bias, (n,), x.device)
     x2 = _rows(x, k)
-    impl = _backend("lora", x2, backend, n, r, float(dropout_p))
+    op = _op("lora", x2, backend, n, r, float(dropout_p))
     scale_t, scale_f = _split_scale(scaling)
     lead = x.shape[:-1]
     args = (
@@ -218,9 +218,9 @@ def lora_linear(
         float(dropout_p), _seed_tensor(seed, dropout_p), activation,
     )
     if torch.compiler.is_compiling():
-        y = impl.custom_ops["lora"](*args)[0]
+        y = op.custom(*args)[0]
     else:
-        y = eager_lora(impl, *args)
+        y = op.eager(*args)
     return y.view(*lead, n)
 
 
@@ -253,7 +253,7 @@ def series_adapter(
     if up_bias is not None:
         _check_tensor("up_bias", up_bias, (n,), h.device)
     h2 = _rows(h, n)
-    impl = _backend("series", h2, backend, n, r, float(dropout_p))
+    op = _op("series", h2, backend, n, r, float(dropout_p))
     scale_t, scale_f = _split_scale(scaling)
     lead = h.shape[:-1]
     args = (
@@ -261,9 +261,9 @@ def series_adapter(
         _seed_tensor(seed, dropout_p), activation,
     )
     if torch.compiler.is_compiling():
-        z = impl.custom_ops["series"](*args)[0]
+        z = op.custom(*args)[0]
     else:
-        z = eager_series(impl, *args)
+        z = op.eager(*args)
     return z.view(*lead, n)
 
 

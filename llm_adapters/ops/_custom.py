@@ -1,281 +1,293 @@
-"""The autograd wrappers around each backend: a `torch.library` custom op pair per backend and
-op for torch.compile, and a plain autograd.Function with the same formulas for eager mode.
+"""The op factory: one spec per op drives both autograd wrappers around a backend.
 
-`custom_op` + `register_fake` + `register_autograd` makes each backend opaque to
-`torch.compile` (no graph breaks, traced by shape) and checkable by `torch.library.opcheck`.
-Its Python dispatch costs about 0.3 ms a forward+backward on a CPU, which at small M would eat
-what fusion gains, so eager calls go through `eager_lora` / `eager_series` instead: the same
-setup and backward code, called directly. The ops are created when a backend is first
-loaded, so importing the package never imports Triton or loads the CUDA extension.
+From an `OpSpec` (argument names and schema types, which arguments are differentiable, the
+shapes of outputs and gradients, where the seed sits, the backend's forward/backward names)
+`BoundOp(spec, backend)` builds
+- a `torch.library` custom op pair (`custom_op` + `register_fake` + `register_autograd`),
+  opaque to `torch.compile` (no graph breaks, traced by shape) and checkable by
+  `torch.library.opcheck`;
+- an eager path, a plain autograd.Function with the same setup and backward code. The custom
+  op's Python dispatch costs about 0.3 ms a forward+backward on a CPU, which at small M would
+  eat what fusion gains, so eager calls skip it.
+Ops are created when a backend is first loaded, so importing the package never imports Triton
+or loads the CUDA extension. The backend contract itself is `_backend.Backend`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, Optional
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from .._numerics import acc_dtype
-
-_ops: dict[tuple[str, str], Callable[..., Any]] = {}
-
-
-def _fake_grads(g: Tensor, shapes: list[tuple[int, ...]], needs: list[bool], first_dtype):
-    acc = acc_dtype(g.dtype)
-    out = []
-    for i, (shape, need) in enumerate(zip(shapes, needs)):
-        dtype = first_dtype if i == 0 else acc
-        out.append(g.new_empty(shape if need else (0,), dtype=dtype))
-    return tuple(out)
+from ._backend import Backend
 
 
-def _cast_grads(grads, needs, refs):
-    out = []
-    for g, need, ref in zip(grads, needs, refs):
-        if not need or ref is None:
-            out.append(None)
-            continue
-        dtype, shape = ref
-        if g.dtype != dtype:
-            g = g.to(dtype)
-        out.append(g if g.shape == shape else g.reshape(shape))
+@dataclass(frozen=True)
+class OpSpec:
+    """What the factory needs to know about one op.
+
+    inputs: (name, torch schema type) in call order, as the backend's forward takes them
+    grads: the differentiable inputs, in the order of backward's `needs` and results; the first
+        is the activation input (its gradient comes back in g's dtype, the others in the
+        accumulation dtype)
+    saved: the inputs backward takes after g (then s_pre, mask, needs)
+    dims: a letter per dimension -> (input, axis); every input named here must be in `saved`
+    shapes: "out", "s_pre", "mask" and each gradient's input -> its shape in `dims` letters
+    seed: the int64 tensor input the backend receives as a Python int
+    """
+
+    name: str
+    forward: str
+    backward: str
+    inputs: tuple[tuple[str, str], ...]
+    grads: tuple[str, ...]
+    saved: tuple[str, ...]
+    dims: dict[str, tuple[str, int]]
+    shapes: dict[str, str]
+    seed: str = "seed"
+    dropout: str = "dropout_p"
+    # index tables derived from the names above, computed once
+    at: dict[str, int] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        at = {n: i for i, (n, _) in enumerate(self.inputs)}
+        object.__setattr__(self, "at", at)
+        for name in (*self.grads, *self.saved, self.seed, self.dropout):
+            if name not in at:
+                raise ValueError(f"{self.name}: {name!r} is not an input")
+        for name, _ in self.dims.values():
+            if name not in self.saved:
+                raise ValueError(f"{self.name}: dimension source {name!r} is not saved")
+
+    def shape(self, what: str, values: dict[str, Any]) -> tuple[int, ...]:
+        """The shape of `what` ("out", "s_pre", "mask" or an input) given named tensors."""
+        return tuple(values[n].shape[axis] for n, axis in
+                     (self.dims[d] for d in self.shapes[what].split()))
+
+
+LORA = OpSpec(
+    name="lora_linear",
+    forward="lora_forward",
+    backward="lora_backward",
+    inputs=(
+        ("x", "Tensor"), ("weight", "Tensor"), ("bias", "Tensor?"), ("a", "Tensor"),
+        ("b", "Tensor"), ("a_bias", "Tensor?"), ("b_bias", "Tensor?"), ("scale_t", "Tensor?"),
+        ("scaling", "float"), ("dropout_p", "float"), ("seed", "Tensor"), ("activation", "str"),
+    ),
+    grads=("x", "bias", "a", "b", "a_bias", "b_bias", "scale_t"),
+    saved=("x", "weight", "a", "b", "scale_t", "scaling", "dropout_p", "seed", "activation"),
+    dims={"m": ("x", 0), "k": ("x", 1), "n": ("b", 0), "r": ("b", 1)},
+    shapes={"out": "m n", "s_pre": "m r", "mask": "m k", "x": "m k", "bias": "n", "a": "r k",
+            "b": "n r", "a_bias": "r", "b_bias": "n", "scale_t": ""},
+)
+
+SERIES = OpSpec(
+    name="series_adapter",
+    forward="series_forward",
+    backward="series_backward",
+    inputs=(
+        ("h", "Tensor"), ("down", "Tensor"), ("up", "Tensor"), ("down_bias", "Tensor?"),
+        ("up_bias", "Tensor?"), ("scale_t", "Tensor?"), ("scaling", "float"),
+        ("dropout_p", "float"), ("seed", "Tensor"), ("activation", "str"),
+    ),
+    grads=("h", "down", "up", "down_bias", "up_bias", "scale_t"),
+    saved=("h", "down", "up", "scale_t", "scaling", "dropout_p", "seed", "activation"),
+    dims={"m": ("h", 0), "n": ("h", 1), "r": ("down", 0)},
+    shapes={"out": "m n", "s_pre": "m r", "mask": "m n", "h": "m n", "down": "r n",
+            "up": "n r", "down_bias": "r", "up_bias": "n", "scale_t": ""},
+)
+
+SPECS = {"lora": LORA, "series": SERIES}
+
+
+class _Plan:
+    """The spec as index tables: what setup and backward look up per call."""
+
+    def __init__(self, spec: OpSpec) -> None:
+        at = spec.at
+        types = dict(spec.inputs)
+        self.n_inputs = len(spec.inputs)
+        self.seed_at = at[spec.seed]
+        self.grad_at = tuple(at[n] for n in spec.grads)
+        tensors = [n for n in spec.saved if types[n].startswith("Tensor")]
+        others = [n for n in spec.saved if not types[n].startswith("Tensor")]
+        self.saved_tensor_at = tuple(at[n] for n in tensors)
+        self.saved_other_at = tuple(at[n] for n in others)
+        # backward's arguments after g, rebuilt from (saved tensors, other values)
+        self.pick = tuple((True, tensors.index(n)) if n in tensors else (False, others.index(n))
+                          for n in spec.saved)
+        self.seed_in_backward = 1 + spec.saved.index(spec.seed)  # g comes first
+
+
+def _setup(plan: _Plan, ctx, args, output) -> None:
+    _, s_pre, mask = output
+    ctx.save_for_backward(*[args[i] for i in plan.saved_tensor_at], s_pre, mask)
+    ctx.others = [args[i] for i in plan.saved_other_at]
+    ctx.refs = [None if (t := args[i]) is None else (t.dtype, t.shape) for i in plan.grad_at]
+
+
+def _backward_args(plan: _Plan, ctx, g: Tensor) -> tuple[list, list[bool]]:
+    """(g, the saved inputs, s_pre, mask, needs) for the backend's backward, and `needs`."""
+    *tensors, s_pre, mask = ctx.saved_tensors
+    others = ctx.others
+    ni = ctx.needs_input_grad
+    needs = [bool(ni[i]) for i in plan.grad_at]
+    args = [g.contiguous()]
+    args += [tensors[j] if is_tensor else others[j] for is_tensor, j in plan.pick]
+    args += (s_pre, mask, needs)
+    return args, needs
+
+
+def _input_grads(plan: _Plan, ctx, grads, needs) -> list:
+    """The backend's gradients placed at their inputs, cast to each input's dtype and shape."""
+    out = [None] * plan.n_inputs
+    for i, g, need, ref in zip(plan.grad_at, grads, needs, ctx.refs):
+        if need and ref is not None:
+            dtype, shape = ref
+            if g.dtype != dtype:
+                g = g.to(dtype)
+            out[i] = g if g.shape == shape else g.reshape(shape)
     return out
 
 
-def _lora_setup(ctx, inputs, output) -> None:
-    x, weight, bias, a, b, a_bias, b_bias, scale_t, scaling, p, seed, activation = inputs[:12]
-    _, s_pre, mask = output
-    ctx.save_for_backward(x, weight, a, b, scale_t, seed, s_pre, mask)
-    refs = (x, bias, a, b, a_bias, b_bias, scale_t)
-    ctx.refs = tuple(None if t is None else (t.dtype, t.shape) for t in refs)
-    ctx.args = (scaling, p, activation)
-
-
-def _lora_grads(ctx, gy, bwd) -> tuple:
-    """Gradients for the 12 op inputs; `bwd` is the backend's backward (op or function)."""
-    x, weight, a, b, scale_t, seed, s_pre, mask = ctx.saved_tensors
-    ni = ctx.needs_input_grad
-    needs = [bool(ni[i]) for i in (0, 2, 3, 4, 5, 6, 7)]
-    scaling, p, activation = ctx.args
-    grads = bwd(
-        gy.contiguous(), x, weight, a, b, scale_t, scaling, p, seed, activation, s_pre, mask,
-        needs,
-    )
-    dx, dbias, da, db, dab, dbb, dscale = _cast_grads(grads, needs, ctx.refs)
-    return dx, None, dbias, da, db, dab, dbb, dscale, None, None, None, None
-
-
-def _series_setup(ctx, inputs, output) -> None:
-    h, down, up, down_bias, up_bias, scale_t, scaling, p, seed, activation = inputs[:10]
-    _, s_pre, mask = output
-    ctx.save_for_backward(h, down, up, scale_t, seed, s_pre, mask)
-    refs = (h, down, up, down_bias, up_bias, scale_t)
-    ctx.refs = tuple(None if t is None else (t.dtype, t.shape) for t in refs)
-    ctx.args = (scaling, p, activation)
-
-
-def _series_grads(ctx, gz, bwd) -> tuple:
-    """Gradients for the 10 op inputs."""
-    h, down, up, scale_t, seed, s_pre, mask = ctx.saved_tensors
-    needs = [bool(n) for n in ctx.needs_input_grad[:6]]
-    scaling, p, activation = ctx.args
-    grads = bwd(
-        gz.contiguous(), h, down, up, scale_t, scaling, p, seed, activation, s_pre, mask, needs
-    )
-    return (*_cast_grads(grads, needs, ctx.refs), None, None, None, None)
-
-
-def _seeded(fn, at: int):
-    """A backend backward taking the seed (argument `at`) as a tensor, as the custom op does."""
-    return lambda *args: fn(*args[:at], int(args[at]), *args[at + 1:])
-
-
-class _EagerLora(torch.autograd.Function):
+class _Eager(torch.autograd.Function):
+    # inputs: the op's arguments, then the BoundOp (not differentiable: needs_input_grad False)
     @staticmethod
     def forward(ctx, *inputs):
-        *args, backend = inputs
-        seed = args[10]
-        output = backend.lora_forward(*args[:10], int(seed), args[11])
-        _lora_setup(ctx, args, output)
-        ctx.backend = backend
+        *args, op = inputs
+        plan = op.plan
+        call = list(args)
+        call[plan.seed_at] = int(call[plan.seed_at])
+        output = op.forward(*call)
+        _setup(plan, ctx, args, output)
+        ctx.op = op
         return output[0]
 
     @staticmethod
-    def backward(ctx, gy):
-        return (*_lora_grads(ctx, gy, _seeded(ctx.backend.lora_backward, 8)), None)
+    def backward(ctx, g):
+        op = ctx.op
+        plan = op.plan
+        args, needs = _backward_args(plan, ctx, g)
+        args[plan.seed_in_backward] = int(args[plan.seed_in_backward])
+        grads = op.backward(*args)
+        return (*_input_grads(plan, ctx, grads, needs), None)
 
 
-class _EagerSeries(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, *inputs):
-        *args, backend = inputs
-        output = backend.series_forward(*args[:8], int(args[8]), args[9])
-        _series_setup(ctx, args, output)
-        ctx.backend = backend
-        return output[0]
-
-    @staticmethod
-    def backward(ctx, gz):
-        return (*_series_grads(ctx, gz, _seeded(ctx.backend.series_backward, 7)), None)
+def _schema(args, n_out: int) -> str:
+    return "(" + ", ".join(f"{t} {n}" for n, t in args) + ") -> (" + ", ".join(
+        ["Tensor"] * n_out) + ")"
 
 
-def eager_lora(backend: Any, *args: Any) -> Tensor:
-    """lora_linear on `backend` without the custom-op dispatch (eager mode only)."""
-    return _EagerLora.apply(*args, backend)
+class BoundOp:
+    """One op on one backend: `custom` is the `torch.library` custom op (what torch.compile
+    traces; returns (out, s_pre, mask)), `eager(*args)` the same op without the custom-op
+    dispatch (returns out). Both take the spec's inputs in order, the seed as an int64 tensor.
+    The custom op is registered on first use of `custom` (the dispatcher does that when it
+    loads a backend: torch.compile cannot trace a registration)."""
+
+    def __init__(self, spec: OpSpec, backend: Backend) -> None:
+        self.spec = spec
+        self.backend = backend
+        self.plan = _Plan(spec)
+        self.forward = getattr(backend, spec.forward)
+        self.backward = getattr(backend, spec.backward)
+        self._custom = None
+
+    def eager(self, *args: Any) -> Tensor:
+        """The op's output, through a plain autograd.Function (eager mode only)."""
+        return _Eager.apply(*args, self)
+
+    @property
+    def custom(self):
+        """The `torch.library` custom op `llm_adapters::<op>_<backend>`."""
+        return self._custom if self._custom is not None else self.register()
+
+    def register(self):
+        """Register the custom op pair (once) and return the forward op."""
+        if self._custom is None:
+            self._custom = self._custom_op()
+        return self._custom
+
+    def _custom_op(self):
+        spec, plan, backend = self.spec, self.plan, self.backend
+        fwd_impl, bwd_impl = self.forward, self.backward
+        qualname = f"llm_adapters::{spec.name}_{backend.name}"
+        seed_at, seed_b = plan.seed_at, plan.seed_in_backward
+        at = spec.at
+
+        def forward(*args):
+            args = list(args)
+            args[seed_at] = int(args[seed_at])
+            return fwd_impl(*args)
+
+        fwd = torch.library.custom_op(qualname, forward, mutates_args=(),
+                                      schema=_schema(spec.inputs, 3))
+
+        @fwd.register_fake
+        def _(*args):
+            values = {n: args[i] for n, i in at.items()}
+            x = args[0]
+            stored = backend.stores_mask and args[at[spec.dropout]] > 0
+            return (
+                x.new_empty(spec.shape("out", values)),
+                x.new_empty(spec.shape("s_pre", values), dtype=acc_dtype(x.dtype)),
+                x.new_empty(spec.shape("mask", values) if stored else (0,), dtype=torch.bool),
+            )
+
+        bwd_inputs = (("g", "Tensor"), *((n, dict(spec.inputs)[n]) for n in spec.saved),
+                      ("s_pre", "Tensor"), ("mask", "Tensor"), ("needs", "bool[]"))
+
+        def backward_impl(*args):
+            args = list(args)
+            args[seed_b] = int(args[seed_b])
+            return bwd_impl(*args)
+
+        bwd = torch.library.custom_op(qualname + "_backward", backward_impl, mutates_args=(),
+                                      schema=_schema(bwd_inputs, len(spec.grads)))
+
+        @bwd.register_fake
+        def _(*args):
+            g, needs = args[0], args[-1]
+            values = {n: args[1 + j] for j, n in enumerate(spec.saved)}
+            acc = acc_dtype(g.dtype)
+            return tuple(
+                g.new_empty(spec.shape(n, values) if need else (0,),
+                            dtype=g.dtype if j == 0 else acc)
+                for j, (n, need) in enumerate(zip(spec.grads, needs))
+            )
+
+        def setup_context(ctx, inputs, output):
+            _setup(plan, ctx, inputs, output)
+            ctx.mark_non_differentiable(output[1], output[2])
+
+        def backward(ctx, g, _gs, _gm):
+            args, needs = _backward_args(plan, ctx, g)
+            return tuple(_input_grads(plan, ctx, bwd(*args), needs))
+
+        fwd.register_autograd(backward, setup_context=setup_context)
+        return fwd
 
 
-def eager_series(backend: Any, *args: Any) -> Tensor:
-    """series_adapter on `backend` without the custom-op dispatch (eager mode only)."""
-    return _EagerSeries.apply(*args, backend)
+_bound: dict[tuple[str, str], BoundOp] = {}
 
 
-def lora_op(backend: Any) -> Callable[..., Tensor]:
+def bound_op(op: str, backend: Backend) -> BoundOp:
+    """The BoundOp of `op` ("lora" or "series") on `backend`, created once per process."""
+    key = (backend.name, op)
+    bound = _bound.get(key)
+    if bound is None:
+        bound = _bound[key] = BoundOp(SPECS[op], backend)
+    return bound
+
+
+def lora_op(backend: Backend):
     """The autograd-aware custom op running `backend`'s LoRA / parallel-adapter kernels."""
-    key = (backend.name, "lora")
-    if key in _ops:
-        return _ops[key]
-    prefix = f"llm_adapters::lora_linear_{backend.name}"
-
-    @torch.library.custom_op(prefix, mutates_args=())
-    def fwd(
-        x: Tensor,
-        weight: Tensor,
-        bias: Optional[Tensor],
-        a: Tensor,
-        b: Tensor,
-        a_bias: Optional[Tensor],
-        b_bias: Optional[Tensor],
-        scale_t: Optional[Tensor],
-        scaling: float,
-        dropout_p: float,
-        seed: Tensor,
-        activation: str,
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        return backend.lora_forward(
-            x, weight, bias, a, b, a_bias, b_bias, scale_t, scaling, dropout_p,
-            int(seed), activation,
-        )
-
-    @fwd.register_fake
-    def _(x, weight, bias, a, b, a_bias, b_bias, scale_t, scaling, dropout_p, seed, activation):
-        m, k = x.shape
-        mask_shape = (m, k) if (backend.stores_mask and dropout_p > 0) else (0,)
-        return (
-            x.new_empty((m, weight.shape[0])),
-            x.new_empty((m, a.shape[0]), dtype=acc_dtype(x.dtype)),
-            x.new_empty(mask_shape, dtype=torch.bool),
-        )
-
-    @torch.library.custom_op(prefix + "_backward", mutates_args=())
-    def bwd(
-        g: Tensor,
-        x: Tensor,
-        weight: Tensor,
-        a: Tensor,
-        b: Tensor,
-        scale_t: Optional[Tensor],
-        scaling: float,
-        dropout_p: float,
-        seed: Tensor,
-        activation: str,
-        s_pre: Tensor,
-        mask: Tensor,
-        needs: list[bool],
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-        return backend.lora_backward(
-            g, x, weight, a, b, scale_t, scaling, dropout_p, int(seed), activation,
-            s_pre, mask, needs,
-        )
-
-    @bwd.register_fake
-    def _(g, x, weight, a, b, scale_t, scaling, dropout_p, seed, activation, s_pre, mask, needs):
-        m, k = x.shape
-        n, r = b.shape
-        shapes = [(m, k), (n,), (r, k), (n, r), (r,), (n,), ()]
-        return _fake_grads(g, shapes, needs, g.dtype)
-
-    def setup_context(ctx, inputs, output):
-        _lora_setup(ctx, inputs, output)
-        ctx.mark_non_differentiable(output[1], output[2])
-
-    def backward(ctx, gy, _gs, _gm):
-        return _lora_grads(ctx, gy, bwd)
-
-    fwd.register_autograd(backward, setup_context=setup_context)
-    _ops[key] = fwd
-    return fwd
+    return bound_op("lora", backend).custom
 
 
-def series_op(backend: Any) -> Callable[..., Tensor]:
+def series_op(backend: Backend):
     """The autograd-aware custom op running `backend`'s series bottleneck adapter kernels."""
-    key = (backend.name, "series")
-    if key in _ops:
-        return _ops[key]
-    prefix = f"llm_adapters::series_adapter_{backend.name}"
-
-    @torch.library.custom_op(prefix, mutates_args=())
-    def fwd(
-        h: Tensor,
-        down: Tensor,
-        up: Tensor,
-        down_bias: Optional[Tensor],
-        up_bias: Optional[Tensor],
-        scale_t: Optional[Tensor],
-        scaling: float,
-        dropout_p: float,
-        seed: Tensor,
-        activation: str,
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        return backend.series_forward(
-            h, down, up, down_bias, up_bias, scale_t, scaling, dropout_p, int(seed), activation
-        )
-
-    @fwd.register_fake
-    def _(h, down, up, down_bias, up_bias, scale_t, scaling, dropout_p, seed, activation):
-        m, n = h.shape
-        mask_shape = (m, n) if (backend.stores_mask and dropout_p > 0) else (0,)
-        return (
-            h.new_empty((m, n)),
-            h.new_empty((m, down.shape[0]), dtype=acc_dtype(h.dtype)),
-            h.new_empty(mask_shape, dtype=torch.bool),
-        )
-
-    @torch.library.custom_op(prefix + "_backward", mutates_args=())
-    def bwd(
-        g: Tensor,
-        h: Tensor,
-        down: Tensor,
-        up: Tensor,
-        scale_t: Optional[Tensor],
-        scaling: float,
-        dropout_p: float,
-        seed: Tensor,
-        activation: str,
-        s_pre: Tensor,
-        mask: Tensor,
-        needs: list[bool],
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-        return backend.series_backward(
-            g, h, down, up, scale_t, scaling, dropout_p, int(seed), activation, s_pre, mask,
-            needs,
-        )
-
-    @bwd.register_fake
-    def _(g, h, down, up, scale_t, scaling, dropout_p, seed, activation, s_pre, mask, needs):
-        m, n = h.shape
-        r = down.shape[0]
-        shapes = [(m, n), (r, n), (n, r), (r,), (n,), ()]
-        return _fake_grads(g, shapes, needs, g.dtype)
-
-    def setup_context(ctx, inputs, output):
-        _series_setup(ctx, inputs, output)
-        ctx.mark_non_differentiable(output[1], output[2])
-
-    def backward(ctx, gz, _gs, _gm):
-        return _series_grads(ctx, gz, bwd)
-
-    fwd.register_autograd(backward, setup_context=setup_context)
-    _ops[key] = fwd
-    return fwd
+    return bound_op("series", backend).custom

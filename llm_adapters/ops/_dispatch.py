@@ -1,41 +1,60 @@
 """Backend registry and selection.
 
-A backend is an object with the attributes below; it is imported lazily the first time it is
-asked for, so a missing Triton or an unbuilt CUDA extension costs nothing until used.
+A backend is an object satisfying `_backend.Backend`, the `BACKEND` of its module; it is
+imported the first time it is asked for, so a missing Triton or an unbuilt CUDA extension
+costs nothing until used.
 
-    name: str
-    ops: frozenset[str]                 subset of {"lora", "series"}
-    stores_mask: bool                   forward returns an [M, K] bool keep-mask for backward
-                                        (False: backward regenerates it from the seed)
-    available() -> str | None           None when usable, else the reason it is not
-    supports_device(device) -> str | None   None when it runs tensors on `device`, else why not
-    keep_mask(shape, p, seed, device) -> Tensor[bool]
-    lora_forward(...), lora_backward(...), series_forward(...), series_backward(...)
-                                        see ops/torch_backend.py for the exact contract
+Selection: the ``backend=`` keyword, else ``LLM_ADAPTERS_BACKEND``, else ``auto``. A requested
+backend that cannot run is an error (`BackendUnavailableError`), never a silent fallback.
+``auto`` is a fixed rule; nothing is timed and nothing is written:
 
-Selection order: the ``backend=`` keyword, else ``LLM_ADAPTERS_BACKEND``, else ``auto``.
-An explicitly requested backend that cannot run is an error, never a silent fallback. ``auto``
-takes the only backend that can run; where several can (on a GPU), the one measured fastest
-for the op's shape (see `_choice`).
+- CUDA tensors: triton; cuda for a shape where a measured table (the user's, or one shipped
+  with the package: `_choice`) has cuda faster than triton, and only if the cuda extension is
+  usable without compiling it (`auto` never starts a JIT build). Never torch.
+- CPU tensors: torch, or triton when ``TRITON_INTERPRET=1``. Other devices: torch.
+
+One dropout-mask stream per run: the torch backend, whose keep-mask differs from the Philox
+mask, is never auto's choice on CUDA; triton and cuda regenerate the same Philox keep-mask
+bit for bit, so a run whose shapes go to both still draws one mask stream. The tables are read
+once per process, so a shape keeps its backend for the whole run.
 """
 
 from __future__ import annotations
 
-import importlib
 import os
-from typing import Any
+from collections.abc import Callable
+from typing import Optional
 
 import torch
 
 from . import _choice
+from ._backend import Backend
 
 BACKENDS = ("torch", "triton", "cuda")
-_MODULES = {
-    "torch": "llm_adapters.ops.torch_backend",
-    "triton": "llm_adapters.ops.triton_backend",
-    "cuda": "llm_adapters.ops.cuda_backend",
+
+
+def _import_torch() -> Backend:
+    from . import torch_backend
+
+    return torch_backend.BACKEND
+
+
+def _import_triton() -> Backend:
+    from . import triton_backend
+
+    return triton_backend.BACKEND
+
+
+def _import_cuda() -> Backend:
+    from . import cuda_backend
+
+    return cuda_backend.BACKEND
+
+
+_IMPORTS: dict[str, Callable[[], Backend]] = {
+    "torch": _import_torch, "triton": _import_triton, "cuda": _import_cuda,
 }
-_loaded: dict[str, Any] = {}
+_loaded: dict[str, Backend] = {}
 _load_errors: dict[str, str] = {}
 
 
@@ -43,38 +62,34 @@ class BackendUnavailableError(RuntimeError):
     """The requested backend cannot run here (not installed, not built, wrong device)."""
 
 
-def _load(name: str) -> Any | None:
+def _load(name: str) -> Optional[Backend]:
     if name in _loaded:
         return _loaded[name]
     if name in _load_errors:
         return None
     try:
-        module = importlib.import_module(_MODULES[name])
-        backend = module.BACKEND
-    except ModuleNotFoundError as exc:  # the backend's module, or its dependency, is missing
-        _load_errors[name] = f"{type(exc).__name__}: {exc}"
-        return None
-    except ImportError as exc:
+        backend = _IMPORTS[name]()
+    except ImportError as exc:  # the backend's module, or a dependency of it, is missing
         _load_errors[name] = f"{type(exc).__name__}: {exc}"
         return None
     reason = backend.available()
     if reason is not None:
         _load_errors[name] = reason
         return None
-    from ._custom import lora_op, series_op  # here, not at import: _custom is light but lazy
+    from ._custom import bound_op  # here, not at import: _custom is light but lazy
 
-    makers = {"lora": lora_op, "series": series_op}
-    backend.custom_ops = {op: makers[op](backend) for op in backend.ops}
+    for op in backend.ops:  # registered now: torch.compile cannot trace a registration
+        bound_op(op, backend).register()
     _loaded[name] = backend
     return backend
 
 
-def loaded_backend(name: str) -> Any:
+def loaded_backend(name: str) -> Backend:
     """The backend object `name`, already loaded by `resolve_backend`."""
     return _loaded[name]
 
 
-def backend_status(name: str) -> str | None:
+def backend_status(name: str) -> Optional[str]:
     """None when backend `name` is usable in this process, else the reason it is not."""
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}: expected one of {', '.join(BACKENDS)}")
@@ -86,7 +101,7 @@ def available_backends() -> list[str]:
     return [name for name in BACKENDS if _load(name) is not None]
 
 
-def _requested(backend: str | None) -> str:
+def _requested(backend: Optional[str]) -> str:
     requested = backend or os.environ.get("LLM_ADAPTERS_BACKEND", "") or "auto"
     requested = requested.strip().lower()
     if requested != "auto" and requested not in BACKENDS:
@@ -97,70 +112,94 @@ def _requested(backend: str | None) -> str:
     return requested
 
 
-def _auto_order(op: str, device: torch.device) -> list[str]:
-    if device.type == "cuda":
-        # the order only breaks ties where nothing was measured: see _choice
-        return list(_choice.DEFAULT_ORDER)
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        return ["triton", "torch"]
-    return ["torch"]
+def _on_gpu(device: torch.device) -> bool:
+    """Whether `auto` applies its GPU rule to `device` (tests treat the CPU as one)."""
+    return device.type == "cuda"
 
 
 def _ready_for_auto(name: str) -> bool:
-    """Whether `auto` may pick backend `name` without first compiling it: the CUDA extension
-    takes part once it is loaded, built ahead of time or in the JIT cache (a fresh JIT build
-    takes minutes, and auto never starts one)."""
+    """Whether `auto` may take backend `name` without compiling it first: the CUDA extension
+    counts once it is loaded, built ahead of time or in the JIT cache with nothing newer in
+    csrc/ (a fresh JIT build takes minutes)."""
     if name != "cuda":
         return True
-    return bool(importlib.import_module(_MODULES[name]).ready_without_compile())
+    from . import cuda_backend
+
+    return bool(cuda_backend.ready_without_compile())
 
 
-def auto_candidates(op: str | None, device: torch.device) -> list[str]:
-    """The backends `auto` chooses among for `op` on `device`, in tie-break order."""
-    names = []
-    for name in _auto_order(op, device):
-        impl = _load(name)
-        if impl is None or (op is not None and op not in impl.ops):
-            continue
-        if impl.supports_device(device) is None and _ready_for_auto(name):
-            names.append(name)
-    return names
+def _why_not(name: str, op: Optional[str], device: torch.device) -> Optional[str]:
+    """None when `auto` may take backend `name` for `op` on `device`, else the reason."""
+    impl = _load(name)
+    if impl is None:
+        return _load_errors.get(name, "not available")
+    if op is not None and op not in impl.ops:
+        return f"does not implement {op!r}"
+    why = impl.supports_device(device)
+    if why is not None:
+        return why
+    if not _ready_for_auto(name):
+        return "its extension is not built or loaded, and auto never starts a JIT build"
+    return None
+
+
+def gpu_candidates(op: Optional[str], device: torch.device) -> list[str]:
+    """The backends `auto` may take for `op` on a GPU `device`: triton first, then cuda."""
+    return [name for name in ("triton", "cuda") if _why_not(name, op, device) is None]
+
+
+def _auto(op: Optional[str], device: torch.device, key: Optional[tuple]) -> str:
+    if _on_gpu(device):
+        names = gpu_candidates(op, device)
+        if not names:
+            reasons = "; ".join(f"{n}: {_why_not(n, op, device)}" for n in ("triton", "cuda"))
+            raise BackendUnavailableError(
+                f"auto: no GPU backend can run {op or 'the ops'!r} on {device} ({reasons}); the "
+                f"torch backend runs there only when asked for (backend='torch' or "
+                f"LLM_ADAPTERS_BACKEND=torch)"
+            )
+        if len(names) > 1 and key is not None and _choice.cuda_is_faster(
+                key, _choice.device_name(device)):
+            return "cuda"
+        return names[0]
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+        if _why_not("triton", op, device) is None:
+            return "triton"
+    if _load("torch") is None:
+        raise BackendUnavailableError(f"backend 'torch' is not available: {_load_errors['torch']}")
+    return "torch"
 
 
 def resolve_backend(
-    op: str | None, device: torch.device, backend: str | None = None, key: tuple | None = None,
-    m: int = 0,
-) -> Any:
+    op: Optional[str], device: torch.device, backend: Optional[str] = None,
+    key: Optional[tuple] = None,
+) -> Backend:
     """The backend object that runs `op` ("lora", "series", or None for any) on `device`.
 
-    Under auto on a GPU with several candidates, `key` (`_choice.shape_key`) and the row count
-    `m` let the choice follow measurements for that shape; without them the first candidate
-    in tie-break order is taken."""
+    Under auto on a GPU, `key` (`_choice.shape_key`) lets a measured table send that shape to
+    the cuda backend; without it the answer is the first GPU candidate (triton)."""
     requested = _requested(backend)
-    if requested != "auto":
-        impl = _load(requested)
-        if impl is None:
-            raise BackendUnavailableError(
-                f"backend {requested!r} is not available: {_load_errors.get(requested)}"
-            )
-        if op is not None and op not in impl.ops:
-            raise BackendUnavailableError(f"backend {requested!r} does not implement {op!r}")
-        why = impl.supports_device(device)
-        if why is not None:
-            raise BackendUnavailableError(f"backend {requested!r} cannot run here: {why}")
-        return impl
-    names = auto_candidates(op, device)
-    if not names:
-        raise BackendUnavailableError(f"no backend can run {op!r} on {device}")
-    if key is not None and len(names) > 1 and _choice.applies_to(device):
-        return _loaded[_choice.choose(key, m, names, device)]
-    return _loaded[names[0]]
+    if requested == "auto":
+        return _loaded[_auto(op, device, key)]
+    impl = _load(requested)
+    if impl is None:
+        raise BackendUnavailableError(
+            f"backend {requested!r} is not available: {_load_errors.get(requested)}"
+        )
+    if op is not None and op not in impl.ops:
+        raise BackendUnavailableError(f"backend {requested!r} does not implement {op!r}")
+    why = impl.supports_device(device)
+    if why is not None:
+        raise BackendUnavailableError(f"backend {requested!r} cannot run here: {why}")
+    return impl
 
 
-def shape_dependent(op: str, device: torch.device, backend: str | None) -> bool:
-    """Whether the backend for `op` on `device` may differ from shape to shape."""
+def shape_dependent(op: str, device: torch.device, backend: Optional[str]) -> bool:
+    """Whether the backend for `op` on `device` may differ from shape to shape: under auto on a
+    GPU where both triton and cuda can run and a table compares them for `op`."""
     return (
         _requested(backend) == "auto"
-        and _choice.applies_to(device)
-        and len(auto_candidates(op, device)) > 1
+        and _on_gpu(device)
+        and len(gpu_candidates(op, device)) > 1
+        and _choice.has_rows(_choice.device_name(device), op)
     )

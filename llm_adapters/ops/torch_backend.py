@@ -1,23 +1,9 @@
 """The `torch` backend: plain PyTorch in the fused order. The CPU path and the reference.
 
-Every backend implements the same four functions on 2-D, validated inputs (the forwards here
-also take an optional `mask=`: another backend's keep-mask to use instead of this one's draw,
-which is how the GPU backends run float64 in PyTorch with their own Philox mask):
-
-lora_forward(x, weight, bias, a, b, a_bias, b_bias, scale_t, scaling, p, seed, activation)
-    x [M, K], weight [N, K] (any strides; x.dtype), bias [N] | None, a [r, K], b [N, r],
-    a_bias [r] | None, b_bias [N] | None, scale_t: 0-dim learned scale | None (then `scaling`),
-    p: dropout probability, seed: int, activation: a name from ACTIVATIONS.
-    -> (y [M, N] x.dtype, s_pre [M, r] = D(x) aᵀ + a_bias in acc_dtype(x.dtype), mask)
-lora_backward(g, x, weight, a, b, scale_t, scaling, p, seed, activation, s_pre, mask, needs)
-    needs = (dx, dbias, da, db, da_bias, db_bias, dscale) booleans
-    -> 7 tensors in that order: dx in g.dtype, the others in acc_dtype(g.dtype) (the wrapper
-    casts each to its input's dtype); where not needed, an empty [0] tensor of that dtype.
-    acc_dtype is float32, or float64 for float64 inputs (gradcheck).
-series_forward(h, down, up, down_bias, up_bias, scale_t, scaling, p, seed, activation)
-    h [M, N], down [r, N], up [N, r] -> (z [M, N], s_pre [M, r] acc dtype, mask)
-series_backward(g, h, down, up, scale_t, scaling, p, seed, activation, s_pre, mask, needs)
-    needs = (dh, ddown, dup, ddown_bias, dup_bias, dscale) -> 6 tensors, dtypes as above.
+It implements the backend contract of `ops/_backend.py` (the four functions on 2-D, validated
+inputs). Its forwards also take an optional `mask=`: another backend's keep-mask to use
+instead of this one's draw, which is how the GPU backends run float64 in PyTorch with their
+own Philox mask.
 
 Memory traffic (LoRA forward, M tokens): the base GEMM reads x and W and writes y once;
 the branch reads x once more for the shrink and adds a rank-r product into y in place

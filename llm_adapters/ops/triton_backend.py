@@ -1,10 +1,10 @@
 """The `triton` backend: fused Triton kernels from `llm_adapters.triton_kernels`.
 
 Runs CUDA tensors on the GPU, and CPU tensors under the Triton interpreter
-(TRITON_INTERPRET=1, which must be set before triton is first imported). Each op is present
-when its kernel module imports: `triton_kernels.lora` (lora_forward / lora_backward) and
-`triton_kernels.series` (series_forward / series_backward), with the contract documented in
-`ops/torch_backend.py`. The dropout keep-mask is regenerated from the seed, never stored.
+(TRITON_INTERPRET=1, which must be set before triton is first imported). The kernels are
+`triton_kernels.lora` (lora_forward / lora_backward) and `triton_kernels.series`
+(series_forward / series_backward), with the contract of `ops/_backend.py`. The dropout
+keep-mask is regenerated from the seed, never stored.
 
 float64 (gradcheck and references only) has no tensor-core path in Triton: this adapter runs
 it in PyTorch through the torch backend's functions, with the kernels' own Philox keep-mask
@@ -13,88 +13,74 @@ regenerated from the seed, so the contract (same mask, nothing stored) is the sa
 
 from __future__ import annotations
 
-import importlib
 import os
 
 import torch
 import triton  # noqa: F401  (ImportError here marks the backend unavailable)
+from torch import Tensor
 
+from ..triton_kernels import lora as lora_kernels
+from ..triton_kernels import series as series_kernels
 from ..triton_kernels.dropout import keep_mask as _keep_mask
 from . import torch_backend
 
-_NO_MASK = torch.empty(0, dtype=torch.bool)
+
+def _philox_mask(x: Tensor, p: float, seed: int) -> Tensor:
+    """The kernels' keep-mask for x (an empty [0] tensor when nothing is dropped)."""
+    if p > 0.0:
+        return _keep_mask(tuple(x.shape), p, seed, x.device)
+    return x.new_empty(0, dtype=torch.bool)
 
 
-def _philox_mask(shape, p, seed, device):
-    return _keep_mask(tuple(shape), p, seed, device) if p > 0.0 else None
+def _no_mask(out: tuple[Tensor, Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    y, s_pre, _ = out
+    return y, s_pre, y.new_empty(0, dtype=torch.bool)
 
 
-def _f64_forward(torch_fwd):
-    """A forward that runs float64 in PyTorch with the Philox mask and returns no mask."""
-
-    def forward(x, *args):
-        p, seed = args[-3], args[-2]
-        out, s_pre, _ = torch_fwd(x, *args, mask=_philox_mask(x.shape, p, seed, x.device))
-        return out, s_pre, x.new_empty(0, dtype=torch.bool)
-
-    return forward
-
-
-def _f64_backward(torch_bwd):
-    def backward(g, x, *args):
-        # (..., p, seed, activation, s_pre, mask, needs): the mask is regenerated here
-        *head, p, seed, activation, s_pre, _mask, needs = args
-        mask = _philox_mask(x.shape, p, seed, x.device)
-        mask = _NO_MASK if mask is None else mask
-        return torch_bwd(g, x, *head, p, seed, activation, s_pre, mask, needs)
-
-    return backward
+def lora_forward(x, weight, bias, a, b, a_bias, b_bias, scale_t, scaling, p, seed, activation):
+    """The Triton LoRA / parallel-adapter forward (float64: PyTorch with the Philox mask)."""
+    if x.dtype == torch.float64:
+        return _no_mask(torch_backend.lora_forward(
+            x, weight, bias, a, b, a_bias, b_bias, scale_t, scaling, p, seed, activation,
+            mask=_philox_mask(x, p, seed)))
+    return lora_kernels.lora_forward(
+        x, weight, bias, a, b, a_bias, b_bias, scale_t, scaling, p, seed, activation)
 
 
-def _by_dtype(kernel_fn, f64_fn):
-    def run(first, *args, **kwargs):
-        if first.dtype == torch.float64:
-            return f64_fn(first, *args, **kwargs)
-        return kernel_fn(first, *args, **kwargs)
+def lora_backward(g, x, weight, a, b, scale_t, scaling, p, seed, activation, s_pre, mask, needs):
+    """The Triton LoRA / parallel-adapter backward (float64: PyTorch, mask regenerated)."""
+    if g.dtype == torch.float64:
+        return torch_backend.lora_backward(
+            g, x, weight, a, b, scale_t, scaling, p, seed, activation, s_pre,
+            _philox_mask(x, p, seed), needs)
+    return lora_kernels.lora_backward(
+        g, x, weight, a, b, scale_t, scaling, p, seed, activation, s_pre, mask, needs)
 
-    run.__doc__ = kernel_fn.__doc__
-    return run
+
+def series_forward(h, down, up, down_bias, up_bias, scale_t, scaling, p, seed, activation):
+    """The Triton series-adapter forward (float64: PyTorch with the Philox mask)."""
+    if h.dtype == torch.float64:
+        return _no_mask(torch_backend.series_forward(
+            h, down, up, down_bias, up_bias, scale_t, scaling, p, seed, activation,
+            mask=_philox_mask(h, p, seed)))
+    return series_kernels.series_forward(
+        h, down, up, down_bias, up_bias, scale_t, scaling, p, seed, activation)
 
 
-def _try(module: str):
-    try:
-        return importlib.import_module(f"llm_adapters.triton_kernels.{module}")
-    except ModuleNotFoundError as exc:
-        if exc.name == f"llm_adapters.triton_kernels.{module}":
-            return None
-        raise
+def series_backward(g, h, down, up, scale_t, scaling, p, seed, activation, s_pre, mask, needs):
+    """The Triton series-adapter backward (float64: PyTorch, mask regenerated)."""
+    if g.dtype == torch.float64:
+        return torch_backend.series_backward(
+            g, h, down, up, scale_t, scaling, p, seed, activation, s_pre,
+            _philox_mask(h, p, seed), needs)
+    return series_kernels.series_backward(
+        g, h, down, up, scale_t, scaling, p, seed, activation, s_pre, mask, needs)
 
 
 class _TritonBackend:
     name = "triton"
+    ops = frozenset({"lora", "series"})
     stores_mask = False
-
-    def __init__(self) -> None:
-        self._lora = _try("lora")
-        self._series = _try("series")
-        ops = set()
-        if self._lora is not None:
-            ops.add("lora")
-            self.lora_forward = _by_dtype(
-                self._lora.lora_forward, _f64_forward(torch_backend.lora_forward)
-            )
-            self.lora_backward = _by_dtype(
-                self._lora.lora_backward, _f64_backward(torch_backend.lora_backward)
-            )
-        if self._series is not None:
-            ops.add("series")
-            self.series_forward = _by_dtype(
-                self._series.series_forward, _f64_forward(torch_backend.series_forward)
-            )
-            self.series_backward = _by_dtype(
-                self._series.series_backward, _f64_backward(torch_backend.series_backward)
-            )
-        self.ops = frozenset(ops)
 
     @staticmethod
     def available() -> str | None:
@@ -114,6 +100,11 @@ class _TritonBackend:
     @staticmethod
     def keep_mask(shape, p, seed, device):
         return _keep_mask(shape, p, seed, device)
+
+    lora_forward = staticmethod(lora_forward)
+    lora_backward = staticmethod(lora_backward)
+    series_forward = staticmethod(series_forward)
+    series_backward = staticmethod(series_backward)
 
 
 BACKEND = _TritonBackend()

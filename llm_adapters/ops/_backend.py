@@ -1,0 +1,80 @@
+"""The backend contract: what `torch_backend`, `triton_backend` and `cuda_backend` provide.
+
+Each backend module exposes one object, `BACKEND`, that satisfies `Backend`. The dispatcher
+(`_dispatch`) hands it 2-D, validated inputs (`ops/__init__.py` checks shapes, dtypes and
+devices once); the op factory (`_custom`) wraps its four functions in autograd, both as a
+`torch.library` custom op and as an eager autograd.Function, from one spec per op.
+
+The four functions, on validated inputs:
+
+lora_forward(x, weight, bias, a, b, a_bias, b_bias, scale_t, scaling, p, seed, activation)
+    x [M, K], weight [N, K] (any strides; x.dtype), bias [N] | None, a [r, K], b [N, r],
+    a_bias [r] | None, b_bias [N] | None, scale_t: 0-dim learned scale | None (then `scaling`),
+    p: dropout probability, seed: int, activation: a name from ACTIVATIONS.
+    -> (y [M, N] x.dtype, s_pre [M, r] = D(x) aᵀ + a_bias in acc_dtype(x.dtype), mask)
+    mask: the [M, K] bool keep-mask when the backend `stores_mask` and p > 0, else empty [0].
+lora_backward(g, x, weight, a, b, scale_t, scaling, p, seed, activation, s_pre, mask, needs)
+    needs = (dx, dbias, da, db, da_bias, db_bias, dscale) booleans
+    -> 7 tensors in that order: dx in g.dtype, the others in acc_dtype(g.dtype) (the wrapper
+    casts each to its input's dtype); where not needed, an empty [0] tensor of that dtype.
+    acc_dtype is float32, or float64 for float64 inputs (gradcheck).
+series_forward(h, down, up, down_bias, up_bias, scale_t, scaling, p, seed, activation)
+    h [M, N], down [r, N], up [N, r] -> (z [M, N], s_pre [M, r] acc dtype, mask [M, N] | [0])
+series_backward(g, h, down, up, scale_t, scaling, p, seed, activation, s_pre, mask, needs)
+    needs = (dh, ddown, dup, ddown_bias, dup_bias, dscale) -> 6 tensors, dtypes as above.
+
+Dropout is reproducible: the same seed gives the same keep-mask in forward, in backward and on
+every call, and `keep_mask(shape, p, seed, device)` returns it (tests build exact references
+from it). The triton and cuda backends regenerate one and the same Philox mask from the seed
+(bit-identical, checked in tests/test_cuda_backend.py); the torch backend draws its own, cheaper
+on a CPU, and stores it for backward.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """One implementation of the adapter ops (see the module docstring for the contract)."""
+
+    name: str
+    ops: frozenset[str]  # the ops it implements: a subset of {"lora", "series"}
+    stores_mask: bool  # forward returns the keep-mask for backward (else regenerated from seed)
+
+    def available(self) -> Optional[str]:
+        """None when the backend can be used in this process, else the reason it cannot."""
+        ...
+
+    def supports_device(self, device: torch.device) -> Optional[str]:
+        """None when it runs tensors on `device`, else why not."""
+        ...
+
+    def keep_mask(self, shape: tuple[int, ...], p: float, seed: int,
+                  device: torch.device) -> Tensor:
+        """The bool keep-mask (True = kept) this backend uses for `seed` on a 2-D `shape`."""
+        ...
+
+    def lora_forward(self, x: Tensor, weight: Tensor, bias: Optional[Tensor], a: Tensor,
+                     b: Tensor, a_bias: Optional[Tensor], b_bias: Optional[Tensor],
+                     scale_t: Optional[Tensor], scaling: float, p: float, seed: int,
+                     activation: str) -> tuple[Tensor, Tensor, Tensor]: ...
+
+    def lora_backward(self, g: Tensor, x: Tensor, weight: Tensor, a: Tensor, b: Tensor,
+                      scale_t: Optional[Tensor], scaling: float, p: float, seed: int,
+                      activation: str, s_pre: Tensor, mask: Tensor,
+                      needs: list[bool]) -> tuple[Tensor, ...]: ...
+
+    def series_forward(self, h: Tensor, down: Tensor, up: Tensor, down_bias: Optional[Tensor],
+                       up_bias: Optional[Tensor], scale_t: Optional[Tensor], scaling: float,
+                       p: float, seed: int, activation: str) -> tuple[Tensor, Tensor, Tensor]:
+        ...
+
+    def series_backward(self, g: Tensor, h: Tensor, down: Tensor, up: Tensor,
+                        scale_t: Optional[Tensor], scaling: float, p: float, seed: int,
+                        activation: str, s_pre: Tensor, mask: Tensor,
+                        needs: list[bool]) -> tuple[Tensor, ...]: ...
