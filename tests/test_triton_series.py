@@ -16,6 +16,7 @@ from tiny_models import tiny_batch, tiny_model
 import llm_adapters as la
 from llm_adapters import ops
 from llm_adapters._numerics import dropout_threshold
+from llm_adapters.bench import parity
 from llm_adapters.ops._custom import series_op
 
 triton = pytest.importorskip("triton")
@@ -23,77 +24,49 @@ triton = pytest.importorskip("triton")
 CPU = torch.device("cpu")
 GRAD_NAMES = ("h", "down", "up", "down_bias", "up_bias", "scale")
 
-_ACTS = {
-    "identity": lambda s: s,
-    "tanh": torch.tanh,
-    "relu": torch.relu,
-    "gelu": torch.nn.functional.gelu,
-    "silu": torch.nn.functional.silu,
-}
-
 
 def _device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else CPU
 
 
 # ---------------------------------------------------------------------------------------------
-# Reference: the formula itself, differentiated by autograd, in any dtype
+# Reference: the shared formula (llm_adapters/bench/parity.py), differentiated by autograd
 # ---------------------------------------------------------------------------------------------
 
 
 def reference(inputs: dict, g: torch.Tensor, activation: str, mask, p: float, dtype):
-    """(z, grads by GRAD_NAMES) of z = h + s·φ(D(h) Dnᵀ + d_b) Upᵀ + u_b computed in `dtype`.
+    """(z, grads by GRAD_NAMES, {"scale": Σ |terms| of d(scale)}) of the series reference
+    computed in `dtype`, every input cast to it first (the weights too, as the backends do);
+    `mask` is the [M, N] keep-mask."""
+    wrt = [n for n in GRAD_NAMES if isinstance(inputs.get(n), torch.Tensor)]
+    leaves = parity.leaves(inputs, dtype, wrt)
+    keep, inv_keep = (mask, dropout_threshold(p)[1]) if p > 0 else (None, 1.0)
 
-    Weights are cast to `dtype` first, as the backends do; `mask` is the [M, N] keep-mask."""
-    leaves = {}
-    for name, t in inputs.items():
-        if isinstance(t, torch.Tensor):
-            leaves[name] = t.detach().to(dtype).requires_grad_(True)
-        else:
-            leaves[name] = t
-    h = leaves["h"]
-    h2 = h.reshape(-1, h.shape[-1])
-    hd = h2
-    if p > 0:
-        hd = torch.where(mask, h2, torch.zeros((), dtype=dtype, device=h.device))
-    s_pre = hd @ leaves["down"].t()
-    if p > 0:
-        s_pre = s_pre * dropout_threshold(p)[1]
-    if leaves.get("down_bias") is not None:
-        s_pre = s_pre + leaves["down_bias"]
-    branch = _ACTS[activation](s_pre) @ leaves["up"].t()
-    z = h2 + leaves["scale"] * branch
-    if leaves.get("up_bias") is not None:
-        z = z + leaves["up_bias"]
-    z = z.reshape(h.shape)
-    wrt = [n for n in GRAD_NAMES if isinstance(leaves.get(n), torch.Tensor)]
-    g2 = g.to(dtype).reshape(h2.shape)
-    grads = torch.autograd.grad(z, [leaves[n] for n in wrt], g2.reshape(h.shape))
+    def fn(h, down, up, scale, down_bias=None, up_bias=None):
+        return parity.series_reference(h, down, up, scaling=scale, activation=activation,
+                                       keep=keep, inv_keep=inv_keep, down_bias=down_bias,
+                                       up_bias=up_bias)
+
+    z, grads = parity.forward_and_grads(fn, leaves, g.to(dtype))
     # d(scale) = Σ (g Up) ⊙ φ(S) is one long sum with cancellation: its rounding error scales
     # with Σ |g||Up| |φ(S)|, not with its (small) value.
     with torch.no_grad():
-        mag = ((g2.abs() @ leaves["up"].abs()) * _ACTS[activation](s_pre).abs()).sum()
-    return z.detach(), dict(zip(wrt, grads, strict=True)), {"scale": mag.item()}
+        h2 = leaves["h"].reshape(-1, leaves["h"].shape[-1])
+        hd = h2 if keep is None else h2 * keep * inv_keep
+        s_pre = hd @ leaves["down"].t()
+        if leaves.get("down_bias") is not None:
+            s_pre = s_pre + leaves["down_bias"]
+        g2 = g.to(dtype).reshape(h2.shape)
+        phi = parity.ACTIVATION_FNS[activation](s_pre)
+        mag = ((g2.abs() @ leaves["up"].abs()) * phi.abs()).sum()
+    return z, grads, {"scale": mag.item()}
 
 
 def assert_parity(name, got, ref, base, dtype, magnitude=None):
-    """|got - ref| <= 2 |base - ref| + eps(dtype)·magnitude (default max|ref|), in the max norm;
-    verbose on failure."""
-    assert got.shape == ref.shape, f"{name}: shape {tuple(got.shape)} != {tuple(ref.shape)}"
-    assert torch.isfinite(got).all(), f"{name}: non-finite values"
-    diff = (got.double() - ref).abs()
-    err = diff.max().item() if diff.numel() else 0.0
-    base_err = (base.double() - ref).abs().max().item() if diff.numel() else 0.0
-    if magnitude is None:
-        magnitude = ref.abs().max().item() if diff.numel() else 0.0
-    floor = torch.finfo(dtype).eps * magnitude
-    tol = 2.0 * base_err + floor
-    if err > tol:
-        where = divmod(int(diff.argmax()), diff.shape[-1]) if diff.dim() > 1 else int(diff.argmax())
-        raise AssertionError(
-            f"{name}: max error {err:.3e} at {where} > tolerance {tol:.3e} "
-            f"(PyTorch {dtype} error {base_err:.3e}, floor {floor:.3e})"
-        )
+    """DESIGN §6 (parity.assert_parity) with this file's floor: one unit of `dtype`'s
+    precision at `magnitude` (default max |ref|)."""
+    parity.assert_parity(name, got, ref, base, rel_floor=torch.finfo(dtype).eps,
+                         magnitude=magnitude)
 
 
 def make_inputs(m, n, r, dtype, *, bias, learned, weight_dtype=torch.float32, device=CPU):
