@@ -58,8 +58,21 @@ def _masked(x: Tensor, mask: Tensor) -> Tensor:
     return torch.where(mask, x, 0.0)
 
 
-def _scale_of(scale_t: Tensor | None, scaling: float, dtype: torch.dtype) -> Tensor | float:
-    return scaling if scale_t is None else _as(scale_t, dtype)
+# Parallel regions. On a CPU every ATen op above ~32k elements (and every GEMM) is one OpenMP
+# parallel region over all intra-op threads, ended by a barrier. While other processes hold the
+# cores, a region lasts until its last thread is scheduled again, a scheduler time slice (tens
+# of ms on a busy 2-core machine) however little work it has, so under load a call costs about
+# its number of regions, not its FLOPs (benchmarks/contention.py). Hence scales go into GEMM
+# alphas, biases into GEMM betas and activation derivatives into ATen's fused *_backward ops:
+# the series fwd+bwd at float scaling is 9 regions (eager PyTorch: 12).
+
+
+def _mm(a: Tensor, b: Tensor, alpha: float = 1.0) -> Tensor:
+    """alpha · a b in one GEMM: the scale rides in the GEMM's alpha, not in an extra pass."""
+    if alpha == 1.0:
+        return a @ b
+    # beta = 0: the 0-dim input is neither read nor copied into the result
+    return torch.addmm(a.new_zeros(()), a, b, beta=0.0, alpha=alpha)
 
 
 def _shrink(x: Tensor, a: Tensor, a_bias: Tensor | None, p: float, seed: int,
@@ -67,15 +80,23 @@ def _shrink(x: Tensor, a: Tensor, a_bias: Tensor | None, p: float, seed: int,
     """S = D(x) aᵀ + a_bias in float32, and the keep-mask (empty when p == 0). `mask`, when
     given, is used instead of this backend's own draw (another backend's keep-mask)."""
     a_ = _as(a, x.dtype)
+    acc = acc_dtype(x.dtype)
+    inv_keep = 1.0
     if p > 0.0:
         if mask is None:
             mask = keep_mask(tuple(x.shape), p, seed, x.device)
         _, inv_keep = dropout_threshold(p)
-        s = _masked(x, mask) @ a_.t()
-        s = _as(s, acc_dtype(x.dtype)).mul_(inv_keep)  # scale the rank-sized result, not x
+        x = _masked(x, mask)  # scale the rank-sized result, not x
     else:
         mask = x.new_empty(0, dtype=torch.bool)
-        s = _as(x @ a_.t(), acc_dtype(x.dtype))
+    if x.dtype == acc:  # float32 / float64: bias, scale and product in one GEMM
+        if a_bias is not None:
+            return torch.addmm(_as(a_bias, acc), x, a_.t(), alpha=inv_keep), mask
+        return _mm(x, a_.t(), inv_keep), mask
+    # half precision: the GEMM rounds to x.dtype; scale and bias are applied in float32 after
+    s = _as(x @ a_.t(), acc)
+    if inv_keep != 1.0:
+        s = s.mul_(inv_keep)
     if a_bias is not None:
         s = s.add_(_as(a_bias, s.dtype))
     return s, mask
@@ -85,7 +106,9 @@ def _dropped_t_matmul(ds: Tensor, x: Tensor, mask: Tensor, p: float) -> Tensor:
     """dSᵀ D(x): the gradient of the down/A projection, [r, K]."""
     if p > 0.0:
         _, inv_keep = dropout_threshold(p)
-        return (ds.t() @ _masked(x, mask)).mul_(inv_keep)
+        if ds.dtype != acc_dtype(ds.dtype):  # half precision: scale after the rounded GEMM
+            return (ds.t() @ _masked(x, mask)).mul_(inv_keep)
+        return _mm(ds.t(), _masked(x, mask), inv_keep)
     return ds.t() @ x
 
 
@@ -98,18 +121,39 @@ def _add_dropped(out: Tensor, ds: Tensor, a: Tensor, mask: Tensor, p: float, inp
     return out.addmm_(ds, a) if inplace else torch.addmm(out, ds, a)
 
 
+def _act_backward(gu: Tensor, s_pre: Tensor, h_act: Tensor, activation: str) -> Tensor:
+    """gu ⊙ φ'(S) in one fused ATen pass where ATen has one (tanh, relu, gelu, silu): the same
+    formulas as `activation_grad`, without its two to four separate elementwise passes."""
+    if activation == "identity":
+        return gu
+    if activation == "tanh":  # gu (1 - φ(S)²)
+        return torch.ops.aten.tanh_backward(gu, h_act)
+    if activation == "relu":  # gu where S > 0, else 0
+        return torch.ops.aten.threshold_backward(gu, s_pre, 0.0)
+    if activation == "gelu":  # exact (erf) GELU, as apply_activation
+        return torch.ops.aten.gelu_backward(gu, s_pre)
+    if activation == "silu":
+        return torch.ops.aten.silu_backward(gu, s_pre)
+    return gu.mul_(activation_grad(s_pre, activation))
+
+
 def _branch_grads(g, h_act, s_pre, up, scale_t, scaling, activation, need_up, need_scale):
-    """From g: d(up) = s gᵀ φ(S), dS = s (g up) ⊙ φ'(S), d(scale) = Σ (g up) ⊙ φ(S)."""
+    """From g: d(up) = s gᵀ φ(S), dS = s (g up) ⊙ φ'(S), d(scale) = Σ (g up) ⊙ φ(S).
+
+    In float32 / float64 a float s rides in the GEMMs' alpha; d(scale) is one dot product.
+    """
     dt, acc = g.dtype, acc_dtype(g.dtype)
-    gu = _as(g @ _as(up, dt), acc)  # [M, r]
-    s = _scale_of(scale_t, scaling, acc)
+    up_ = _as(up, dt)
+    if scale_t is None and not need_scale and dt == acc:
+        # float32 / float64 (half precision keeps the scale out of its rounded GEMMs)
+        gu = _mm(g, up_, scaling)  # s (g up), [M, r]
+        d_up = _mm(g.t(), h_act, scaling) if need_up else None
+        return _act_backward(gu, s_pre, h_act, activation), d_up, None
+    s = scaling if scale_t is None else _as(scale_t, acc)
+    gu = _as(g @ up_, acc)
     d_up = _as(g.t() @ _as(h_act, dt), acc).mul_(s) if need_up else None
-    d_scale = (gu * h_act).sum() if need_scale else None
-    ds = gu.mul_(s)
-    grad = activation_grad(s_pre, activation)
-    if grad is not None:
-        ds.mul_(grad)
-    return ds, d_up, d_scale
+    d_scale = torch.dot(gu.reshape(-1), h_act.reshape(-1)) if need_scale else None
+    return _act_backward(gu.mul_(s), s_pre, h_act, activation), d_up, d_scale
 
 
 def lora_forward(x, weight, bias, a, b, a_bias, b_bias, scale_t, scaling, p, seed, activation,
