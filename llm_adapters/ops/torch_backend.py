@@ -64,7 +64,8 @@ def _masked(x: Tensor, mask: Tensor) -> Tensor:
 # of ms on a busy 2-core machine) however little work it has, so under load a call costs about
 # its number of regions, not its FLOPs (benchmarks/contention.py). Hence scales go into GEMM
 # alphas, biases into GEMM betas and activation derivatives into ATen's fused *_backward ops:
-# the series fwd+bwd at float scaling is 9 regions (eager PyTorch: 12).
+# a series fwd+bwd (tanh, float scale) opens 15 regions, 12 of them in its six GEMMs (eager
+# PyTorch: 18; this backend before: 20). Counted by benchmarks/contention.py --regions.
 
 
 def _mm(a: Tensor, b: Tensor, alpha: float = 1.0) -> Tensor:
