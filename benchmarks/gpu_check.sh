@@ -94,6 +94,8 @@ if [ "$MODE" = cpu ]; then
   BENCH_ARGS=(--quick --device cpu)
   TEST_ARGS=(-m gpu)  # collected and skipped without a GPU: checks the wiring only
   TUNE_ARGS=(--device cpu --tokens 64 --hidden 64 --rank 8 --dropout 0)
+  # two candidates to choose between on a CPU: torch, and triton under the interpreter
+  TUNE_ENV=(env TRITON_INTERPRET=1)
 else
   T_CHECK="${T_CHECK:-75}" T_TESTS="${T_TESTS:-105}" T_OPS="${T_OPS:-85}"
   T_TUNE="${T_TUNE:-65}" T_E2E="${T_E2E:-55}"
@@ -104,6 +106,7 @@ else
   # the cuda backend is named so that it takes part (auto alone skips an unloaded extension)
   TUNE_ARGS=(--device cuda --backends triton cuda torch --tokens 256 1024 4096 16384
              --hidden 4096 --rank 16 --dropout 0 0.05 --seconds $(( T_TUNE - 25 )))
+  TUNE_ENV=(env)
 fi
 # The self-check and the tests check numerics, not speed: the Triton kernels take one config each
 # there (LLM_ADAPTERS_TRITON_AUTOTUNE=0) instead of compiling and timing every candidate, which
@@ -120,7 +123,7 @@ CMD_TESTS=(env LLM_ADAPTERS_TRITON_AUTOTUNE="${LLM_ADAPTERS_TRITON_AUTOTUNE:-0}"
            -p no:cacheprovider --junitxml="$OUT/pytest-gpu.xml" tests)
 CMD_OPS=(timeout --kill-after=20 "$T_OPS" "$PYTHON" -m llm_adapters.cli bench "${BENCH_ARGS[@]}"
          --out "$OUT")
-CMD_TUNE=(timeout --kill-after=20 "$T_TUNE" "$PYTHON" -m llm_adapters.cli tune-backends
+CMD_TUNE=("${TUNE_ENV[@]}" timeout --kill-after=20 "$T_TUNE" "$PYTHON" -m llm_adapters.cli tune-backends
           "${TUNE_ARGS[@]}" --no-save --out "$OUT/backend_table.json")
 CMD_E2E=(timeout --kill-after=20 "$T_E2E" "$PYTHON" -m llm_adapters.cli bench --e2e-only
          "${BENCH_ARGS[@]}" --out "$OUT")
