@@ -45,9 +45,9 @@ from .._numerics import (
     fp32_ieee,
     m_bucket,
 )
+from ._common import INTERPRET as _INTERPRET
+from ._common import dot, loop_bound, phi
 from .dropout import keep_bits
-
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 # The rank is processed in chunks of at most this many columns: the [BLOCK_M, R] tiles of S
 # and the [R, BLOCK_N] tiles of B share registers with the GEMM accumulator in the epilogue.
@@ -126,37 +126,6 @@ def _reduce_configs() -> list[triton.Config]:
 
 
 @triton.jit
-def _dot(a, b, acc, IEEE: tl.constexpr):
-    # fp32 operands follow torch's allow_tf32 setting (off by default): "ieee" keeps full
-    # fp32 products; half-precision operands ignore the flag.
-    if IEEE:
-        acc = tl.dot(a, b, acc, input_precision="ieee")
-    else:
-        acc = tl.dot(a, b, acc)
-    return acc
-
-
-@triton.jit
-def _tanh(x):
-    # 1 - 2 / (exp(2x) + 1): exact limits at ±inf, no libdevice dependency.
-    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
-
-
-@triton.jit
-def _activation(s, ACT: tl.constexpr):
-    """φ(s) in fp32 for the activation code ACT (see _numerics.ACTIVATION_CODES)."""
-    if ACT == 1:
-        s = _tanh(s)
-    elif ACT == 2:
-        s = tl.maximum(s, 0.0)
-    elif ACT == 3:
-        s = 0.5 * s * (1.0 + tl.math.erf(s * 0.7071067811865476))
-    elif ACT == 4:
-        s = s * tl.sigmoid(s)
-    return s
-
-
-@triton.jit
 def _grouped_pid(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
     # Programs walk GROUP_M row tiles per column tile so the W tiles they share stay in L2.
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -200,7 +169,7 @@ def _shrink_kernel(
     m_in = offs_m < M
     r_in = offs_r < R
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(0, loop_bound(K), BLOCK_K):
         ks = k0 + offs_k
         k_in = ks < K
         x = tl.load(
@@ -214,7 +183,7 @@ def _shrink_kernel(
             a_ptr + offs_r[None, :] * stride_ar + ks[:, None] * stride_ak,
             mask=r_in[None, :] & k_in[:, None], other=0.0,
         )
-        acc = _dot(x, a.to(x.dtype), acc, IEEE)
+        acc = dot(x, a.to(x.dtype), acc, IEEE)
     if DROPOUT:
         acc = acc * inv_keep  # scale the rank-sized result, not x
     if HAS_AB:
@@ -255,11 +224,11 @@ def _main_kernel(
     x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
     w_ptrs = w_ptr + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(0, loop_bound(K), BLOCK_K):
         k_in = offs_k < K - k0
         x = tl.load(x_ptrs, mask=m_in[:, None] & k_in[None, :], other=0.0)
         w = tl.load(w_ptrs, mask=n_in[None, :] & k_in[:, None], other=0.0)
-        acc = _dot(x, w, acc, IEEE)
+        acc = dot(x, w, acc, IEEE)
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
     dt = x_ptr.dtype.element_ty
@@ -268,19 +237,19 @@ def _main_kernel(
     else:
         s = scaling
     offs_r = tl.arange(0, BLOCK_R).to(tl.int64)
-    for r0 in range(0, R, BLOCK_R):
+    for r0 in range(0, loop_bound(R), BLOCK_R):
         rs = r0 + offs_r
         r_in = rs < R
         sp = tl.load(
             s_ptr + offs_m[:, None] * stride_sm + rs[None, :],
             mask=m_in[:, None] & r_in[None, :], other=0.0,
         )
-        h = (_activation(sp, ACT) * s).to(dt)
+        h = (phi(sp, ACT) * s).to(dt)
         bt = tl.load(
             b_ptr + offs_n[None, :] * stride_bn + rs[:, None] * stride_br,
             mask=n_in[None, :] & r_in[:, None], other=0.0,
         )
-        acc = _dot(h, bt.to(dt), acc, IEEE)
+        acc = dot(h, bt.to(dt), acc, IEEE)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_in, other=0.0).to(tl.float32)[None, :]
     if HAS_BB:
@@ -332,7 +301,7 @@ def _reduce_kernel(
     r_in = offs_r < R
     ar_m = tl.arange(0, BLOCK_M).to(tl.int64)
     ar_c = tl.arange(0, BLOCK_C).to(tl.int64)
-    for c0 in range(c_start, c_end, BLOCK_C):
+    for c0 in range(loop_bound(c_start), loop_bound(c_end), BLOCK_C):
         offs_c = c0 + ar_c
         c_in = offs_c < c_end
         if DO_ROW:
@@ -341,7 +310,7 @@ def _reduce_kernel(
                 mask=c_in[:, None] & r_in[None, :], other=0.0,
             ).to(dt)
         col_acc = tl.zeros((BLOCK_C, BLOCK_R), dtype=tl.float32)
-        for m0 in range(m_start, m_end, BLOCK_M):
+        for m0 in range(loop_bound(m_start), loop_bound(m_end), BLOCK_M):
             offs_m = m0 + ar_m
             m_in = offs_m < m_end
             x = tl.load(
@@ -357,15 +326,15 @@ def _reduce_kernel(
                 row_ptrs = row_ptr + (pc * M + offs_m[:, None]) * R + offs_r[None, :]
                 row_mask = m_in[:, None] & r_in[None, :]
                 prev = tl.load(row_ptrs, mask=row_mask & (c0 != c_start), other=0.0)
-                part = _dot(x, y, prev, IEEE)
+                part = dot(x, y, prev, IEEE)
                 tl.store(row_ptrs, part, mask=row_mask)
             if DO_COL:
                 z = tl.load(
                     z_ptr + offs_m[:, None] * stride_zm + offs_r[None, :],
                     mask=m_in[:, None] & r_in[None, :], other=0.0,
                 )
-                h = _activation(z, ACT).to(dt)
-                col_acc = _dot(tl.trans(x), h, col_acc, IEEE)
+                h = phi(z, ACT).to(dt)
+                col_acc = dot(tl.trans(x), h, col_acc, IEEE)
         if DO_COL:
             tl.store(
                 col_ptr + (pm * C + offs_c[:, None]) * R + offs_r[None, :], col_acc,
@@ -402,17 +371,17 @@ def _dx_kernel(
     g_ptrs = g_ptr + offs_m[:, None] * stride_gm + offs_n[None, :] * stride_gn
     w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-    for n0 in range(0, N, BLOCK_N):
+    for n0 in range(0, loop_bound(N), BLOCK_N):
         n_in = offs_n < N - n0
         g = tl.load(g_ptrs, mask=m_in[:, None] & n_in[None, :], other=0.0)
         w = tl.load(w_ptrs, mask=n_in[:, None] & k_in[None, :], other=0.0)
-        acc = _dot(g, w, acc, IEEE)
+        acc = dot(g, w, acc, IEEE)
         g_ptrs += BLOCK_N * stride_gn
         w_ptrs += BLOCK_N * stride_wn
     dt = g_ptr.dtype.element_ty
     lr = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     offs_r = tl.arange(0, BLOCK_R).to(tl.int64)
-    for r0 in range(0, R, BLOCK_R):
+    for r0 in range(0, loop_bound(R), BLOCK_R):
         rs = r0 + offs_r
         r_in = rs < R
         ds = tl.load(
@@ -423,7 +392,7 @@ def _dx_kernel(
             a_ptr + rs[:, None] * stride_ar + offs_k[None, :] * stride_ak,
             mask=r_in[:, None] & k_in[None, :], other=0.0,
         ).to(dt)
-        lr = _dot(ds, a, lr, IEEE)
+        lr = dot(ds, a, lr, IEEE)
     if DROPOUT:
         keep = keep_bits(seed, offs_m[:, None] * K + offs_k[None, :], threshold)
         lr = tl.where(keep, lr * inv_keep, 0.0)

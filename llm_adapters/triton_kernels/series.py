@@ -44,10 +44,11 @@ from .._numerics import (
     activation_code,
     check_activation,
     dropout_threshold,
+    fp32_ieee,
 )
+from ._common import INTERPRET as _INTERPRET
+from ._common import dot, loop_bound, phi, phi_grad
 from .dropout import keep_bits
-
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 # Largest bottleneck kept in registers as one tile. S [BM, r] in fp32 plus the [BN, r] weight
 # tile bound the register budget; above this r is tiled (correct, not tuned for speed). Lower
@@ -149,55 +150,10 @@ def _prune(kernel: str):
 
 
 @triton.jit
-def _tanh(x):
-    # tanh through exp (no libdevice, so the interpreter runs it too); the |x| form never
-    # overflows: e = exp(-2|x|) is in (0, 1].
-    e = tl.exp(-2.0 * tl.abs(x))
-    t = (1.0 - e) / (1.0 + e)
-    return tl.where(x < 0, -t, t)
-
-
-@triton.jit
-def _act(s, ACT: tl.constexpr):
-    """φ(S) in fp32."""
-    if ACT == 0:
-        out = s
-    elif ACT == 1:
-        out = _tanh(s)
-    elif ACT == 2:
-        out = tl.maximum(s, 0.0)
-    elif ACT == 3:
-        out = 0.5 * s * (1.0 + tl.erf(s * 0.7071067811865476))
-    else:
-        out = s / (1.0 + tl.exp(-s))
-    return out
-
-
-@triton.jit
-def _act_grad(s, ACT: tl.constexpr):
-    """φ'(S) in fp32 (1 for identity; relu' is 0 at 0, as torch)."""
-    if ACT == 0:
-        out = tl.full(s.shape, 1.0, tl.float32)
-    elif ACT == 1:
-        t = _tanh(s)
-        out = 1.0 - t * t
-    elif ACT == 2:
-        out = tl.where(s > 0, 1.0, 0.0)
-    elif ACT == 3:
-        cdf = 0.5 * (1.0 + tl.erf(s * 0.7071067811865476))
-        pdf = tl.exp(-0.5 * s * s) * 0.3989422804014327
-        out = cdf + s * pdf
-    else:
-        sig = 1.0 / (1.0 + tl.exp(-s))
-        out = sig * (1.0 + s * (1.0 - sig))
-    return out
-
-
-@triton.jit
 def _shrink_tile(
     h_ptr, dn_ptr, db_ptr, rows, row_ok, r0, N, R, stride_dn_r, stride_dn_n,
     seed, threshold, inv_keep,
-    HAS_DB: tl.constexpr, HAS_DROPOUT: tl.constexpr, PREC: tl.constexpr,
+    HAS_DB: tl.constexpr, HAS_DROPOUT: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """S[:, r0:r0+BR] = D(h[rows]) Dn[r0:r0+BR]ᵀ (+ d_b) in fp32, walking N in BN chunks."""
@@ -205,7 +161,7 @@ def _shrink_tile(
     rr = r0 + tl.arange(0, BLOCK_R)
     r_ok = rr < R
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for n0 in range(0, N, BLOCK_N):
+    for n0 in range(0, loop_bound(N), BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         col_ok = cols < N
         offs = rows[:, None] * N + cols[None, :]
@@ -218,12 +174,66 @@ def _shrink_tile(
             mask=col_ok[:, None] & r_ok[None, :],
             other=0.0,
         ).to(dt)
-        acc = tl.dot(x, w, acc, input_precision=PREC)
+        acc = dot(x, w, acc, IEEE)
     if HAS_DROPOUT:
         acc = acc * inv_keep
     if HAS_DB:
         acc += tl.load(db_ptr + rr, mask=r_ok, other=0.0).to(tl.float32)[None, :]
     return acc
+
+
+@triton.jit
+def _residual_expand(
+    res_ptr, out_ptr, lhs, lhs_ptr, w_ptr, stride_w_r, stride_w_n, bias_ptr,
+    rows, row_ok, N, R, scale, seed, threshold, inv_keep,
+    ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    ONE_R_TILE: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """out[rows] = res[rows] + scale · D'(L W) (+ bias), walking N in BN chunks, fp32 sums.
+
+    The second pass of both row-block kernels: forward z = h + s·φ(S) Upᵀ + u_b, backward
+    dh = g + D'(dS Dn) (scale 1). L [BM, R] is the rank-sized factor, W [R, N] the weight
+    (element (j, n) at j·stride_w_r + n·stride_w_n, cast to res's dtype). ONE_R_TILE: L is
+    `lhs`, held in registers in res's dtype; otherwise L = φ(lhs_ptr[rows]), read back from
+    the [M, R] fp32 buffer BR columns at a time. D' (HAS_DROPOUT) keeps the elements whose
+    keep bits of m·N + n are set, scaled by inv_keep. res is re-read per chunk (from cache)."""
+    dt = res_ptr.dtype.element_ty
+    for n0 in range(0, loop_bound(N), BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        col_ok = cols < N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if ONE_R_TILE:
+            rr = tl.arange(0, BLOCK_R)
+            w = tl.load(
+                w_ptr + rr[:, None] * stride_w_r + cols[None, :] * stride_w_n,
+                mask=(rr < R)[:, None] & col_ok[None, :],
+                other=0.0,
+            ).to(dt)
+            acc = dot(lhs, w, acc, IEEE)
+        else:
+            for r0 in range(0, loop_bound(R), BLOCK_R):
+                rr = r0 + tl.arange(0, BLOCK_R)
+                r_ok = rr < R
+                pre = tl.load(
+                    lhs_ptr + rows[:, None] * R + rr[None, :],
+                    mask=row_ok[:, None] & r_ok[None, :],
+                    other=0.0,
+                )
+                w = tl.load(
+                    w_ptr + rr[:, None] * stride_w_r + cols[None, :] * stride_w_n,
+                    mask=r_ok[:, None] & col_ok[None, :],
+                    other=0.0,
+                ).to(dt)
+                acc = dot(phi(pre, ACT).to(dt), w, acc, IEEE)
+        offs = rows[:, None] * N + cols[None, :]
+        io_mask = row_ok[:, None] & col_ok[None, :]
+        if HAS_DROPOUT:
+            acc = tl.where(keep_bits(seed, offs, threshold), acc * inv_keep, 0.0)
+        z = tl.load(res_ptr + offs, mask=io_mask, other=0.0).to(tl.float32) + scale * acc
+        if HAS_BIAS:
+            z += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + offs, z.to(dt), mask=io_mask)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -243,7 +253,7 @@ def _series_forward_kernel(
     stride_dn_r, stride_dn_n, stride_up_n, stride_up_r,
     scaling, seed, threshold, inv_keep,
     ACT: tl.constexpr, HAS_DB: tl.constexpr, HAS_UB: tl.constexpr,
-    HAS_SCALE_T: tl.constexpr, HAS_DROPOUT: tl.constexpr, PREC: tl.constexpr,
+    HAS_SCALE_T: tl.constexpr, HAS_DROPOUT: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_R: tl.constexpr, ONE_R_TILE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -262,74 +272,38 @@ def _series_forward_kernel(
         r_ok = rr < R
         pre = _shrink_tile(
             h_ptr, dn_ptr, db_ptr, rows, row_ok, 0, N, R, stride_dn_r, stride_dn_n,
-            seed, threshold, inv_keep, HAS_DB, HAS_DROPOUT, PREC, BLOCK_M, BLOCK_N, BLOCK_R,
+            seed, threshold, inv_keep, HAS_DB, HAS_DROPOUT, IEEE, BLOCK_M, BLOCK_N, BLOCK_R,
         )
         tl.store(s_ptr + rows[:, None] * R + rr[None, :], pre, mask=row_ok[:, None] & r_ok[None, :])
-        a = _act(pre, ACT).to(dt)
-        # Pass 2: z = h + s·φ(S) Upᵀ + u_b, one BN chunk at a time (h re-read from cache).
-        for n0 in range(0, N, BLOCK_N):
-            cols = n0 + tl.arange(0, BLOCK_N)
-            col_ok = cols < N
-            u = tl.load(
-                up_ptr + cols[None, :] * stride_up_n + rr[:, None] * stride_up_r,
-                mask=r_ok[:, None] & col_ok[None, :],
-                other=0.0,
-            ).to(dt)
-            out = tl.dot(a, u, input_precision=PREC)
-            offs = rows[:, None] * N + cols[None, :]
-            io_mask = row_ok[:, None] & col_ok[None, :]
-            x = tl.load(h_ptr + offs, mask=io_mask, other=0.0).to(tl.float32)
-            z = x + s * out
-            if HAS_UB:
-                z += tl.load(ub_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-            tl.store(z_ptr + offs, z.to(dt), mask=io_mask)
+        a = phi(pre, ACT).to(dt)
     else:
         # Large bottleneck: S is built one r tile at a time (h re-read per tile), written to
         # s_pre, and read back tile by tile in pass 2.
-        for r0 in range(0, R, BLOCK_R):
+        for r0 in range(0, loop_bound(R), BLOCK_R):
             rr = r0 + tl.arange(0, BLOCK_R)
             r_ok = rr < R
             pre = _shrink_tile(
                 h_ptr, dn_ptr, db_ptr, rows, row_ok, r0, N, R, stride_dn_r, stride_dn_n,
-                seed, threshold, inv_keep, HAS_DB, HAS_DROPOUT, PREC, BLOCK_M, BLOCK_N, BLOCK_R,
+                seed, threshold, inv_keep, HAS_DB, HAS_DROPOUT, IEEE, BLOCK_M, BLOCK_N, BLOCK_R,
             )
             tl.store(
                 s_ptr + rows[:, None] * R + rr[None, :], pre, mask=row_ok[:, None] & r_ok[None, :]
             )
         # s_pre was written by other threads of this program: make it visible before reading.
         tl.debug_barrier()
-        for n0 in range(0, N, BLOCK_N):
-            cols = n0 + tl.arange(0, BLOCK_N)
-            col_ok = cols < N
-            out = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for r0 in range(0, R, BLOCK_R):
-                rr = r0 + tl.arange(0, BLOCK_R)
-                r_ok = rr < R
-                pre = tl.load(
-                    s_ptr + rows[:, None] * R + rr[None, :],
-                    mask=row_ok[:, None] & r_ok[None, :],
-                    other=0.0,
-                )
-                a = _act(pre, ACT).to(dt)
-                u = tl.load(
-                    up_ptr + cols[None, :] * stride_up_n + rr[:, None] * stride_up_r,
-                    mask=r_ok[:, None] & col_ok[None, :],
-                    other=0.0,
-                ).to(dt)
-                out = tl.dot(a, u, out, input_precision=PREC)
-            offs = rows[:, None] * N + cols[None, :]
-            io_mask = row_ok[:, None] & col_ok[None, :]
-            x = tl.load(h_ptr + offs, mask=io_mask, other=0.0).to(tl.float32)
-            z = x + s * out
-            if HAS_UB:
-                z += tl.load(ub_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-            tl.store(z_ptr + offs, z.to(dt), mask=io_mask)
+        a = 0.0  # unused: pass 2 reads S back from s_pre
+    # Pass 2: z = h + s·φ(S) Upᵀ + u_b, one BN chunk at a time (h re-read from cache).
+    _residual_expand(
+        h_ptr, z_ptr, a, s_ptr, up_ptr, stride_up_r, stride_up_n, ub_ptr,
+        rows, row_ok, N, R, s, seed, threshold, inv_keep,
+        ACT, HAS_UB, False, ONE_R_TILE, IEEE, BLOCK_M, BLOCK_N, BLOCK_R,
+    )
 
 
 @triton.jit
 def _grad_s_tile(
     g_ptr, up_ptr, s_ptr, rows, row_ok, r0, N, R, stride_up_n, stride_up_r, s,
-    ACT: tl.constexpr, PREC: tl.constexpr,
+    ACT: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """(dS, GU ⊙ φ(S)) for columns r0:r0+BR of the bottleneck, both [BM, BR] fp32."""
@@ -337,7 +311,7 @@ def _grad_s_tile(
     rr = r0 + tl.arange(0, BLOCK_R)
     r_ok = rr < R
     gu = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for n0 in range(0, N, BLOCK_N):
+    for n0 in range(0, loop_bound(N), BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         col_ok = cols < N
         gt = tl.load(
@@ -350,12 +324,12 @@ def _grad_s_tile(
             mask=col_ok[:, None] & r_ok[None, :],
             other=0.0,
         ).to(dt)
-        gu = tl.dot(gt, u, gu, input_precision=PREC)
+        gu = dot(gt, u, gu, IEEE)
     pre = tl.load(
         s_ptr + rows[:, None] * R + rr[None, :], mask=row_ok[:, None] & r_ok[None, :], other=0.0
     )
-    ds = s * gu * _act_grad(pre, ACT)
-    return ds, gu * _act(pre, ACT)
+    ds = s * gu * phi_grad(pre, ACT)
+    return ds, gu * phi(pre, ACT)
 
 
 @triton.autotune(
@@ -370,7 +344,7 @@ def _series_backward_rows_kernel(
     stride_dn_r, stride_dn_n, stride_up_n, stride_up_r,
     scaling, seed, threshold, inv_keep,
     ACT: tl.constexpr, HAS_SCALE_T: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    NEED_DS: tl.constexpr, NEED_DH: tl.constexpr, NEED_SCALE: tl.constexpr, PREC: tl.constexpr,
+    NEED_DS: tl.constexpr, NEED_DH: tl.constexpr, NEED_SCALE: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_R: tl.constexpr, ONE_R_TILE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -391,7 +365,7 @@ def _series_backward_rows_kernel(
         r_ok = rr < R
         ds, gh = _grad_s_tile(
             g_ptr, up_ptr, s_ptr, rows, row_ok, 0, N, R, stride_up_n, stride_up_r, s,
-            ACT, PREC, BLOCK_M, BLOCK_N, BLOCK_R,
+            ACT, IEEE, BLOCK_M, BLOCK_N, BLOCK_R,
         )
         if NEED_SCALE:
             dscale += tl.sum(gh, axis=1)
@@ -399,30 +373,14 @@ def _series_backward_rows_kernel(
             tl.store(
                 ds_ptr + rows[:, None] * R + rr[None, :], ds, mask=row_ok[:, None] & r_ok[None, :]
             )
-        if NEED_DH:
-            ds_lo = ds.to(dt)
-            for n0 in range(0, N, BLOCK_N):
-                cols = n0 + tl.arange(0, BLOCK_N)
-                col_ok = cols < N
-                w = tl.load(
-                    dn_ptr + rr[:, None] * stride_dn_r + cols[None, :] * stride_dn_n,
-                    mask=r_ok[:, None] & col_ok[None, :],
-                    other=0.0,
-                ).to(dt)
-                t = tl.dot(ds_lo, w, input_precision=PREC)
-                offs = rows[:, None] * N + cols[None, :]
-                io_mask = row_ok[:, None] & col_ok[None, :]
-                if HAS_DROPOUT:
-                    t = tl.where(keep_bits(seed, offs, threshold), t * inv_keep, 0.0)
-                gt = tl.load(g_ptr + offs, mask=io_mask, other=0.0).to(tl.float32)
-                tl.store(dh_ptr + offs, (gt + t).to(dt), mask=io_mask)
+        ds_lo = ds.to(dt)
     else:
-        for r0 in range(0, R, BLOCK_R):
+        for r0 in range(0, loop_bound(R), BLOCK_R):
             rr = r0 + tl.arange(0, BLOCK_R)
             r_ok = rr < R
             ds, gh = _grad_s_tile(
                 g_ptr, up_ptr, s_ptr, rows, row_ok, r0, N, R, stride_up_n, stride_up_r, s,
-                ACT, PREC, BLOCK_M, BLOCK_N, BLOCK_R,
+                ACT, IEEE, BLOCK_M, BLOCK_N, BLOCK_R,
             )
             if NEED_SCALE:
                 dscale += tl.sum(gh, axis=1)
@@ -432,30 +390,13 @@ def _series_backward_rows_kernel(
         if NEED_DH:
             # dS was written by other threads of this program: make it visible first.
             tl.debug_barrier()
-            for n0 in range(0, N, BLOCK_N):
-                cols = n0 + tl.arange(0, BLOCK_N)
-                col_ok = cols < N
-                t = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-                for r0 in range(0, R, BLOCK_R):
-                    rr = r0 + tl.arange(0, BLOCK_R)
-                    r_ok = rr < R
-                    ds_lo = tl.load(
-                        ds_ptr + rows[:, None] * R + rr[None, :],
-                        mask=row_ok[:, None] & r_ok[None, :],
-                        other=0.0,
-                    ).to(dt)
-                    w = tl.load(
-                        dn_ptr + rr[:, None] * stride_dn_r + cols[None, :] * stride_dn_n,
-                        mask=r_ok[:, None] & col_ok[None, :],
-                        other=0.0,
-                    ).to(dt)
-                    t = tl.dot(ds_lo, w, t, input_precision=PREC)
-                offs = rows[:, None] * N + cols[None, :]
-                io_mask = row_ok[:, None] & col_ok[None, :]
-                if HAS_DROPOUT:
-                    t = tl.where(keep_bits(seed, offs, threshold), t * inv_keep, 0.0)
-                gt = tl.load(g_ptr + offs, mask=io_mask, other=0.0).to(tl.float32)
-                tl.store(dh_ptr + offs, (gt + t).to(dt), mask=io_mask)
+        ds_lo = 0.0  # unused: dh reads dS back from ds_ptr
+    if NEED_DH:
+        _residual_expand(
+            g_ptr, dh_ptr, ds_lo, ds_ptr, dn_ptr, stride_dn_r, stride_dn_n, g_ptr,
+            rows, row_ok, N, R, 1.0, seed, threshold, inv_keep,
+            0, False, HAS_DROPOUT, ONE_R_TILE, IEEE, BLOCK_M, BLOCK_N, BLOCK_R,
+        )
     if NEED_SCALE:
         tl.store(dscale_ptr + rows, dscale, mask=row_ok)
 
@@ -472,7 +413,7 @@ def _series_backward_weights_kernel(
     scaling, seed, threshold, inv_keep,
     ACT: tl.constexpr, HAS_SCALE_T: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     NEED_DOWN: tl.constexpr, NEED_UP: tl.constexpr, NEED_UB: tl.constexpr,
-    PREC: tl.constexpr, BLOCK_R: tl.constexpr,
+    IEEE: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Partial sums over one chunk of rows, for one [BR, BN] tile:
@@ -492,7 +433,7 @@ def _series_backward_weights_kernel(
     ddn = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
     dup = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
     dub = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for m0 in range(row_start, row_end, BLOCK_M):
+    for m0 in range(loop_bound(row_start), loop_bound(row_end), BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
         row_ok = rows < row_end
         offs = rows[:, None] * N + cols[None, :]
@@ -503,13 +444,13 @@ def _series_backward_weights_kernel(
             if HAS_DROPOUT:
                 x = tl.where(keep_bits(seed, offs, threshold), x, 0.0)
             ds = tl.load(ds_ptr + rows[:, None] * R + rr[None, :], mask=rmask, other=0.0)
-            ddn = tl.dot(tl.trans(ds.to(dt)), x, ddn, input_precision=PREC)
+            ddn = dot(tl.trans(ds.to(dt)), x, ddn, IEEE)
         if NEED_UP or NEED_UB:
             gt = tl.load(g_ptr + offs, mask=io_mask, other=0.0)
             if NEED_UP:
                 pre = tl.load(s_ptr + rows[:, None] * R + rr[None, :], mask=rmask, other=0.0)
-                a = _act(pre, ACT).to(dt)
-                dup = tl.dot(tl.trans(gt), a, dup, input_precision=PREC)
+                a = phi(pre, ACT).to(dt)
+                dup = dot(tl.trans(gt), a, dup, IEEE)
             if NEED_UB:
                 dub += tl.sum(gt.to(tl.float32), axis=0)
     if NEED_DOWN:
@@ -547,11 +488,6 @@ def _block_r(r: int) -> int:
     if r > _MAX_BLOCK_R:
         return _MAX_BLOCK_R // 2
     return max(16, triton.next_power_of_2(r))
-
-
-def _precision(dtype: torch.dtype) -> str:
-    # fp32 inputs must not silently drop to TF32: parity with torch's fp32 matmul.
-    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 def _splits(m: int, n: int, r: int, block_r: int, device: torch.device) -> int:
@@ -631,7 +567,7 @@ def series_forward(h, down, up, down_bias, up_bias, scale_t, scaling, p, seed, a
             HAS_UB=up_bias is not None,
             HAS_SCALE_T=scale_t is not None,
             HAS_DROPOUT=has_dropout,
-            PREC=_precision(h.dtype),
+            IEEE=fp32_ieee(h.dtype),
             BLOCK_R=block_r,
             ONE_R_TILE=block_r >= r,
         )
@@ -672,7 +608,7 @@ def series_backward(g, h, down, up, scale_t, scaling, p, seed, activation, s_pre
     has_dropout, threshold, inv_keep = _dropout_args(p)
     block_r = _block_r(r)
     one_r_tile = block_r >= r
-    prec = _precision(g.dtype)
+    ieee = fp32_ieee(g.dtype)
     need_ds = need_dh or need_down or need_db
     scale_arg = scale_t if scale_t is not None else s_pre
 
@@ -692,7 +628,7 @@ def series_backward(g, h, down, up, scale_t, scaling, p, seed, activation, s_pre
                 NEED_DS=need_ds,
                 NEED_DH=need_dh,
                 NEED_SCALE=need_scale,
-                PREC=prec,
+                IEEE=ieee,
                 BLOCK_R=block_r,
                 ONE_R_TILE=one_r_tile,
             )
@@ -725,7 +661,7 @@ def series_backward(g, h, down, up, scale_t, scaling, p, seed, activation, s_pre
                 NEED_DOWN=need_down,
                 NEED_UP=need_up,
                 NEED_UB=need_ub,
-                PREC=prec,
+                IEEE=ieee,
                 BLOCK_R=block_r,
             )
         # Fixed-order sum of the per-chunk partials (no atomics: deterministic).
