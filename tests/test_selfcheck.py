@@ -124,6 +124,23 @@ def test_rows_carry_designs_bound_for_every_tensor():
         assert (row.error, row.bound) == (row.errors[row.worst], row.bounds[row.worst])
 
 
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_reduction_magnitudes_bound_the_sums(p):
+    """With one row, a bias gradient is its single term: the magnitude is its norm exactly
+    (which checks the dS formula behind d_lora_a_bias); the scale's is at least |d_scale|."""
+    case = selfcheck.Case("parallel", 1, 24, 20, 5, p)
+    base = selfcheck._inputs(case, torch.float64, torch.device("cpu"))
+    g = base.pop("grad")
+    t = selfcheck._leaves(case, base, torch.float64)
+    keep = torch.rand(1, 24) > p if p else None
+    inv_keep = 1 / (1 - p)
+    selfcheck._fwd_bwd(lambda v: selfcheck.eager(case, v, keep, inv_keep), t, g)
+    mags = selfcheck.reduction_magnitudes(case, t, g, keep, inv_keep)
+    assert mags["d_lora_a_bias"] == pytest.approx(t["lora_a_bias"].grad.norm().item())
+    assert mags["d_lora_b_bias"] == pytest.approx(t["lora_b_bias"].grad.norm().item())
+    assert mags["d_scale"] >= abs(t["scale"].grad.item()) > 0
+
+
 def _write_config(folder: Path, **cfg) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(cfg))
