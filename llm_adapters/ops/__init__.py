@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from .._numerics import ACTIVATIONS, check_activation
+from . import _dispatch
 from ._choice import shape_key
 from ._custom import BoundOp, bound_op
 from ._dispatch import (
@@ -130,7 +131,7 @@ def _op(op: str, x: Tensor, requested: Optional[str], n: int, r: int, p: float) 
     if torch.compiler.is_compiling():
         m = x.shape[0]
         key = None
-        if isinstance(m, int) and device.type == "cuda":  # not for a dynamic (symbolic) M
+        if isinstance(m, int) and _dispatch._on_gpu(device):  # not for a dynamic (symbolic) M
             key = shape_key(op, x.dtype, m, x.shape[1], n, r, p > 0)
         return bound_op(op, loaded_backend(_backend_name(op, device.type, requested or "", key)))
     env = os.environ

@@ -157,11 +157,14 @@ class _Eager(torch.autograd.Function):
     # inputs: the op's arguments, then the BoundOp (not differentiable: needs_input_grad False)
     @staticmethod
     def forward(ctx, *inputs):
-        *args, op = inputs
+        args = list(inputs)
+        op = args.pop()
         plan = op.plan
-        call = list(args)
-        call[plan.seed_at] = int(call[plan.seed_at])
-        output = op.forward(*call)
+        at = plan.seed_at
+        seed = args[at]
+        args[at] = int(seed)
+        output = getattr(op.backend, op.forward_name)(*args)
+        args[at] = seed
         _setup(plan, ctx, args, output)
         ctx.op = op
         return output[0]
@@ -172,7 +175,7 @@ class _Eager(torch.autograd.Function):
         plan = op.plan
         args, needs = _backward_args(plan, ctx, g)
         args[plan.seed_in_backward] = int(args[plan.seed_in_backward])
-        grads = op.backward(*args)
+        grads = getattr(op.backend, op.backward_name)(*args)
         return (*_input_grads(plan, ctx, grads, needs), None)
 
 
@@ -192,8 +195,10 @@ class BoundOp:
         self.spec = spec
         self.backend = backend
         self.plan = _Plan(spec)
-        self.forward = getattr(backend, spec.forward)
-        self.backward = getattr(backend, spec.backward)
+        # the backend's functions are looked up on every call, not bound here: a test (or a
+        # profiler) may wrap them on the backend object after the op was created
+        self.forward_name = spec.forward
+        self.backward_name = spec.backward
         self._custom = None
 
     def eager(self, *args: Any) -> Tensor:
@@ -213,7 +218,6 @@ class BoundOp:
 
     def _custom_op(self):
         spec, plan, backend = self.spec, self.plan, self.backend
-        fwd_impl, bwd_impl = self.forward, self.backward
         qualname = f"llm_adapters::{spec.name}_{backend.name}"
         seed_at, seed_b = plan.seed_at, plan.seed_in_backward
         at = spec.at
@@ -221,7 +225,7 @@ class BoundOp:
         def forward(*args):
             args = list(args)
             args[seed_at] = int(args[seed_at])
-            return fwd_impl(*args)
+            return getattr(backend, spec.forward)(*args)
 
         fwd = torch.library.custom_op(qualname, forward, mutates_args=(),
                                       schema=_schema(spec.inputs, 3))
@@ -243,7 +247,7 @@ class BoundOp:
         def backward_impl(*args):
             args = list(args)
             args[seed_b] = int(args[seed_b])
-            return bwd_impl(*args)
+            return getattr(backend, spec.backward)(*args)
 
         bwd = torch.library.custom_op(qualname + "_backward", backward_impl, mutates_args=(),
                                       schema=_schema(bwd_inputs, len(spec.grads)))

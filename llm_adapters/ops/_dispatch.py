@@ -16,7 +16,9 @@ backend that cannot run is an error (`BackendUnavailableError`), never a silent 
 One dropout-mask stream per run: the torch backend, whose keep-mask differs from the Philox
 mask, is never auto's choice on CUDA; triton and cuda regenerate the same Philox keep-mask
 bit for bit, so a run whose shapes go to both still draws one mask stream. The tables are read
-once per process, so a shape keeps its backend for the whole run.
+once per process, so a shape keeps its backend for the whole run (a forward and its
+checkpointed recomputation included). While torch.compile traces with a dynamic M the shape is
+not known: such a graph runs triton.
 """
 
 from __future__ import annotations
