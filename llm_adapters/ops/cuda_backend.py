@@ -16,7 +16,7 @@ The C++ registers six low-level ops under `torch.ops.llm_adapters_C` (see csrc/o
                     optionally dh = g + D'(dS Dn)
     keep_mask_      the keep-mask itself (also on CPU, for tests)
 and this module composes them with the base GEMMs (torch / cuBLAS) into the backend contract
-documented in `ops/torch_backend.py`:
+documented in `ops/_backend.py`:
 
 LoRA / parallel forward:  S = shrink(x, A) + a_b;  y = x Wᵀ + b + b_b (cuBLAS);
                           y += s·φ(S) Bᵀ (expand_add_, in place)
@@ -39,9 +39,9 @@ of the series forward, and g·w, the d_w partials gᵀφ(S) and dh of grad_rows.
 operand (an adapter weight, φ(S), dS) is split into a high and a low part in the activations'
 dtype (w = w_hi + w_lo) and both parts are multiplied (in the expand, where both operands are
 float32: hi·hi + hi·lo + lo·hi), so the result keeps float32-operand accuracy
-(csrc/kernels.cuh, the *_tc_block functions). float32 activations, GPUs below sm_80 and
-LLM_ADAPTERS_CUDA_TENSOR_CORES=0 (read once, at import, into `TENSOR_CORES`) use the CUDA-core
-kernels instead.
+(the *_tc_block functions of csrc/shrink.cuh, expand.cuh, reduce_rows.cuh, row_block.cuh).
+float32 activations, GPUs below sm_80 and LLM_ADAPTERS_CUDA_TENSOR_CORES=0 (read once, at
+import, into `TENSOR_CORES`) use the CUDA-core kernels instead.
 
 The extension also registers CPU implementations of its ops that run the kernels' own code on
 host threads (csrc/ops.cpp, emulate()): the functions below then work on CPU tensors, slowly,
@@ -197,7 +197,7 @@ def _grad_rows(C, g, s_pre, up, scale_t, scaling, activation, need_up, need_scal
 
 
 def lora_forward(x, weight, bias, a, b, a_bias, b_bias, scale_t, scaling, p, seed, activation):
-    """y = x Wᵀ + b + s·φ(D(x) Aᵀ + a_b) Bᵀ + b_b; see ops/torch_backend.py for the contract."""
+    """y = x Wᵀ + b + s·φ(D(x) Aᵀ + a_b) Bᵀ + b_b; see ops/_backend.py for the contract."""
     _check_dtype(x, "x")
     C = load_extension()
     threshold, inv_keep = _dropout(p)
@@ -248,7 +248,7 @@ def lora_backward(g, x, weight, a, b, scale_t, scaling, p, seed, activation, s_p
 
 
 def series_forward(h, down, up, down_bias, up_bias, scale_t, scaling, p, seed, activation):
-    """z = h + s·φ(D(h) Dnᵀ + d_b) Upᵀ + u_b; see ops/torch_backend.py for the contract."""
+    """z = h + s·φ(D(h) Dnᵀ + d_b) Upᵀ + u_b; see ops/_backend.py for the contract."""
     _check_dtype(h, "h")
     C = load_extension()
     threshold, inv_keep = _dropout(p)
