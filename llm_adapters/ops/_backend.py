@@ -26,7 +26,7 @@ series_backward(g, h, down, up, scale_t, scaling, p, seed, activation, s_pre, ma
 Dropout is reproducible: the same seed gives the same keep-mask in forward, in backward and on
 every call, and `keep_mask(shape, p, seed, device)` returns it (tests build exact references
 from it). The triton and cuda backends regenerate one and the same Philox mask from the seed
-(bit-identical, checked in tests/test_cuda_backend.py); the torch backend draws its own, cheaper
+(bit-identical, checked in tests/test_cuda_extension.py); the torch backend draws its own, cheaper
 on a CPU, and stores it for backward.
 """
 
