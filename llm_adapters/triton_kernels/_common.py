@@ -38,6 +38,8 @@ if INTERPRET:
         handle = getattr(x, "handle", None)
         if handle is None:  # a Python int or a constexpr already
             return x
+        if handle.data.size != 1:
+            raise ValueError(f"loop_bound takes a scalar, got a block of shape {handle.data.shape}")
         return int(handle.data.reshape(-1)[0])
 
 else:
