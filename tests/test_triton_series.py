@@ -424,36 +424,42 @@ def test_tiny_llama_trains_the_same_on_triton(placement, activation, monkeypatch
         assert_parity(name, grads[name], ref[name], base[name], torch.float32)
 
 
-@pytest.mark.parametrize("smem_limit", [232448, 166912], ids=["H100", "A100"])
-def test_autotune_space_fits_shared_memory(smem_limit, monkeypatch):
-    """Every (r, dtype) case keeps at least one GPU config whose pipelined tiles fit (the
-    estimate was checked against sm_80 / sm_90 compiles of these kernels)."""
+@pytest.mark.parametrize("cc", [90, 80], ids=["H100", "A100"])
+def test_autotune_space_fits_shared_memory(cc, monkeypatch):
+    """Every (r, dtype) case keeps at least one GPU config whose modelled shared memory fits
+    the target (tests/test_aot.py holds the model against compiles of these kernels)."""
     from types import SimpleNamespace
 
-    from llm_adapters.triton_kernels import series
+    from llm_adapters.triton_kernels import _limits, series
 
-    monkeypatch.setattr(series, "_INTERPRET", False)
     monkeypatch.setattr(series, "_MAX_BLOCK_R", 256)
-    monkeypatch.setattr(series, "_smem_limit", lambda device: smem_limit - 8192)
+    limit = _limits.TARGETS[cc]
 
     def tensor(size):
         return SimpleNamespace(element_size=lambda: size, device=torch.device("cuda"))
 
+    kernels = {
+        "rows": ("_series_forward_kernel", "_series_backward_rows_kernel"),
+        "weights": ("_series_backward_weights_kernel",),
+    }
     for act, weight in [(2, 4), (2, 2), (4, 4)]:
         for r in (1, 12, 64, 256, 300, 1024):
-            args = {"h_ptr": tensor(act), "g_ptr": tensor(act), "dn_ptr": tensor(weight), "R": r}
             block_r = series._block_r(r)
-            for kernel in ("rows", "weights"):
-                if kernel == "weights" and r > block_r:
-                    args["R"] = block_r  # the weight-gradient kernel tiles r over its grid
-                configs = series._configs(kernel)
-                kept = series._prune(kernel)(configs, args, BLOCK_R=block_r)
-                costs = [series._smem_estimate(kernel, c, args, block_r) for c in kept]
-                assert kept and max(costs) <= smem_limit - 8192, (kernel, act, weight, r)
-                if kernel == "weights" and r == 256:  # the pruning is not a no-op
-                    assert len(kept) < len(configs)
-    monkeypatch.setenv("LLM_ADAPTERS_TRITON_AUTOTUNE", "0")
-    args = {"h_ptr": tensor(2), "g_ptr": tensor(2), "dn_ptr": tensor(2), "R": 64}
-    for kernel in ("rows", "weights"):
-        kept = series._prune(kernel)(series._configs(kernel), args, BLOCK_R=64)
-        assert len(kept) == 1
+            args = {"h_ptr": tensor(act), "g_ptr": tensor(act), "dn_ptr": tensor(weight),
+                    "R": r, "BLOCK_R": block_r, "ONE_R_TILE": block_r >= r, "IEEE": act == 4}
+            for kind, names in kernels.items():
+                configs = series._configs(kind, interpret=False)
+                for name in names:
+                    kept = series._prune(name)(configs, args, target=(cc, limit), autotune=True)
+                    costs = [series._smem_model(name, c, args, cc) for c in kept]
+                    assert kept and max(costs) <= limit, (name, act, weight, r)
+                    if kind == "weights" and r == 256:  # the pruning is not a no-op
+                        assert len(kept) < len(configs)
+    args = {"h_ptr": tensor(2), "g_ptr": tensor(2), "dn_ptr": tensor(2), "R": 64, "BLOCK_R": 64,
+            "ONE_R_TILE": True, "IEEE": False}
+    for kind, names in kernels.items():
+        for name in names:
+            kept = series._prune(name)(
+                series._configs(kind, interpret=False), args, target=(cc, limit), autotune=False
+            )
+            assert len(kept) == 1

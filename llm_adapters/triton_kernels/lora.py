@@ -29,7 +29,6 @@ against K = 14336, say), where int32 pointer arithmetic would wrap.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
@@ -45,6 +44,7 @@ from .._numerics import (
     fp32_ieee,
     m_bucket,
 )
+from . import _limits
 from ._common import INTERPRET as _INTERPRET
 from ._common import dot, loop_bound, phi
 from .dropout import keep_bits
@@ -56,20 +56,23 @@ _MAX_R_CHUNK = 64
 _MAX_R_REDUCE = 128
 
 
-def _gemm_configs() -> list[triton.Config]:
-    if _INTERPRET:
+def _gemm_configs(interpret: bool = _INTERPRET) -> list[triton.Config]:
+    if interpret:
         # One small config: the interpreter runs each program in numpy, and several K
         # iterations plus ragged tails keep the odd test shapes honest.
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4})]
     # sm_80 / sm_90 tensor-core tiles. Kept short on purpose: the autotuner compiles every
-    # config on first use (seconds each), per dtype, for each of the two GEMMs.
+    # config on first use (seconds each), per dtype, for each of the two GEMMs. The first that
+    # fits both targets is the AUTOTUNE=0 choice (see _limits.choose); `_smem_model` prunes the
+    # ones that cannot launch on the device at hand.
     cfg = [
         (128, 256, 64, 3, 8),
         (128, 128, 64, 4, 4),
         (128, 128, 64, 3, 8),  # the epilogue's rank-r product adds register pressure
         (64, 128, 64, 4, 4),
-        (128, 128, 32, 4, 4),  # fp32 (see _prune_for_fp32)
+        (128, 128, 32, 4, 4),  # fp32: half the K depth per stage
         (64, 64, 32, 4, 4),  # fp32, and decode-sized M
+        (64, 64, 32, 3, 4),  # fits an A100 in fp32 at any rank tile (the others may not)
     ]
     return [
         triton.Config(
@@ -81,43 +84,103 @@ def _gemm_configs() -> list[triton.Config]:
     ]
 
 
-def _one_if_untuned(configs):
-    # LLM_ADAPTERS_TRITON_AUTOTUNE=0: take the first config that is left, untimed (one
-    # compile per key instead of one per config; for quick correctness runs on a GPU)
-    if os.environ.get("LLM_ADAPTERS_TRITON_AUTOTUNE", "1") == "0":
-        return configs[:1]
-    return configs
-
-
-def _prune_for_fp32(configs, named_args, **kwargs):
-    # fp32 tiles take twice the shared memory per stage: keep the BLOCK_K = 32 configs, which
-    # fit an A100's 164 KiB, and spare the autotuner compiling configs that cannot launch.
-    x = named_args.get("x_ptr", named_args.get("g_ptr"))
-    if x is not None and x.element_size() >= 4:
-        configs = [c for c in configs if c.kwargs["BLOCK_K"] <= 32] or configs
-    return _one_if_untuned(configs)
-
-
-def _prune_untuned(configs, named_args, **kwargs):
-    return _one_if_untuned(configs)
-
-
-def _shrink_configs() -> list[triton.Config]:
-    if _INTERPRET:
+def _shrink_configs(interpret: bool = _INTERPRET) -> list[triton.Config]:
+    if interpret:
         return [triton.Config({"BLOCK_M": 32, "BLOCK_K": 32})]
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_stages=st, num_warps=w)
-        for bm, bk, st, w in [(64, 128, 4, 4), (32, 128, 4, 4)]
+        # the last fits both targets for every rank tile and weight dtype (r = 256 with fp32
+        # adapter weights would overflow an A100 with the others)
+        for bm, bk, st, w in [(64, 128, 4, 4), (32, 128, 4, 4), (32, 64, 3, 4)]
     ]
 
 
-def _reduce_configs() -> list[triton.Config]:
-    if _INTERPRET:
+def _reduce_configs(interpret: bool = _INTERPRET) -> list[triton.Config]:
+    if interpret:
         return [triton.Config({"BLOCK_M": 32, "BLOCK_C": 32})]
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_C": bc}, num_stages=st, num_warps=w)
-        for bm, bc, st, w in [(64, 128, 3, 4), (64, 64, 4, 4)]
+        # the last fits both targets at r = 128 per pass in fp32 (the others do not on an A100)
+        for bm, bc, st, w in [(64, 128, 3, 4), (64, 64, 4, 4), (32, 64, 2, 4)]
     ]
+
+
+def _smem_model(kernel: str, cfg: triton.Config, nargs: dict, cc: int) -> int:
+    """Bytes of shared memory the compiled `kernel` allocates with `cfg`, from its launch
+    arguments (`nargs`: pointer arguments and constexprs by name), on compute capability `cc`.
+
+    An upper bound, not an exact count: every software-pipelined loop is taken to buffer
+    num_stages copies of the tiles it loads (in their load dtype), and the K loop's buffers and
+    the rank-r epilogue's are counted as both live. The compiler keeps num_stages - 1 on sm_80
+    and without wgmma, and sometimes reuses the K loop's space for the epilogue: the bound is
+    up to ~2x on those (the price: a few configs that would fit are not timed there).
+    `aot` fails if a compiled kernel ever needs more than this."""
+    del cc  # one bound for both targets (see above)
+    kw, st = cfg.kwargs, cfg.num_stages
+    br = nargs["BLOCK_R"]
+    if kernel in ("_main_kernel", "_dx_kernel"):
+        bm, bn, bk = kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"]
+        if kernel == "_main_kernel":
+            e = nargs["x_ptr"].element_size()
+            main = (bm * bk + bk * bn) * e  # x [BM, BK], W [BK, BN]
+            epi = bm * br * 4 + br * bn * nargs["b_ptr"].element_size()  # S fp32, B
+        else:
+            e = nargs["g_ptr"].element_size()
+            main = (bm * bn + bn * bk) * e  # g [BM, BN], W [BN, BK]
+            epi = bm * br * 4 + br * bk * nargs["a_ptr"].element_size()  # dS fp32, A
+        return st * (main + epi)
+    if kernel == "_shrink_kernel":
+        bm, bk = kw["BLOCK_M"], kw["BLOCK_K"]
+        ex, ea = nargs["x_ptr"].element_size(), nargs["a_ptr"].element_size()
+        return st * (bm * bk * ex + bk * br * ea)
+    if kernel == "_reduce_kernel":
+        bm, bc = kw["BLOCK_M"], kw["BLOCK_C"]
+        per = bm * bc * nargs["x_ptr"].element_size()
+        fixed = 0
+        if nargs["DO_COL"]:
+            per += bm * br * 4  # Z fp32
+        if nargs["DO_ROW"]:
+            per += bm * br * 4  # the row partials read back
+            fixed = bc * br * nargs["y_ptr"].element_size()  # Y, loaded once per column tile
+        return st * per + fixed
+    raise KeyError(kernel)
+
+
+def _fma_fits(kernel: str, cfg: triton.Config, nargs: dict) -> bool:
+    """IEEE fp32 products compile to FMA, not tensor cores: the accumulator tiles then live in
+    registers with their operands, and past 64 accumulators per thread the compiled kernels
+    spill (up to tens of KB per thread). Tensor-core variants are not limited here."""
+    if not nargs.get("IEEE"):
+        return True
+    kw = cfg.kwargs
+    br = nargs["BLOCK_R"]
+    if kernel == "_main_kernel":
+        acc = kw["BLOCK_M"] * kw["BLOCK_N"]
+    elif kernel == "_dx_kernel":
+        acc = 2 * kw["BLOCK_M"] * kw["BLOCK_K"]  # the GEMM and the rank-r product
+    elif kernel == "_shrink_kernel":
+        acc = kw["BLOCK_M"] * br
+    else:
+        acc = (kw["BLOCK_C"] if nargs["DO_COL"] else 0) * br + kw["BLOCK_M"] * br
+    return acc <= 64 * 32 * cfg.num_warps
+
+
+def _prune(kernel: str):
+    """early_config_prune for `kernel`: the configs `_smem_model` fits in the device's shared
+    memory (of those `_fma_fits` keeps for IEEE fp32), or the one LLM_ADAPTERS_TRITON_AUTOTUNE=0
+    takes (`_limits.choose`). `target` ((cc, limit)) and `autotune` override the device and the
+    environment (used by `aot`)."""
+
+    def prune(configs, named_args, target=None, autotune=None, **kwargs):
+        nargs = {**named_args, **kwargs}
+        configs = [c for c in configs if _fma_fits(kernel, c, nargs)] or list(configs)
+        if target is None:
+            target = _limits.target_of(next(v for v in nargs.values() if hasattr(v, "device")))
+        return _limits.choose(
+            configs, lambda c, cc: _smem_model(kernel, c, nargs, cc), target, autotune
+        )
+
+    return prune
 
 
 # ----------------------------------------------------------------------------------------------
@@ -146,7 +209,7 @@ def _grouped_pid(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_
 @triton.autotune(
     configs=_shrink_configs(),
     key=["M_BUCKET", "K", "R"],
-    prune_configs_by={"early_config_prune": _prune_untuned},
+    prune_configs_by={"early_config_prune": _prune("_shrink_kernel")},
 )
 @triton.jit
 def _shrink_kernel(
@@ -197,7 +260,7 @@ def _shrink_kernel(
 @triton.autotune(
     configs=_gemm_configs(),
     key=["M_BUCKET", "N", "K", "R"],
-    prune_configs_by={"early_config_prune": _prune_for_fp32},
+    prune_configs_by={"early_config_prune": _prune("_main_kernel")},
 )
 @triton.jit
 def _main_kernel(
@@ -268,7 +331,7 @@ def _main_kernel(
 @triton.autotune(
     configs=_reduce_configs(),
     key=["M_BUCKET", "C", "R", "DO_ROW", "DO_COL"],
-    prune_configs_by={"early_config_prune": _prune_untuned},
+    prune_configs_by={"early_config_prune": _prune("_reduce_kernel")},
 )
 @triton.jit
 def _reduce_kernel(
@@ -345,7 +408,7 @@ def _reduce_kernel(
 @triton.autotune(
     configs=_gemm_configs(),
     key=["M_BUCKET", "N", "K", "R"],
-    prune_configs_by={"early_config_prune": _prune_for_fp32},
+    prune_configs_by={"early_config_prune": _prune("_dx_kernel")},
 )
 @triton.jit
 def _dx_kernel(

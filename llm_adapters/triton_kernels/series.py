@@ -1,7 +1,7 @@
 """Series bottleneck adapter (AdapterH / AdapterP) in Triton: z = h + s·φ(D(h) Dnᵀ + d_b) Upᵀ + u_b.
 
 Shapes: h [M, N] (hidden size N up to 16384), Dn [r, N], Up [N, r], bottleneck r in 1..1024.
-Contract (argument order, dtypes, empty tensors for unneeded grads): `ops/torch_backend.py`.
+Contract (argument order, dtypes, empty tensors for unneeded grads): `ops/_backend.py`.
 
 Reference and memory traffic (eager PyTorch, M rows, bytes of h's dtype):
     hd = dropout(h)                 read MN, write MN (plus a stored mask)
@@ -34,7 +34,6 @@ The scaling is applied to the rank-sized products, never to h.
 from __future__ import annotations
 
 import contextlib
-import os
 
 import torch
 import triton
@@ -46,6 +45,7 @@ from .._numerics import (
     dropout_threshold,
     fp32_ieee,
 )
+from . import _limits
 from ._common import INTERPRET as _INTERPRET
 from ._common import dot, loop_bound, phi, phi_grad
 from .dropout import keep_bits
@@ -56,14 +56,14 @@ from .dropout import keep_bits
 _MAX_BLOCK_R = 64 if _INTERPRET else 256
 
 
-def _configs(kernel: str) -> list[triton.Config]:
+def _configs(kernel: str, interpret: bool = _INTERPRET) -> list[triton.Config]:
     """Autotuning space. Under the interpreter one small config (speed is meaningless there
     and every config would be run for timing). On sm_80 / sm_90 the row-block kernels trade a
     large BM (fewer re-reads of the weights, bigger tensor-core tiles) against a small one (the
     [BM, N] row block must still be in L2 when pass 2 re-reads it, and S [BM, r] must fit in
     registers); BM = 16 keeps a 16384-wide bf16 row block at 512 KiB. Configs whose pipelined
     tiles overflow shared memory for the actual r and dtypes are pruned by `_prune`."""
-    if _INTERPRET:
+    if interpret:
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4)]
     # Few configs on purpose: each costs a compile (10-60 s of ptxas for these kernels) per
     # (N, r, dtype) key the first time a shape is seen.
@@ -89,57 +89,67 @@ def _configs(kernel: str) -> list[triton.Config]:
     ]
 
 
-def _smem_limit(device: torch.device) -> int:
-    props = torch.cuda.get_device_properties(device)
-    # opt-in maximum per block (227 KiB on H100, 163 KiB on A100), less room for the
-    # compiler's layout-conversion scratch
-    return int(getattr(props, "shared_memory_per_block_optin", 166912)) - 8192
-
-
-def _smem_estimate(kernel: str, config: triton.Config, named_args: dict, block_r: int) -> int:
-    """Bytes of shared memory a config's software-pipelined tiles need. Per pipeline stage the
-    row-block kernels buffer an activation tile [BM, BN] and a weight tile [BN, BR] (in the
-    weights' own dtype: the cast happens after the load), plus S or dS tiles [BM, BR] (fp32)
-    when r is tiled; the weight-gradient kernel buffers g and h [BM, BN] and dS and S [BM, BR]
-    in fp32. Counting num_stages such buffers bounds what the compiler allocated in every
-    sm_80 / sm_90 compile of these kernels we checked (it sometimes keeps num_stages - 1)."""
+def _smem_model(kernel: str, config: triton.Config, nargs: dict, cc: int) -> int:
+    """Bytes of shared memory `kernel` compiled with `config` allocates on compute capability
+    `cc`, from its launch arguments (`nargs`: pointers and constexprs by name), as an upper
+    bound: pipelined loads are counted num_stages deep. Per stage the row-block
+    kernels buffer an activation tile [BM, BN] and a weight tile [BN, BR] (weights already in
+    the activations' dtype), plus S or dS tiles [BM, BR] (fp32) when r is tiled; the
+    weight-gradient kernel buffers g and h [BM, BN] and dS and S [BM, BR] in fp32. Held against
+    the compiler's numbers by `aot` (which fails if a compile needs more)."""
     bm, bn = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
-    if kernel == "weights":
-        act = named_args["g_ptr"].element_size()
+    block_r = nargs["BLOCK_R"]
+    # num_stages buffers on both targets: an upper bound (sm_80 and the kernels without wgmma
+    # keep num_stages - 1), so one rule holds for every compile `aot` checks
+    del cc
+    buf = config.num_stages
+    if kernel == "_series_backward_weights_kernel":
+        act = nargs["g_ptr"].element_size()
         per_stage = 2 * bm * bn * act + 2 * bm * block_r * 4
     else:
-        act = named_args.get("h_ptr", named_args.get("g_ptr")).element_size()
-        per_stage = bm * bn * act + bn * block_r * named_args["dn_ptr"].element_size()
-        if named_args["R"] > block_r:
+        act = nargs.get("h_ptr", nargs.get("g_ptr")).element_size()
+        per_stage = bm * bn * act + bn * block_r * nargs["dn_ptr"].element_size()
+        if not nargs["ONE_R_TILE"]:
             per_stage += bm * block_r * 4
-    return config.num_stages * per_stage
+    return buf * per_stage
 
 
-# Used without timing when LLM_ADAPTERS_TRITON_AUTOTUNE=0 (and it fits in shared memory).
+# Tried first when LLM_ADAPTERS_TRITON_AUTOTUNE=0 (taken if it fits sm_80 and sm_90).
 _DEFAULT = {"rows": (32, 64, 4, 3), "weights": (64, 64, 4, 3)}
 
 
-def _prune(kernel: str):
-    """early_config_prune: drop the configs whose tiles cannot fit in shared memory (the
-    smallest is kept if none fits, so a launch error names the problem). With
-    LLM_ADAPTERS_TRITON_AUTOTUNE=0 keep one config: no timing runs, one compile per shape."""
+def _fma_fits(kernel: str, config: triton.Config, nargs: dict) -> bool:
+    """IEEE fp32 products compile to FMA, not tensor cores: the [BM, BR] accumulator (the
+    [BR, BN] and [BN, BR] ones in the weight-gradient kernel) then lives in registers with its
+    operands, and past 64 accumulators per thread the compiled kernels spill tens of KB per
+    thread (and take minutes of ptxas). Tensor-core variants are not limited here."""
+    if not nargs.get("IEEE"):
+        return True
+    bm, bn = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
+    br = nargs["BLOCK_R"]
+    acc = 2 * br * bn if kernel == "_series_backward_weights_kernel" else bm * max(br, bn)
+    return acc <= 64 * 32 * config.num_warps
 
-    def prune(configs, named_args, **kwargs):
-        block_r = kwargs.get("BLOCK_R", named_args.get("BLOCK_R"))
-        first = named_args.get("h_ptr", named_args.get("g_ptr"))
-        if first.device.type != "cuda":
-            return configs
-        limit = _smem_limit(first.device)
-        cost = {c: _smem_estimate(kernel, c, named_args, block_r) for c in configs}
-        fits = [c for c in configs if cost[c] <= limit] or [min(configs, key=cost.get)]
-        if os.environ.get("LLM_ADAPTERS_TRITON_AUTOTUNE", "1") == "0":
-            default = [
-                c for c in fits
-                if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
-                == _DEFAULT[kernel]
-            ]
-            return default or fits[-1:]
-        return fits
+
+def _prune(kernel: str):
+    """early_config_prune for `kernel`: the configs `_smem_model` fits in the device's shared
+    memory, or the one LLM_ADAPTERS_TRITON_AUTOTUNE=0 takes (`_limits.choose`, trying
+    `_DEFAULT` first). `target` ((cc, limit)) and `autotune` override the device and the
+    environment (used by `aot`)."""
+    default = _DEFAULT["weights" if kernel == "_series_backward_weights_kernel" else "rows"]
+
+    def key(c):
+        return (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+
+    def prune(configs, named_args, target=None, autotune=None, **kwargs):
+        nargs = {**named_args, **kwargs}
+        if target is None:
+            target = _limits.target_of(nargs.get("h_ptr", nargs.get("g_ptr")))
+        configs = [c for c in configs if _fma_fits(kernel, c, nargs)] or list(configs)
+        ordered = sorted(configs, key=lambda c: key(c) != default)
+        return _limits.choose(
+            ordered, lambda c, cc: _smem_model(kernel, c, nargs, cc), target, autotune
+        )
 
     return prune
 
@@ -244,7 +254,7 @@ def _residual_expand(
 @triton.autotune(
     configs=_configs("rows"),
     key=["N", "R"],
-    prune_configs_by={"early_config_prune": _prune("rows")},
+    prune_configs_by={"early_config_prune": _prune("_series_forward_kernel")},
 )
 @triton.jit
 def _series_forward_kernel(
@@ -335,7 +345,7 @@ def _grad_s_tile(
 @triton.autotune(
     configs=_configs("rows"),
     key=["N", "R"],
-    prune_configs_by={"early_config_prune": _prune("rows")},
+    prune_configs_by={"early_config_prune": _prune("_series_backward_rows_kernel")},
 )
 @triton.jit
 def _series_backward_rows_kernel(
@@ -404,7 +414,7 @@ def _series_backward_rows_kernel(
 @triton.autotune(
     configs=_configs("weights"),
     key=["N", "R"],
-    prune_configs_by={"early_config_prune": _prune("weights")},
+    prune_configs_by={"early_config_prune": _prune("_series_backward_weights_kernel")},
 )
 @triton.jit
 def _series_backward_weights_kernel(
@@ -495,7 +505,10 @@ def _splits(m: int, n: int, r: int, block_r: int, device: torch.device) -> int:
     more SMs but cost a [chunks, r, N] fp32 partial buffer and a final sum."""
     if _INTERPRET:
         return 1 if m < 64 else 2  # exercises the partial-sum path on small shapes
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    # off a GPU (ahead-of-time enumeration on meta tensors) an H100's count stands in
+    sms = 132
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
     tiles = triton.cdiv(n, 64) * triton.cdiv(r, block_r)
     want = triton.cdiv(2 * sms, tiles)
     return max(1, min(want, triton.cdiv(m, 256), 8))

@@ -1,0 +1,782 @@
+"""Ahead-of-time compile check of every Triton kernel for sm_80 (A100) and sm_90 (H100), on a
+machine without a GPU.
+
+    python -m llm_adapters.triton_kernels.aot --subset ci --out DIR     # CI: minutes
+    python -m llm_adapters.triton_kernels.aot --full --jobs 2 --out DIR # the whole grid
+
+What it does, in order:
+1. Enumerates the launches our launchers make over a grid of shapes and options, by calling
+   the launchers themselves (`lora_forward` / `lora_backward`, `series_forward` /
+   `series_backward`, `dropout.keep_mask`) on meta tensors with every kernel replaced by a
+   recorder: the constexprs, argument dtypes and integer specialisations are the launchers'
+   own, not a copy of their logic. Launches that compile to the same kernel (same signature
+   after Triton's integer/alignment specialisation, same constexprs) form one launch variant.
+2. For each variant and target, asks the kernel's own `early_config_prune` (the function the
+   autotuner calls) which configs it may launch there, and which single one
+   LLM_ADAPTERS_TRITON_AUTOTUNE=0 takes.
+3. Compiles each distinct (kernel, signature, constexprs, config, target) once with
+   `triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))`, reads registers and
+   stack (spill) bytes from the cubin with `cuobjdump --dump-resource-usage`, shared memory from
+   the kernel's metadata, and whether the PTX uses tensor cores (`wgmma` / `mma`). Results are
+   cached on disk, keyed by the kernel's source hash, the compile key and the Triton version.
+4. Writes aot.json (every variant and compile) and aot.md (a summary), and exits non-zero on a
+   compile error, a launchable config over the target's shared memory, a variant with no config
+   that fits, a variant whose AUTOTUNE=0 config does not fit, or a compiled kernel needing more
+   shared memory than the pruning model said (the model is what keeps configs launchable).
+
+`--subset ci` compiles, per kernel, dtype and target, every config that some variant can launch
+(and every AUTOTUNE=0 choice), each at the variant where the model puts its shared memory
+highest; the fit checks then cover every variant through the model, which the compiles hold to
+account. `--full` compiles every variant with every launchable config on both targets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import contextlib
+import hashlib
+import itertools
+import json
+import multiprocessing
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+import triton
+
+from . import _limits, dropout, lora, series
+
+TARGETS = _limits.TARGETS  # cc -> shared memory per block (bytes)
+
+# kernel id -> (module, attribute, the real (non-interpreter) config list, shared-memory model)
+# model(kernel attribute, config, named args incl. constexprs, cc) -> bytes
+KERNELS = {
+    "lora._shrink_kernel": (lora, "_shrink_kernel", lambda: lora._shrink_configs(False)),
+    "lora._main_kernel": (lora, "_main_kernel", lambda: lora._gemm_configs(False)),
+    "lora._reduce_kernel": (lora, "_reduce_kernel", lambda: lora._reduce_configs(False)),
+    "lora._dx_kernel": (lora, "_dx_kernel", lambda: lora._gemm_configs(False)),
+    "series._series_forward_kernel": (
+        series, "_series_forward_kernel", lambda: series._configs("rows", False)
+    ),
+    "series._series_backward_rows_kernel": (
+        series, "_series_backward_rows_kernel", lambda: series._configs("rows", False)
+    ),
+    "series._series_backward_weights_kernel": (
+        series, "_series_backward_weights_kernel", lambda: series._configs("weights", False)
+    ),
+    "dropout._keep_mask_kernel": (dropout, "_keep_mask_kernel", None),
+}
+
+GRIDS = {
+    "full": {
+        "KN": (4096, 11008),
+        "M": (512, 8192),
+        "r": (1, 8, 16, 64, 256, 512),
+    },
+}
+
+_SEED = 2**62 - 57  # a drawn seed is a 62-bit integer (ops draws them so): i64, unaligned
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+_TRITON_TYPES = {
+    torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32",
+    torch.float64: "fp64", torch.int8: "i8", torch.int32: "i32", torch.int64: "i64",
+    torch.bool: "i1",
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. enumeration
+# ---------------------------------------------------------------------------------------------
+
+
+# the kernel objects themselves (the recorder replaces the module attributes while enumerating)
+_OBJECTS = {kid: getattr(module, attr) for kid, (module, attr, _) in KERNELS.items()}
+
+
+def _jit_fn(kernel_id: str):
+    """(JITFunction, autotuner or the JITFunction itself) of a kernel id."""
+    obj = _OBJECTS[kernel_id]
+    return (obj.fn if hasattr(obj, "configs") else obj), obj
+
+
+class _Recorder:
+    """Stands in for a kernel: `kernel[grid](*args, **kwargs)` records the call."""
+
+    def __init__(self, kernel_id: str, sink: list):
+        self.kernel_id = kernel_id
+        self.sink = sink
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.sink.append((self.kernel_id, args, kwargs))
+
+        return launch
+
+
+@contextlib.contextmanager
+def _recording(sink: list):
+    saved = []
+    try:
+        for kid, (module, attr, _) in KERNELS.items():
+            saved.append((module, attr, getattr(module, attr)))
+            setattr(module, attr, _Recorder(kid, sink))
+        yield
+    finally:
+        for module, attr, obj in saved:
+            setattr(module, attr, obj)
+
+
+def _specialise(value):
+    """(Triton signature type, divisible by 16) for a runtime argument, as Triton's launcher
+    specialises it; ("constexpr", value) for an integer equal to 1."""
+    if isinstance(value, torch.Tensor):
+        return "*" + _TRITON_TYPES[value.dtype], True  # allocations are 16-byte aligned
+    if isinstance(value, bool):
+        return "u1", False
+    if isinstance(value, int):
+        if value == 1:
+            return "constexpr", 1
+        kind = "i32" if -(2**31) <= value < 2**31 else ("u64" if value >= 2**63 else "i64")
+        return kind, value % 16 == 0
+    if isinstance(value, float):
+        return "fp32", False
+    raise TypeError(f"cannot specialise a kernel argument of type {type(value).__name__}")
+
+
+def _jsonable(v):
+    return v if isinstance(v, (bool, int, float, str)) or v is None else str(v)
+
+
+def _variant_of(kernel_id: str, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """(hashable variant key, named args for the prune function) of one recorded launch."""
+    fn, _ = _jit_fn(kernel_id)
+    names = fn.arg_names
+    named = dict(zip(names, args))
+    sig, consts, div = [], [], []
+    for i, name in enumerate(names):
+        param = fn.params[i]
+        if param.is_constexpr:
+            if name in kwargs:
+                consts.append((name, _jsonable(kwargs[name])))
+            elif name in named:
+                consts.append((name, _jsonable(named[name])))
+            continue  # a config key, filled per config
+        value = named[name] if name in named else kwargs[name]
+        kind, extra = _specialise(value)
+        sig.append((name, kind))
+        if kind == "constexpr":
+            consts.append((name, extra))
+        elif extra:
+            div.append(name)
+    key = (kernel_id, tuple(sig), tuple(consts), tuple(div))
+    return key, named
+
+
+def _meta(shape, dtype):
+    return torch.empty(shape, dtype=dtype, device="meta")
+
+
+def _lora_cases():
+    """(label, adapter options) for the low-rank branch: LoRA (identity, base bias on/off) and
+    the parallel adapter (each activation, branch biases, float or learned scale)."""
+    for base_bias in (False, True):
+        yield "lora", dict(act="identity", bias=base_bias, ab=False, bb=False, scale_t=False)
+    for act in ("tanh", "relu", "gelu", "silu"):
+        for biases, scale_t in itertools.product((False, True), (False, True)):
+            yield "parallel", dict(act=act, bias=True, ab=biases, bb=biases, scale_t=scale_t)
+
+
+def _series_cases():
+    for act in ("identity", "tanh", "relu", "gelu", "silu"):
+        for biases, scale_t in itertools.product((False, True), (False, True)):
+            yield "series", dict(act=act, db=biases, ub=biases, scale_t=scale_t)
+
+
+# (dx, dbias, da, db, da_bias, db_bias, dscale) of a LoRA backward: adapter trained with and
+# without an input gradient (first layer), and a frozen adapter passing the gradient through.
+_LORA_NEEDS = ("train", "train-no-dx", "frozen")
+# (dh, ddown, dup, ddown_bias, dup_bias, dscale) of a series backward
+_SERIES_NEEDS = ("train", "frozen")
+
+
+def _lora_needs(which, o):
+    if which == "frozen":
+        return (True, False, False, False, False, False, False)
+    return (which == "train", o["bias"], True, True, o["ab"], o["bb"], o["scale_t"])
+
+
+def _series_needs(which, o):
+    if which == "frozen":
+        return (True, False, False, False, False, False)
+    return (True, True, True, o["db"], o["ub"], o["scale_t"])
+
+
+@contextlib.contextmanager
+def _restoring_tf32(value: bool):
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = value
+
+
+def _enumerate_dtype(dname: str, grid: dict) -> dict[tuple, dict]:
+    """The launch variants of one activation dtype over `grid` (see enumerate_launches)."""
+    dt = _DTYPES[dname]
+    variants: dict[tuple, dict] = {}
+    sink: list = []
+
+    def collect(label):
+        for kernel_id, args, kwargs in sink:
+            key, named = _variant_of(kernel_id, args, kwargs)
+            v = variants.get(key)
+            if v is None:
+                variants[key] = {
+                    "kernel": kernel_id, "signature": key[1], "constexprs": key[2],
+                    "divisible": key[3], "named_args": named, "kwargs": dict(kwargs),
+                    "count": 1, "example": label,
+                }
+            else:
+                v["count"] += 1
+        sink.clear()
+
+    allow_tf32 = torch.backends.cuda.matmul.allow_tf32
+    with _recording(sink), _restoring_tf32(allow_tf32):
+        # fp32 products follow torch's allow_tf32 (`_numerics.fp32_ieee`): IEEE by default,
+        # TF32 tensor cores when the user allows them
+        tf32s = (False, True) if dt is torch.float32 else (False,)
+        for m, kn, r, p, tf32 in itertools.product(
+            grid["M"], grid["KN"], grid["r"], (0.0, 0.1), tf32s
+        ):
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+            k = n = kn
+            for (kind, o), wdt in itertools.product(_lora_cases(), {dt, torch.float32}):
+                x, w = _meta((m, k), dt), _meta((n, k), dt)
+                a, b = _meta((r, k), wdt), _meta((n, r), wdt)
+                bias = _meta((n,), dt) if o["bias"] else None
+                ab = _meta((r,), wdt) if o["ab"] else None
+                bb = _meta((n,), wdt) if o["bb"] else None
+                st = _meta((), torch.float32) if o["scale_t"] else None
+                label = f"{kind} {dname} M={m} K=N={kn} r={r} p={p} {o} w={wdt} tf32={tf32}"
+                lora.lora_forward(x, w, bias, a, b, ab, bb, st, 2.0, p, _SEED, o["act"])
+                s_pre = _meta((m, r), torch.float32)
+                for which in _LORA_NEEDS:
+                    lora.lora_backward(
+                        _meta((m, n), dt), x, w, a, b, st, 2.0, p, _SEED, o["act"], s_pre,
+                        x.new_empty(0, dtype=torch.bool), _lora_needs(which, o),
+                    )
+                collect(label)
+            for kind, o in _series_cases():
+                h = _meta((m, n), dt)
+                dn, up = _meta((r, n), dt), _meta((n, r), dt)
+                db = _meta((r,), dt) if o["db"] else None
+                ub = _meta((n,), dt) if o["ub"] else None
+                st = _meta((), torch.float32) if o["scale_t"] else None
+                label = f"{kind} {dname} M={m} N={kn} r={r} p={p} {o} tf32={tf32}"
+                series.series_forward(h, dn, up, db, ub, st, 1.0, p, _SEED, o["act"])
+                s_pre = _meta((m, r), torch.float32)
+                for which in _SERIES_NEEDS:
+                    series.series_backward(
+                        _meta((m, n), dt), h, dn, up, st, 1.0, p, _SEED, o["act"], s_pre,
+                        h.new_empty(0, dtype=torch.bool), _series_needs(which, o),
+                    )
+                collect(label)
+            if p > 0 and dname == "bf16" and not tf32:
+                dropout.keep_mask((m, kn), p, _SEED, torch.device("meta"))
+                collect(f"keep_mask M={m} K={kn} p={p}")
+    return variants
+
+
+def enumerate_launches(grid: dict | None = None, jobs: int = 1) -> list[dict]:
+    """Every launch variant the launchers produce over `grid` (default: the full grid), for
+    bf16, fp16 and fp32 activations (adapter weights in the activations' dtype or fp32), with
+    and without dropout, over the LoRA, parallel-adapter and series cases. Each variant is a
+    dict: kernel, signature [(name, type)], constexprs [(name, value)], divisible [names],
+    named args (meta tensors, for the prune function), kwargs, count and a first example.
+    `jobs` > 1 enumerates the dtypes in parallel processes."""
+    grid = grid or GRIDS["full"]
+    if jobs > 1:
+        ctx = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
+        with concurrent.futures.ProcessPoolExecutor(min(jobs, 3), mp_context=ctx) as pool:
+            parts = list(pool.map(_enumerate_dtype, _DTYPES, [grid] * len(_DTYPES)))
+    else:
+        parts = [_enumerate_dtype(d, grid) for d in _DTYPES]
+    merged: dict[tuple, dict] = {}
+    for part in parts:
+        for key, v in part.items():
+            if key in merged:
+                merged[key]["count"] += v["count"]
+            else:
+                merged[key] = v
+    return list(merged.values())
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. configs per variant and target
+# ---------------------------------------------------------------------------------------------
+
+
+def _config_id(cfg) -> str:
+    kw = ",".join(f"{k}={v}" for k, v in sorted(cfg.kwargs.items()))
+    return f"{kw},w={cfg.num_warps},s={cfg.num_stages}"
+
+
+class _Plain:
+    """The one 'config' of a kernel without an autotuner (launch defaults)."""
+
+    def __init__(self, kwargs):
+        self.kwargs = {}
+        self.num_warps = kwargs.get("num_warps", 4)
+        self.num_stages = kwargs.get("num_stages", 3)
+
+
+def configs_for(variant: dict, cc: int, autotune: bool) -> list:
+    """The configs the kernel's own prune function leaves for `variant` on target `cc`: all it
+    may time (autotune=True), or the one AUTOTUNE=0 takes."""
+    module, attr, configs_fn = KERNELS[variant["kernel"]]
+    if configs_fn is None:
+        return [_Plain(variant["kwargs"])]
+    _, tuner = _jit_fn(variant["kernel"])
+    prune = tuner.early_config_prune
+    return list(
+        prune(configs_fn(), variant["named_args"], target=(cc, TARGETS[cc]), autotune=autotune,
+              **variant["kwargs"])
+    )
+
+
+def smem_model(variant: dict, cfg, cc: int) -> int | None:
+    """The pruning model's shared-memory bytes for `variant` with `cfg` on `cc`."""
+    module, attr, configs_fn = KERNELS[variant["kernel"]]
+    if configs_fn is None:
+        return None
+    return module._smem_model(attr, cfg, {**variant["named_args"], **variant["kwargs"]}, cc)
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. compiles
+# ---------------------------------------------------------------------------------------------
+
+
+def _cuobjdump() -> str | None:
+    bundled = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    for cand in (bundled, Path("/usr/local/cuda/bin/cuobjdump")):
+        if cand.exists():
+            return str(cand)
+    return shutil.which("cuobjdump")
+
+
+_RESOURCE = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
+
+
+def _job(variant: dict, cfg, cc: int) -> dict:
+    fn, _ = _jit_fn(variant["kernel"])
+    consts = dict(variant["constexprs"])
+    consts.update(cfg.kwargs)
+    return {
+        "kernel": variant["kernel"],
+        "signature": [list(x) for x in variant["signature"]],
+        "constexprs": sorted([k, _jsonable(v)] for k, v in consts.items()),
+        "divisible": list(variant["divisible"]),
+        "num_warps": cfg.num_warps,
+        "num_stages": cfg.num_stages,
+        "cc": cc,
+        "config": _config_id(cfg),
+        "source": fn.cache_key,
+        "triton": triton.__version__,
+    }
+
+
+def _job_hash(job: dict) -> str:
+    return hashlib.sha256(json.dumps(job, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def compile_job(job: dict) -> dict:
+    """Compile one job for its target; returns its resource usage (or the error)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn, _ = _jit_fn(job["kernel"])
+    names = fn.arg_names
+    consts = dict(job["constexprs"])
+    signature, constexprs, attrs = {}, {}, {}
+    sig = dict(job["signature"])
+    for i, name in enumerate(names):
+        if name in consts:
+            signature[name] = "constexpr"
+            constexprs[(i,)] = consts[name]
+        else:
+            signature[name] = sig[name]
+            if name in job["divisible"]:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    t0 = time.perf_counter()
+    out = {"error": None}
+    try:
+        kernel = triton.compile(
+            ASTSource(fn, signature, constexprs, attrs),
+            target=GPUTarget("cuda", job["cc"], 32),
+            options={"num_warps": job["num_warps"], "num_stages": job["num_stages"]},
+        )
+    except Exception as exc:  # the check reports any compile failure, whatever its type
+        out["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        out["compile_s"] = round(time.perf_counter() - t0, 2)
+        return out
+    out["compile_s"] = round(time.perf_counter() - t0, 2)
+    md = kernel.metadata
+    out["shared"] = int(md.shared if not isinstance(md, dict) else md["shared"])
+    ptx = kernel.asm["ptx"]
+    out["wgmma"] = "wgmma.mma_async" in ptx
+    out["mma"] = bool(re.search(r"\bmma\.sync", ptx))
+    out["regs"] = out["stack"] = out["local"] = None
+    tool = _cuobjdump()
+    if tool is None:
+        out["error"] = "cuobjdump not found (CUDA toolkit or triton's bundled copy)"
+        return out
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        text = subprocess.run(
+            [tool, "--dump-resource-usage", f.name], capture_output=True, text=True, check=False
+        ).stdout
+    found = _RESOURCE.search(text)
+    if found is None:
+        out["error"] = f"cuobjdump gave no resource usage: {text[-200:]!r}"
+        return out
+    out["regs"], out["stack"], _, out["local"] = (int(g) for g in found.groups())
+    return out
+
+
+def _default_cache() -> Path:
+    base = os.environ.get("LLM_ADAPTERS_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "llm_adapters"
+    )
+    return Path(base) / "aot"
+
+
+def run_jobs(jobs: list[dict], n_jobs: int, cache: Path | None, log=print) -> list[dict]:
+    """Compile every job (cached results are reused); returns results in job order."""
+    results: list[dict | None] = [None] * len(jobs)
+    todo = []
+    for i, job in enumerate(jobs):
+        path = cache / f"{_job_hash(job)}.json" if cache else None
+        if path is not None and path.exists():
+            results[i] = {**json.loads(path.read_text()), "cached": True}
+        else:
+            todo.append(i)
+    log(f"aot: {len(jobs)} compiles, {len(jobs) - len(todo)} cached, {len(todo)} to run "
+        f"on {n_jobs} process(es)")
+
+    def done(i, res):
+        results[i] = {**res, "cached": False}
+        if cache is not None and res.get("error") is None:
+            cache.mkdir(parents=True, exist_ok=True)
+            tmp = cache / f".{_job_hash(jobs[i])}.{os.getpid()}.tmp"
+            tmp.write_text(json.dumps(res))
+            tmp.replace(cache / f"{_job_hash(jobs[i])}.json")
+
+    t0 = time.perf_counter()
+    if n_jobs <= 1:
+        for n, i in enumerate(todo, 1):
+            done(i, compile_job(jobs[i]))
+            if n % 20 == 0:
+                log(f"aot: {n}/{len(todo)} compiled, {time.perf_counter() - t0:.0f} s")
+    else:
+        ctx = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
+        with concurrent.futures.ProcessPoolExecutor(n_jobs, mp_context=ctx) as pool:
+            futs = {pool.submit(compile_job, jobs[i]): i for i in todo}
+            for n, fut in enumerate(concurrent.futures.as_completed(futs), 1):
+                done(futs[fut], fut.result())
+                if n % 20 == 0:
+                    log(f"aot: {n}/{len(todo)} compiled, {time.perf_counter() - t0:.0f} s")
+    return results  # type: ignore[return-value]
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. plan, checks, report
+# ---------------------------------------------------------------------------------------------
+
+
+def _dtype_of(variant: dict) -> str:
+    for _, kind in variant["signature"]:
+        if kind.startswith("*"):
+            return kind[1:]
+    return "?"
+
+
+def _uses_dot(kernel_id: str) -> bool:
+    return kernel_id != "dropout._keep_mask_kernel"
+
+
+def _ieee(variant: dict) -> bool:
+    c = dict(variant["constexprs"])
+    return bool(c.get("IEEE")) or c.get("PREC") == "ieee"
+
+
+def plan(variants: list[dict], subset: str) -> tuple[list[dict], list[tuple[int, int, str, dict]]]:
+    """Per variant and target: the launchable and the AUTOTUNE=0 configs (with the model's
+    bytes). Returns (rows, compile list [(variant index, cc, config id, job)])."""
+    rows = []
+    for vi, v in enumerate(variants):
+        for cc in TARGETS:
+            launch = configs_for(v, cc, True)
+            untuned = configs_for(v, cc, False)[0]
+            cfgs = {_config_id(c): c for c in [*launch, untuned]}
+            rows.append({
+                "variant": vi, "cc": cc,
+                "launchable": [_config_id(c) for c in launch],
+                "untuned": _config_id(untuned),
+                "model": {cid: smem_model(v, c, cc) for cid, c in cfgs.items()},
+                "_cfgs": cfgs,
+            })
+    wanted: dict[tuple[int, int, str], dict] = {}
+    if subset == "full":
+        for row in rows:
+            vi, cc = row["variant"], row["cc"]
+            for cid, c in row["_cfgs"].items():
+                wanted[(vi, cc, cid)] = _job(variants[vi], c, cc)
+    else:
+        # per (kernel, dtype, cc, config): the variant with the highest modelled bytes
+        best: dict[tuple, tuple] = {}
+        for row in rows:
+            v = variants[row["variant"]]
+            for cid, c in row["_cfgs"].items():
+                group = (v["kernel"], _dtype_of(v), row["cc"], cid)
+                score = row["model"][cid] or 0
+                if group not in best or score > best[group][0]:
+                    best[group] = (score, row["variant"], c)
+        for (_, _, cc, cid), (_, vi, c) in best.items():
+            wanted[(vi, cc, cid)] = _job(variants[vi], c, cc)
+    compiles = [(vi, cc, cid, job) for (vi, cc, cid), job in wanted.items()]
+    return rows, compiles
+
+
+def check(variants, rows, compiles, results) -> tuple[dict, list[str]]:
+    """Apply the pass/fail rules; returns (figures, failure lines)."""
+    by_key = {(vi, cc, cid): res for (vi, cc, cid, _), res in zip(compiles, results)}
+    fails: list[str] = []
+    fig = defaultdict(int)
+    fig["variants"] = len(variants)
+    fig["compiles"] = len(compiles)
+    for (vi, cc, cid, _), res in zip(compiles, results):
+        v = variants[vi]
+        name = f"{v['kernel']} sm_{cc} [{cid}] {v['example']}"
+        if res.get("error"):
+            fails.append(f"compile error: {name}: {res['error']}")
+            fig["compile_errors"] += 1
+            continue
+        if res["shared"] > TARGETS[cc]:
+            fig["over_smem"] += 1
+        if (res.get("stack") or 0) > 0:
+            fig["spilling"] += 1
+        row = next(r for r in rows if r["variant"] == vi and r["cc"] == cc)
+        model = row["model"].get(cid)
+        if model is not None and res["shared"] > model:
+            fails.append(
+                f"smem model too low: {name}: compiled {res['shared']} B > model {model} B"
+            )
+            fig["model_under"] += 1
+        if _uses_dot(v["kernel"]) and not (res["mma"] or res["wgmma"]):
+            if _ieee(v):
+                fig["fma_ieee"] += 1  # fp32 with IEEE products: plain FMA by choice
+            else:
+                fails.append(f"no tensor-core instruction in a 16-bit dot kernel: {name}")
+    for row in rows:
+        v = variants[row["variant"]]
+        cc = row["cc"]
+        limit = TARGETS[cc]
+        name = f"{v['kernel']} sm_{cc} {v['example']}"
+
+        def bytes_of(cid, row=row, cc=cc):
+            res = by_key.get((row["variant"], cc, cid))
+            if res is not None and not res.get("error"):
+                return res["shared"], "compiled"
+            return row["model"].get(cid), "model"
+
+        fitting = 0
+        for cid in row["launchable"]:
+            b, how = bytes_of(cid)
+            if b is not None and b > limit:
+                fails.append(f"launchable config over shared memory ({how}): {name} [{cid}] "
+                             f"{b} B > {limit} B")
+                fig["launchable_over"] += 1
+            else:
+                fitting += 1
+        if fitting == 0:
+            fails.append(f"no config fits: {name}")
+            fig["no_fit"] += 1
+        b, how = bytes_of(row["untuned"])
+        if b is not None and b > limit:
+            fails.append(f"AUTOTUNE=0 config over shared memory ({how}): {name} "
+                         f"[{row['untuned']}] {b} B > {limit} B")
+            fig["untuned_over"] += 1
+    # heavy spills where the same variant has a non-spilling launchable config
+    for row in rows:
+        res = {cid: by_key.get((row["variant"], row["cc"], cid)) for cid in row["launchable"]}
+        res = {k: r for k, r in res.items() if r and not r.get("error")}
+        clean = [k for k, r in res.items() if not r.get("stack")]
+        for r in res.values():
+            if (r.get("stack") or 0) >= _HEAVY_SPILL and clean:
+                fig["heavy_spill_avoidable"] += 1
+    return dict(fig), fails
+
+
+# Stack bytes per thread above which a config counts as spilling heavily.
+_HEAVY_SPILL = 1024
+
+
+def _summary_md(meta, variants, rows, compiles, results, fig, fails) -> str:
+    lines = [
+        f"# Ahead-of-time compile check ({meta['subset']})",
+        "",
+        f"triton {meta['triton']}, torch {meta['torch']}; targets "
+        + ", ".join(f"sm_{cc} ({lim:,} B shared per block)" for cc, lim in TARGETS.items())
+        + f"; {meta['wall_s']:.0f} s wall, {meta['jobs']} process(es), {meta['compiled']} compiled "
+        f"now, {meta['cached']} from cache.",
+        "",
+        "| figure | value |",
+        "|---|---|",
+    ]
+    for k in ("variants", "compiles", "compile_errors", "launchable_over", "no_fit",
+              "untuned_over", "model_under", "over_smem", "spilling", "heavy_spill_avoidable",
+              "fma_ieee"):
+        lines.append(f"| {k} | {fig.get(k, 0)} |")
+    lines += [
+        "",
+        "`over_smem` counts compiled configs over the limit that the pruning never launches "
+        "(none are compiled unless launchable or AUTOTUNE=0). `fma_ieee`: fp32 kernels with "
+        "IEEE products (torch's default allow_tf32=False) compile to FMA, not tensor cores — "
+        "a choice (`_numerics.fp32_ieee`), not an accident.",
+        "",
+        "## Per kernel and target",
+        "",
+        "| kernel | target | dtype | configs compiled | max shared B (limit) | model/compiled "
+        "(max) | max regs | max stack B | tensor cores |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    agg = defaultdict(list)
+    row_of = {(r["variant"], r["cc"]): r for r in rows}
+    for (vi, cc, cid, _), res in zip(compiles, results):
+        if res.get("error"):
+            continue
+        v = variants[vi]
+        model = row_of[(vi, cc)]["model"].get(cid)
+        agg[(v["kernel"], cc, _dtype_of(v))].append((res, model))
+    for (kernel, cc, dt), items in sorted(agg.items()):
+        shared = max(r["shared"] for r, _ in items)
+        ratio = max((m / r["shared"]) for r, m in items if m and r["shared"]) if any(
+            m and r["shared"] for r, m in items) else float("nan")
+        regs = max(r["regs"] or 0 for r, _ in items)
+        stack = max(r["stack"] or 0 for r, _ in items)
+        no_dot = "none (no dot)" if not _uses_dot(kernel) else "fma"
+        tc = sorted({"wgmma" if r["wgmma"] else "mma" if r["mma"] else no_dot for r, _ in items})
+        lines.append(
+            f"| {kernel} | sm_{cc} | {dt} | {len(items)} | {shared:,} ({TARGETS[cc]:,}) | "
+            f"{ratio:.2f} | {regs} | {stack:,} | {'/'.join(tc)} |"
+        )
+    lines += ["", "## Failures", ""]
+    lines += [f"- {f}" for f in fails] or ["none"]
+    spills = [
+        (res["stack"], variants[vi]["kernel"], cc, cid)
+        for (vi, cc, cid, _), res in zip(compiles, results)
+        if not res.get("error") and (res.get("stack") or 0) > 0
+    ]
+    lines += ["", "## Spilling compiles (stack bytes per thread)", ""]
+    seen = set()
+    for stack, kernel, cc, cid in sorted(spills, reverse=True):
+        if (kernel, cc, cid) in seen:
+            continue
+        seen.add((kernel, cc, cid))
+        lines.append(f"- {stack:,} B: {kernel} sm_{cc} [{cid}]")
+    if not spills:
+        lines.append("none")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the check; returns the exit status (0: every rule holds)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m llm_adapters.triton_kernels.aot", description=__doc__.splitlines()[0]
+    )
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--subset", choices=("ci",), default="ci",
+                      help="compile a representative subset (default)")
+    mode.add_argument("--full", action="store_true", help="compile the whole grid")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                        help="compile processes (default: all cores)")
+    parser.add_argument("--out", type=Path, default=Path("aot-report"),
+                        help="folder for aot.json and aot.md")
+    parser.add_argument("--cache", type=Path, default=None,
+                        help=f"result cache (default {_default_cache()}; 'none' disables)")
+    parser.add_argument("--kernel", action="append", default=None,
+                        help="only this kernel id (repeatable), e.g. lora._main_kernel")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1" or lora._INTERPRET or series._INTERPRET:
+        print("aot: TRITON_INTERPRET=1 selects the interpreter's configs; run without it",
+              file=sys.stderr)
+        return 2
+    subset = "full" if args.full else args.subset
+    cache = None if str(args.cache) == "none" else (args.cache or _default_cache())
+    t0 = time.perf_counter()
+    variants = enumerate_launches(jobs=max(1, args.jobs))
+    if args.kernel:
+        unknown = set(args.kernel) - set(KERNELS)
+        if unknown:
+            parser.error(f"unknown kernel(s) {sorted(unknown)}; known: {sorted(KERNELS)}")
+        variants = [v for v in variants if v["kernel"] in args.kernel]
+    rows, compiles = plan(variants, subset)
+    print(f"aot: {len(variants)} launch variants, {len(compiles)} distinct compiles ({subset}), "
+          f"enumerated in {time.perf_counter() - t0:.1f} s")
+    results = run_jobs([job for *_, job in compiles], max(1, args.jobs), cache)
+    fig, fails = check(variants, rows, compiles, results)
+    meta = {
+        "subset": subset, "triton": triton.__version__, "torch": torch.__version__,
+        "wall_s": time.perf_counter() - t0, "jobs": args.jobs,
+        "cached": sum(1 for r in results if r.get("cached")),
+        "compiled": sum(1 for r in results if not r.get("cached")),
+        "compile_s": round(sum(r.get("compile_s", 0) for r in results if not r.get("cached")), 1),
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    config_ids = sorted({c for r in rows for c in [*r["launchable"], r["untuned"]]})
+    config_index = {c: i for i, c in enumerate(config_ids)}
+    report = {
+        "meta": meta,
+        "targets": {f"sm_{cc}": lim for cc, lim in TARGETS.items()},
+        "figures": fig,
+        "failures": fails,
+        "variants": [
+            {"kernel": v["kernel"], "signature": v["signature"], "constexprs": v["constexprs"],
+             "divisible": v["divisible"], "count": v["count"], "example": v["example"]}
+            for v in variants
+        ],
+        # per variant and target: [variant, cc, launchable config indices, AUTOTUNE=0 config
+        # index, modelled bytes per launchable config] (indices into "configs")
+        "configs": config_ids,
+        "per_target": [
+            [r["variant"], r["cc"], [config_index[c] for c in r["launchable"]],
+             config_index[r["untuned"]], [r["model"][c] for c in r["launchable"]]]
+            for r in rows
+        ],
+        "compiles": [
+            {"variant": vi, "cc": cc, "config": cid, **res}
+            for (vi, cc, cid, _), res in zip(compiles, results)
+        ],
+    }
+    (args.out / "aot.json").write_text(
+        json.dumps(report, separators=(",", ":"), default=_jsonable)
+    )
+    md = _summary_md(meta, variants, rows, compiles, results, fig, fails)
+    (args.out / "aot.md").write_text(md)
+    print(md)
+    print(f"aot: wrote {args.out / 'aot.json'} and {args.out / 'aot.md'}; "
+          f"{'FAIL' if fails else 'ok'} ({len(fails)} failure(s))")
+    return 1 if fails else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,190 @@
+"""The ahead-of-time compile check (`llm_adapters.triton_kernels.aot`) and the shared-memory
+model the autotuned kernels prune with.
+
+The enumeration runs in a subprocess without TRITON_INTERPRET (conftest turns it on here, and
+the interpreter selects its own one-config lists): it calls the launchers on meta tensors and
+asks each kernel's prune function for its configs on sm_80 and sm_90. The model is held against
+the compiler on a handful of configs (a few seconds of compile each, CPU only).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# A few configs per kernel family: the model must bound what the compiler allocates, and not
+# by more than 3x (it counts num_stages buffers for every pipelined loop; sm_80 keeps one
+# fewer and sometimes reuses the K loop's buffers for the epilogue).
+_MODEL_CASES = [
+    # kernel, dtype, r, config index (into the kernel's config list), cc
+    ("lora._main_kernel", "bf16", 64, 0, 90),
+    ("lora._dx_kernel", "fp16", 64, 1, 80),
+    ("lora._shrink_kernel", "fp32", 256, 0, 80),
+    ("series._series_forward_kernel", "bf16", 512, 5, 90),
+]
+
+
+def _run(script: str, timeout: int = 600) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, check=False,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def enumeration() -> dict:
+    """Per launch variant and target: kernel, dtype, constexprs, the launchable configs with
+    the model's bytes, and the AUTOTUNE=0 config with its bytes."""
+    return _run(
+        """
+        import json
+        from llm_adapters.triton_kernels import aot
+        vs = aot.enumerate_launches()
+        rows, _ = aot.plan(vs, "ci")
+        out = []
+        for r in rows:
+            v = vs[r["variant"]]
+            out.append({
+                "kernel": v["kernel"], "dtype": aot._dtype_of(v), "cc": r["cc"],
+                "constexprs": dict(v["constexprs"]), "example": v["example"],
+                "launchable": {c: r["model"][c] for c in r["launchable"]},
+                "untuned": r["untuned"], "untuned_bytes": r["model"][r["untuned"]],
+            })
+        print(json.dumps({"rows": out, "targets": aot.TARGETS, "kernels": list(aot.KERNELS)}))
+        """
+    )
+
+
+def test_enumeration_covers_every_kernel_dtype_and_option(enumeration):
+    rows = enumeration["rows"]
+    kernels = {r["kernel"] for r in rows}
+    assert kernels == set(enumeration["kernels"])
+    for kernel in kernels - {"dropout._keep_mask_kernel"}:
+        dtypes = {r["dtype"] for r in rows if r["kernel"] == kernel}
+        assert dtypes == {"bf16", "fp16", "fp32"}, (kernel, dtypes)
+    main = [r["constexprs"] for r in rows if r["kernel"] == "lora._main_kernel"]
+    assert {c["ACT"] for c in main} == {0, 1, 2, 3, 4}
+    assert {(c["HAS_BIAS"], c["HAS_BB"], c["HAS_SCALE_T"]) for c in main} >= {
+        (False, False, False), (True, True, True)
+    }
+    fwd = [r["constexprs"] for r in rows if r["kernel"] == "series._series_forward_kernel"]
+    assert {c["HAS_DROPOUT"] for c in fwd} == {False, True}
+    assert {c["ONE_R_TILE"] for c in fwd} == {False, True}
+    assert {c["IEEE"] for c in fwd} == {False, True}
+    assert {r["cc"] for r in rows} == {80, 90}
+
+
+def test_every_variant_keeps_a_config_that_fits(enumeration):
+    limits = {int(k): v for k, v in enumeration["targets"].items()}
+    bad = [
+        (r["kernel"], r["cc"], r["example"])
+        for r in enumeration["rows"]
+        if r["launchable"] and min(
+            (b for b in r["launchable"].values() if b is not None), default=0
+        ) > limits[r["cc"]]
+    ]
+    assert not bad, bad[:5]
+    over = [
+        (r["kernel"], r["cc"], c, b)
+        for r in enumeration["rows"]
+        for c, b in r["launchable"].items()
+        if b is not None and b > limits[r["cc"]]
+    ]
+    assert not over, over[:5]
+
+
+def test_untuned_config_fits_both_targets_for_every_variant(enumeration):
+    limits = {int(k): v for k, v in enumeration["targets"].items()}
+    rows = enumeration["rows"]
+    by_variant: dict[tuple, dict] = {}
+    for r in rows:
+        key = (r["kernel"], r["example"], json.dumps(r["constexprs"], sort_keys=True))
+        by_variant.setdefault(key, {})[r["cc"]] = r
+        if r["untuned_bytes"] is not None:
+            assert r["untuned_bytes"] <= min(limits.values()), (r["kernel"], r["example"])
+    for key, per_cc in by_variant.items():
+        # the same config on an A100 and an H100: AUTOTUNE=0 runs are comparable across them
+        assert per_cc[80]["untuned"] == per_cc[90]["untuned"], key
+
+
+def test_smem_model_bounds_the_compiled_kernels():
+    cases = json.dumps(_MODEL_CASES)
+    out = _run(
+        f"""
+        import json
+        from llm_adapters.triton_kernels import aot
+        grid = {{"KN": (4096,), "M": (512,), "r": sorted({{c[2] for c in {cases}}})}}
+        vs = aot.enumerate_launches(grid)
+        res = []
+        for kernel, dtype, r, index, cc in {cases}:
+            cands = [v for v in vs if v["kernel"] == kernel and aot._dtype_of(v) == dtype
+                     and dict(v["signature"]) and f" r={{r}} " in v["example"]]
+            v = cands[0]
+            cfg = aot.KERNELS[kernel][2]()[index]
+            got = aot.compile_job(aot._job(v, cfg, cc))
+            res.append([kernel, cc, got.get("error"), got.get("shared"),
+                        aot.smem_model(v, cfg, cc)])
+        print(json.dumps(res))
+        """
+    )
+    for kernel, cc, error, shared, model in out:
+        assert error is None, (kernel, error)
+        assert shared <= model, (kernel, cc, shared, model)
+        assert model <= 3 * shared, (kernel, cc, shared, model)
+
+
+def test_exit_status_on_a_synthetic_overflow(monkeypatch, tmp_path):
+    from llm_adapters.triton_kernels import aot
+
+    variant = {
+        "kernel": "lora._main_kernel", "signature": (("x_ptr", "*bf16"),), "constexprs": (),
+        "divisible": (), "count": 1, "example": "synthetic",
+    }
+
+    def fake_plan(variants, subset):
+        rows = [
+            {"variant": 0, "cc": cc, "launchable": ["cfg"], "untuned": "cfg",
+             "model": {"cfg": 1000}, "_cfgs": {}}
+            for cc in aot.TARGETS
+        ]
+        return rows, [(0, cc, "cfg", {}) for cc in aot.TARGETS]
+
+    def results(shared):
+        def fake_run(jobs, n_jobs, cache, log=print):
+            return [
+                {"error": None, "shared": shared, "regs": 64, "stack": 0, "local": 0,
+                 "mma": True, "wgmma": True, "compile_s": 0.0, "cached": False}
+                for _ in jobs
+            ]
+        return fake_run
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(aot.lora, "_INTERPRET", False)
+    monkeypatch.setattr(aot.series, "_INTERPRET", False)
+    monkeypatch.setattr(aot, "enumerate_launches", lambda grid=None, jobs=1: [variant])
+    monkeypatch.setattr(aot, "plan", fake_plan)
+    monkeypatch.setattr(aot, "run_jobs", results(900))
+    assert aot.main(["--out", str(tmp_path / "ok"), "--cache", "none"]) == 0
+    # over the A100's limit (and over the model): a launchable config that cannot launch
+    monkeypatch.setattr(aot, "run_jobs", results(200_000))
+    assert aot.main(["--out", str(tmp_path / "bad"), "--cache", "none"]) == 1
+    report = json.loads((tmp_path / "bad" / "aot.json").read_text())
+    assert any("over shared memory" in f for f in report["failures"])
+    assert any("model too low" in f for f in report["failures"])
+
+
+def test_refuses_to_run_under_the_interpreter(monkeypatch, tmp_path):
+    from llm_adapters.triton_kernels import aot
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert aot.main(["--out", str(tmp_path)]) == 2
