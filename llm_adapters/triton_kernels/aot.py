@@ -744,15 +744,19 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     config_ids = sorted({c for r in rows for c in [*r["launchable"], r["untuned"]]})
     config_index = {c: i for i, c in enumerate(config_ids)}
+    compiled_variants = {vi for vi, *_ in compiles}
     report = {
         "meta": meta,
         "targets": {f"sm_{cc}": lim for cc, lim in TARGETS.items()},
         "figures": fig,
         "failures": fails,
+        # signatures only for the compiled variants (the others differ in constexprs)
         "variants": [
-            {"kernel": v["kernel"], "signature": v["signature"], "constexprs": v["constexprs"],
-             "divisible": v["divisible"], "count": v["count"], "example": v["example"]}
-            for v in variants
+            {"kernel": v["kernel"], "constexprs": v["constexprs"], "count": v["count"],
+             "example": v["example"],
+             **({"signature": v["signature"], "divisible": v["divisible"]}
+                if i in compiled_variants else {})}
+            for i, v in enumerate(variants)
         ],
         # per variant and target: [variant, cc, launchable config indices, AUTOTUNE=0 config
         # index, modelled bytes per launchable config] (indices into "configs")
