@@ -60,4 +60,10 @@ fi
 stamp "tests: pytest $*"
 # conftest.py sets TRITON_INTERPRET=1 when no GPU is present.
 "$PY" -m pytest -q -p no:cacheprovider "$@"
+
+if [ -n "${AOT_OUT:-}" ]; then
+  stamp "ahead-of-time compile check under triton 3.6 (sm_80, sm_90; CI subset)"
+  TRITON_INTERPRET=0 "$PY" -m llm_adapters.triton_kernels.aot --subset ci --jobs 2 \
+    --cache none --out "$AOT_OUT"
+fi
 stamp "done"

@@ -8,8 +8,6 @@ the error of the same computation done by PyTorch in the same dtype.
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 import triton
@@ -355,7 +353,6 @@ def test_torch_compile_fullgraph():
                             seed=3, backend=BACKEND)
         return (y * y).sum()
 
-    start = time.time()
     compiled = torch.compile(f, fullgraph=True)
     loss = compiled(lv["x"], lv["lora_a"], lv["lora_b"], lv["scale"])
     loss.backward()
@@ -365,7 +362,6 @@ def test_torch_compile_fullgraph():
     torch.testing.assert_close(loss, loss_e)
     for name in ("x", "lora_a", "lora_b", "scale"):
         torch.testing.assert_close(lv[name].grad, lv_e[name].grad)
-    assert time.time() - start < 120
 
 
 def test_tiny_llama_lora_all_linears(monkeypatch):
@@ -462,23 +458,24 @@ def test_gpu_matches_torch_backend_without_dropout():
 
 
 def test_fp32_config_pruning():
-    # The autotuner prunes only with several configs, i.e. on a GPU: check the rule here.
+    # IEEE fp32 products run on FMA: tiles past 64 accumulators per thread are not launched
+    # (they spill), tensor-core variants keep them. The rule is checked without a GPU.
     from llm_adapters.triton_kernels import lora as kernels
 
-    cfgs = [triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": bk}) for bk in (64, 32)]
-    x32, x16 = torch.empty(2, 2), torch.empty(2, 2, dtype=torch.float16)
-    assert kernels._prune_for_fp32(cfgs, {"x_ptr": x16}) == cfgs
-    assert kernels._prune_for_fp32(cfgs, {"g_ptr": x32}) == cfgs[1:]
-    assert kernels._prune_for_fp32(cfgs[:1], {"x_ptr": x32}) == cfgs[:1]
+    big = triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=4)
+    small = triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4)
+    assert not kernels._fma_fits("_main_kernel", big, {"IEEE": True, "BLOCK_R": 16})
+    assert kernels._fma_fits("_main_kernel", small, {"IEEE": True, "BLOCK_R": 16})
+    assert kernels._fma_fits("_main_kernel", big, {"IEEE": False, "BLOCK_R": 16})
 
 
 def test_untuned_mode_keeps_one_config(monkeypatch):
-    from llm_adapters.triton_kernels import lora as kernels
+    # AUTOTUNE=0 takes the first config that fits both targets; autotuning keeps every fit.
+    from llm_adapters.triton_kernels import _limits
 
-    cfgs = [triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": bk}) for bk in (64, 32)]
-    x16 = torch.empty(2, 2, dtype=torch.float16)
+    cfgs = ["too_big", "fits", "also_fits"]
+    cost = {"too_big": 10**9, "fits": 1, "also_fits": 2}
     monkeypatch.setenv("LLM_ADAPTERS_TRITON_AUTOTUNE", "0")
-    assert kernels._prune_for_fp32(cfgs, {"x_ptr": x16}) == cfgs[:1]
-    assert kernels._prune_untuned(cfgs, {}) == cfgs[:1]
+    assert _limits.choose(cfgs, lambda c, cc: cost[c], (90, 232448)) == ["fits"]
     monkeypatch.setenv("LLM_ADAPTERS_TRITON_AUTOTUNE", "1")
-    assert kernels._prune_untuned(cfgs, {}) == cfgs
+    assert _limits.choose(cfgs, lambda c, cc: cost[c], (90, 232448)) == ["fits", "also_fits"]
