@@ -2,6 +2,7 @@
 
     y = lora_linear(x, weight, bias, lora_a, lora_b, scaling=2.0, dropout_p=0.0)
     y = lora_linear(x, weight, bias, down, up, scaling=1.0, activation="tanh")  # parallel
+    y = lora_add(y0, x, lora_a, lora_b, scaling=2.0)  # the branch into a base output y0
     z = series_adapter(h, down, up, scaling=1.0, activation="tanh", dropout_p=0.0)
 
 Every input is validated here, once, so each backend sees 2-D contiguous activations and
@@ -37,6 +38,7 @@ __all__ = [
     "available_backends",
     "backend_status",
     "dropout_mask",
+    "lora_add",
     "lora_linear",
     "new_seed",
     "resolve_backend",
@@ -223,6 +225,81 @@ def lora_linear(
     else:
         y = op.eager(*args)
     return y.view(*lead, n)
+
+
+def _add_backend_name(device_type: str, requested: str) -> str:
+    """The backend of `lora_add`: torch under auto on every device (the base product is the
+    quantized layer's own; the branch is rank-sized GEMMs and one accumulating GEMM); a
+    backend asked for by name must implement the op, else a clear error."""
+    name = _dispatch._requested(requested or None)
+    name = "torch" if name == "auto" else name
+    try:
+        return resolve_backend("lora_add", torch.device(device_type), name).name
+    except BackendUnavailableError as exc:
+        raise BackendUnavailableError(
+            f"{exc}. Adapters on a quantized base layer add their branch into the layer's own "
+            "output with the torch backend on every device (no Triton / CUDA kernel for it "
+            "yet): use backend='torch' or 'auto' (LLM_ADAPTERS_BACKEND)"
+        ) from None
+
+
+_add_backend_name._dynamo_marked_constant = True
+_resolved_add: dict[tuple[str, ...], BoundOp] = {}
+
+
+def lora_add(
+    y0: Tensor,
+    x: Tensor,
+    lora_a: Tensor,
+    lora_b: Tensor,
+    scaling: Scale = 1.0,
+    dropout_p: float = 0.0,
+    activation: str = "identity",
+    seed: Union[int, Tensor, None] = None,
+    lora_a_bias: Optional[Tensor] = None,
+    lora_b_bias: Optional[Tensor] = None,
+    backend: Optional[str] = None,
+) -> Tensor:
+    """y = y0 + s·φ(D(x) Aᵀ + a_b) Bᵀ + b_b — the LoRA / parallel branch of `lora_linear`
+    added into a base output y0 [..., N] that the caller computed (a quantized layer's own
+    product: bitsandbytes 4-bit / 8-bit, torchao NF4). Gradients: dy0 = g (so autograd runs
+    the base layer's own backward for its part of dx), dx gets the branch's D'(dS A), and the
+    adapter gradients are those of `lora_linear` with the same dropout mask for a seed.
+    y0 must have x's dtype; other arguments as in `lora_linear`. Returns [..., N].
+    """
+    _check_common(x, "x", lora_a.shape[0] if lora_a.dim() else 0, dropout_p, activation, scaling)
+    k = x.shape[-1]
+    if lora_a.dim() != 2 or lora_b.dim() != 2:
+        raise ValueError(
+            f"lora_a and lora_b must be 2-D, got shapes {tuple(lora_a.shape)}, "
+            f"{tuple(lora_b.shape)}"
+        )
+    r, n = lora_a.shape[0], lora_b.shape[0]
+    _check_tensor("lora_a", lora_a, (r, k), x.device)
+    _check_tensor("lora_b", lora_b, (n, r), x.device)
+    _check_tensor("y0", y0, (*x.shape[:-1], n), x.device)
+    if y0.dtype != x.dtype:
+        raise TypeError(f"y0 dtype {y0.dtype} does not match x dtype {x.dtype}")
+    if lora_a_bias is not None:
+        _check_tensor("lora_a_bias", lora_a_bias, (r,), x.device)
+    if lora_b_bias is not None:
+        _check_tensor("lora_b_bias", lora_b_bias, (n,), x.device)
+    x2, y2 = _rows(x, k), _rows(y0, n)
+    if torch.compiler.is_compiling():
+        op = bound_op("lora_add", loaded_backend(_add_backend_name(x.device.type, backend or "")))
+    else:
+        ekey = (x.device.type, backend or "", os.environ.get("LLM_ADAPTERS_BACKEND", ""))
+        op = _resolved_add.get(ekey)
+        if op is None:
+            name = _add_backend_name(x.device.type, backend or "")
+            op = _resolved_add[ekey] = bound_op("lora_add", loaded_backend(name))
+    scale_t, scale_f = _split_scale(scaling)
+    args = (
+        x2, y2, lora_a, lora_b, lora_a_bias, lora_b_bias, scale_t, scale_f, float(dropout_p),
+        _seed_tensor(seed, dropout_p), activation,
+    )
+    y = op.custom(*args)[0] if torch.compiler.is_compiling() else op.eager(*args)
+    return y.view(*x.shape[:-1], n)
 
 
 def series_adapter(

@@ -37,6 +37,8 @@ class OpSpec:
     dims: a letter per dimension -> (input, axis); every input named here must be in `saved`
     shapes: "out", "s_pre", "mask" and each gradient's input -> its shape in `dims` letters
     seed: the int64 tensor input the backend receives as a Python int
+    passthrough: an input whose gradient is g itself (the base output y0 that `lora_add` adds
+        into); the backend's backward does not return it, the wrapper hands g on
     """
 
     name: str
@@ -49,13 +51,15 @@ class OpSpec:
     shapes: dict[str, str]
     seed: str = "seed"
     dropout: str = "dropout_p"
+    passthrough: str = ""
     # index tables derived from the names above, computed once
     at: dict[str, int] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         at = {n: i for i, (n, _) in enumerate(self.inputs)}
         object.__setattr__(self, "at", at)
-        for name in (*self.grads, *self.saved, self.seed, self.dropout):
+        for name in (*self.grads, *self.saved, self.seed, self.dropout,
+                     *((self.passthrough,) if self.passthrough else ())):
             if name not in at:
                 raise ValueError(f"{self.name}: {name!r} is not an input")
         for name, _ in self.dims.values():
@@ -100,7 +104,27 @@ SERIES = OpSpec(
             "up": "n r", "down_bias": "r", "up_bias": "n", "scale_t": ""},
 )
 
-SPECS = {"lora": LORA, "series": SERIES}
+# y = y0 + s·φ(D(x) Aᵀ + a_b) Bᵀ + b_b: the LoRA / parallel branch added into a base output y0
+# that the caller computed (a quantized layer's own product, differentiated by autograd through
+# that layer); dx here is the branch's term D'(dS A) only, dy0 = g.
+LORA_ADD = OpSpec(
+    name="lora_add",
+    forward="lora_add_forward",
+    backward="lora_add_backward",
+    inputs=(
+        ("x", "Tensor"), ("y0", "Tensor"), ("a", "Tensor"), ("b", "Tensor"),
+        ("a_bias", "Tensor?"), ("b_bias", "Tensor?"), ("scale_t", "Tensor?"),
+        ("scaling", "float"), ("dropout_p", "float"), ("seed", "Tensor"), ("activation", "str"),
+    ),
+    grads=("x", "a", "b", "a_bias", "b_bias", "scale_t"),
+    saved=("x", "a", "b", "scale_t", "scaling", "dropout_p", "seed", "activation"),
+    dims={"m": ("x", 0), "k": ("x", 1), "n": ("b", 0), "r": ("b", 1)},
+    shapes={"out": "m n", "s_pre": "m r", "mask": "m k", "x": "m k", "a": "r k", "b": "n r",
+            "a_bias": "r", "b_bias": "n", "scale_t": ""},
+    passthrough="y0",
+)
+
+SPECS = {"lora": LORA, "series": SERIES, "lora_add": LORA_ADD}
 
 
 class _Plan:
@@ -120,6 +144,7 @@ class _Plan:
         self.pick = tuple((True, tensors.index(n)) if n in tensors else (False, others.index(n))
                           for n in spec.saved)
         self.seed_in_backward = 1 + spec.saved.index(spec.seed)  # g comes first
+        self.passthrough_at = spec.at[spec.passthrough] if spec.passthrough else None
 
 
 def _setup(plan: _Plan, ctx, args, output) -> None:
@@ -141,9 +166,13 @@ def _backward_args(plan: _Plan, ctx, g: Tensor) -> tuple[list, list[bool]]:
     return args, needs
 
 
-def _input_grads(plan: _Plan, ctx, grads, needs) -> list:
-    """The backend's gradients placed at their inputs, cast to each input's dtype and shape."""
+def _input_grads(plan: _Plan, ctx, grads, needs, g: Tensor) -> list:
+    """The backend's gradients placed at their inputs, cast to each input's dtype and shape;
+    g itself at the passthrough input."""
     out = [None] * plan.n_inputs
+    at = plan.passthrough_at
+    if at is not None and ctx.needs_input_grad[at]:
+        out[at] = g
     for i, g, need, ref in zip(plan.grad_at, grads, needs, ctx.refs):
         if need and ref is not None:
             dtype, shape = ref
@@ -176,7 +205,7 @@ class _Eager(torch.autograd.Function):
         args, needs = _backward_args(plan, ctx, g)
         args[plan.seed_in_backward] = int(args[plan.seed_in_backward])
         grads = getattr(op.backend, op.backward_name)(*args)
-        return (*_input_grads(plan, ctx, grads, needs), None)
+        return (*_input_grads(plan, ctx, grads, needs, g), None)
 
 
 def _schema(args, n_out: int) -> str:
@@ -269,7 +298,7 @@ class BoundOp:
 
         def backward(ctx, g, _gs, _gm):
             args, needs = _backward_args(plan, ctx, g)
-            return tuple(_input_grads(plan, ctx, bwd(*args), needs))
+            return tuple(_input_grads(plan, ctx, bwd(*args), needs, g))
 
         fwd.register_autograd(backward, setup_context=setup_context)
         return fwd
@@ -279,7 +308,7 @@ _bound: dict[tuple[str, str], BoundOp] = {}
 
 
 def bound_op(op: str, backend: Backend) -> BoundOp:
-    """The BoundOp of `op` ("lora" or "series") on `backend`, created once per process."""
+    """The BoundOp of `op` ("lora", "series", "lora_add") on `backend`, made once per process."""
     key = (backend.name, op)
     bound = _bound.get(key)
     if bound is None:
@@ -290,6 +319,11 @@ def bound_op(op: str, backend: Backend) -> BoundOp:
 def lora_op(backend: Backend):
     """The autograd-aware custom op running `backend`'s LoRA / parallel-adapter kernels."""
     return bound_op("lora", backend).custom
+
+
+def lora_add_op(backend: Backend):
+    """The autograd-aware custom op adding `backend`'s LoRA / parallel branch into y0."""
+    return bound_op("lora_add", backend).custom
 
 
 def series_op(backend: Backend):

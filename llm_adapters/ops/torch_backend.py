@@ -195,6 +195,49 @@ def lora_backward(g, x, weight, a, b, scale_t, scaling, p, seed, activation, s_p
     )
 
 
+def lora_add_forward(x, y0, a, b, a_bias, b_bias, scale_t, scaling, p, seed, activation,
+                     mask=None):
+    """y0 + s·φ(D(x) aᵀ + a_bias) bᵀ + b_bias: the branch of `lora_forward` added into a base
+    output computed elsewhere (a quantized layer's own product). One GEMM with beta = 1 reads
+    y0 and writes y: no [M, N] branch output, no separate pass over y."""
+    s_pre, mask = _shrink(x, a, a_bias, p, seed, mask)
+    h_act = _as(apply_activation(s_pre, activation), x.dtype)
+    b_ = _as(b, x.dtype).t()
+    if scale_t is None:
+        y = torch.addmm(y0, h_act, b_, alpha=scaling)
+    else:
+        y = torch.addmm(y0, h_act * _as(scale_t, x.dtype), b_)
+    if b_bias is not None:
+        y.add_(_as(b_bias, x.dtype))
+    return y, s_pre, mask
+
+
+def lora_add_backward(g, x, a, b, scale_t, scaling, p, seed, activation, s_pre, mask, needs):
+    """The branch's gradients; dx is its term D'(dS a) only (the base layer's own backward
+    adds g Wᵀ through autograd), and dy0 = g is handed on by the op wrapper."""
+    need_dx, need_a, need_b, need_ab, need_bb, need_scale = needs
+    h_act = apply_activation(s_pre, activation)
+    ds, d_b, d_scale = _branch_grads(
+        g, h_act, s_pre, b, scale_t, scaling, activation, need_b, need_scale
+    )
+    dt = g.dtype
+    ds_ = _as(ds, dt)
+    dx = _empty(g, dt)
+    if need_dx:
+        dx = ds_ @ _as(a, dt)
+        if p > 0.0:
+            dx = _masked(dx, mask).mul_(dropout_threshold(p)[1])
+    d_a = _as(_dropped_t_matmul(ds_, x, mask, p), ds.dtype) if need_a else _empty(g)
+    return (
+        dx,
+        d_a,
+        d_b if need_b else _empty(g),
+        ds.sum(0) if need_ab else _empty(g),
+        g.sum(0, dtype=ds.dtype) if need_bb else _empty(g),
+        d_scale if need_scale else _empty(g),
+    )
+
+
 def series_forward(h, down, up, down_bias, up_bias, scale_t, scaling, p, seed, activation,
                    mask=None):
     s_pre, mask = _shrink(h, down, down_bias, p, seed, mask)
@@ -231,7 +274,7 @@ def series_backward(g, h, down, up, scale_t, scaling, p, seed, activation, s_pre
 
 class _TorchBackend:
     name = "torch"
-    ops = frozenset({"lora", "series"})
+    ops = frozenset({"lora", "series", "lora_add"})
     stores_mask = True
 
     @staticmethod
@@ -245,6 +288,8 @@ class _TorchBackend:
     keep_mask = staticmethod(keep_mask)
     lora_forward = staticmethod(lora_forward)
     lora_backward = staticmethod(lora_backward)
+    lora_add_forward = staticmethod(lora_add_forward)
+    lora_add_backward = staticmethod(lora_add_backward)
     series_forward = staticmethod(series_forward)
     series_backward = staticmethod(series_backward)
 
