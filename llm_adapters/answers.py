@@ -8,6 +8,8 @@ returns the predicted answer, following LLM-Adapters' evaluate.py / commonsense_
 - multiple choice by letter (AQuA, mathqa): LLM-Adapters takes the first capital A-E anywhere in
   the text, so "Answer: C" reads as "A". `extract_letter` first reads the letter after
   "answer is" and falls back to that rule only when there is none; the summary reports both.
+  A lowercase letter after "answer is" counts only where it stands alone, so "The answer is a
+  little unclear; maybe C." reads C, as LLM-Adapters reads it.
 - commonsense: the first option word of the dataset's answer format in the text (true/false,
   solution1/2, answer1-5, ending1-4, option1/2), case-sensitive as in LLM-Adapters;
   "" when there is none.
@@ -37,8 +39,21 @@ NUMBER_TOLERANCE = 1e-3  # LLM-Adapters' `miss`
 
 _NUMBER = re.compile(r"-?\d+\.?\d*")
 _FIRST_LETTER = re.compile(r"[A-E]")
-# "the answer is C", "answer is (C)", "answer is: option C", "Answer is C)"
-_ANSWER_IS_LETTER = re.compile(r"answer\s+is\s*:?\s*(?:option\s*)?\(?([A-E])(?![A-Za-z])", re.I)
+# After "answer is" (any case, optional ":" and "option"): a capital A-E not followed by a letter
+# ("the answer is C", "answer is (C)", "Answer is C)"), or a lowercase a-e that stands alone:
+# in parentheses, at the end of the text or line, or before punctuation that ends it ("the
+# answer is b", "answer is: c", "the answer is a."). A lowercase letter followed by a word is
+# a word of the sentence ("the answer is a little unclear"), not an answer.
+_ANSWER_IS_LETTER = re.compile(
+    r"""(?i:answer\s+is)\s*:?\s*(?i:option\s*)?
+    (?:
+        \(?([A-E])(?![A-Za-z])                    # capital, optionally after "("
+      | \(([a-e])\)                               # lowercase in parentheses
+      | ([a-e])(?=[.,;:!?)]*[ \t]*(?:\n|$))        # lowercase, then only punctuation to the end
+      | ([a-e])(?=[.,;:!?)]+\s)                    # lowercase, then punctuation and a space
+    )""",
+    re.X,
+)
 
 
 def canonical_dataset(name: str) -> str:
@@ -81,9 +96,11 @@ def extract_letter_llm_adapters(text: str) -> str:
 
 
 def extract_letter(text: str) -> str:
-    """The option letter after the last "answer is" (case-insensitive, optional "(" / ":" /
-    "option"); LLM-Adapters' first-capital rule when the text never says it."""
-    found = _ANSWER_IS_LETTER.findall(text)
+    """The option letter after the last "answer is" (optional "(" / ":" / "option"): a capital
+    A-E, or a lowercase a-e only where it stands alone ("the answer is b", "answer is (c)", "the
+    answer is a.", never the "a" of "the answer is a little..."); LLM-Adapters' first-capital
+    rule when the text never says it."""
+    found = [next(g for g in groups if g) for groups in _ANSWER_IS_LETTER.findall(text)]
     if found:
         return found[-1].upper()
     return extract_letter_llm_adapters(text)

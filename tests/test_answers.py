@@ -104,3 +104,34 @@ def test_dataset_names():
     assert len(answers.DATASETS) == 16
     with pytest.raises(ValueError, match="unknown dataset 'nope'"):
         answers.canonical_dataset("nope")
+
+
+@pytest.mark.parametrize(
+    "text, strict, theirs",
+    [
+        # a lowercase letter followed by a word is a word of the sentence: no statement, so the
+        # first capital, as LLM-Adapters reads it
+        ("The answer is a little unclear; maybe C.", "C", "C"),
+        ("the answer is a good guess, say D", "D", "D"),
+        ("the answer is b because of x", "", ""),
+        # a lowercase letter that stands alone is the answer
+        ("the answer is b", "B", ""),
+        ("the answer is a.", "A", ""),
+        ("answer is: c", "C", ""),
+        ("the answer is (d) because", "D", ""),
+        ("the answer is e!\nSo we stop.", "E", ""),
+        ("the answer is c. The rest is noise", "C", ""),
+        ("the answer is e.g. 5, or D", "D", "D"),  # "e." of "e.g." is no answer
+        # capitals, with and without parentheses, colon or "option"
+        ("Blah. The answer is (B).", "B", "B"),
+        ("The Answer Is: D", "D", "A"),
+        ("the answer is: option E", "E", "E"),
+        ("The answer is A little unclear", "A", "A"),  # a capital is always read
+        ("so the answer is C) 12", "C", "C"),
+    ],
+)
+def test_letter_lowercase_only_when_it_stands_alone(text, strict, theirs):
+    assert answers.extract_letter(text) == strict
+    assert answers.extract_letter_llm_adapters(text) == theirs
+    got = answers.score("AQuA", text, strict or "A")
+    assert got["prediction"] == strict and got["prediction_llm_adapters"] == theirs
