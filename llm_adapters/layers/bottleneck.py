@@ -5,8 +5,10 @@
     parallel y = base(x) + s·up(φ(down(D(x))))                (parallel adapter)
 
 Series placements run on the fused `ops.series_adapter`, the parallel one on
-`ops.lora_linear` with φ. Parameter names follow LLM-Adapters: `adapter_down`,
-`adapter_up`, and `adapter_scale` when the scaling is learned.
+`ops.lora_linear` with φ. On a quantized base (`_quant`) the series placements only call the
+base layer; the parallel one adds its branch into the layer's own output (`ops.lora_add`).
+Parameter names follow LLM-Adapters: `adapter_down`, `adapter_up`, and `adapter_scale` when
+the scaling is learned.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from ._base import autocast_inputs, linear_dims, weight_nk
+from ._quant import adapter_factory, quant_format
 
 PLACEMENTS = ("input", "output", "parallel")
 
@@ -36,15 +39,14 @@ class BottleneckAdapter(nn.Module):
         if placement not in PLACEMENTS:
             raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
         k, n = linear_dims(base_layer)
+        self.quant = quant_format(base_layer)  # None for a float base
         self.base_layer = base_layer
         self.placement = placement
         self.non_linearity = non_linearity
         self.adapter_dropout = float(adapter_dropout)
         inner_in = k if placement in ("input", "parallel") else n
         outer = k if placement == "input" else n
-        weight = base_layer.weight
-        factory = {"device": weight.device, "dtype": torch.float32 if weight.dtype in
-                   (torch.float16, torch.bfloat16) else weight.dtype}
+        factory = adapter_factory(base_layer)
         self.adapter_down = nn.Linear(inner_in, bottleneck_size, bias=use_bias, **factory)
         self.adapter_up = nn.Linear(bottleneck_size, outer, bias=use_bias, **factory)
         nn.init.normal_(self.adapter_down.weight, std=0.02)
@@ -85,6 +87,19 @@ class BottleneckAdapter(nn.Module):
             return self.base_layer(self._series(x))
         if self.placement == "output":
             return self._series(self.base_layer(x))
+        if self.quant is not None:  # the base's own product, the branch added into it
+            y0 = self.base_layer(x)
+            return ops.lora_add(
+                y0,
+                x if x.dtype == y0.dtype else x.to(y0.dtype),
+                self.adapter_down.weight,
+                self.adapter_up.weight,
+                scaling=self._scale(),
+                dropout_p=self.adapter_dropout if self.training else 0.0,
+                activation=self.non_linearity,
+                lora_a_bias=self.adapter_down.bias,
+                lora_b_bias=self.adapter_up.bias,
+            )
         x, w, b = autocast_inputs(x, weight_nk(self.base_layer), self.base_layer.bias)
         return ops.lora_linear(
             x,

@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from ._base import Conv1D, autocast_inputs, linear_dims, weight_nk
+from ._quant import adapter_factory, add_to_quantized, quant_format
 
 
 class LoraLinear(nn.Module):
@@ -16,6 +17,10 @@ class LoraLinear(nn.Module):
 
     Parameters live beside the base layer under PEFT's names (`lora_A.weight` [r, K],
     `lora_B.weight` [N, r]) so state dicts map onto PEFT's one-to-one.
+
+    A quantized base (bitsandbytes 4-bit / 8-bit, torchao NF4; `_quant`) keeps its own
+    product: forward calls it and adds the branch into its output (`ops.lora_add`), so dx is
+    the layer's own backward plus the branch's term. Merging into it re-quantizes (lossy).
     """
 
     def __init__(
@@ -29,15 +34,14 @@ class LoraLinear(nn.Module):
     ) -> None:
         super().__init__()
         k, n = linear_dims(base_layer)
+        self.quant = quant_format(base_layer)  # None for a float base
         self.base_layer = base_layer
         self.in_features, self.out_features = k, n
         self.r = r
         self.lora_alpha = lora_alpha
         self.scaling = lora_alpha / (math.sqrt(r) if use_rslora else r)
         self.lora_dropout = float(lora_dropout)
-        weight = base_layer.weight
-        factory = {"device": weight.device, "dtype": torch.float32 if weight.dtype in
-                   (torch.float16, torch.bfloat16) else weight.dtype}
+        factory = adapter_factory(base_layer)
         self.lora_A = nn.Linear(k, r, bias=False, **factory)
         self.lora_B = nn.Linear(r, n, bias=False, **factory)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
@@ -59,6 +63,10 @@ class LoraLinear(nn.Module):
     def merge(self) -> None:
         if self.merged:
             return
+        if self.quant is not None:
+            add_to_quantized(self.base_layer, self.quant, self.delta_weight().detach(), "merging")
+            self.merged = True
+            return
         w = self.base_layer.weight
         delta = self.delta_weight()
         with torch.no_grad():
@@ -67,6 +75,12 @@ class LoraLinear(nn.Module):
 
     def unmerge(self) -> None:
         if not self.merged:
+            return
+        if self.quant is not None:
+            add_to_quantized(
+                self.base_layer, self.quant, -self.delta_weight().detach(), "unmerging"
+            )
+            self.merged = False
             return
         w = self.base_layer.weight
         delta = self.delta_weight()
@@ -77,11 +91,18 @@ class LoraLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.merged or self.disable_adapters:
             return self.base_layer(x)
-        x, w, b = autocast_inputs(x, weight_nk(self.base_layer), self.base_layer.bias)
         p = self.lora_dropout if self.training else 0.0
+        if self.quant is not None:
+            y0 = self.base_layer(x)
+            x = x if x.dtype == y0.dtype else x.to(y0.dtype)
+            return ops.lora_add(
+                y0, x, self.lora_A.weight, self.lora_B.weight, scaling=self.scaling, dropout_p=p
+            )
+        x, w, b = autocast_inputs(x, weight_nk(self.base_layer), self.base_layer.bias)
         return ops.lora_linear(
             x, w, b, self.lora_A.weight, self.lora_B.weight, scaling=self.scaling, dropout_p=p
         )
 
     def extra_repr(self) -> str:
-        return f"r={self.r}, scaling={self.scaling:g}, dropout={self.lora_dropout}"
+        quant = f", base={self.quant}" if self.quant else ""
+        return f"r={self.r}, scaling={self.scaling:g}, dropout={self.lora_dropout}{quant}"
