@@ -86,11 +86,20 @@ def _adapter_state(wrapper: AdapterModel) -> dict[str, Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in state.items()}
 
 
-def save_adapter(model: AdapterModel, save_directory: str) -> None:
-    """Write adapter_config.json and adapter_model.safetensors (PEFT's format for LoRA)."""
+def save_adapter(
+    model: AdapterModel, save_directory: str, format: Optional[str] = None
+) -> None:
+    """Write adapter_config.json and adapter_model.safetensors (PEFT's format for LoRA), or
+    with `format="llm-adapters"` LLM-Adapters' adapter_config.json and adapter_model.bin."""
     if not isinstance(model, AdapterModel):
         raise TypeError("save_adapter expects the model returned by get_adapter_model")
+    if format not in (None, "llm-adapters"):
+        raise ValueError(f"format must be None (this library's) or 'llm-adapters', got {format!r}")
     state = _adapter_state(model)
+    if format == "llm-adapters":
+        from .llm_adapters_format import save_checkpoint
+
+        return save_checkpoint(model, save_directory, state)
     os.makedirs(save_directory, exist_ok=True)
     model.adapter_config.save(save_directory)
     metadata = {"format": "pt", "model_type": model_type(model.base_model)}
@@ -127,8 +136,13 @@ def load_adapter(model: nn.Module, adapter_path: str, is_trainable: bool = False
     must hold exactly the expected tensors with the expected shapes. Unless `is_trainable`,
     the adapter is frozen and the model put in eval mode, as PEFT does.
     """
-    config = load_config(adapter_path)
-    tensors, metadata = _read_weights(adapter_path)
+    from . import llm_adapters_format as theirs
+
+    if theirs.is_llm_adapters_checkpoint(adapter_path):  # LLM-Adapters' fork wrote it
+        config, tensors, metadata = theirs.read_checkpoint(model, adapter_path)
+    else:
+        config = load_config(adapter_path)
+        tensors, metadata = _read_weights(adapter_path)
     saved_type = metadata.get("model_type")
     if saved_type and saved_type != model_type(model):
         raise ValueError(
