@@ -5,7 +5,9 @@ Kernels (`triton_kernels/`, and `csrc/` through the codes checked by a test), ba
 
 - the branch non-linearities φ: their names, the integer codes the fused kernels specialise on
   (`csrc/common.cuh` `enum Activation` must match `ACTIVATION_CODES`), and φ / φ' in PyTorch on
-  rank-sized tensors;
+  rank-sized tensors. Every name of transformers' `ACT2FN` is accepted too, as LLM-Adapters
+  accepts it: the aliases of a fused function (`ACTIVATION_ALIASES`) become that function,
+  every other name is transformers' module itself (run by the torch backend only);
 - the dropout threshold: p realised on a 16-bit lane, and the inverted-dropout scale;
 - the accumulation dtype of rank-sized intermediates;
 - the M bucketing that kernel autotuning and backend tables key on;
@@ -17,14 +19,21 @@ clarity beats fusion there: each is a handful of elementwise ops on a tensor r/K
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 from torch import Tensor
 
+# The fused activations: what the Triton and CUDA kernels implement.
 ACTIVATIONS = ("identity", "tanh", "relu", "gelu", "silu")
 # The fused kernels' compile-time switch (Triton constexpr ACT, csrc `enum Activation`).
 ACTIVATION_CODES = {name: code for code, name in enumerate(ACTIVATIONS)}
+# Names of transformers' ACT2FN that compute a fused function exactly (the same formula; checked
+# against ACT2FN in tests/test_activations.py), so they run on the fused kernels. The tanh
+# approximations of GELU (gelu_new, gelu_pytorch_tanh, gelu_python_tanh, gelu_fast, ...) are
+# not erf GELU and have no fused code.
+ACTIVATION_ALIASES = {"linear": "identity", "swish": "silu", "gelu_python": "gelu"}
 
 _INV_SQRT2 = 1.0 / math.sqrt(2.0)
 _INV_SQRT2PI = 1.0 / math.sqrt(2.0 * math.pi)
@@ -32,12 +41,66 @@ _INV_SQRT2PI = 1.0 / math.sqrt(2.0 * math.pi)
 DROPOUT_LANES = 65536  # p is realised on a uniform 16-bit lane
 
 
+@functools.lru_cache(maxsize=1)
+def act2fn_names() -> tuple[str, ...]:
+    """Every name of transformers' ACT2FN, sorted (imports transformers.activations once)."""
+    from transformers.activations import ACT2CLS
+
+    return tuple(sorted(ACT2CLS))
+
+
+def all_activations() -> tuple[str, ...]:
+    """Every accepted activation name: the fused ones, then the rest of ACT2FN, sorted."""
+    return ACTIVATIONS + tuple(n for n in act2fn_names() if n not in ACTIVATION_CODES)
+
+
+def canonical_activation(activation: str) -> str:
+    """The name the backends receive: a fused name as is, an alias as its fused function
+    ("swish" -> "silu"), any other ACT2FN name as is; a ValueError for an unknown name."""
+    if activation in ACTIVATION_CODES:
+        return activation
+    if activation in ACTIVATION_ALIASES:
+        return ACTIVATION_ALIASES[activation]
+    if isinstance(activation, str) and activation in act2fn_names():
+        return activation
+    raise ValueError(
+        f"unknown activation {activation!r}: expected {', '.join(ACTIVATIONS)} (fused) or a "
+        f"name of transformers' ACT2FN: {', '.join(act2fn_names())}"
+    )
+
+
+def is_fused(activation: str) -> bool:
+    """Whether the Triton and CUDA kernels implement `activation` (a canonical name)."""
+    return activation in ACTIVATION_CODES
+
+
 def check_activation(activation: str) -> str:
+    """`activation` itself when the fused kernels implement it, else a ValueError."""
     if activation not in ACTIVATION_CODES:
         raise ValueError(
-            f"unknown activation {activation!r}: expected one of {', '.join(ACTIVATIONS)}"
+            f"unknown activation {activation!r} for the fused kernels: they implement "
+            f"{', '.join(ACTIVATIONS)}; every other ACT2FN name runs on the torch backend"
         )
     return activation
+
+
+@functools.cache
+def activation_module(activation: str, device: torch.device) -> torch.nn.Module:
+    """transformers' ACT2FN[activation] on `device`, its parameters frozen at their initial
+    values (prelu, xielu): LLM-Adapters freezes them too, since only parameters named
+    `adapter_*` train there, and saves none of them."""
+    from transformers.activations import ACT2FN
+
+    module = ACT2FN[activation].to(device)
+    module.requires_grad_(False)
+    return module
+
+
+def _module_activation(s: Tensor, activation: str) -> Tensor:
+    module = activation_module(activation, s.device)
+    if activation == "prelu":  # F.prelu does not promote: its weight in s's dtype
+        return torch.nn.functional.prelu(s, module.weight.to(s.dtype))
+    return module(s)
 
 
 def activation_code(activation: str) -> int:
@@ -46,7 +109,8 @@ def activation_code(activation: str) -> int:
 
 
 def apply_activation(s: Tensor, activation: str) -> Tensor:
-    """φ(S). Returns S itself for identity (callers must not mutate the result in place)."""
+    """φ(S) for a canonical name (`canonical_activation`). Returns S itself for identity
+    (callers must not mutate the result in place); differentiable by autograd."""
     if activation == "identity":
         return s
     if activation == "tanh":
@@ -57,7 +121,7 @@ def apply_activation(s: Tensor, activation: str) -> Tensor:
         return torch.nn.functional.gelu(s)
     if activation == "silu":
         return torch.nn.functional.silu(s)
-    raise ValueError(f"unknown activation {activation!r}")
+    return _module_activation(s, activation)  # any other ACT2FN name: transformers' module
 
 
 def activation_grad(s: Tensor, activation: str) -> Tensor | None:
@@ -76,7 +140,12 @@ def activation_grad(s: Tensor, activation: str) -> Tensor | None:
     if activation == "silu":
         sig = torch.sigmoid(s)
         return sig * (1.0 + s * (1.0 - sig))
-    raise ValueError(f"unknown activation {activation!r}")
+    # any other ACT2FN name: autograd through transformers' module (every ACT2FN activation is
+    # elementwise, so the gradient of the sum is φ' elementwise)
+    with torch.enable_grad():
+        leaf = s.detach().requires_grad_(True)
+        (grad,) = torch.autograd.grad(_module_activation(leaf, activation).sum(), leaf)
+    return grad
 
 
 def dropout_threshold(p: float) -> tuple[int, float]:

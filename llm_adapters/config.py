@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Optional, Union
 
-from .ops import ACTIVATIONS
+from .ops import canonical_activation
 
 CONFIG_NAME = "adapter_config.json"
 
@@ -119,6 +119,10 @@ class LoraConfig(AdapterConfig):
             json.dump(self.to_peft_dict(), f, indent=2, sort_keys=True)
 
 
+# Bottleneck initialisations: LLM-Adapters' two, then ours (see BottleneckConfig.init_weights).
+BOTTLENECK_INITS = ("bert", "mam_adapter", "zero_up")
+
+
 @dataclass
 class BottleneckConfig(AdapterConfig):
     """Bottleneck adapters with LLM-Adapters' field names.
@@ -130,7 +134,12 @@ class BottleneckConfig(AdapterConfig):
 
     adapter_type: ClassVar[str] = "bottleneck"
     bottleneck_size: int = field(default=256, metadata={"help": "the adapter's inner width"})
-    non_linearity: str = field(default="tanh", metadata={"help": "tanh, relu, gelu, silu"})
+    non_linearity: str = field(
+        default="tanh",
+        metadata={"help": "any name of transformers' ACT2FN, or identity; identity, tanh, relu, "
+                  "gelu, silu (and linear, swish, gelu_python) run on the fused kernels, "
+                  "the others on the torch backend"},
+    )
     adapter_dropout: float = field(default=0.0, metadata={"help": "dropout on the adapter input"})
     use_parallel_adapter: bool = field(default=False, metadata={"help": "parallel placement"})
     use_adapterp: bool = field(default=False, metadata={"help": "AdapterP placement"})
@@ -141,7 +150,10 @@ class BottleneckConfig(AdapterConfig):
         default=1.0, metadata={"help": "a float, or 'learned' for one trainable scalar"}
     )
     init_weights: str = field(
-        default="bert", metadata={"help": "'bert': N(0, 0.02) both; 'zero_up': up = 0 (identity)"}
+        default="bert",
+        metadata={"help": "'bert': N(0, 0.02) both (LLM-Adapters' default); 'mam_adapter': "
+                  "down Kaiming-uniform (a = sqrt 5), up = 0 (LLM-Adapters'); 'zero_up': down "
+                  "N(0, 0.02), up = 0 (this library's); biases 0 in all three"},
     )
     use_bias: bool = field(default=False, metadata={"help": "biases in the projections"})
 
@@ -149,10 +161,10 @@ class BottleneckConfig(AdapterConfig):
         b = self.bottleneck_size
         if not isinstance(b, int) or isinstance(b, bool) or b < 1:
             raise ValueError(f"bottleneck_size must be a positive integer, got {b!r}")
-        if self.non_linearity not in ACTIVATIONS:
-            raise ValueError(
-                f"non_linearity must be one of {', '.join(ACTIVATIONS)}, got {self.non_linearity!r}"
-            )
+        try:
+            canonical_activation(self.non_linearity)
+        except ValueError as exc:
+            raise ValueError(f"non_linearity: {exc}") from None
         _check_dropout("adapter_dropout", self.adapter_dropout)
         if self.use_parallel_adapter and self.use_adapterp:
             raise ValueError("use_parallel_adapter and use_adapterp are exclusive: choose one")
@@ -162,8 +174,11 @@ class BottleneckConfig(AdapterConfig):
                 raise ValueError(f"scaling must be a float or 'learned', got {self.scaling!r}")
         elif not isinstance(self.scaling, (int, float)):
             raise ValueError(f"scaling must be a float or 'learned', got {self.scaling!r}")
-        if self.init_weights not in ("bert", "zero_up"):
-            raise ValueError(f"init_weights must be 'bert' or 'zero_up', got {self.init_weights!r}")
+        if self.init_weights not in BOTTLENECK_INITS:
+            raise ValueError(
+                f"init_weights must be one of {', '.join(map(repr, BOTTLENECK_INITS))}, "
+                f"got {self.init_weights!r}"
+            )
 
     @property
     def placement(self) -> str:

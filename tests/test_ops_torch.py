@@ -216,7 +216,7 @@ def test_3d_and_noncontiguous_input():
         (dict(w=torch.randn(7, 10, dtype=torch.float64)), "weight dtype"),
         (dict(bias=torch.randn(6)), "bias has shape"),
         (dict(a=torch.randn(0, 10), b=torch.randn(7, 0)), "rank must be at least 1"),
-        (dict(activation="swish"), "unknown activation"),
+        (dict(activation="swishy"), "unknown activation"),
         (dict(dropout_p=1.0), "dropout_p must be in"),
         (dict(backend="fast"), "unknown backend"),
         (dict(x=torch.randint(0, 3, (4, 10))), "dtype"),

@@ -13,6 +13,8 @@ the scaling is learned.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
@@ -21,6 +23,31 @@ from ._base import autocast_inputs, linear_dims, weight_nk
 from ._quant import adapter_factory, quant_format
 
 PLACEMENTS = ("input", "output", "parallel")
+INITS = ("bert", "mam_adapter", "zero_up")
+
+
+def init_bottleneck(down: nn.Linear, up: nn.Linear, init_weights: str) -> None:
+    """Initialise the two projections in place; biases (when present) are 0 in every scheme.
+
+    - "bert" (LLM-Adapters' default, its `init_bert_weights`): both weights N(0, 0.02).
+    - "mam_adapter" (LLM-Adapters' other choice, after He et al.'s MAM adapter): down
+      Kaiming-uniform with a = sqrt(5), i.e. U(-1/sqrt(in), 1/sqrt(in)) as nn.Linear's default;
+      up = 0, so the adapter starts as the identity.
+    - "zero_up" (this library's): down N(0, 0.02) as "bert", up = 0.
+    """
+    if init_weights not in INITS:
+        raise ValueError(f"init_weights must be one of {INITS}, got {init_weights!r}")
+    if init_weights == "mam_adapter":
+        nn.init.kaiming_uniform_(down.weight, a=math.sqrt(5))
+    else:
+        nn.init.normal_(down.weight, std=0.02)
+    if init_weights == "bert":
+        nn.init.normal_(up.weight, std=0.02)
+    else:
+        nn.init.zeros_(up.weight)
+    for proj in (down, up):
+        if proj.bias is not None:
+            nn.init.zeros_(proj.bias)
 
 
 class BottleneckAdapter(nn.Module):
@@ -49,14 +76,7 @@ class BottleneckAdapter(nn.Module):
         factory = adapter_factory(base_layer)
         self.adapter_down = nn.Linear(inner_in, bottleneck_size, bias=use_bias, **factory)
         self.adapter_up = nn.Linear(bottleneck_size, outer, bias=use_bias, **factory)
-        nn.init.normal_(self.adapter_down.weight, std=0.02)
-        if init_weights == "zero_up":
-            nn.init.zeros_(self.adapter_up.weight)
-        else:
-            nn.init.normal_(self.adapter_up.weight, std=0.02)
-        if use_bias:
-            nn.init.zeros_(self.adapter_down.bias)
-            nn.init.zeros_(self.adapter_up.bias)
+        init_bottleneck(self.adapter_down, self.adapter_up, init_weights)
         if scaling == "learned":
             self.adapter_scale = nn.Parameter(torch.ones((), **factory))
             self.scaling = None

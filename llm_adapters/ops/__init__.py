@@ -7,6 +7,12 @@
 
 Every input is validated here, once, so each backend sees 2-D contiguous activations and
 consistent shapes, dtypes and devices.
+
+`activation` is any name of transformers' ACT2FN, as in LLM-Adapters, or "identity". The
+fused kernels implement identity, tanh, relu, gelu and silu (and the aliases linear, swish,
+gelu_python, which compute the same functions); every other name runs on the torch backend as
+plain PyTorch autograd with transformers' module (`auto` picks it on every device; triton or
+cuda asked for by name is a clear error).
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import Tensor
 
-from .._numerics import ACTIVATIONS, check_activation
+from .._numerics import ACTIVATIONS, all_activations, canonical_activation, is_fused
 from . import _dispatch
 from ._choice import shape_key
 from ._custom import BoundOp, bound_op
@@ -35,8 +41,10 @@ __all__ = [
     "ACTIVATIONS",
     "BACKENDS",
     "BackendUnavailableError",
+    "all_activations",
     "available_backends",
     "backend_status",
+    "canonical_activation",
     "dropout_mask",
     "lora_add",
     "lora_linear",
@@ -83,7 +91,8 @@ def _check_tensor(name: str, t: Tensor, shape: tuple[int, ...], device: torch.de
 
 def _check_common(
     x: Tensor, x_name: str, rank: int, dropout_p: float, activation: str, scaling: Scale
-):
+) -> str:
+    """Checks what every op takes; returns the canonical activation name."""
     if not isinstance(x, Tensor):
         raise TypeError(f"{x_name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() < 1:
@@ -94,7 +103,7 @@ def _check_common(
         raise ValueError(f"the adapter rank must be at least 1, got {rank}")
     if not 0.0 <= float(dropout_p) < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
-    check_activation(activation)
+    activation = canonical_activation(activation)
     if isinstance(scaling, Tensor):
         if scaling.numel() != 1:
             raise ValueError(f"a tensor scaling must have one element, got shape {scaling.shape}")
@@ -102,6 +111,7 @@ def _check_common(
             raise ValueError(f"scaling is on {scaling.device}, but {x_name} is on {x.device}")
     elif not isinstance(scaling, (int, float)):
         raise TypeError(f"scaling must be a float or a one-element tensor, got {scaling!r}")
+    return activation
 
 
 def _split_scale(scaling: Scale) -> tuple[Optional[Tensor], float]:
@@ -120,6 +130,22 @@ def _backend_name(op: str, device_type: str, requested: str, key: Optional[tuple
 # torch._dynamo (and with it Triton), seconds of import time for every user of the package.
 # tests/test_ops_torch.py checks that the decorator still sets exactly this attribute.
 _backend_name._dynamo_marked_constant = True
+
+
+def _unfused_backend_name(op: str, device_type: str, requested: str, activation: str) -> str:
+    """The backend of an activation without a fused kernel: torch under auto; a backend asked
+    for by name that lacks it is a BackendUnavailableError saying which backend runs what."""
+    return resolve_backend(op, torch.device(device_type), requested or None,
+                           activation=activation).name
+
+
+_unfused_backend_name._dynamo_marked_constant = True
+
+
+def _unfused(op: str, x: Tensor, requested: Optional[str], activation: str):
+    """The backend object for `op` with an activation that no kernel fuses (see
+    `torch_backend.*_composite`: plain PyTorch autograd with transformers' module as φ)."""
+    return loaded_backend(_unfused_backend_name(op, x.device.type, requested or "", activation))
 
 
 # eager: the op per (op, device type, keyword, environment); where a table may send shapes of
@@ -184,7 +210,8 @@ def lora_linear(
     CPU generator when None). Adapter weights may be float32 while x is half precision: they
     are cast to x's dtype; x is never upcast. Returns [..., N] in x's dtype.
     """
-    _check_common(x, "x", lora_a.shape[0] if lora_a.dim() else 0, dropout_p, activation, scaling)
+    activation = _check_common(
+        x, "x", lora_a.shape[0] if lora_a.dim() else 0, dropout_p, activation, scaling)
     k = x.shape[-1]
     if weight.dim() != 2 or weight.shape[1] != k:
         raise ValueError(
@@ -213,9 +240,14 @@ def lora_linear(
     if lora_b_bias is not None:
         _check_tensor("lora_b_bias", lora_b_bias, (n,), x.device)
     x2 = _rows(x, k)
-    op = _op("lora", x2, backend, n, r, float(dropout_p))
     scale_t, scale_f = _split_scale(scaling)
     lead = x.shape[:-1]
+    if not is_fused(activation):
+        y = _unfused("lora", x2, backend, activation).lora_composite(
+            x2, weight, bias, lora_a, lora_b, lora_a_bias, lora_b_bias, scale_t, scale_f,
+            float(dropout_p), int(_seed_tensor(seed, dropout_p)), activation)
+        return y.view(*lead, n)
+    op = _op("lora", x2, backend, n, r, float(dropout_p))
     args = (
         x2, weight, bias, lora_a, lora_b, lora_a_bias, lora_b_bias, scale_t, scale_f,
         float(dropout_p), _seed_tensor(seed, dropout_p), activation,
@@ -267,7 +299,8 @@ def lora_add(
     adapter gradients are those of `lora_linear` with the same dropout mask for a seed.
     y0 must have x's dtype; other arguments as in `lora_linear`. Returns [..., N].
     """
-    _check_common(x, "x", lora_a.shape[0] if lora_a.dim() else 0, dropout_p, activation, scaling)
+    activation = _check_common(
+        x, "x", lora_a.shape[0] if lora_a.dim() else 0, dropout_p, activation, scaling)
     k = x.shape[-1]
     if lora_a.dim() != 2 or lora_b.dim() != 2:
         raise ValueError(
@@ -285,6 +318,12 @@ def lora_add(
     if lora_b_bias is not None:
         _check_tensor("lora_b_bias", lora_b_bias, (n,), x.device)
     x2, y2 = _rows(x, k), _rows(y0, n)
+    if not is_fused(activation):
+        scale_t, scale_f = _split_scale(scaling)
+        y = _unfused("lora_add", x2, backend, activation).lora_add_composite(
+            x2, y2, lora_a, lora_b, lora_a_bias, lora_b_bias, scale_t, scale_f,
+            float(dropout_p), int(_seed_tensor(seed, dropout_p)), activation)
+        return y.view(*x.shape[:-1], n)
     if torch.compiler.is_compiling():
         op = bound_op("lora_add", loaded_backend(_add_backend_name(x.device.type, backend or "")))
     else:
@@ -319,7 +358,8 @@ def series_adapter(
     h: [..., N]; down: [r, N]; up: [N, r]; other arguments as in `lora_linear`.
     Returns [..., N] in h's dtype.
     """
-    _check_common(h, "h", down.shape[0] if down.dim() else 0, dropout_p, activation, scaling)
+    activation = _check_common(
+        h, "h", down.shape[0] if down.dim() else 0, dropout_p, activation, scaling)
     n = h.shape[-1]
     if down.dim() != 2:
         raise ValueError(f"down must be 2-D [r, {n}], got shape {tuple(down.shape)}")
@@ -331,9 +371,14 @@ def series_adapter(
     if up_bias is not None:
         _check_tensor("up_bias", up_bias, (n,), h.device)
     h2 = _rows(h, n)
-    op = _op("series", h2, backend, n, r, float(dropout_p))
     scale_t, scale_f = _split_scale(scaling)
     lead = h.shape[:-1]
+    if not is_fused(activation):
+        z = _unfused("series", h2, backend, activation).series_composite(
+            h2, down, up, down_bias, up_bias, scale_t, scale_f, float(dropout_p),
+            int(_seed_tensor(seed, dropout_p)), activation)
+        return z.view(*lead, n)
+    op = _op("series", h2, backend, n, r, float(dropout_p))
     args = (
         h2, down, up, down_bias, up_bias, scale_t, scale_f, float(dropout_p),
         _seed_tensor(seed, dropout_p), activation,

@@ -12,6 +12,9 @@ backend that cannot run is an error (`BackendUnavailableError`), never a silent 
   with the package: `_choice`) has cuda faster than triton, and only if the cuda extension is
   usable without compiling it (`auto` never starts a JIT build). Never torch.
 - CPU tensors: torch, or triton when ``TRITON_INTERPRET=1``. Other devices: torch.
+- An activation without a fused kernel (any ACT2FN name but identity, tanh, relu, gelu, silu
+  and their aliases): torch on every device, the one backend that runs it. A run has one
+  activation for all its adapter layers, so it still draws one mask stream.
 
 One dropout-mask stream per run: the torch backend, whose keep-mask differs from the Philox
 mask, is never auto's choice on CUDA; triton and cuda regenerate the same Philox keep-mask
@@ -29,6 +32,7 @@ from typing import Optional
 
 import torch
 
+from .._numerics import ACTIVATION_ALIASES, ACTIVATIONS, is_fused
 from . import _choice
 from ._backend import Backend
 
@@ -172,16 +176,39 @@ def _auto(op: Optional[str], device: torch.device, key: Optional[tuple]) -> str:
     return "torch"
 
 
+def runs_activation(impl: Backend, activation: str) -> bool:
+    """Whether backend `impl` runs the (canonical) activation: every backend runs the fused
+    ones; a backend with `any_activation` (torch) runs every ACT2FN name."""
+    return is_fused(activation) or bool(getattr(impl, "any_activation", False))
+
+
+def _activation_error(requested: str, activation: str) -> BackendUnavailableError:
+    aliases = ", ".join(f"{a} = {f}" for a, f in ACTIVATION_ALIASES.items())
+    return BackendUnavailableError(
+        f"backend {requested!r} has no kernel for activation {activation!r}: the triton and "
+        f"cuda backends run {', '.join(ACTIVATIONS)} (and the ACT2FN aliases {aliases}); the "
+        f"torch backend runs every name of transformers' ACT2FN. Use backend='torch' or "
+        f"'auto' (LLM_ADAPTERS_BACKEND), or a fused activation"
+    )
+
+
 def resolve_backend(
     op: Optional[str], device: torch.device, backend: Optional[str] = None,
-    key: Optional[tuple] = None,
+    key: Optional[tuple] = None, activation: Optional[str] = None,
 ) -> Backend:
     """The backend object that runs `op` ("lora", "series", or None for any) on `device`.
 
     Under auto on a GPU, `key` (`_choice.shape_key`) lets a measured table send that shape to
-    the cuda backend; without it the answer is the first GPU candidate (triton)."""
+    the cuda backend; without it the answer is the first GPU candidate (triton).
+    `activation` (a canonical name, `_numerics.canonical_activation`): auto takes torch for
+    one without a fused kernel; a backend asked for by name that lacks it is an error."""
     requested = _requested(backend)
     if requested == "auto":
+        if activation is not None and not is_fused(activation):
+            if _load("torch") is None:
+                raise BackendUnavailableError(
+                    f"backend 'torch' is not available: {_load_errors['torch']}")
+            return _loaded["torch"]
         return _loaded[_auto(op, device, key)]
     impl = _load(requested)
     if impl is None:
@@ -193,6 +220,8 @@ def resolve_backend(
     why = impl.supports_device(device)
     if why is not None:
         raise BackendUnavailableError(f"backend {requested!r} cannot run here: {why}")
+    if activation is not None and not runs_activation(impl, activation):
+        raise _activation_error(requested, activation)
     return impl
 
 

@@ -15,6 +15,10 @@ Dropout on this backend: drawing random numbers is what costs on a CPU. One 64-b
 four 16-bit lanes; an element is kept when its lane is >= round(p * 65536). So p is realised
 to 1/65536 and the inverted-dropout scale uses the realised keep probability, keeping the
 estimator unbiased. The mask for a seed is `keep_mask(shape, p, seed, device)`.
+
+Activations: the fused ones (`_numerics.ACTIVATIONS`) run through the hand-written backwards
+below; every other name of transformers' ACT2FN through `lora_composite` / `lora_add_composite`
+/ `series_composite`, the same ops in plain PyTorch autograd with transformers' module as φ.
 """
 
 from __future__ import annotations
@@ -272,8 +276,57 @@ def series_backward(g, h, down, up, scale_t, scaling, p, seed, activation, s_pre
     )
 
 
+# ---- activations without a fused kernel: plain PyTorch autograd ------------------------------
+# Any ACT2FN name other than the fused ones (sigmoid, mish, gelu_new, ...). Each op is written
+# in the fused order with differentiable ops, φ is transformers' module and autograd supplies
+# every gradient (φ' included); the keep-mask is this backend's draw for the seed, so dropout
+# is the same as on the fused path. No custom op: under torch.compile these ops are traced as
+# ordinary PyTorch (the mask draw breaks the graph when p > 0).
+
+
+def _composite_branch(x: Tensor, a: Tensor, a_bias, scale_t, scaling: float, p: float,
+                      seed: int, activation: str) -> Tensor:
+    """s·φ(D(x) aᵀ + a_bias) in x's dtype, differentiable; S and φ in the accumulation dtype."""
+    dt, acc = x.dtype, acc_dtype(x.dtype)
+    inv_keep = 1.0
+    if p > 0.0:
+        mask = keep_mask(tuple(x.shape), p, seed, x.device)
+        _, inv_keep = dropout_threshold(p)
+        x = _masked(x, mask)
+    s = _as(x @ _as(a, dt).t(), acc)
+    if inv_keep != 1.0:
+        s = s * inv_keep
+    if a_bias is not None:
+        s = s + _as(a_bias, acc)
+    h = _as(apply_activation(s, activation), dt)
+    return h * (_as(scale_t, dt) if scale_t is not None else scaling)
+
+
+def lora_composite(x, weight, bias, a, b, a_bias, b_bias, scale_t, scaling, p, seed, activation):
+    """y = x Wᵀ + b + s·φ(D(x) Aᵀ + a_b) Bᵀ + b_b with autograd, for any ACT2FN activation."""
+    y0 = x @ weight.t() if bias is None else torch.addmm(bias, x, weight.t())
+    return lora_add_composite(x, y0, a, b, a_bias, b_bias, scale_t, scaling, p, seed, activation)
+
+
+def lora_add_composite(x, y0, a, b, a_bias, b_bias, scale_t, scaling, p, seed, activation):
+    """y = y0 + s·φ(D(x) Aᵀ + a_b) Bᵀ + b_b with autograd, for any ACT2FN activation."""
+    dt = x.dtype
+    branch = _composite_branch(x, a, a_bias, scale_t, scaling, p, seed, activation)
+    y = y0 + branch @ _as(b, dt).t()
+    return y if b_bias is None else y + _as(b_bias, dt)
+
+
+def series_composite(h, down, up, down_bias, up_bias, scale_t, scaling, p, seed, activation):
+    """z = h + s·φ(D(h) Dnᵀ + d_b) Upᵀ + u_b with autograd, for any ACT2FN activation."""
+    return lora_add_composite(h, h, down, up, down_bias, up_bias, scale_t, scaling, p, seed,
+                              activation)
+
+
 class _TorchBackend:
     name = "torch"
+    # runs every ACT2FN activation: the fused ones through the *_forward / *_backward pairs,
+    # the others through the *_composite functions (the dispatcher sends those nowhere else)
+    any_activation = True
     ops = frozenset({"lora", "series", "lora_add"})
     stores_mask = True
 
@@ -292,6 +345,9 @@ class _TorchBackend:
     lora_add_backward = staticmethod(lora_add_backward)
     series_forward = staticmethod(series_forward)
     series_backward = staticmethod(series_backward)
+    lora_composite = staticmethod(lora_composite)
+    lora_add_composite = staticmethod(lora_add_composite)
+    series_composite = staticmethod(series_composite)
 
 
 BACKEND = _TorchBackend()
