@@ -21,8 +21,8 @@ RESPONSE_MARKER = "### Response:"
 
 # LLM-Adapters' finetune.py template, byte for byte (its 16-space indentation and trailing
 # spaces included), so adapters trained with LLM-Adapters see the prompt they were trained on.
-# LLM-Adapters evaluates with a slightly different whitespace variant of it; we prompt with the
-# training one in both places.
+# LLM-Adapters evaluates with a slightly different whitespace variant of it (below, style
+# "llm-adapters-eval"); we prompt with the training one in both places by default.
 _LLM_ADAPTERS_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further "
     "context. Write a response that appropriately completes the request. \n"
@@ -46,6 +46,34 @@ _LLM_ADAPTERS_NO_INPUT = (
     "                ### Response:\n"
     "                {output}"
 )
+# LLM-Adapters' evaluation template, byte for byte: `generate_prompt` of its evaluate.py and
+# commonsense_evaluate.py (the same in both). It differs from the training one in whitespace
+# only: after "request." no trailing space (with input) or one (training: one and two), and
+# empty lines where training has 16 spaces. Those scripts never pass a record's input, so
+# they always prompt with the no-input form (no LLM-Adapters test set has an input).
+_LLM_ADAPTERS_EVAL_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further "
+    "context. Write a response that appropriately completes the request.\n"
+    "\n"
+    "                ### Instruction:\n"
+    "                {instruction}\n"
+    "\n"
+    "                ### Input:\n"
+    "                {input}\n"
+    "\n"
+    "                ### Response:\n"
+    "                {output}"
+)
+_LLM_ADAPTERS_EVAL_NO_INPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately "
+    "completes the request. \n"
+    "\n"
+    "                ### Instruction:\n"
+    "                {instruction}\n"
+    "\n"
+    "                ### Response:\n"
+    "                {output}"
+)
 # The original Stanford Alpaca template, without the indentation.
 _ALPACA_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further "
@@ -58,6 +86,7 @@ _ALPACA_NO_INPUT = (
 )
 PROMPT_STYLES = {
     "llm-adapters": (_LLM_ADAPTERS_WITH_INPUT, _LLM_ADAPTERS_NO_INPUT),
+    "llm-adapters-eval": (_LLM_ADAPTERS_EVAL_WITH_INPUT, _LLM_ADAPTERS_EVAL_NO_INPUT),
     "alpaca": (_ALPACA_WITH_INPUT, _ALPACA_NO_INPUT),
 }
 

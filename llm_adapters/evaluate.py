@@ -6,7 +6,8 @@ extraction rules (`answers.py`). What differs from LLM-Adapters, on purpose:
   script padded without passing the mask, so padded prompts were read as text);
 - the model is in eval mode for every dataset, generation runs under torch.no_grad;
 - the prompt is the one the adapter was trained on (finetune.py's template with an empty
-  output; LLM-Adapters evaluated with a whitespace variant of it);
+  output); LLM-Adapters evaluated with a whitespace variant of it, which
+  `--prompt-style llm-adapters-eval` reproduces byte for byte;
 - MAWPS and mathqa are scored (LLM-Adapters' number extractor rejected them), AQuA/mathqa get
   a stricter letter extractor beside LLM-Adapters' first-capital rule;
 - the base model may run bare (no adapter), and an adapter that does not fit it is an error
@@ -93,7 +94,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="default: 256 for arithmetic and AQuA/mathqa, 32 for commonsense",
     )
     p.add_argument("--limit", type=int, default=None, help="only the first N examples")
-    p.add_argument("--prompt-style", default="llm-adapters", choices=tuple(PROMPT_STYLES))
+    p.add_argument(
+        "--prompt-style",
+        default="llm-adapters",
+        choices=tuple(PROMPT_STYLES),
+        help="llm-adapters (default): the template finetune trains with; llm-adapters-eval: "
+        "the whitespace variant LLM-Adapters' evaluate.py / commonsense_evaluate.py prompt "
+        "with, byte for byte; alpaca: Stanford Alpaca's",
+    )
     p.add_argument(
         "--dtype",
         default="auto",

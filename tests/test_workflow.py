@@ -236,6 +236,58 @@ def test_bare_model_several_datasets_and_table(tiny, tmp_path, capsys):
     assert (res / "LLaMA-7B-LoRA-boolq.json").is_file()
 
 
+def _their_eval_prompt(instruction, input=None):
+    # generate_prompt of LLM-Adapters' evaluate.py, copied as it is (commonsense_evaluate.py has
+    # the same function); their scripts call it with the instruction only
+    if input:
+        return f"""Below is an instruction that describes a task, paired with an input that provides further context. Write a response that appropriately completes the request.
+
+                ### Instruction:
+                {instruction}
+
+                ### Input:
+                {input}
+
+                ### Response:
+                """  # noqa: E501
+    else:
+        return f"""Below is an instruction that describes a task. Write a response that appropriately completes the request. 
+
+                ### Instruction:
+                {instruction}
+
+                ### Response:
+                """  # noqa: E501, W291
+
+
+GSM8K_0 = (
+    "Mr Boarden is remodeling his bathroom. For every square foot, he needs 24 mosaic tiles. How "
+    "many mosaic tiles would Mr Boarden need to cover two thirds of his 36 sq ft bathroom?"
+)
+
+
+def test_llm_adapters_eval_prompt_is_theirs_byte_for_byte(tiny, tmp_path):
+    from llm_adapters.data import generate_prompt
+
+    boolq = read_json(tiny / "data" / "boolq" / "test.json")[0]
+    for rec in ({"instruction": GSM8K_0, "input": ""}, boolq):  # arithmetic, commonsense
+        ours = generate_prompt(rec, "llm-adapters-eval", with_output=False)
+        assert ours.encode() == _their_eval_prompt(rec["instruction"]).encode()
+        # the training template differs in whitespace only
+        train = generate_prompt(rec, "llm-adapters", with_output=False)
+        assert train != ours and train.split() == ours.split()
+    with_input = {"instruction": "Add them.", "input": "2 and 3"}
+    ours = generate_prompt(with_input, "llm-adapters-eval", with_output=False)
+    assert ours.encode() == _their_eval_prompt("Add them.", "2 and 3").encode()
+    # through the command: the prompt each example was given is recorded with its result
+    res = tmp_path / "res"
+    assert evaluate(tiny, res, "--limit", "2", "--prompt-style", "llm-adapters-eval") == 0
+    rows = json.loads((res / "base-boolq.json").read_text())
+    summary = json.loads((res / "base-boolq.summary.json").read_text())
+    assert summary["prompt_style"] == "llm-adapters-eval"
+    assert [r["prompt"] for r in rows] == [_their_eval_prompt(r["instruction"]) for r in rows]
+
+
 def test_resume_from_trainer_checkpoint_and_from_adapter(tiny, tmp_path):
     out = tmp_path / "run"
     assert finetune(tiny, out, *ADAPTERS["series"], steps=2) == 0
