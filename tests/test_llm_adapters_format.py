@@ -306,3 +306,31 @@ def test_unknown_format_is_refused(tmp_path):
     model = la.get_adapter_model(_base("llama"), la.LoraConfig(r=2))
     with pytest.raises(ValueError, match="format must be"):
         la.save_adapter(model, str(tmp_path), format="peft-0.3")
+
+
+def test_their_use_adapterp_does_not_move_table_placed_adapters(tmp_path):
+    # The fork picks each series adapter's side from its table; use_adapterp only chose the
+    # default targets. The same weights with use_adapterp=True give the same logits there.
+    path = _copy_case("llama_series", tmp_path)
+    _edit_config(path, use_adapterp=True)
+    ref = _reference("llama_series")
+    model = la.load_adapter(_base("llama"), str(path))
+    sides = {n.rsplit(".", 1)[-1]: m.placement for n, m in model.named_modules()
+             if isinstance(m, la.BottleneckAdapter)}
+    assert sides == {"gate_proj": "input", "up_proj": "input", "down_proj": "output"}
+    torch.testing.assert_close(_logits(model, ref), ref["logits"], rtol=0, atol=1e-5)
+
+
+def test_init_weights_names_cross_over(tmp_path):
+    path = _copy_case("gptj_parallel", tmp_path)
+    _edit_config(path, init_weights="mam_adapter")
+    model = la.load_adapter(_base("gptj"), str(path))
+    assert model.adapter_config.init_weights == "mam_adapter"
+    la.save_adapter(model, str(tmp_path / "again"), format="llm-adapters")
+    saved = json.loads((tmp_path / "again" / "adapter_config.json").read_text())
+    assert saved["init_weights"] == "mam_adapter"
+    ours = la.get_adapter_model(_base("gptj"), la.BottleneckConfig(bottleneck_size=2,
+                                                                    init_weights="zero_up"))
+    la.save_adapter(ours, str(tmp_path / "zero_up"), format="llm-adapters")
+    saved = json.loads((tmp_path / "zero_up" / "adapter_config.json").read_text())
+    assert saved["init_weights"] == "mam_adapter"

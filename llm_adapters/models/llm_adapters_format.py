@@ -50,7 +50,6 @@ _SERIES_SIDES: dict[str, dict[str, str]] = {
     "chatglm": {"dense_h_to_4h": "mh_adapter", "dense_4h_to_h": "output_adapter"},
 }
 _SIDE_OF_TYPE = {"mh_adapter": "input", "output_adapter": "output"}
-_INIT_NAMES = {"bert": "bert", "mam_adapter": "zero_up"}  # theirs -> ours (both: up = 0)
 
 
 # ---- detection and reading -------------------------------------------------------------------
@@ -155,8 +154,7 @@ def _bottleneck_config(data: dict[str, Any], model: nn.Module, path: str) -> Bot
     scaling = data.get("scaling", 1.0)
     if not isinstance(scaling, str):
         scaling = float(scaling)
-    init = data.get("init_weights", "bert")
-    init = init if init in ("bert", "zero_up") else _INIT_NAMES.get(init, init)
+    init = data.get("init_weights", "bert")  # bert or mam_adapter, both ours too
     try:
         return BottleneckConfig(
             base_model_name_or_path=data.get("base_model_name_or_path"),
@@ -339,7 +337,8 @@ def _their_bottleneck_dict(model: AdapterModel, config: BottleneckConfig) -> dic
                     f"LLM-Adapters would put the series adapter of {name!r} on the {side} "
                     f"side of the layer, not on the {layer.placement} side as here"
                 )
-    init = {v: k for k, v in _INIT_NAMES.items()}.get(config.init_weights, config.init_weights)
+    # ours "zero_up" (up = 0) is closest to their "mam_adapter"; loading ignores it anyway
+    init = "mam_adapter" if config.init_weights == "zero_up" else config.init_weights
     return {
         "adapter_dropout": config.adapter_dropout,
         "base_model_name_or_path": config.base_model_name_or_path,
