@@ -34,7 +34,7 @@ from .data import (
 )
 
 ADAPTER_NAMES = ("lora", "bottleneck", "prefix-tuning", "prompt-tuning")
-TRAINABLE_STATE = "trainable_state.safetensors"  # exact resume state inside checkpoints
+WEIGHTS_NAME = "adapter_model.safetensors"  # a checkpoint holds the adapter files
 TRAIN_LOG = "train_log.json"
 
 
@@ -294,8 +294,9 @@ def _checkpoint_kind(path: Optional[str]) -> Optional[str]:
     if not os.path.isdir(path):
         raise UsageError(f"--resume-from-checkpoint {path!r} is not a directory")
     if os.path.isfile(os.path.join(path, "trainer_state.json")):
-        if not os.path.isfile(os.path.join(path, TRAINABLE_STATE)):
-            raise UsageError(f"{path!r} is a Trainer checkpoint without {TRAINABLE_STATE}")
+        for name in ("adapter_config.json", WEIGHTS_NAME):
+            if not os.path.isfile(os.path.join(path, name)):
+                raise UsageError(f"{path!r} is a Trainer checkpoint without {name}")
         return "trainer"
     if os.path.isfile(os.path.join(path, "adapter_config.json")):
         return "adapter"
@@ -330,45 +331,11 @@ class PadCollator:
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
-def trainable_state(model) -> dict:
-    return {
-        n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad
-    }
-
-
-def load_trainable_state(model, directory: str) -> None:
-    """Load the trainable parameters saved in a checkpoint; every one must be there."""
-    import torch
-    from safetensors.torch import load_file
-
-    path = os.path.join(directory, TRAINABLE_STATE)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no {TRAINABLE_STATE} in checkpoint {directory!r}")
-    saved = load_file(path)
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    missing = sorted(set(params) - set(saved))
-    unexpected = sorted(set(saved) - set(params))
-    if missing or unexpected:
-        raise ValueError(
-            f"checkpoint {directory!r} does not match this adapter: missing {missing[:3]}, "
-            f"unexpected {unexpected[:3]} (other adapter flags?)"
-        )
-    with torch.no_grad():
-        for name, p in params.items():
-            if saved[name].shape != p.shape:
-                raise ValueError(
-                    f"checkpoint tensor {name!r} has shape {tuple(saved[name].shape)}, "
-                    f"the model needs {tuple(p.shape)}"
-                )
-            p.copy_(saved[name])
-
-
 def make_trainer_class():
-    """The Trainer, taught to save and reload only the adapter and to count trained tokens."""
-    import torch
+    """The Trainer, counting trained tokens. Saving and resuming need nothing here: a plain
+    `transformers.Trainer` writes our models' checkpoints as adapter files and reloads them
+    (`llm_adapters.models.hf_trainer`)."""
     import transformers
-
-    import llm_adapters as la
 
     class AdapterTrainer(transformers.Trainer):
         tokens_trained = 0
@@ -377,22 +344,6 @@ def make_trainer_class():
             # non-pad tokens of this micro-batch (soft-prompt tokens are not counted)
             self.tokens_trained += int(inputs["attention_mask"].sum())
             return super().training_step(model, inputs, *args, **kwargs)
-
-        def _save(self, output_dir: Optional[str] = None, state_dict=None) -> None:
-            output_dir = output_dir or self.args.output_dir
-            if not self.args.should_save:
-                return
-            from safetensors.torch import save_file
-
-            la.save_adapter(self.model, output_dir)
-            save_file(trainable_state(self.model), os.path.join(output_dir, TRAINABLE_STATE))
-            torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
-
-        def _load_from_checkpoint(self, resume_from_checkpoint, model=None) -> None:
-            load_trainable_state(model if model is not None else self.model, resume_from_checkpoint)
-
-        def _load_best_model(self) -> None:
-            load_trainable_state(self.model, self.state.best_model_checkpoint)
 
     return AdapterTrainer
 

@@ -334,3 +334,13 @@ def test_init_weights_names_cross_over(tmp_path):
     la.save_adapter(ours, str(tmp_path / "zero_up"), format="llm-adapters")
     saved = json.loads((tmp_path / "zero_up" / "adapter_config.json").read_text())
     assert saved["init_weights"] == "mam_adapter"
+
+
+def test_their_suffix_matching_of_target_names_is_kept(tmp_path):
+    # The fork matches a target by name.endswith(target): "ate_proj" picks gate_proj there.
+    path = _copy_case("llama_series", tmp_path)
+    _edit_config(path, target_modules=["ate_proj", "up_proj", "own_proj"])
+    ref = _reference("llama_series")
+    model = la.load_adapter(_base("llama"), str(path))
+    torch.testing.assert_close(_logits(model, ref), ref["logits"], rtol=0, atol=1e-5)
+    assert len(model.adapter_config.target_modules) == 6  # the fork's choice, by full name

@@ -140,7 +140,7 @@ def test_every_kind_trains_on_llama(kind):
 
 def test_series_placement_follows_llm_adapters():
     model = la.get_adapter_model(tiny_model("llama"), la.BottleneckConfig(bottleneck_size=8))
-    mlp = model.base_model.model.layers[0].mlp
+    mlp = model.get_base_model().model.layers[0].mlp
     assert mlp.gate_proj.placement == "input" and mlp.up_proj.placement == "input"
     assert mlp.down_proj.placement == "output"
     assert mlp.gate_proj.adapter_down.weight.shape == (8, 32)  # on the 32-wide input side
@@ -262,8 +262,8 @@ def test_compiled_decoder_layer_matches_eager():
     model = la.get_adapter_model(tiny_model("llama"), la.LoraConfig(r=4, target_modules=[
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
     _perturb(model)
-    layer = model.base_model.model.layers[0]
-    rotary = model.base_model.model.rotary_emb
+    layer = model.get_base_model().model.layers[0]
+    rotary = model.get_base_model().model.rotary_emb
     x = torch.randn(2, 7, 32, requires_grad=True)
     pos = torch.arange(7).unsqueeze(0).expand(2, -1)
     emb = rotary(x, pos)
@@ -315,7 +315,7 @@ def test_config_validation_names_the_field():
         with pytest.raises(ValueError, match=field):
             la.LoraConfig(**kwargs)
     with pytest.raises(ValueError, match="non_linearity"):
-        la.BottleneckConfig(non_linearity="swish")
+        la.BottleneckConfig(non_linearity="swishy")
     with pytest.raises(ValueError, match="exclusive"):
         la.BottleneckConfig(use_parallel_adapter=True, use_adapterp=True)
     with pytest.raises(ValueError, match="scaling"):

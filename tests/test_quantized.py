@@ -24,35 +24,53 @@ bnb = pytest.importorskip("bitsandbytes")
 K, N, R = 72, 40, 4  # K*N = 2880: 4-bit packs the flattened weight, any K works
 
 
-def _bnb4(quant_type="nf4", double_quant=False, compute_dtype=torch.float32, k=K, n=N,
-          seed=0, bias=True):
-    torch.manual_seed(seed)
-    ref = nn.Linear(k, n, bias=bias)
-    q = bnb.nn.Linear4bit(k, n, bias=bias, compute_dtype=compute_dtype,
-                          compress_statistics=double_quant, quant_type=quant_type)
-    q.weight = bnb.nn.Params4bit(ref.weight.data.clone(), requires_grad=False,
+def _to_bnb4(lin: nn.Linear, quant_type="nf4", double_quant=False,
+             compute_dtype=torch.float32) -> nn.Module:
+    """`lin` as a bitsandbytes Linear4bit holding its weight, quantized."""
+    bias = lin.bias is not None
+    q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=bias,
+                          compute_dtype=compute_dtype, compress_statistics=double_quant,
+                          quant_type=quant_type)
+    q.weight = bnb.nn.Params4bit(lin.weight.data.float().clone(), requires_grad=False,
                                  compress_statistics=double_quant, quant_type=quant_type)
     if bias:
-        q.bias = nn.Parameter(ref.bias.data.clone(), requires_grad=False)
+        q.bias = nn.Parameter(lin.bias.data.clone(), requires_grad=False)
     return q.to("cpu")  # quantizes
 
 
-def _bnb8(k=K, n=N, seed=0):
-    torch.manual_seed(seed)
-    ref = nn.Linear(k, n)
-    q = bnb.nn.Linear8bitLt(k, n, bias=True, has_fp16_weights=False)
-    q.weight = bnb.nn.Int8Params(ref.weight.data.clone(), requires_grad=False,
+def _to_bnb8(lin: nn.Linear) -> nn.Module:
+    bias = lin.bias is not None
+    q = bnb.nn.Linear8bitLt(lin.in_features, lin.out_features, bias=bias,
+                            has_fp16_weights=False)
+    q.weight = bnb.nn.Int8Params(lin.weight.data.float().clone(), requires_grad=False,
                                  has_fp16_weights=False)
-    q.bias = nn.Parameter(ref.bias.data.clone(), requires_grad=False)
+    if bias:
+        q.bias = nn.Parameter(lin.bias.data.clone(), requires_grad=False)
     return q.to("cpu")
 
 
-def _nf4(dtype=torch.bfloat16, k=K, n=N, seed=0):
+def _to_nf4(lin: nn.Linear, dtype=torch.bfloat16) -> nn.Module:
     to_nf4 = _quant.require_torchao()
-    torch.manual_seed(seed)
-    lin = nn.Linear(k, n, bias=False, dtype=dtype)
-    lin.weight = nn.Parameter(to_nf4(lin.weight.data, 32, 9), requires_grad=False)
+    lin = lin.to(dtype)
+    lin.weight = nn.Parameter(to_nf4(lin.weight.data, 32, 1), requires_grad=False)
     return lin
+
+
+def _linear(k=K, n=N, seed=0, bias=True) -> nn.Linear:
+    torch.manual_seed(seed)
+    return nn.Linear(k, n, bias=bias)
+
+
+def _bnb4(quant_type="nf4", double_quant=False, compute_dtype=torch.float32):
+    return _to_bnb4(_linear(), quant_type, double_quant, compute_dtype)
+
+
+def _bnb8():
+    return _to_bnb8(_linear())
+
+
+def _nf4(dtype=torch.bfloat16):
+    return _to_nf4(_linear(bias=False), dtype)
 
 
 # name -> (builder, activation dtype x)
@@ -235,3 +253,178 @@ def test_lora_add_asked_on_a_backend_without_it_is_an_error():
         ops.lora_add(y0.double(), x, a, b)
     with pytest.raises(ValueError, match="y0 has shape"):
         ops.lora_add(y0[:, :5], x, a, b)
+
+
+# ---- models -----------------------------------------------------------------------------------
+
+QUANTIZERS = {
+    "nf4": lambda lin: _to_bnb4(lin, "nf4", False, torch.float32),
+    "fp4-dq-bf16": lambda lin: _to_bnb4(lin, "fp4", True, torch.bfloat16),
+    "int8": _to_bnb8,
+    "torchao-nf4": lambda lin: _to_nf4(lin, torch.float32),
+}
+
+
+def quantized_llama(fmt: str = "nf4", seed: int = 0) -> nn.Module:
+    """The tiny random LLaMA with every decoder Linear quantized (the LM head stays float),
+    as from_pretrained(quantization_config=BitsAndBytesConfig(...)) leaves it."""
+    from tiny_models import tiny_model
+
+    model = tiny_model("llama", seed)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.Linear) and name.startswith("model.layers."):
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent), attr, QUANTIZERS[fmt](module))
+    return model
+
+
+def _module(model: nn.Module, suffix: str) -> nn.Module:
+    return next(m for n, m in model.named_modules() if n.endswith(suffix))
+
+
+def _batch():
+    from tiny_models import tiny_batch
+
+    return tiny_batch()
+
+
+@pytest.mark.parametrize("fmt", list(QUANTIZERS))
+def test_adapter_model_on_a_quantized_llama(fmt):
+    import llm_adapters as la
+
+    model = quantized_llama(fmt)
+    batch = _batch()
+    with torch.no_grad():
+        before = model(**batch).logits
+    wrapped = la.get_adapter_model(model, la.LoraConfig(r=4, lora_alpha=8,
+                                                        target_modules=["q_proj", "v_proj"]))
+    q = _module(wrapped, "layers.0.self_attn.q_proj")
+    assert isinstance(q, LoraLinear) and q.quant is not None
+    with torch.no_grad():
+        assert torch.equal(wrapped(**batch).logits, before)  # B = 0 at init
+    loss = wrapped(**batch).loss
+    loss.backward()
+    assert q.lora_A.weight.grad is not None and q.lora_B.weight.grad.abs().sum() > 0
+    for kind in (la.BottleneckConfig(bottleneck_size=4, use_parallel_adapter=True),
+                 la.BottleneckConfig(bottleneck_size=4)):
+        m = la.get_adapter_model(quantized_llama(fmt), kind)
+        m(**batch).loss.backward()
+        grads = [p.grad for p in m.adapter_parameters().values()]
+        assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def test_trainable_parameters_counted_as_peft_counts_them():
+    import peft
+
+    import llm_adapters as la
+
+    targets = ["q_proj", "v_proj"]
+    ours = la.get_adapter_model(quantized_llama("nf4"), la.LoraConfig(
+        r=4, lora_alpha=8, target_modules=targets))
+    theirs = peft.get_peft_model(quantized_llama("nf4"), peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=targets))
+    assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
+    total = ours.get_nb_trainable_parameters()[1]
+    assert total > sum(p.numel() for p in ours.parameters())  # 4-bit: two values a byte
+
+
+def test_prepare_model_for_kbit_training_as_peft():
+    import peft
+
+    import llm_adapters as la
+
+    def half(model):
+        for n, p in model.named_parameters():
+            if p.dtype == torch.float32 and "norm" in n or "embed" in n or "lm_head" in n:
+                p.data = p.data.to(torch.bfloat16)
+        return model
+
+    ours = la.prepare_model_for_kbit_training(half(quantized_llama("nf4")))
+    theirs = half(quantized_llama("nf4"))
+    theirs.is_loaded_in_4bit = True  # what from_pretrained sets; PEFT reads it
+    theirs = peft.prepare_model_for_kbit_training(theirs)
+    a = {n: (p.dtype, p.requires_grad, type(p).__name__) for n, p in ours.named_parameters()}
+    b = {n: (p.dtype, p.requires_grad, type(p).__name__) for n, p in theirs.named_parameters()}
+    assert a == b
+    assert ours.model.norm.weight.dtype == torch.float32
+    assert not any(p.requires_grad for p in ours.parameters())
+    assert ours.is_gradient_checkpointing
+    ids = _batch()["input_ids"]
+    assert ours.get_input_embeddings()(ids).requires_grad  # reentrant checkpointing needs it
+    # then LoRA trains under gradient checkpointing
+    model = la.get_adapter_model(ours, la.LoraConfig(r=4, lora_alpha=8))
+    model.train()
+    model(**_batch()).loss.backward()
+    assert all(p.grad is not None for p in model.adapter_parameters().values())
+
+
+@pytest.mark.parametrize("fmt", list(QUANTIZERS))
+def test_merge_into_a_quantized_base_requantizes_with_a_warning(fmt):
+    import llm_adapters as la
+
+    model = la.get_adapter_model(quantized_llama(fmt), la.LoraConfig(
+        r=4, lora_alpha=8, init_lora_weights=False, target_modules=["q_proj", "v_proj"]))
+    layer = _module(model, "layers.0.self_attn.q_proj")
+    with torch.no_grad():  # an update of trained size: |ΔW| about a tenth of |W|
+        for m in model.modules():
+            if isinstance(m, LoraLinear):
+                m.lora_B.weight.mul_(0.05)
+    w_before = _quant.dequantized_weight(layer.base_layer, layer.quant).double()
+    delta = layer.delta_weight().detach().double()
+    batch = _batch()
+    with torch.no_grad():
+        y = model(**batch).logits
+    with pytest.warns(UserWarning, match="lossy"):
+        la.merge_adapter(model)
+    w_merged = _quant.dequantized_weight(layer.base_layer, layer.quant).double()
+    # the merged weight is W + ΔW rounded to the format once more; the bound is the format's
+    # own error on the float weight it was quantized from (measured, times 2), and the same for
+    # the logits: merged vs the unmerged adapter, against quantized vs float base model
+    from tiny_models import tiny_model
+
+    float_model = tiny_model("llama", 0)
+    w_float = float_model.model.layers[0].self_attn.q_proj.weight.detach().double()
+    # relative to the weight's largest magnitude: each block is scaled by its absmax
+    err_format = ((w_before - w_float).abs().max() / w_float.abs().max()).item()
+    err = ((w_merged - (w_before + delta)).abs().max() / (w_before + delta).abs().max()).item()
+    assert 0 < err <= 2 * err_format, (fmt, err, err_format)
+    assert (w_merged - w_before).abs().max() > 0  # something was merged
+    with torch.no_grad():
+        y_merged = model(**batch).logits
+        y_float = float_model(**batch).logits
+        y_quant = quantized_llama(fmt)(**batch).logits
+    rel = ((y_merged - y).abs().max() / y.abs().max()).item()
+    rel_format = ((y_quant - y_float).abs().max() / y_float.abs().max()).item()
+    print(f"merge {fmt}: weight err {err:.3g} (format {err_format:.3g}), "
+          f"logits rel {rel:.3g} (format {rel_format:.3g})")
+    assert rel <= 2 * rel_format, (fmt, rel, rel_format)
+    with pytest.warns(UserWarning, match="lossy"):
+        base = la.unload_adapter(model, merge=False)  # unmerges: re-quantized again
+    assert _quant.quant_format(base.model.layers[0].self_attn.q_proj) == layer.quant
+
+
+def test_merge_without_bitsandbytes_leaves_the_model_untouched(monkeypatch):
+    import llm_adapters as la
+
+    model = la.get_adapter_model(quantized_llama("nf4"), la.LoraConfig(
+        r=4, lora_alpha=8, init_lora_weights=False))
+    layers = [m for m in model.modules() if isinstance(m, LoraLinear)]
+    before = [m.base_layer.weight.data.clone() for m in layers]
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)
+    with pytest.raises(ImportError, match=r'pip install "llm_adapters\[qlora\]"'):
+        la.merge_adapter(model)
+    assert not any(m.merged for m in layers)
+    assert all(torch.equal(m.base_layer.weight.data, w) for m, w in zip(layers, before))
+
+
+def test_unsupported_quantized_target_leaves_the_model_untouched():
+    import llm_adapters as la
+
+    model = quantized_llama("nf4")
+    attn = model.model.layers[1].self_attn
+    attn.v_proj = QuantLinear()
+    names = [n for n, _ in model.named_modules()]
+    with pytest.raises(TypeError, match="QuantLinear.*quantized layer format"):
+        la.get_adapter_model(model, la.LoraConfig(r=4, lora_alpha=8))
+    assert [n for n, _ in model.named_modules()] == names
+    assert not any(isinstance(m, LoraLinear) for m in model.modules())

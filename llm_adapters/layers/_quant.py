@@ -165,3 +165,17 @@ def add_to_quantized(module: nn.Module, fmt: str, delta: Tensor, what: str) -> N
         UserWarning,
         stacklevel=3,
     )
+
+
+def is_quantized_param(p: Tensor) -> bool:
+    """Whether `p` holds quantized data (bitsandbytes Params4bit / Int8Params, torchao NF4)."""
+    return _is(p, "bitsandbytes", ("Params4bit", "Int8Params")) or _is(p, "torchao", ("NF4Tensor",))
+
+
+def param_numel(p: Tensor) -> int:
+    """Elements of `p` as PEFT counts them: a 4-bit parameter packs two values per byte of its
+    storage, so it counts numel × 2 × the storage's bytes per element."""
+    n = p.numel()
+    if _is(p, "bitsandbytes", ("Params4bit",)):
+        n *= 2 * (p.element_size() if hasattr(p, "element_size") else 1)
+    return n

@@ -19,8 +19,9 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
-from ._base import autocast_inputs, linear_dims, weight_nk
+from ._base import autocast_inputs, linear_dims
 from ._quant import adapter_factory, quant_format
+from ._sharded import base_weight_bias, within_units
 
 PLACEMENTS = ("input", "output", "parallel")
 INITS = ("bert", "mam_adapter", "zero_up")
@@ -103,10 +104,13 @@ class BottleneckAdapter(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.disable_adapters:
             return self.base_layer(x)
+        # the adapter's weights are read inside the FSDP units that own them, if any
+        units = (self.adapter_down, self.adapter_up)
         if self.placement == "input":
-            return self.base_layer(self._series(x))
+            return self.base_layer(within_units(units, lambda: self._series(x)))
         if self.placement == "output":
-            return self._series(self.base_layer(x))
+            h = self.base_layer(x)
+            return within_units(units, lambda: self._series(h))
         if self.quant is not None:  # the base's own product, the branch added into it
             y0 = self.base_layer(x)
             return ops.lora_add(
@@ -120,7 +124,10 @@ class BottleneckAdapter(nn.Module):
                 lora_a_bias=self.adapter_down.bias,
                 lora_b_bias=self.adapter_up.bias,
             )
-        x, w, b = autocast_inputs(x, weight_nk(self.base_layer), self.base_layer.bias)
+        return within_units((self.base_layer, *units), lambda: self._parallel(x))
+
+    def _parallel(self, x: Tensor) -> Tensor:
+        x, w, b = autocast_inputs(x, *base_weight_bias(self.base_layer))
         return ops.lora_linear(
             x,
             w,

@@ -8,8 +8,9 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
-from ._base import Conv1D, autocast_inputs, linear_dims, weight_nk
+from ._base import Conv1D, autocast_inputs, linear_dims
 from ._quant import adapter_factory, add_to_quantized, quant_format
+from ._sharded import base_weight_bias, within_units
 
 
 class LoraLinear(nn.Module):
@@ -98,10 +99,16 @@ class LoraLinear(nn.Module):
             return ops.lora_add(
                 y0, x, self.lora_A.weight, self.lora_B.weight, scaling=self.scaling, dropout_p=p
             )
-        x, w, b = autocast_inputs(x, weight_nk(self.base_layer), self.base_layer.bias)
-        return ops.lora_linear(
-            x, w, b, self.lora_A.weight, self.lora_B.weight, scaling=self.scaling, dropout_p=p
-        )
+
+        def fused() -> Tensor:
+            xc, w, b = autocast_inputs(x, *base_weight_bias(self.base_layer))
+            return ops.lora_linear(
+                xc, w, b, self.lora_A.weight, self.lora_B.weight, scaling=self.scaling,
+                dropout_p=p,
+            )
+
+        # the weights are read inside the FSDP units that own them, if any (see _sharded)
+        return within_units((self.base_layer, self.lora_A, self.lora_B), fused)
 
     def extra_repr(self) -> str:
         quant = f", base={self.quant}" if self.quant else ""

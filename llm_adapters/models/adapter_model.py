@@ -3,18 +3,30 @@
 LoRA and bottleneck adapters live inside the base model; prefix and prompt tuning keep their
 parameters on the wrapper and feed them in at forward and generate: the prefix through a
 read-only key/value cache, the prompt as embeddings prepended to the input.
+
+Names follow PEFT's `PeftModel` where Hugging Face tools read them: `get_base_model()` is the
+Hugging Face causal LM; `base_model` is an `AdapterBaseModel`, whose `.model` is that causal LM
+and which forwards attributes to it (PEFT's `LoraModel`) and, called, runs the adapted decoder
+without its head (transformers' `base_model`, which TRL's fused LM-head loss calls). The causal
+LM is registered as the child `base_model`, so state-dict keys are `base_model.<its keys>`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import sys
+from collections.abc import Iterator
 from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
 
 from ..config import AdapterConfig
-from ..layers import PrefixEncoder, PromptEmbedding
+from ..layers import BottleneckAdapter, LoraLinear, PrefixEncoder, PromptEmbedding
+from ..layers._quant import param_numel
+
+DEFAULT_ADAPTER = "default"  # the one adapter name, as PEFT names a model's first
 
 
 def _cache_class():
@@ -35,31 +47,152 @@ def _cache_class():
     return DynamicCache, PrefixCache
 
 
+def _is_peft_model(model: nn.Module) -> Optional[str]:
+    """Where `model` holds PEFT adapters: "" for a PeftModel itself, a module name for a PEFT
+    tuner layer inside it, None for none. peft is not imported: without it, there are none."""
+    if "peft" not in sys.modules:
+        return None
+    try:
+        from peft import PeftModel
+        from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+    except ImportError:  # pragma: no cover - a broken or very old peft
+        return None
+    if isinstance(model, (PeftModel, BaseTuner)):
+        return ""
+    for name, module in model.named_modules():
+        if isinstance(module, BaseTunerLayer):
+            return name
+    return None
+
+
+def _adapter_kind(config: AdapterConfig) -> str:
+    placement = getattr(config, "placement", None)
+    if isinstance(placement, str):
+        return f"{placement} bottleneck"
+    return {"lora": "LoRA", "prefix_tuning": "prefix tuning", "prompt_tuning": "prompt tuning"}.get(
+        config.adapter_type, config.adapter_type
+    )
+
+
+def refuse_adapted(model: nn.Module) -> None:
+    """A clear error when `model` already has adapters (ours or PEFT's): one adapter per model
+    is supported, and a PEFT model runs on our ops through `accelerate_peft`. Checks only."""
+    where = _is_peft_model(model)
+    if where == "":
+        raise ValueError(
+            f"the model is already a PeftModel ({type(model).__name__}): use "
+            "la.accelerate_peft(model) to run its LoRA layers on our ops"
+        )
+    if where is not None:
+        raise ValueError(
+            f"the model already has PEFT adapter layers (at {where!r}), so it is already a "
+            "PeftModel's base: use la.accelerate_peft(peft_model) on the PeftModel instead"
+        )
+    if isinstance(model, AdapterModel):
+        raise ValueError(
+            "the model already has adapters (an adapter of kind "
+            f"{_adapter_kind(model.adapter_config)}); several adapters per model are not "
+            "supported yet (unload it first with "
+            "la.unload_adapter, or merge_and_unload for LoRA)"
+        )
+    for name, module in model.named_modules():
+        if isinstance(module, (LoraLinear, BottleneckAdapter)):
+            kind = "LoRA" if isinstance(module, LoraLinear) else "bottleneck"
+            raise ValueError(
+                f"the model already has adapters (an adapter of kind {kind}, at {name!r}); "
+                "several adapters per model are not supported yet: pass the model without them"
+            )
+
+
+class AdapterBaseModel:
+    """What `AdapterModel.base_model` is, meaning what both PEFT and transformers mean by it.
+
+    As PEFT's `LoraModel`: `.model` is the Hugging Face causal LM (adapters inside) and other
+    attributes are read from it (then from its decoder: `.layers`, `.embed_tokens`). Called,
+    it is transformers' `base_model`: the decoder without the LM head, returning hidden states
+    for the input tokens, with the soft prompt or prefix fed in (TRL's trainers call this and
+    apply the head themselves). A view: it holds nothing but a reference to the wrapper.
+    """
+
+    __slots__ = ("_wrapper",)
+
+    def __init__(self, wrapper: AdapterModel) -> None:
+        object.__setattr__(self, "_wrapper", wrapper)
+
+    @property
+    def model(self) -> nn.Module:
+        return self._wrapper.get_base_model()
+
+    def __call__(self, *args: Any, **kwargs: Any):
+        return self._wrapper._decoder_forward(*args, **kwargs)
+
+    forward = __call__
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        model = self._wrapper.get_base_model()
+        try:
+            return getattr(model, name)
+        except AttributeError:
+            decoder = getattr(model, "base_model", model)
+            if decoder is model:
+                raise
+            return getattr(decoder, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(self._wrapper.get_base_model(), name, value)
+
+    def __repr__(self) -> str:
+        return f"AdapterBaseModel(model={type(self.model).__name__})"
+
+
 class AdapterModel(nn.Module):
     """A Hugging Face causal LM with adapters: called, generated from and saved like PEFT's.
 
-    LoRA and bottleneck adapters live inside `base_model` (its Linear layers replaced in
-    place); prefix and prompt tuning keep their parameters here and feed them in at forward.
-    Attributes not found here are looked up on the base model.
+    LoRA and bottleneck adapters live inside the causal LM (`get_base_model()`, its Linear
+    layers replaced in place); prefix and prompt tuning keep their parameters here and feed
+    them in at forward. Attributes not found here are looked up on the causal LM. One adapter
+    per model, named "default" as in PEFT.
     """
 
     def __init__(self, base_model: nn.Module, config: AdapterConfig) -> None:
         super().__init__()
-        self.base_model = base_model
+        self._modules["base_model"] = base_model  # state-dict keys: base_model.<its keys>
         self.adapter_config = config
         self.prefix_encoder: Optional[PrefixEncoder] = None
         self.prompt_embedding: Optional[PromptEmbedding] = None
         self._frozen_state: dict[str, bool] = {}
+        self._soft_disabled = False
         params = inspect.signature(base_model.forward).parameters
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
+        from .hf_trainer import install_trainer_support
+
+        install_trainer_support()
+
+    def get_base_model(self) -> nn.Module:
+        """The Hugging Face causal LM (with the adapter layers inside), as PEFT's."""
+        return self._modules["base_model"]
+
+    @property
+    def base_model(self) -> AdapterBaseModel:
+        """PEFT's and transformers' `base_model` (see `AdapterBaseModel`)."""
+        return AdapterBaseModel(self)
 
     def __getattr__(self, name: str) -> Any:
         try:
             return super().__getattr__(name)
         except AttributeError:
-            if name == "base_model":
+            if name in ("base_model", "_modules") or name.startswith("__"):
                 raise
-            return getattr(self.base_model, name)
+            return getattr(self.get_base_model(), name)
+
+    @property
+    def _soft(self) -> Optional[nn.Module]:
+        """The prefix encoder or prompt embedding in use (None: none, or disabled)."""
+        if self._soft_disabled:
+            return None
+        return self.prefix_encoder if self.prefix_encoder is not None else self.prompt_embedding
 
     # ---- soft prompts -------------------------------------------------------------------
     def _prefix_cache(self, batch: int, dtype: torch.dtype, writable: bool):
@@ -80,17 +213,17 @@ class AdapterModel(nn.Module):
         kwargs: dict[str, Any] = {}
         ref = input_ids if input_ids is not None else inputs_embeds
         batch = ref.shape[0]
-        n = (self.prefix_encoder or self.prompt_embedding).embedding.num_embeddings
+        n = self._soft.embedding.num_embeddings
         if attention_mask is not None:
             ones = attention_mask.new_ones(batch, n)
             attention_mask = torch.cat([ones, attention_mask], dim=1)
         if self.prefix_encoder is not None:
-            dtype = next(self.base_model.parameters()).dtype
+            dtype = next(self.get_base_model().parameters()).dtype
             kwargs[self._cache_kwarg] = self._prefix_cache(batch * expand, dtype, writable)
             kwargs.update(input_ids=input_ids, inputs_embeds=inputs_embeds, labels=labels)
         else:
             if inputs_embeds is None:
-                inputs_embeds = self.base_model.get_input_embeddings()(input_ids)
+                inputs_embeds = self.get_base_model().get_input_embeddings()(input_ids)
             prompt = self.prompt_embedding(batch, inputs_embeds.dtype)
             kwargs["inputs_embeds"] = torch.cat([prompt, inputs_embeds], dim=1)
             if labels is not None:
@@ -98,6 +231,13 @@ class AdapterModel(nn.Module):
                 kwargs["labels"] = torch.cat([pad, labels], dim=1)
         kwargs["attention_mask"] = attention_mask
         return kwargs
+
+    @staticmethod
+    def _refuse_cache_kwargs(kwargs: dict[str, Any]) -> None:
+        for key in ("past_key_values", "cache", "position_ids"):
+            if kwargs.get(key) is not None:
+                raise ValueError(f"{key} cannot be passed to a prefix/prompt-tuned model")
+        kwargs.pop("use_cache", None)
 
     def forward(
         self,
@@ -107,50 +247,179 @@ class AdapterModel(nn.Module):
         labels: Optional[Tensor] = None,
         **kwargs: Any,
     ):
-        if self.prefix_encoder is None and self.prompt_embedding is None:
-            return self.base_model(
+        if self._soft is None:
+            return self.get_base_model()(
                 input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
                 labels=labels, **kwargs,
             )
-        for key in ("past_key_values", "cache", "position_ids"):
-            if kwargs.get(key) is not None:
-                raise ValueError(f"{key} cannot be passed to a prefix/prompt-tuned model")
-        kwargs.pop("use_cache", None)
+        self._refuse_cache_kwargs(kwargs)
         soft = self._soft_inputs(input_ids, attention_mask, inputs_embeds, labels)
-        return self.base_model(**soft, use_cache=False, **kwargs)
+        return self.get_base_model()(**soft, use_cache=False, **kwargs)
+
+    def _decoder_forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, **kwargs):
+        """The causal LM's decoder (transformers' `base_model`: no LM head) on these inputs,
+        soft prompt or prefix included; hidden states of the virtual tokens are dropped."""
+        model = self.get_base_model()
+        decoder = getattr(model, "base_model", model)
+        if self._soft is None:
+            return decoder(
+                input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                **kwargs,
+            )
+        self._refuse_cache_kwargs(kwargs)
+        soft = self._soft_inputs(input_ids, attention_mask, inputs_embeds, None)
+        soft.pop("labels", None)
+        out = decoder(**soft, use_cache=False, **kwargs)
+        if self.prompt_embedding is not None and "last_hidden_state" in out:
+            n = self.prompt_embedding.embedding.num_embeddings
+            out["last_hidden_state"] = out["last_hidden_state"][:, n:]
+        return out
 
     @torch.no_grad()
     def generate(self, input_ids: Optional[Tensor] = None, attention_mask=None, **kwargs: Any):
-        """Like the base model's generate; the returned sequences start with `input_ids`."""
-        if self.prefix_encoder is None and self.prompt_embedding is None:
-            return self.base_model.generate(
-                input_ids=input_ids, attention_mask=attention_mask, **kwargs
-            )
+        """Like the base model's generate; the returned sequences start with `input_ids`
+        (with `return_dict_in_generate`, the returned object's `sequences` do)."""
+        base = self.get_base_model()
+        if self._soft is None:
+            return base.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         if input_ids is None:
             raise ValueError("generate needs input_ids")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        config = kwargs.get("generation_config") or self.base_model.generation_config
+        config = kwargs.get("generation_config") or base.generation_config
         beams = kwargs.get("num_beams") or getattr(config, "num_beams", 1) or 1
         returned = kwargs.get("num_return_sequences") or getattr(config, "num_return_sequences", 1)
         expand = max(beams, returned or 1)  # generate repeats each row this often
         soft = self._soft_inputs(input_ids, attention_mask, None, None, True, expand)
         soft.pop("labels", None)
-        if self.prompt_embedding is not None:
-            out = self.base_model.generate(**soft, **kwargs)
-            # generating from embeddings returns only the new tokens: put the prompt back
-            prompt_ids = input_ids.repeat_interleave(out.shape[0] // input_ids.shape[0], 0)
-            return torch.cat([prompt_ids, out], dim=1)
-        return self.base_model.generate(**soft, **kwargs)
+        out = base.generate(**soft, **kwargs)
+        if self.prompt_embedding is None:
+            return out
+        # generating from embeddings returns only the new tokens: put the prompt back
+        new = out if isinstance(out, Tensor) else out.sequences
+        prompt_ids = input_ids.repeat_interleave(new.shape[0] // input_ids.shape[0], 0)
+        sequences = torch.cat([prompt_ids.to(new.device), new], dim=1)
+        if isinstance(out, Tensor):
+            return sequences
+        out["sequences"] = sequences
+        return out
+
+    # ---- PEFT's adapter API (one adapter, "default") --------------------------------------
+    @property
+    def peft_config(self) -> dict[str, AdapterConfig]:
+        return {DEFAULT_ADAPTER: self.adapter_config}
+
+    @property
+    def active_adapter(self) -> str:
+        return DEFAULT_ADAPTER
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return [DEFAULT_ADAPTER]
+
+    def _one_adapter(self, what: str) -> NotImplementedError:
+        return NotImplementedError(
+            f"{what}: one adapter per model is supported (named {DEFAULT_ADAPTER!r}); several "
+            "adapters per model are not supported yet"
+        )
+
+    def set_adapter(self, adapter_name: str = DEFAULT_ADAPTER) -> None:
+        if adapter_name != DEFAULT_ADAPTER:
+            raise self._one_adapter(f"set_adapter({adapter_name!r})")
+
+    def add_adapter(self, *args: Any, **kwargs: Any) -> None:
+        raise self._one_adapter("add_adapter")
+
+    def delete_adapter(self, *args: Any, **kwargs: Any) -> None:
+        raise self._one_adapter("delete_adapter (la.unload_adapter removes the adapter)")
+
+    def load_adapter(
+        self, model_id: str, adapter_name: str = DEFAULT_ADAPTER, is_trainable: bool = False,
+        **_: Any,
+    ) -> None:
+        """Load saved weights of this same adapter into it, in place (a Trainer checkpoint, a
+        saved adapter); unless `is_trainable`, freeze it as `la.load_adapter` does."""
+        if adapter_name != DEFAULT_ADAPTER:
+            raise self._one_adapter(f"load_adapter(adapter_name={adapter_name!r})")
+        from .hf_trainer import load_weights_in_place
+
+        load_weights_in_place(self, model_id)
+        if not is_trainable:
+            for p in self.parameters():
+                p.requires_grad_(False)
+            self.eval()
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Run as the base model inside the block (merged LoRA is unmerged for it), as PEFT's."""
+        layers = [
+            m for m in self.get_base_model().modules()
+            if isinstance(m, (LoraLinear, BottleneckAdapter))
+        ]
+        saved = [  # modules_to_save copies: the original module runs instead
+            m for m in self.get_base_model().modules()
+            if isinstance(getattr(m, "modules_to_save", None), nn.ModuleDict)
+            and isinstance(getattr(m, "base_layer", None), nn.Module)
+        ]
+        merged = [m for m in layers if getattr(m, "merged", False)]
+        before = [m.disable_adapters for m in layers], self._soft_disabled
+        try:
+            for m in merged:
+                m.unmerge()
+            for m in layers:
+                m.disable_adapters = True
+            for m in saved:
+                m.forward = m.base_layer.forward
+            self._soft_disabled = True
+            yield
+        finally:
+            for m, flag in zip(layers, before[0]):
+                m.disable_adapters = flag
+            for m in saved:
+                vars(m).pop("forward", None)
+            self._soft_disabled = before[1]
+            for m in merged:
+                m.merge()
+
+    def merge_and_unload(self, *args: Any, **kwargs: Any) -> nn.Module:
+        """Fold LoRA into the base weights and return the plain Hugging Face model."""
+        from .merge import unload_adapter
+
+        return unload_adapter(self, merge=True)
+
+    def unload(self) -> nn.Module:
+        """Remove the adapter without merging and return the plain Hugging Face model."""
+        from .merge import unload_adapter
+
+        return unload_adapter(self, merge=False)
+
+    @classmethod
+    def from_pretrained(
+        cls, model: nn.Module, model_id: str, adapter_name: str = DEFAULT_ADAPTER,
+        is_trainable: bool = False, **_: Any,
+    ) -> AdapterModel:
+        """PEFT's `PeftModel.from_pretrained(base, path)`: `la.load_adapter`."""
+        if adapter_name != DEFAULT_ADAPTER:
+            raise NotImplementedError(
+                f"adapter_name={adapter_name!r}: one adapter per model is supported, named "
+                f"{DEFAULT_ADAPTER!r}"
+            )
+        from .io import load_adapter
+
+        return load_adapter(model, model_id, is_trainable=is_trainable)
 
     # ---- conveniences PEFT users expect ---------------------------------------------------
     def adapter_parameters(self) -> dict[str, nn.Parameter]:
         return {n: p for n, p in self.named_parameters() if p.requires_grad}
 
     def trainable_parameters_summary(self) -> tuple[int, int]:
-        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
-        total = sum(p.numel() for p in self.parameters())
+        # a 4-bit parameter counts its unpacked elements, as PEFT counts them
+        trainable = sum(param_numel(p) for p in self.parameters() if p.requires_grad)
+        total = sum(param_numel(p) for p in self.parameters())
         return trainable, total
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        return self.trainable_parameters_summary()
 
     def print_trainable_parameters(self) -> None:
         trainable, total = self.trainable_parameters_summary()
@@ -163,7 +432,7 @@ class AdapterModel(nn.Module):
         # Non-reentrant checkpointing: with a frozen embedding no checkpoint input requires
         # grad, and the reentrant variant would then skip the adapters' backward entirely.
         kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
-        base = self.base_model
+        base = self.get_base_model()
         # newer transformers renamed it (the old name warns); older ones have only the old name
         if hasattr(base, "activation_checkpointing_enable"):
             base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
@@ -173,8 +442,37 @@ class AdapterModel(nn.Module):
     def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, **_: Any):
         self.gradient_checkpointing_enable(activation_checkpointing_kwargs)
 
-    def save_pretrained(self, save_directory: str, **_: Any) -> None:
+    def save_pretrained(
+        self, save_directory: str, state_dict: Optional[dict[str, Tensor]] = None,
+        is_main_process: bool = True, **_: Any,
+    ) -> None:
+        """Write the adapter only (adapter_config.json + adapter_model.safetensors), as
+        `la.save_adapter`. Takes what `transformers.Trainer` passes: `state_dict` (a gathered
+        one, under FSDP / DeepSpeed: the adapter's tensors are taken from it),
+        `is_main_process` (other ranks write nothing), `safe_serialization` (always safetensors)."""
+        if not is_main_process:
+            return
         # io builds on this class (and on inject, which builds AdapterModels): import it late
         from .io import save_adapter
 
-        save_adapter(self, save_directory)
+        with _parameters_from(self, state_dict):
+            save_adapter(self, save_directory)
+
+
+@contextlib.contextmanager
+def _parameters_from(model: nn.Module, state_dict: Optional[dict[str, Tensor]]) -> Iterator[None]:
+    """Trainable parameters show the tensors of `state_dict` (keyed as model.state_dict())."""
+    if not state_dict:
+        yield
+        return
+    swapped = []
+    for name, p in model.named_parameters():
+        value = state_dict.get(name)
+        if p.requires_grad and isinstance(value, Tensor):
+            swapped.append((p, p.data))
+            p.data = value
+    try:
+        yield
+    finally:
+        for p, data in swapped:
+            p.data = data

@@ -25,7 +25,9 @@ from ..config import (
     PromptTuningConfig,
 )
 from ..layers import BottleneckAdapter, LoraLinear, PrefixEncoder, PromptEmbedding, is_adaptable
+from ..layers._quant import quant_format
 from .adapter_model import AdapterModel
+from .saved_modules import SavedModule, saved_module_matches
 from .targets import (
     INPUT_SIDE,
     PREFIX_UNSUPPORTED,
@@ -35,7 +37,9 @@ from .targets import (
 )
 
 # The layer classes injection puts in place of a base Linear (each wraps it as `base_layer`).
-ADAPTER_LAYERS = (LoraLinear, BottleneckAdapter)
+# `SavedModule` wraps a module of `modules_to_save` the same way (its trained copy beside it).
+ADAPTER_LAYERS = (LoraLinear, BottleneckAdapter, SavedModule)
+ALL_LINEAR = "all-linear"  # PEFT's shorthand target: every Linear but the output layer
 
 
 @dataclass
@@ -85,13 +89,85 @@ def _matches(name: str, targets: list[str] | str) -> bool:
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
-def _adapter_layer(module: nn.Module, attr: str, config: AdapterConfig, kind: str) -> nn.Module:
-    """The adapter layer that wraps `module` (named `attr` in its parent) for `config`."""
+def _layer_index_ok(name: str, config: LoraConfig) -> bool:
+    """PEFT's `layers_to_transform` rule: the first number after the layer list's name (or
+    after any dotted name when `layers_pattern` is not set) must be a chosen index."""
+    wanted = config.layers_to_transform
+    if wanted is None or wanted == []:
+        return True
+    patterns = config.layers_pattern
+    if not patterns:
+        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)
+    else:
+        match = None
+        for pattern in [patterns] if isinstance(patterns, str) else patterns:
+            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", name)
+            if match is not None:
+                break
+    if match is None:
+        return False
+    index = int(match.group("idx"))
+    return index == wanted if isinstance(wanted, int) else index in wanted
+
+
+def _under_saved_module(name: str, config: AdapterConfig) -> bool:
+    """A module named in (or inside one of) `modules_to_save` never gets LoRA, as in PEFT."""
+    saved = getattr(config, "modules_to_save", None) or []
+    return any(re.match(rf"(^|.*\.){m}($|\..*)", name) for m in saved)
+
+
+def _base_weight_problem(module: nn.Module) -> Optional[str]:
+    """Why no adapter can wrap this Linear's weight (quantized in a layout we do not run on,
+    not a plain float tensor), or None."""
+    if quant_format(module) is not None:  # a quantized base LoraLinear runs on
+        return None
+    weight = getattr(module, "weight", None)
+    plain = (
+        isinstance(weight, torch.Tensor) and weight.dtype.is_floating_point
+        and type(weight) in (nn.Parameter, torch.Tensor)
+    )
+    if plain:
+        return None
+    dtype = getattr(weight, "dtype", None)
+    return (
+        f"a {type(module).__module__.split('.')[0]} {type(module).__name__} with a "
+        f"{type(weight).__name__} weight ({dtype}): this quantized layout is not supported"
+    )
+
+
+def _all_linear(model: nn.Module) -> list[str]:
+    """PEFT's 'all-linear': every Linear / Conv1D except the output embedding."""
+    get_out = getattr(model, "get_output_embeddings", None)
+    out = get_out() if get_out is not None else None
+    return [n for n, m in model.named_modules() if n and is_adaptable(m) and m is not out]
+
+
+def _init_lora(layer: LoraLinear, init) -> None:
+    """Initial A and B for PEFT's init_lora_weights variants that leave the base untouched."""
+    a, b = layer.lora_A.weight, layer.lora_B.weight
+    with torch.no_grad():
+        if init == "gaussian":
+            nn.init.normal_(a, std=1 / layer.r)
+            nn.init.zeros_(b)
+        elif init == "orthogonal":  # B A = 0: A and B from disjoint rows of one orthogonal Q
+            q, _ = torch.linalg.qr(torch.randn(layer.r, layer.r))
+            a.copy_(torch.randn(layer.in_features, layer.r // 2).mm(q[0::2]).T / 10.0)
+            b.copy_(torch.randn(layer.r // 2, layer.out_features).T.mm(q[1::2]) / 10.0)
+
+
+def _adapter_layer(
+    module: nn.Module, name: str, config: AdapterConfig, kind: str
+) -> nn.Module:
+    """The adapter layer that wraps `module` (full name `name`) for `config`."""
+    attr = name.rpartition(".")[2]
     if isinstance(config, LoraConfig):
-        return LoraLinear(
-            module, config.r, config.lora_alpha, config.lora_dropout, config.use_rslora,
-            config.init_lora_weights,
+        init = config.init_lora_weights
+        layer = LoraLinear(
+            module, config.rank_for(name), config.alpha_for(name), config.lora_dropout,
+            config.use_rslora, init is not False,
         )
+        _init_lora(layer, init)
+        return layer
     if kind == "series":
         placement = "input" if attr in INPUT_SIDE else "output"
     else:
@@ -102,11 +178,47 @@ def _adapter_layer(module: nn.Module, attr: str, config: AdapterConfig, kind: st
     )
 
 
-def _plan_linear_adapters(model: nn.Module, config: AdapterConfig) -> list[Swap]:
+def _resolve_targets(model: nn.Module, config: AdapterConfig, kind: str):
+    targets = config.target_modules or default_target_modules(model_type(model), kind)
+    if isinstance(targets, str) and targets.lower() == ALL_LINEAR:
+        if not isinstance(config, LoraConfig):
+            raise ValueError("target_modules='all-linear' is for LoRA; name the modules")
+        targets = _all_linear(model)
+    return targets
+
+
+def _saved_module_swaps(model: nn.Module, config: AdapterConfig) -> list[Swap]:
+    """SavedModule swaps for `modules_to_save` (each entry must name a module)."""
+    entries = getattr(config, "modules_to_save", None) or []
+    modules = dict(model.named_modules())
+    names = [n for n in modules if n and saved_module_matches(n, entries)]
+    missing = [e for e in entries if not any(saved_module_matches(n, [e]) for n in names)]
+    if missing:
+        raise ValueError(f"modules_to_save entry(s) {missing} match no module of this model")
+    # the outermost only: a module inside another saved one is saved with it
+    names = [n for n in names if not any(n.startswith(o + ".") for o in names)]
+    swaps = []
+    for name in names:
+        parent_name, _, attr = name.rpartition(".")
+        module = modules[name]
+        swaps.append(Swap(name, modules[parent_name], attr, module, SavedModule(module)))
+    return swaps
+
+
+def _plan_linear_adapters(
+    model: nn.Module, config: AdapterConfig, loading: bool = False
+) -> list[Swap]:
     """Which modules to replace by what, validated; nothing in `model` changes here.
     Fills in `config.target_modules` with the family default when it was None."""
     kind = _config_kind(config)
-    targets = config.target_modules or default_target_modules(model_type(model), kind)
+    lora = isinstance(config, LoraConfig)
+    if lora and config.init_lora_weights == "eva" and not loading:
+        raise ValueError(
+            "init_lora_weights='eva' is not supported for new adapters: EVA initialises from "
+            "activations over data (PEFT's initialize_lora_eva_weights); adapters trained with "
+            "EVA load fine"
+        )
+    targets = _resolve_targets(model, config, kind)
     config.target_modules = targets
     existing = next(adapter_modules(model), None)
     if existing is not None:
@@ -115,28 +227,47 @@ def _plan_linear_adapters(model: nn.Module, config: AdapterConfig) -> list[Swap]
             "(llm_adapters.unload_adapter)"
         )
     modules = dict(model.named_modules())
-    chosen = [name for name in modules if name and _matches(name, targets)]
+    matched = [name for name in modules if name and _matches(name, targets)]
     if isinstance(targets, list):
-        missing = [t for t in targets if not any(_matches(n, [t]) for n in chosen)]
+        missing = [t for t in targets if not any(_matches(n, [t]) for n in matched)]
         if missing:
             linear = sorted({n.rsplit(".", 1)[-1] for n, m in modules.items() if is_adaptable(m)})
             raise ValueError(
                 f"target module(s) {missing} not found in this {model_type(model)} model; "
                 f"its Linear layers are named: {', '.join(linear)}"
             )
+    chosen = matched
+    if lora:
+        exclude = config.exclude_modules
+        chosen = [
+            n for n in matched
+            if not (exclude and _matches(n, exclude)) and not _under_saved_module(n, config)
+            and _layer_index_ok(n, config)
+        ]
     if not chosen:
-        raise ValueError(f"target_modules {targets!r} matches no module of this model")
+        raise ValueError(
+            f"target_modules {targets!r} matches no module of this model"
+            + (" (after exclude_modules / layers_to_transform / modules_to_save)"
+               if matched else "")
+        )
     swaps = []
     for name in chosen:
         module = modules[name]
+        quant_format(module)  # a quantized layout no adapter can wrap: an error naming it
         if not is_adaptable(module):
             raise ValueError(
-                f"target module {name!r} is a {type(module).__name__}: only nn.Linear and "
-                "GPT-2 Conv1D layers can be adapted"
+                f"target_modules: module {name!r} is a {type(module).__name__}: only nn.Linear "
+                "and GPT-2 Conv1D layers can be adapted (LoRA on embeddings or convolutions is "
+                "not supported)"
             )
+        problem = _base_weight_problem(module)
+        if problem:
+            raise ValueError(f"target_modules: module {name!r} is {problem}")
         parent_name, _, attr = name.rpartition(".")
-        new = _adapter_layer(module, attr, config, kind)
+        new = _adapter_layer(module, name, config, kind)
         swaps.append(Swap(name, modules[parent_name], attr, module, new))
+    if lora:
+        swaps += _saved_module_swaps(model, config)
     return swaps
 
 
@@ -170,8 +301,9 @@ def _soft_module(model: nn.Module, config: AdapterConfig) -> nn.Module:
     return PromptEmbedding(config.num_virtual_tokens, weight.shape[1], init).to(**factory)
 
 
-def plan_adapters(model: nn.Module, config: AdapterConfig) -> Plan:
-    """Everything `config` adds to `model`, validated, without touching `model`."""
+def plan_adapters(model: nn.Module, config: AdapterConfig, loading: bool = False) -> Plan:
+    """Everything `config` adds to `model`, validated, without touching `model`.
+    `loading`: the adapter's weights come from a file (its initialisation does not matter)."""
     if not isinstance(config, AdapterConfig):
         raise TypeError(f"expected an adapter config, got {type(config).__name__}")
     if not isinstance(model, nn.Module):
@@ -179,7 +311,7 @@ def plan_adapters(model: nn.Module, config: AdapterConfig) -> Plan:
     if isinstance(model, AdapterModel):
         raise ValueError("the model already has adapters: pass the base model")
     if isinstance(config, (LoraConfig, BottleneckConfig)):
-        return Plan(swaps=_plan_linear_adapters(model, config))
+        return Plan(swaps=_plan_linear_adapters(model, config, loading))
     return Plan(soft=_soft_module(model, config))
 
 
@@ -196,7 +328,7 @@ def _freeze_base(wrapper: AdapterModel, config: AdapterConfig) -> None:
         else:
             biases = [
                 m.base_layer.bias for _, m in adapter_modules(base)
-                if getattr(m.base_layer, "bias", None) is not None
+                if isinstance(m, LoraLinear) and getattr(m.base_layer, "bias", None) is not None
             ]
         for p in biases:
             p.requires_grad_(True)
@@ -229,8 +361,12 @@ def get_adapter_model(
     """Add the adapters described by `config` to a Hugging Face model (in place) and wrap it.
 
     The base model is frozen; only adapter parameters (and, for LoRA with `bias != "none"`, the
-    chosen biases) train. On any error the model is left unchanged.
+    chosen biases) train. On any error the model is left unchanged: a model that already has
+    adapters (ours, or a PEFT model) is refused before anything is looked at.
     """
+    from .adapter_model import refuse_adapted
+
+    refuse_adapted(model)
     config = dataclasses.replace(config)  # the model gets its own copy, targets resolved
     plan = plan_adapters(model, config)
     wrapper = attach_adapters(model, config, plan)

@@ -17,8 +17,18 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from ..config import AdapterConfig, LoraConfig, PrefixTuningConfig, load_config
+from ._distributed import (
+    barrier,
+    clean_name,
+    full_adapter_state,
+    is_writer,
+    needs_gather,
+    staged_directory,
+    unwrap,
+)
 from .adapter_model import AdapterModel
 from .inject import adapter_modules, attach_adapters, own_parameters, plan_adapters
+from .saved_modules import SAVED_PREFIX
 from .targets import model_type
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -64,7 +74,8 @@ def _keyed_parameters(
     keyed: dict[str, nn.Parameter] = {}
     for name, layer in layers:
         for pname, p in own_parameters(layer):
-            keyed[layer_key(config, name, pname)] = p
+            # a module of modules_to_save is saved under its own name (PEFT's layout)
+            keyed[layer_key(config, name, pname.removeprefix(SAVED_PREFIX))] = p
     if soft is not None:
         for pname, p in soft.named_parameters():
             keyed[soft_key(config, pname)] = p
@@ -72,61 +83,109 @@ def _keyed_parameters(
 
 
 # ---- save ------------------------------------------------------------------------------------
-def _adapter_state(wrapper: AdapterModel) -> dict[str, Tensor]:
+def _adapter_parameters(wrapper: AdapterModel) -> dict[str, nn.Parameter]:
+    """file key -> parameter, for everything an adapter file holds. Names are taken without
+    the segments FSDP1 / checkpoint wrappers insert, so a wrapped model saves the same keys."""
     config = wrapper.adapter_config
-    base = wrapper.base_model
+    base = wrapper.get_base_model() if hasattr(wrapper, "get_base_model") else wrapper.base_model
     soft = wrapper.prefix_encoder if wrapper.prefix_encoder is not None else (
         wrapper.prompt_embedding
     )
-    state: dict[str, Tensor] = dict(_keyed_parameters(config, adapter_modules(base), soft))
+    params = dict(_keyed_parameters(config, adapter_modules(base), soft))
     if isinstance(config, LoraConfig) and config.bias != "none":
         for name, p in base.named_parameters():
             if name.endswith("bias") and p.requires_grad:
-                state[bias_key(name)] = p
-    return {k: v.detach().contiguous().cpu() for k, v in state.items()}
+                params[bias_key(name)] = p
+    return {clean_name(k): p for k, p in params.items()}
+
+
+def _adapter_state(wrapper: AdapterModel) -> dict[str, Tensor]:
+    """file key -> CPU tensor, in one process (see `save_adapter` for sharded models)."""
+    return {k: v.detach().contiguous().cpu() for k, v in _adapter_parameters(wrapper).items()}
 
 
 def save_adapter(
     model: AdapterModel, save_directory: str, format: Optional[str] = None
 ) -> None:
     """Write adapter_config.json and adapter_model.safetensors (PEFT's format for LoRA), or
-    with `format="llm-adapters"` LLM-Adapters' adapter_config.json and adapter_model.bin."""
+    with `format="llm-adapters"` LLM-Adapters' adapter_config.json and adapter_model.bin.
+
+    The files are written into a temporary sibling folder and moved into place only when all
+    are complete: a save that fails leaves no folder behind, or the previous save intact.
+    In a process group only rank 0 writes. Under FSDP (FSDP2 `fully_shard`, or FSDP1
+    `FullyShardedDataParallel(use_orig_params=True)`: pass its wrapper) the adapter weights
+    are sharded; every rank must then call this, each taking part in gathering them.
+    """
+    root, model = unwrap(model)
     if not isinstance(model, AdapterModel):
         raise TypeError("save_adapter expects the model returned by get_adapter_model")
     if format not in (None, "llm-adapters"):
         raise ValueError(f"format must be None (this library's) or 'llm-adapters', got {format!r}")
-    state = _adapter_state(model)
-    if format == "llm-adapters":
-        from .llm_adapters_format import save_checkpoint
+    params = _adapter_parameters(model)
+    gathered = needs_gather(params)
+    if gathered:  # a collective: {} on every rank but 0
+        state = full_adapter_state(root, params)
+    else:
+        state = {k: v.detach().contiguous().cpu() for k, v in params.items()}
+    try:
+        if is_writer():
+            # LLM-Adapters' layout: a safetensors file of an earlier save would be read first
+            stale = (WEIGHTS_NAME,) if format == "llm-adapters" else ()
+            with staged_directory(save_directory, remove=stale) as staging:
+                if format == "llm-adapters":
+                    from .llm_adapters_format import save_checkpoint
 
-        return save_checkpoint(model, save_directory, state)
-    os.makedirs(save_directory, exist_ok=True)
-    model.adapter_config.save(save_directory)
-    metadata = {"format": "pt", "model_type": model_type(model.base_model)}
-    save_file(state, os.path.join(save_directory, WEIGHTS_NAME), metadata=metadata)
+                    save_checkpoint(model, staging, state)
+                else:
+                    model.adapter_config.save(staging)
+                    metadata = {"format": "pt", "model_type": model_type(model.base_model)}
+                    save_file(state, os.path.join(staging, WEIGHTS_NAME), metadata=metadata)
+    finally:
+        if gathered:  # every rank returns once the files are in place (or the save failed)
+            barrier()
 
 
 # ---- load ------------------------------------------------------------------------------------
+def _corrupt(path: str, exc: BaseException) -> ValueError:
+    return ValueError(
+        f"adapter weights file {path!r} is corrupt or truncated and cannot be read "
+        f"({type(exc).__name__}: {exc})"
+    )
+
+
 def _read_weights(directory: str) -> tuple[dict[str, Tensor], dict[str, str]]:
     path = os.path.join(directory, WEIGHTS_NAME)
     legacy = os.path.join(directory, LEGACY_WEIGHTS_NAME)
     if not os.path.isfile(path):
         if os.path.isfile(legacy):
-            state = torch.load(legacy, map_location="cpu", weights_only=True)
+            try:
+                state = torch.load(legacy, map_location="cpu", weights_only=True)
+            except Exception as exc:  # zip/pickle errors of every kind: a damaged file
+                raise _corrupt(legacy, exc) from exc
             tensors_only = isinstance(state, dict) and all(
                 isinstance(v, Tensor) for v in state.values()
             )
             if not tensors_only:
                 raise ValueError(f"{legacy} does not hold a tensor state dict")
-            return state, {}
+            return _peft_keys(state), {}
         raise FileNotFoundError(
             f"no {WEIGHTS_NAME} (or {LEGACY_WEIGHTS_NAME}) in {directory!r}"
         )
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(path, framework="pt") as f:
-        metadata = f.metadata() or {}
-    return load_file(path), metadata
+    try:
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+        state = load_file(path)
+    except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
+        raise _corrupt(path, exc) from exc
+    return _peft_keys(state), metadata
+
+
+def _peft_keys(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Keys as this library names them: a modules_to_save copy written with its in-memory
+    name (`<module>.modules_to_save.default.weight`) is read as `<module>.weight`."""
+    return {k.replace("." + SAVED_PREFIX, "."): v for k, v in state.items()}
 
 
 def load_adapter(model: nn.Module, adapter_path: str, is_trainable: bool = False) -> AdapterModel:
@@ -136,6 +195,9 @@ def load_adapter(model: nn.Module, adapter_path: str, is_trainable: bool = False
     must hold exactly the expected tensors with the expected shapes. Unless `is_trainable`,
     the adapter is frozen and the model put in eval mode, as PEFT does.
     """
+    from .adapter_model import refuse_adapted
+
+    refuse_adapted(model)  # a PeftModel, or a model with adapters already: a clear error
     from . import llm_adapters_format as theirs
 
     if theirs.is_llm_adapters_checkpoint(adapter_path):  # LLM-Adapters' fork wrote it
@@ -149,7 +211,7 @@ def load_adapter(model: nn.Module, adapter_path: str, is_trainable: bool = False
             f"adapter at {adapter_path!r} was trained on a {saved_type} model, not "
             f"{model_type(model)}"
         )
-    plan = plan_adapters(model, config)
+    plan = plan_adapters(model, config, loading=True)
     layers = ((swap.name, swap.new) for swap in plan.swaps)
     expected: dict[str, Optional[nn.Parameter]] = dict(
         _keyed_parameters(config, layers, plan.soft)

@@ -114,16 +114,31 @@ def _check_common(data: dict[str, Any], path: str) -> None:
         raise ValueError(f"{path}: task_type {task!r}: only CAUSAL_LM adapters load")
 
 
+def resolve_targets(model: nn.Module, targets: Any) -> Any:
+    """Their target_modules as ours, choosing the same modules in `model`. The fork matches a
+    list entry by `name.endswith(entry)` (ours: the whole name or a dotted suffix) and a string
+    as a regex on the whole name (as ours); where the two differ, the fork's choice is kept
+    as the list of full module names."""
+    if not isinstance(targets, list):
+        return targets
+    theirs = _their_matches(model, targets, set())
+    ours = {
+        n for n, _ in model.named_modules()
+        if n and any(n == t or n.endswith("." + t) for t in targets)
+    }
+    return targets if not theirs or theirs == ours else sorted(theirs)
+
+
 def _bottleneck_config(data: dict[str, Any], model: nn.Module, path: str) -> BottleneckConfig:
     if data.get("bias", "none") != "none":
         raise ValueError(
             f"{path}: bias={data['bias']!r} (trained base biases) is not supported for "
             "bottleneck adapters; only bias='none', LLM-Adapters' finetune.py default, loads"
         )
-    targets = data.get("target_modules")
+    targets = resolve_targets(model, data.get("target_modules"))
     parallel = bool(data.get("use_parallel_adapter", False))
     adapterp = bool(data.get("use_adapterp", False))
-    if not parallel and isinstance(targets, list):
+    if not parallel and targets is not None:
         family = model_type(model)
         sides = _SERIES_SIDES.get(family)
         if sides is None:
@@ -131,25 +146,26 @@ def _bottleneck_config(data: dict[str, Any], model: nn.Module, path: str) -> Bot
                 f"{path}: LLM-Adapters places series adapters by a table without {family!r} "
                 "models; this checkpoint was not trained on this family"
             )
+        chosen = sorted(_their_matches(model, targets, set()))
+        if not chosen and isinstance(targets, list):
+            chosen = targets  # nothing matches: say why by the names
         placement = {}
-        for t in targets:
-            leaf = t.rsplit(".", 1)[-1]
+        for name in chosen:
+            leaf = name.rsplit(".", 1)[-1]
             if leaf not in sides:
                 raise ValueError(
                     f"{path}: LLM-Adapters has no series placement for {leaf!r} on {family}"
                 )
-            placement[t] = _SIDE_OF_TYPE[sides[leaf]]
+            placement[leaf] = _SIDE_OF_TYPE[sides[leaf]]
         # The fork decides the side by its table; ours by use_adapterp (all output) or by
         # INPUT_SIDE. Pick the one that gives the fork's sides, and check it does.
         if adapterp and any(side == "input" for side in placement.values()):
             adapterp = False
-        for t, side in placement.items():
-            ours = "output" if adapterp else (
-                "input" if t.rsplit(".", 1)[-1] in INPUT_SIDE else "output"
-            )
+        for leaf, side in placement.items():
+            ours = "output" if adapterp else ("input" if leaf in INPUT_SIDE else "output")
             if ours != side:
                 raise ValueError(
-                    f"{path}: cannot place a series adapter on {t!r} as LLM-Adapters does"
+                    f"{path}: cannot place a series adapter on {leaf!r} as LLM-Adapters does"
                 )
     scaling = data.get("scaling", 1.0)
     if not isinstance(scaling, str):
@@ -220,7 +236,7 @@ def merged_lora_to_dense(
 
 
 def _merged_lora(
-    data: dict[str, Any], state: dict[str, Tensor], path: str
+    data: dict[str, Any], state: dict[str, Tensor], model: nn.Module, path: str
 ) -> tuple[LoraConfig, dict[str, Tensor]]:
     enable = data["enable_lora"]
     if not isinstance(enable, list) or not enable or not all(isinstance(e, bool) for e in enable):
@@ -256,7 +272,8 @@ def _merged_lora(
         config = LoraConfig(
             base_model_name_or_path=data.get("base_model_name_or_path"),
             r=r * s, lora_alpha=alpha * s, lora_dropout=float(data.get("lora_dropout") or 0.0),
-            target_modules=data.get("target_modules"), bias=data.get("bias", "none"),
+            target_modules=resolve_targets(model, data.get("target_modules")),
+            bias=data.get("bias", "none"),
         )
     except ValueError as exc:
         raise ValueError(f"{path}: {exc}") from None
@@ -278,7 +295,7 @@ def read_checkpoint(
     state = _read_state(weights)
     if data["peft_type"] == "BOTTLENECK":
         return _bottleneck_config(data, model, config_path), _bottleneck_tensors(state, weights), {}
-    config, tensors = _merged_lora(data, state, weights)
+    config, tensors = _merged_lora(data, state, model, weights)
     return config, tensors, {}
 
 

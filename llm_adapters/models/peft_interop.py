@@ -2,28 +2,112 @@
 
 `accelerate_peft` swaps only each PEFT LoRA Linear's forward, so the model stays a PEFT model
 (its parameters, optimizer state, saving and methods untouched); `restore_peft` undoes it.
+A layer our op cannot run (DoRA, lora_bias, a quantized or non-Linear base, several active
+adapters, another LoRA variant) keeps PEFT's forward and is reported by name with the reason.
 """
 
 from __future__ import annotations
 
+import logging
 import types
-from typing import Any
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Optional
 
 from torch import Tensor, nn
 
 from .. import ops
-from ..layers._base import autocast_inputs
+from ..layers._base import Conv1D, autocast_inputs
+
+logger = logging.getLogger(__name__)
+_ORIGINAL = "_llm_adapters_original_forward"
+REPORT_ATTR = "llm_adapters_report"
+
+
+@dataclass
+class AccelerationReport:
+    """What `accelerate_peft` did: the LoRA layers now on our op, those left on PEFT's path
+    (name -> reason), and whether the model had been accelerated already."""
+
+    accelerated: list[str] = field(default_factory=list)
+    left_on_peft: dict[str, str] = field(default_factory=dict)
+    already_accelerated: list[str] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return len(self.accelerated) + len(self.left_on_peft) + len(self.already_accelerated)
+
+    def summary(self) -> str:
+        running = len(self.accelerated) + len(self.already_accelerated)
+        text = f"{running} of {self.total} LoRA layers run on llm_adapters ops"
+        if self.already_accelerated and not self.accelerated:
+            text += " (already accelerated: nothing new patched)"
+        if self.left_on_peft:
+            reasons: dict[str, list[str]] = {}
+            for name, why in self.left_on_peft.items():
+                reasons.setdefault(why, []).append(name)
+            parts = [
+                f"{why} ({len(names)}: {', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
+                for why, names in reasons.items()
+            ]
+            text += f"; {len(self.left_on_peft)} left on PEFT: " + "; ".join(parts)
+        return text
+
+
+def _variant_reason(layer: nn.Module, adapter: str) -> Optional[str]:
+    """Why `adapter` of this PEFT LoRA layer cannot run on our op, or None."""
+    if getattr(layer, "use_dora", {}).get(adapter, False):
+        return "DoRA (use_dora) is not supported yet by our op"
+    if getattr(layer, "lora_bias", {}).get(adapter, False):
+        return "lora_bias (a bias on lora_B) is not supported by our op"
+    variant = getattr(layer, "lora_variant", {}).get(adapter)
+    if variant is not None:
+        return f"LoRA variant {type(variant).__name__} is not supported by our op"
+    return None
+
+
+def _plain_base(base: nn.Module) -> bool:
+    weight = getattr(base, "weight", None)
+    linear = isinstance(base, nn.Linear) or (bool(Conv1D) and isinstance(base, Conv1D))
+    return (
+        linear and isinstance(weight, Tensor) and weight.dtype.is_floating_point
+        and type(weight) in (nn.Parameter, Tensor)
+    )
+
+
+def _static_reason(layer: nn.Module, peft_linear: type) -> Optional[str]:
+    """Why this PEFT LoRA layer stays on PEFT's path whatever the inputs, or None."""
+    base = layer.get_base_layer()
+    kind = f"{type(base).__module__.split('.')[0]} {type(base).__name__}"
+    if not isinstance(layer, peft_linear):
+        if isinstance(base, nn.Linear):  # PEFT's LoRA layers for bitsandbytes, torchao, ...
+            return f"quantized base layer ({kind}): our op needs a plain float weight"
+        return f"LoRA on a {kind} ({type(layer).__name__}): our op covers Linear layers only"
+    if not _plain_base(base):
+        weight = getattr(base, "weight", None)
+        return (
+            f"quantized base layer ({kind}, {type(weight).__name__} weight): our op needs a "
+            "plain float weight"
+        )
+    active = [a for a in layer.active_adapters if a in layer.lora_A]
+    if len(active) > 1:
+        return f"several active adapters ({', '.join(active)}): our op runs one"
+    for adapter in active:
+        why = _variant_reason(layer, adapter)
+        if why:
+            return why
+    return None
 
 
 def _peft_lora_forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-    """Replacement forward for a PEFT LoRA Linear: one fused op instead of PEFT's chain."""
+    """Replacement forward for a PEFT LoRA Linear: one fused op instead of PEFT's chain.
+    Whatever our op does not cover at this call goes to PEFT's own forward."""
     active = [a for a in self.active_adapters if a in self.lora_A]
     if (
         args or kwargs or self.disable_adapters or self.merged or len(active) != 1
-        or self.use_dora.get(active[0], False)
-        or getattr(self, "lora_bias", {}).get(active[0], False)
+        or _variant_reason(self, active[0]) is not None
     ):
-        return self._llm_adapters_original_forward(x, *args, **kwargs)
+        return getattr(self, _ORIGINAL)(x, *args, **kwargs)
     name = active[0]
     base = self.get_base_layer()
     weight = base.weight.t() if self.fan_in_fan_out else base.weight
@@ -36,34 +120,72 @@ def _peft_lora_forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
     )
 
 
+def _peft_classes() -> tuple[type, type]:
+    try:
+        from peft.tuners.lora.layer import Linear, LoraLayer
+    except ImportError as exc:  # pragma: no cover - peft is optional
+        raise ImportError("accelerate_peft needs peft installed") from exc
+    return Linear, LoraLayer
+
+
+def _lora_layers(model: nn.Module, lora_layer: type) -> list[tuple[str, nn.Module]]:
+    """(name, layer) of every PEFT LoRA layer (the outermost, not the LoRA sub-modules)."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, lora_layer)]
+
+
 def accelerate_peft(peft_model: nn.Module) -> nn.Module:
     """Switch a PEFT LoRA model's Linear layers onto our fused op, in place.
 
     The same modules and parameters stay (optimizer state, saving and PEFT's own methods are
-    untouched); only each LoRA Linear's forward changes. Layers using features our op does
-    not cover (DoRA, several active adapters, mixed-batch adapter names) keep PEFT's forward.
-    Returns the model; `restore_peft` undoes it.
+    untouched); only each LoRA Linear's forward changes. A layer our op cannot run keeps
+    PEFT's forward and is named in the report with the reason (DoRA, lora_bias, quantized
+    base, Embedding/Conv LoRA, several active adapters); the report is logged, warned about
+    when some layers stay on PEFT, and attached as `peft_model.llm_adapters_report`
+    (an `AccelerationReport`). Returns the model; `restore_peft` undoes it.
     """
-    try:
-        from peft.tuners.lora.layer import Linear as PeftLoraLinear
-    except ImportError as exc:  # pragma: no cover - peft is optional
-        raise ImportError("accelerate_peft needs peft installed") from exc
-    count = 0
-    for module in peft_model.modules():
-        patched = "_llm_adapters_original_forward" in vars(module)
-        if isinstance(module, PeftLoraLinear) and not patched:
-            module._llm_adapters_original_forward = module.forward
-            module.forward = types.MethodType(_peft_lora_forward, module)
-            count += 1
-    if count == 0:
-        raise ValueError("accelerate_peft found no PEFT LoRA Linear layer in this model")
+    peft_linear, lora_layer = _peft_classes()
+    layers = _lora_layers(peft_model, lora_layer)
+    if not layers:
+        kinds = sorted({type(m).__name__ for m in peft_model.modules() if hasattr(m, "lora_A")})
+        raise ValueError(
+            "accelerate_peft found no PEFT LoRA Linear layer (no PEFT LoRA layer at all) in "
+            f"this {type(peft_model).__name__}"
+            + (f"; it has {', '.join(kinds)} modules" if kinds else "")
+            + ": pass a model from peft.get_peft_model / PeftModel.from_pretrained with LoRA"
+        )
+    report = AccelerationReport()
+    for name, module in layers:
+        if _ORIGINAL in vars(module):
+            report.already_accelerated.append(name)
+            continue
+        why = _static_reason(module, peft_linear)
+        if why is not None:
+            report.left_on_peft[name] = why
+            continue
+        setattr(module, _ORIGINAL, module.forward)
+        module.forward = types.MethodType(_peft_lora_forward, module)
+        report.accelerated.append(name)
+    object.__setattr__(peft_model, REPORT_ATTR, report)
+    summary = report.summary()
+    logger.info("accelerate_peft: %s", summary)
+    if report.left_on_peft or not report.accelerated:
+        detail = "".join(f"\n  {n}: {why}" for n, why in report.left_on_peft.items())
+        warnings.warn(f"accelerate_peft: {summary}{detail}", stacklevel=2)
     return peft_model
 
 
 def restore_peft(peft_model: nn.Module) -> nn.Module:
     """Undo `accelerate_peft`."""
     for module in peft_model.modules():
-        if "_llm_adapters_original_forward" in vars(module):
+        if _ORIGINAL in vars(module):
             del module.forward
-            del module._llm_adapters_original_forward
+            delattr(module, _ORIGINAL)
+    if REPORT_ATTR in vars(peft_model):
+        object.__delattr__(peft_model, REPORT_ATTR)
     return peft_model
+
+
+def acceleration_report(peft_model: nn.Module) -> Optional[AccelerationReport]:
+    """The report of the last `accelerate_peft` on this model, or None."""
+    return vars(peft_model).get(REPORT_ATTR)
+

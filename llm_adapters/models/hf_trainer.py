@@ -1,0 +1,247 @@
+"""`transformers.Trainer` (and TRL's trainers, its subclasses) save and resume our models as
+adapters: adapter_config.json + adapter_model.safetensors, never the base weights.
+
+Trainer decides how to save a model by its class alone: a `PreTrainedModel` or a `PeftModel`
+gets `save_pretrained`; any other module gets its whole state dict written as model.safetensors
+(base weights included, no adapter config), and on resume only full weights or a PeftModel's
+adapter load. So, once a model of ours exists, three Trainer methods learn about it: `_save`
+(write the adapter, then what Trainer writes beside the model), `_load_from_checkpoint` and
+`_load_best_model` (read adapter_model.safetensors back into the adapter, in place). For every
+other model they are Trainer's own. The three have had these names and signatures across
+transformers 4.3x-5.x; if they are missing or differ, nothing is patched and a warning says
+that Trainer checkpoints of adapter models would hold full weights.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.abc
+import importlib.util
+import inspect
+import logging
+import os
+import sys
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+TRAINER_MODULE = "transformers.trainer"
+_MARK = "_llm_adapters_adapter_aware"
+_EXPECTED = {
+    "_save": ("self", "output_dir", "state_dict"),
+    "_load_from_checkpoint": ("self", "resume_from_checkpoint", "model"),
+    "_load_best_model": ("self",),
+}
+
+
+# ---- loading saved weights into an existing adapter -------------------------------------------
+def load_weights_in_place(wrapper: nn.Module, directory: str) -> None:
+    """Copy the tensors of a saved adapter (ours, or a Trainer checkpoint of it) into the
+    adapter of `wrapper`. The saved adapter must be of the same kind and hold exactly the
+    tensors `wrapper` saves, with the same shapes; otherwise nothing is copied."""
+    from ..config import load_config
+    from . import io
+
+    saved_config = load_config(directory)
+    ours = wrapper.adapter_config
+    if type(saved_config) is not type(ours):
+        raise ValueError(
+            f"the adapter at {directory!r} is a {type(saved_config).__name__}, this model's is "
+            f"a {type(ours).__name__}"
+        )
+    tensors, _ = io._read_weights(directory)
+    params = _keyed_adapter_parameters(wrapper)
+    missing = sorted(set(params) - set(tensors))
+    unexpected = sorted(set(tensors) - set(params))
+    if missing or unexpected:
+        raise ValueError(
+            f"the adapter at {directory!r} does not match this model's adapter: missing "
+            f"{missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    for key, p in params.items():
+        if tuple(tensors[key].shape) != tuple(p.shape):
+            raise ValueError(
+                f"adapter tensor {key!r} has shape {tuple(tensors[key].shape)}, this model's "
+                f"is {tuple(p.shape)}"
+            )
+    with torch.no_grad():
+        for key, p in params.items():
+            p.copy_(tensors[key])
+
+
+def _keyed_adapter_parameters(wrapper: nn.Module) -> dict[str, nn.Parameter]:
+    """file key -> parameter of everything `save_adapter` writes for `wrapper`."""
+    from ..config import LoraConfig
+    from . import io
+    from .inject import adapter_modules
+
+    config = wrapper.adapter_config
+    base = wrapper.get_base_model()
+    soft = wrapper.prefix_encoder if wrapper.prefix_encoder is not None else (
+        wrapper.prompt_embedding
+    )
+    params = dict(io._keyed_parameters(config, adapter_modules(base), soft))
+    if isinstance(config, LoraConfig) and config.bias != "none":
+        for name, p in base.named_parameters():
+            if name.endswith("bias") and p.requires_grad:
+                params[io.bias_key(name)] = p
+    written = set(io._adapter_state(wrapper))
+    if written != set(params):  # the file layout moved on: say so rather than load half
+        raise RuntimeError(
+            "the saved-adapter key layout and this loader disagree: "
+            f"{sorted(written ^ set(params))[:5]}"
+        )
+    return params
+
+
+# ---- Trainer ------------------------------------------------------------------------------------
+def _adapter_model(trainer: Any, model: Optional[nn.Module] = None) -> Optional[nn.Module]:
+    """Our AdapterModel behind `model` (default: the trainer's), or None."""
+    from .adapter_model import AdapterModel
+
+    model = trainer.model if model is None else model
+    unwrap = getattr(getattr(trainer, "accelerator", None), "unwrap_model", None)
+    if unwrap is not None:
+        try:
+            model = unwrap(model)
+        except Exception:  # an unwrap this version cannot do: look at the model as it is
+            pass
+    while not isinstance(model, AdapterModel) and isinstance(getattr(model, "module", None),
+                                                             nn.Module):
+        model = model.module
+    return model if isinstance(model, AdapterModel) else None
+
+
+def _has_adapter_files(directory: Optional[str]) -> bool:
+    from .io import WEIGHTS_NAME
+
+    return bool(directory) and all(
+        os.path.isfile(os.path.join(directory, name))
+        for name in ("adapter_config.json", WEIGHTS_NAME)
+    )
+
+
+def _save(original, self, output_dir: Optional[str] = None, state_dict=None, *args, **kwargs):
+    model = _adapter_model(self)
+    if model is None:
+        return original(self, output_dir, state_dict, *args, **kwargs)
+    output_dir = output_dir if output_dir is not None else self.args.output_dir
+    if not self.args.should_save:
+        return None
+    os.makedirs(output_dir, exist_ok=True)
+    logger.info("Saving the adapter to %s", output_dir)
+    model.save_pretrained(output_dir, state_dict=state_dict)
+    # what Trainer writes beside a model: the tokenizer / processor and the training arguments
+    processing = getattr(self, "processing_class", None) or getattr(self, "tokenizer", None)
+    collator_tokenizer = getattr(getattr(self, "data_collator", None), "tokenizer", None)
+    if processing is not None:
+        processing.save_pretrained(output_dir)
+    elif collator_tokenizer is not None:
+        collator_tokenizer.save_pretrained(output_dir)
+    torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+    return None
+
+
+def _load_from_checkpoint(original, self, resume_from_checkpoint, model=None, *args, **kwargs):
+    ours = _adapter_model(self, model)
+    if ours is None or not _has_adapter_files(resume_from_checkpoint):
+        return original(self, resume_from_checkpoint, model, *args, **kwargs)
+    logger.info("Loading the adapter from %s", resume_from_checkpoint)
+    ours.load_adapter(resume_from_checkpoint, is_trainable=True)
+    return None
+
+
+def _load_best_model(original, self, *args, **kwargs):
+    ours = _adapter_model(self)
+    best = getattr(self.state, "best_model_checkpoint", None)
+    if ours is None or not _has_adapter_files(best):
+        return original(self, *args, **kwargs)
+    logger.info("Loading the best adapter from %s", best)
+    ours.load_adapter(best, is_trainable=True)
+    return None
+
+
+_HOOKS = {"_save": _save, "_load_from_checkpoint": _load_from_checkpoint,
+          "_load_best_model": _load_best_model}
+
+
+def _method(hook, original):
+    @functools.wraps(original)
+    def method(self, *args, **kwargs):
+        return hook(original, self, *args, **kwargs)
+
+    return method
+
+
+def _patch(trainer_module: Any) -> bool:
+    """Teach `trainer_module.Trainer` about our models; False (and a warning) if its methods
+    are not the ones expected."""
+    trainer = getattr(trainer_module, "Trainer", None)
+    if trainer is None:
+        return False
+    if getattr(trainer, _MARK, False):
+        return True
+    for name, expected in _EXPECTED.items():
+        method = getattr(trainer, name, None)
+        try:
+            params = tuple(inspect.signature(method).parameters)[: len(expected)]
+        except (TypeError, ValueError):
+            params = ()
+        if params != expected:
+            logger.warning(
+                "transformers.Trainer.%s is not the one llm_adapters knows (%s): Trainer will "
+                "save adapter models as full state dicts; save them with la.save_adapter",
+                name, params,
+            )
+            return False
+    for name, hook in _HOOKS.items():
+        setattr(trainer, name, _method(hook, getattr(trainer, name)))
+    setattr(trainer, _MARK, True)
+    return True
+
+
+class _PatchOnImport(importlib.abc.MetaPathFinder):
+    """Patches transformers.trainer right after it is first imported."""
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != TRAINER_MODULE:
+            return None
+        _uninstall_finder()  # find the real spec, once
+        spec = importlib.util.find_spec(fullname)
+        loader = getattr(spec, "loader", None)
+        if loader is None or not hasattr(loader, "exec_module"):
+            return spec
+        original_exec = loader.exec_module
+
+        def exec_module(module):
+            original_exec(module)
+            _patch(module)
+
+        loader.exec_module = exec_module  # this loader serves this one module
+        return spec
+
+
+_FINDER: Optional[_PatchOnImport] = None
+
+
+def _uninstall_finder() -> None:
+    global _FINDER
+    if _FINDER is not None and _FINDER in sys.meta_path:
+        sys.meta_path.remove(_FINDER)
+    _FINDER = None
+
+
+def install_trainer_support() -> None:
+    """Make `transformers.Trainer` save and resume AdapterModels as adapters: now if the
+    Trainer is imported, else when it is (importing it costs seconds; models need not)."""
+    global _FINDER
+    module = sys.modules.get(TRAINER_MODULE)
+    if module is not None and getattr(module, "Trainer", None) is not None:
+        _patch(module)
+        return
+    if _FINDER is None and importlib.util.find_spec("transformers") is not None:
+        _FINDER = _PatchOnImport()
+        sys.meta_path.insert(0, _FINDER)

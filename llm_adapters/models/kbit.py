@@ -1,0 +1,84 @@
+"""Training adapters on a quantized (k-bit) base model, as PEFT's QLoRA recipe does.
+
+    model = la.prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+    model = la.get_adapter_model(model, la.LoraConfig(...))
+
+The quantized layers themselves (bitsandbytes 4-bit / 8-bit, torchao NF4) are recognised in
+`layers._quant`; nothing here imports bitsandbytes or torchao.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from ..layers._quant import is_quantized_param, quant_format
+
+
+def quantized_layers(model: nn.Module) -> list[tuple[str, str]]:
+    """(name, format) of every quantized Linear in `model`."""
+    found = []
+    for name, module in model.named_modules():
+        try:
+            fmt = quant_format(module)
+        except TypeError:  # a format we cannot wrap: reported when it is targeted
+            fmt = "unsupported"
+        if fmt is not None:
+            found.append((name, fmt))
+    return found
+
+
+def is_kbit_model(model: nn.Module) -> bool:
+    """Whether `model` was loaded in 4 / 8 bits or holds quantized Linear layers."""
+    if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
+        return True
+    return bool(quantized_layers(model))
+
+
+def prepare_model_for_kbit_training(
+    model: nn.Module,
+    use_gradient_checkpointing: bool = True,
+    gradient_checkpointing_kwargs: Optional[dict[str, Any]] = None,
+) -> nn.Module:
+    """Ready a quantized base model for adapter training, as PEFT's function of that name:
+
+    - every parameter frozen;
+    - every float16 / bfloat16 parameter that is not quantized (norms, embeddings, the LM head)
+      cast to float32 for stability; quantized weights are left as they are;
+    - with `use_gradient_checkpointing`, gradient checkpointing enabled and, unless
+      `use_reentrant=False` is asked for, the input embeddings' output made to require grad
+      (reentrant checkpointing needs an input that requires grad to run backward at all).
+
+    Returns the same model (changed in place).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    kwargs = dict(gradient_checkpointing_kwargs or {})
+    if use_gradient_checkpointing and not hasattr(model, "gradient_checkpointing_enable"):
+        raise ValueError(
+            f"{type(model).__name__} has no gradient_checkpointing_enable: pass "
+            "use_gradient_checkpointing=False"
+        )
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in model.parameters():
+        if p.dtype in (torch.float16, torch.bfloat16) and not is_quantized_param(p):
+            p.data = p.data.to(torch.float32)
+    if use_gradient_checkpointing:
+        if kwargs.get("use_reentrant", True):
+            if hasattr(model, "enable_input_require_grads"):
+                model.enable_input_require_grads()
+            else:
+                def make_inputs_require_grad(module, inputs, output):
+                    output.requires_grad_(True)
+
+                model.get_input_embeddings().register_forward_hook(make_inputs_require_grad)
+        params = inspect.signature(model.gradient_checkpointing_enable).parameters
+        if "gradient_checkpointing_kwargs" in params:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable()
+    return model
