@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..layers._base import Conv1D, autocast_inputs
+from ..layers._sharded import frozen_aware, within_units
 
 logger = logging.getLogger(__name__)
 _ORIGINAL = "_llm_adapters_original_forward"
@@ -110,14 +111,21 @@ def _peft_lora_forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         return getattr(self, _ORIGINAL)(x, *args, **kwargs)
     name = active[0]
     base = self.get_base_layer()
-    weight = base.weight.t() if self.fan_in_fan_out else base.weight
+    lora_a, lora_b = self.lora_A[name], self.lora_B[name]
     dropout = self.lora_dropout[name]
     p = float(getattr(dropout, "p", 0.0)) if self.training else 0.0
-    x, weight, bias = autocast_inputs(x, weight, base.bias)
-    return ops.lora_linear(
-        x, weight, bias, self.lora_A[name].weight, self.lora_B[name].weight,
-        scaling=float(self.scaling[name]), dropout_p=p,
-    )
+
+    def fused() -> Tensor:
+        weight, bias = frozen_aware(base, "weight"), frozen_aware(base, "bias")
+        weight = weight.t() if self.fan_in_fan_out else weight
+        xc, weight, bias = autocast_inputs(x, weight, bias)
+        return ops.lora_linear(
+            xc, weight, bias, lora_a.weight, lora_b.weight,
+            scaling=float(self.scaling[name]), dropout_p=p,
+        )
+
+    # under FSDP1 with PEFT's wrap policy lora_A / lora_B are units of their own (see _sharded)
+    return within_units((base, lora_a, lora_b), fused)
 
 
 def _peft_classes() -> tuple[type, type]:
