@@ -112,34 +112,30 @@ class BottleneckAdapter(nn.Module):
             h = self.base_layer(x)
             return within_units(units, lambda: self._series(h))
         if self.quant is not None:  # the base's own product, the branch added into it
+            # the base layer is called outside the adapter's units: a base that is a unit of
+            # its own gathers its weight in its own forward
             y0 = self.base_layer(x)
-            return ops.lora_add(
-                y0,
-                x if x.dtype == y0.dtype else x.to(y0.dtype),
-                self.adapter_down.weight,
-                self.adapter_up.weight,
-                scaling=self._scale(),
-                dropout_p=self.adapter_dropout if self.training else 0.0,
-                activation=self.non_linearity,
-                lora_a_bias=self.adapter_down.bias,
-                lora_b_bias=self.adapter_up.bias,
-            )
+            xc = x if x.dtype == y0.dtype else x.to(y0.dtype)
+            return within_units(units, lambda: ops.lora_add(y0, xc, **self._branch()))
         return within_units((self.base_layer, *units), lambda: self._parallel(x))
 
-    def _parallel(self, x: Tensor) -> Tensor:
-        x, w, b = autocast_inputs(x, *base_weight_bias(self.base_layer))
-        return ops.lora_linear(
-            x,
-            w,
-            b,
-            self.adapter_down.weight,
-            self.adapter_up.weight,
+    def _branch(self) -> dict:
+        """The parallel branch's arguments, shared by `ops.lora_linear` (float base) and
+        `ops.lora_add` (quantized base). Read inside `within_units`: under FSDP the
+        projections' weights are whole only there."""
+        return dict(
+            lora_a=self.adapter_down.weight,
+            lora_b=self.adapter_up.weight,
             scaling=self._scale(),
             dropout_p=self.adapter_dropout if self.training else 0.0,
             activation=self.non_linearity,
             lora_a_bias=self.adapter_down.bias,
             lora_b_bias=self.adapter_up.bias,
         )
+
+    def _parallel(self, x: Tensor) -> Tensor:
+        x, w, b = autocast_inputs(x, *base_weight_bias(self.base_layer))
+        return ops.lora_linear(x, w, b, **self._branch())
 
     def extra_repr(self) -> str:
         return (
