@@ -1,0 +1,209 @@
+"""DoRA (weight-decomposed LoRA, Liu et al. 2024) as PEFT 0.21 computes it, on the fused LoRA op.
+
+For a Linear with weight W [N, K], LoRA A [r, K], B [N, r], scaling s and magnitude m [N]:
+
+    wn = ‖W + s·B A‖ per output row, detached (no gradient through the norm, as in PEFT and
+         §4.3 of the paper)
+    c  = m / wn
+    p = 0:  y = c ⊙ (x Wᵀ + s·(x Aᵀ) Bᵀ) + b
+    p > 0:  y = x Wᵀ + b + (c − 1) ⊙ (D(x) Wᵀ) + c ⊙ s·(D(x) Aᵀ) Bᵀ
+
+(PEFT with dropout active hands its DoRA layer the dropped input and no base result, so the
+(c − 1) term multiplies D(x) Wᵀ; with dropout inactive it multiplies the base output less its
+bias, which is the p = 0 line.)
+
+W + s·B A is never formed. Its row norms come from
+    ‖W_n + s(BA)_n‖² = ‖W_n‖² + 2s·(W Aᵀ)_n·B_n + s²·B_n (A Aᵀ) B_nᵀ
+with ‖W_n‖² of the frozen base passed in (the layer caches it; `weight_row_norm_sq`), so a
+forward reads W once more only for the skinny W Aᵀ [N, r]. The heavy products are those of
+`lora_linear` on whichever backend it dispatches to:
+    p = 0:  U = lora_linear(x, W, None, A, B, s)            y = c ⊙ U + b
+    p > 0:  U = lora_linear(x, W, None, A, B, s, p, seed)   E = (D(x) − x) Wᵀ
+            y = c ⊙ (U + E) − E + b
+with D(x) in E from the same backend's keep-mask for the seed as the branch of U. The column
+scale is one elementwise pass over the output (not fused into the kernels' epilogue).
+
+Backward, with g = dL/dy and T = U + E (the unscaled output, saved):
+    dU = c ⊙ g (lora_linear's backward gives dx, dA, dB)     dE = (c − 1) ⊙ g
+    dm = Σ_rows g ⊙ T / wn                                    db = Σ_rows g
+    dx += D'-complement: (mk − 1) ⊙ (dE W), mk the kept-and-scaled mask
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+from .._numerics import acc_dtype, dropout_threshold
+
+# The package itself: this module is imported while llm_adapters.ops initialises, so its
+# functions (lora_linear, the dispatch) are looked up on it at call time.
+_ops = sys.modules[__name__.rpartition(".")[0]]
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def weight_row_norm_sq(weight: Tensor) -> Tensor:
+    """‖W_n‖² per output row of a base weight [N, K] (a transposed view is fine), in float32
+    (float64 for a float64 weight), without a float32 copy of W."""
+    acc = acc_dtype(weight.dtype)
+    with torch.no_grad():
+        return torch.linalg.vector_norm(weight.detach(), dim=1, dtype=acc).square()
+
+
+def dora_weight_norm(
+    weight: Tensor,
+    lora_a: Tensor,
+    lora_b: Tensor,
+    scaling: float,
+    weight_norm_sq: Optional[Tensor] = None,
+) -> Tensor:
+    """wn = ‖W + s·B A‖ per output row [N] (float32, or float64 for float64 weights), detached,
+    from ‖W_n‖² (`weight_norm_sq`, computed here when None) and rank-sized products only."""
+    acc = acc_dtype(weight.dtype)
+    with torch.no_grad():
+        w = weight.detach()
+        a = lora_a.detach()
+        b = lora_b.detach().to(acc)
+        wsq = weight_row_norm_sq(w) if weight_norm_sq is None else weight_norm_sq.to(acc)
+        wa = torch.mm(w, a.to(w.dtype).t()).to(acc)  # [N, r]: the one extra read of W
+        a = a.to(acc)
+        cross = (wa * b).sum(1)
+        quad = (torch.mm(b, torch.mm(a, a.t())) * b).sum(1)
+        s = float(scaling)
+        # cancellation can take a (near-)zero norm a rounding below zero
+        return (wsq + (2.0 * s) * cross + (s * s) * quad).clamp_min_(0.0).sqrt_()
+
+
+class _DropResidual(torch.autograd.Function):
+    """E = (D(x) − x) Wᵀ = (x ⊙ (mk − 1)) Wᵀ for a bool keep-mask and the kept scale; saves the
+    mask only (W is the frozen base weight, held by reference)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, keep: Tensor, inv_keep: float) -> Tensor:
+        ctx.save_for_backward(weight, keep)
+        ctx.inv_keep = inv_keep
+        return torch.where(keep, x * (inv_keep - 1.0), -x) @ weight.t()
+
+    @staticmethod
+    def backward(ctx, ge: Tensor):
+        weight, keep = ctx.saved_tensors
+        dx = None
+        if ctx.needs_input_grad[0]:
+            gw = ge @ weight
+            dx = torch.where(keep, gw * (ctx.inv_keep - 1.0), -gw)
+        return dx, None, None, None
+
+
+class _ColumnScale(torch.autograd.Function):
+    """y = c ⊙ (U + E) − E + b with c = m / wn per column; wn is a constant (detached).
+    Computed in the accumulation dtype and rounded once to U's dtype."""
+
+    @staticmethod
+    def forward(ctx, u: Tensor, e: Optional[Tensor], magnitude: Tensor, wn: Tensor,
+                bias: Optional[Tensor]) -> Tensor:
+        c = magnitude.detach().to(wn.dtype) / wn
+        t = u if e is None else u + e
+        y = t * c  # promotes half-precision activations to the accumulation dtype
+        if e is not None:
+            y = y - e
+        if bias is not None:
+            y = y + bias
+        ctx.save_for_backward(t, c, wn)
+        ctx.has_e = e is not None
+        ctx.dtypes = (magnitude.dtype, None if bias is None else bias.dtype)
+        return y.to(u.dtype)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        t, c, wn = ctx.saved_tensors
+        need_u, need_e, need_m, _, need_b = ctx.needs_input_grad
+        du = (g * c).to(g.dtype) if need_u else None
+        de = (g * (c - 1.0)).to(g.dtype) if ctx.has_e and need_e else None
+        dm = db = None
+        if need_m:
+            dm = ((g.to(wn.dtype) * t).sum(0) / wn).to(ctx.dtypes[0])
+        if need_b:
+            db = g.sum(0, dtype=wn.dtype).to(ctx.dtypes[1])
+        return du, de, dm, None, db
+
+
+def _check(name: str, t: Tensor, shape: tuple[int, ...], device: torch.device) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {shape}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device}, but the input is on {device}")
+    if t.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} has dtype {t.dtype}; expected a floating dtype")
+
+
+def dora_linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    lora_a: Tensor,
+    lora_b: Tensor,
+    magnitude: Tensor,
+    scaling: float = 1.0,
+    dropout_p: float = 0.0,
+    seed: Union[int, Tensor, None] = None,
+    backend: Optional[str] = None,
+    weight_norm_sq: Optional[Tensor] = None,
+) -> Tensor:
+    """DoRA: y = c ⊙ (x Wᵀ + s·B A x) + b with c = m / ‖W + s·B A‖_row (p = 0), and PEFT's
+    y = x Wᵀ + b + (c − 1) ⊙ D(x) Wᵀ + c ⊙ s·B A D(x) under dropout (see the module docstring).
+
+    x: [..., K]; weight: [N, K] frozen (a transposed view is fine); bias: [N] or None;
+    lora_a: [r, K]; lora_b: [N, r]; magnitude: [N] (any float dtype; its gradient comes back
+    in it); scaling: a float; seed: the dropout seed (drawn from torch's CPU generator when
+    None); backend: as in `lora_linear`, which does the heavy products; weight_norm_sq: ‖W_n‖²
+    [N] of this weight (`weight_row_norm_sq`), computed here when None. The norm is detached,
+    as in PEFT: no gradient flows through it. Returns [..., N] in x's dtype.
+    """
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() < 1:
+        raise ValueError("x must have at least one dimension, got a 0-dim tensor")
+    if not isinstance(weight, Tensor) or weight.dim() != 2:
+        got = tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__
+        raise ValueError(f"weight must be 2-D [N, K], got {got}")
+    n, k = weight.shape
+    if x.shape[-1] != k:
+        raise ValueError(f"x has {x.shape[-1]} features, but weight is [N={n}, K={k}]")
+    if not isinstance(lora_a, Tensor) or lora_a.dim() != 2 or lora_a.shape[0] < 1:
+        got = tuple(lora_a.shape) if isinstance(lora_a, Tensor) else type(lora_a).__name__
+        raise ValueError(f"lora_a must be 2-D [r, {k}] with r >= 1, got {got}")
+    r = lora_a.shape[0]
+    _check("lora_a", lora_a, (r, k), x.device)
+    _check("lora_b", lora_b, (n, r), x.device)
+    _check("magnitude", magnitude, (n,), x.device)
+    if bias is not None:
+        _check("bias", bias, (n,), x.device)
+        if bias.dtype != x.dtype:
+            raise TypeError(f"bias dtype {bias.dtype} does not match x dtype {x.dtype}")
+    if weight_norm_sq is not None:
+        _check("weight_norm_sq", weight_norm_sq, (n,), x.device)
+    if isinstance(scaling, Tensor) or not isinstance(scaling, (int, float)) or isinstance(
+            scaling, bool):
+        raise TypeError(f"DoRA scaling must be a float (alpha / r), got {scaling!r}")
+    p = float(dropout_p)
+    if p > 0 and seed is None:
+        seed = _ops.new_seed()
+    x2 = x.reshape(-1, k)
+    # the branch with its base product; validates every input it shares with lora_linear
+    u = _ops.lora_linear(x2, weight, None, lora_a, lora_b, scaling=float(scaling), dropout_p=p,
+                         seed=seed, backend=backend)
+    wn = dora_weight_norm(weight, lora_a, lora_b, scaling, weight_norm_sq)
+    e = None
+    if p > 0:
+        # the keep-mask of the backend lora_linear ran on, for this seed and shape
+        impl = _ops._op("lora", x2, backend, n, r, p).backend
+        keep = impl.keep_mask(tuple(x2.shape), p, int(seed), x.device)
+        e = _DropResidual.apply(x2, weight, keep, dropout_threshold(p)[1])
+    y = _ColumnScale.apply(u, e, magnitude, wn, bias)
+    return y.view(*x.shape[:-1], n)
