@@ -36,6 +36,7 @@ from ._dispatch import (
     resolve_backend,
     shape_dependent,
 )
+from .dora import dora_linear  # noqa: E402,F401  (uses the package's lora_linear)
 
 __all__ = [
     "ACTIVATIONS",
