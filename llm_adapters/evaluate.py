@@ -31,7 +31,8 @@ from typing import Any, Optional
 
 from . import answers
 from .data import PROMPT_STYLES, RESPONSE_MARKER, DataError, generate_prompt, load_records
-from .train import str2bool
+from .train import UsageError as FlagError
+from .train import add_quantization_flags, quantization_config
 
 SUMMARY_SUFFIX = ".summary.json"
 MAX_NEW_TOKENS = {"arithmetic": 256, "letter": 256, "commonsense": 32}  # LLM-Adapters' values
@@ -76,15 +77,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument("--model", default=None, help="LLM-Adapters' model label, e.g. LLaMA-7B")
     p.add_argument("--adapter", default=None, help="LLM-Adapters' adapter label, e.g. LoRA")
-    p.add_argument(
-        "--load-8bit",
-        type=str2bool,
-        nargs="?",
-        const=True,
-        default=False,
-        metavar="BOOL",
-        help="not supported: accepted so LLM-Adapters commands parse, an error when true",
-    )
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--num-beams", type=int, default=4, help="LLM-Adapters: 4; 1 is greedy")
     p.add_argument(
@@ -116,6 +108,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         default=None,
         help="print the results table of the summaries in DIR and exit",
     )
+    add_quantization_flags(p)
     p.set_defaults(func=run)
     return p
 
@@ -318,8 +311,6 @@ def _run(args: argparse.Namespace) -> int:
             raise UsageError(f"--table {args.table!r} is not a directory")
         print(format_table(load_summaries(args.table)))
         return 0
-    if args.load_8bit:
-        raise UsageError("8-bit loading is not supported: the model loads in --dtype")
     if not args.base_model:
         raise UsageError("--base-model is required (or --table DIR to print results)")
     if not args.dataset:
@@ -354,8 +345,12 @@ def _run(args: argparse.Namespace) -> int:
         run_name = os.path.basename(os.path.normpath(args.adapter_path))
     else:
         run_name = "base"
-    os.makedirs(args.output_dir, exist_ok=True)
     device, dtype = _pick_device_dtype(args)
+    try:
+        quantization = quantization_config(args, dtype)
+    except FlagError as exc:
+        raise UsageError(str(exc)) from None
+    os.makedirs(args.output_dir, exist_ok=True)
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -368,7 +363,13 @@ def _run(args: argparse.Namespace) -> int:
             tokenizer.pad_token = tokenizer.unk_token
         else:
             tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(args.base_model, dtype=dtype)
+    load_kw: dict[str, Any] = {"dtype": dtype}
+    if quantization is not None:
+        # bitsandbytes quantizes as the weights load onto their device: place them there now
+        load_kw["quantization_config"] = quantization
+        if device.type != "cpu":
+            load_kw["device_map"] = {"": str(device)}
+    model = AutoModelForCausalLM.from_pretrained(args.base_model, **load_kw)
     adapter_type = None
     if args.adapter_path is not None:
         try:
@@ -378,7 +379,8 @@ def _run(args: argparse.Namespace) -> int:
                 f"adapter {args.adapter_path!r} does not fit {args.base_model!r}: {exc}"
             ) from None
         adapter_type = type(model.adapter_config).adapter_type
-    model.to(device)
+    if quantization is None:  # a quantized model is on its device already (and cannot move)
+        model.to(device)
     model.eval()
 
     summaries = []
@@ -391,6 +393,8 @@ def _run(args: argparse.Namespace) -> int:
             adapter_type=adapter_type,
             data_file=path if os.path.isfile(path) else os.path.join(path, "test.json"),
             dtype=str(dtype).replace("torch.", ""),
+            quantization=None if quantization is None else (
+                f"4bit-{quantization.bnb_4bit_quant_type}" if args.load_4bit else "8bit"),
             device=str(device),
         )
         stem = os.path.join(args.output_dir, f"{run_name}-{name}")

@@ -36,6 +36,8 @@ from .data import (
 ADAPTER_NAMES = ("lora", "bottleneck", "prefix-tuning", "prompt-tuning")
 WEIGHTS_NAME = "adapter_model.safetensors"  # a checkpoint holds the adapter files
 TRAIN_LOG = "train_log.json"
+QUANT_TYPES = ("nf4", "fp4")  # models.kbit's, spelled here so --help imports no torch
+COMPUTE_DTYPES = ("bf16", "fp16", "fp32")
 
 
 class UsageError(ValueError):
@@ -192,9 +194,60 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--wandb-run-name", default="")
     g.add_argument("--wandb-watch", default="")
     g.add_argument("--wandb-log-model", default="")
-    _flag_bool(p, "--load-8bit", False, "not supported (accepted so LLM-Adapters commands parse)")
+    add_quantization_flags(p)
     p.set_defaults(func=run)
     return p
+
+
+def add_quantization_flags(p: argparse.ArgumentParser) -> None:
+    """--load-8bit (LLM-Adapters' flag) and --load-4bit with QLoRA's options; `finetune` and
+    `evaluate` share them."""
+    g = p.add_argument_group(
+        'quantized base (bitsandbytes; pip install "llm_adapters[qlora]")'
+    )
+    _flag_bool(g, "--load-8bit", False, "load the base model's Linear layers in 8 bits (LLM.int8)")
+    _flag_bool(g, "--load-4bit", False, "load them in 4 bits (QLoRA)")
+    g.add_argument(
+        "--bnb-4bit-quant-type", choices=QUANT_TYPES, default=None,
+        help="with --load-4bit: the 4-bit data type (default nf4)",
+    )
+    g.add_argument(
+        "--bnb-4bit-compute-dtype", choices=COMPUTE_DTYPES, default=None,
+        help="with --load-4bit: the dtype its matmul runs in (default: that of --dtype)",
+    )
+    _flag_bool(g, "--double-quant", None,
+               "with --load-4bit: quantize the quantization constants too (default True)")
+
+
+def quantization_config(args: argparse.Namespace, dtype):
+    """The BitsAndBytesConfig the flags ask for (None: load in `dtype`); flag errors and a
+    missing bitsandbytes are a UsageError before anything loads."""
+    four = [f for f in ("bnb_4bit_quant_type", "bnb_4bit_compute_dtype", "double_quant")
+            if getattr(args, f) is not None]
+    if args.load_4bit and args.load_8bit:
+        raise UsageError("--load-4bit and --load-8bit exclude each other: pick one")
+    if four and not args.load_4bit:
+        raise UsageError(f"--{four[0].replace('_', '-')} goes with --load-4bit")
+    if not (args.load_4bit or args.load_8bit):
+        return None
+    import torch
+
+    from .models import kbit
+
+    if args.bnb_4bit_compute_dtype is not None:
+        compute = kbit.COMPUTE_DTYPES[args.bnb_4bit_compute_dtype]
+    else:
+        compute = dtype if dtype in kbit.COMPUTE_DTYPES.values() else torch.float32
+    flag = "--load-4bit" if args.load_4bit else "--load-8bit"
+    try:
+        return kbit.bnb_quantization_config(
+            4 if args.load_4bit else 8,
+            quant_type=args.bnb_4bit_quant_type or "nf4",
+            compute_dtype=compute,
+            double_quant=True if args.double_quant is None else args.double_quant,
+        )
+    except ImportError as exc:
+        raise UsageError(f"{flag}: {exc}") from None
 
 
 # ---- checks before anything loads ------------------------------------------------------------
@@ -394,8 +447,6 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     # Everything that can be checked without the model is checked first.
-    if args.load_8bit:
-        raise UsageError("8-bit loading is not supported: the base model loads in --dtype")
     world = world_size()
     grad_acc = gradient_accumulation(args.batch_size, args.micro_batch_size, world)
     if args.cutoff_len < 2:
@@ -417,6 +468,7 @@ def _run(args: argparse.Namespace) -> int:
     resume_kind = _checkpoint_kind(args.resume_from_checkpoint)
     check_base_model(args.base_model, config)
     dtype, precision = pick_dtype(args.dtype)
+    quantization = quantization_config(args, dtype)
 
     import torch
     import transformers
@@ -496,8 +548,15 @@ def _run(args: argparse.Namespace) -> int:
     load_kw: dict[str, Any] = {"dtype": dtype}
     if torch.cuda.is_available():  # each process loads straight onto its own GPU
         load_kw["device_map"] = {"": int(os.environ.get("LOCAL_RANK") or 0)}
+    if quantization is not None:
+        load_kw["quantization_config"] = quantization
     model = AutoModelForCausalLM.from_pretrained(args.base_model, **load_kw)
     model.config.use_cache = False
+    if quantization is not None:
+        # QLoRA's recipe: base frozen, its float parameters in float32, checkpointing ready
+        model = la.prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=args.use_gradient_checkpointing
+        )
     if resume_kind == "adapter":
         # LLM-Adapters' "final adapter" resume: start from its weights, a fresh optimizer
         try:
@@ -511,8 +570,12 @@ def _run(args: argparse.Namespace) -> int:
             model = la.get_adapter_model(model, config)
         except ValueError as exc:
             raise UsageError(str(exc)) from None
-    if args.use_gradient_checkpointing:
+    if args.use_gradient_checkpointing and quantization is None:
         model.gradient_checkpointing_enable()
+    if quantization is not None:
+        # the Trainer refuses a quantized model unless it sees adapters attached, which it
+        # recognises only on a PeftModel or by this flag
+        model._hf_peft_config_loaded = True
     if main:
         model.print_trainable_parameters()
 

@@ -329,7 +329,7 @@ def test_resume_from_trainer_checkpoint_and_from_adapter(tiny, tmp_path):
         ({"--lora_target_modules": "wq,wv"}, "not found"),
         ({"--save_step": "3"}, "multiple of --eval-step"),
         ({"--lora_dropout": "1.5"}, "lora_dropout"),
-        ({"--load_8bit": "True"}, "8-bit loading is not supported"),
+        ({"--load_8bit": "True", "--load_4bit": "True"}, "exclude each other"),
     ],
 )
 def test_finetune_bad_input(tiny, tmp_path, capsys, change, message):
@@ -382,8 +382,8 @@ def test_evaluate_bad_input(tiny, tmp_path, capsys):
     assert "answer 'two' is not a number" in capsys.readouterr().err
     assert evaluate(tiny, res, "--adapter_path", str(tmp_path)) == 2
     assert "no adapter_config.json" in capsys.readouterr().err
-    assert evaluate(tiny, res, "--load_8bit") == 2
-    assert "8-bit loading is not supported" in capsys.readouterr().err
+    assert evaluate(tiny, res, "--load_8bit", "--bnb_4bit_quant_type", "fp4") == 2
+    assert "--bnb-4bit-quant-type goes with --load-4bit" in capsys.readouterr().err
     assert not res.exists() or not list(res.glob("*.json"))
 
 

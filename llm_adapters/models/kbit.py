@@ -4,7 +4,8 @@
     model = la.get_adapter_model(model, la.LoraConfig(...))
 
 The quantized layers themselves (bitsandbytes 4-bit / 8-bit, torchao NF4) are recognised in
-`layers._quant`; nothing here imports bitsandbytes or torchao.
+`layers._quant`; nothing here imports bitsandbytes or torchao until `bnb_quantization_config`
+builds a loading config (what `llm-adapters finetune / evaluate --load_4bit / --load_8bit` use).
 """
 
 from __future__ import annotations
@@ -15,7 +16,41 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from ..layers._quant import is_quantized_param, quant_format
+from ..layers._quant import is_quantized_param, quant_format, require_bitsandbytes
+
+QUANT_TYPES = ("nf4", "fp4")
+COMPUTE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def bnb_quantization_config(
+    bits: int,
+    quant_type: str = "nf4",
+    compute_dtype: torch.dtype = torch.float32,
+    double_quant: bool = True,
+):
+    """transformers' `BitsAndBytesConfig` for `from_pretrained(quantization_config=...)`:
+    `bits` 4 (`quant_type` "nf4" / "fp4", `compute_dtype` of the 4-bit matmul, `double_quant`:
+    the quantization constants quantized again, as QLoRA) or 8 (LLM.int8(); the 4-bit options
+    are not used). Checks that bitsandbytes is importable (an ImportError naming the `[qlora]`
+    extra otherwise). The same config loads on CPU (bitsandbytes 0.50's CPU 4-bit / 8-bit
+    kernels) and on GPU."""
+    if bits not in (4, 8):
+        raise ValueError(f"bits must be 4 or 8, got {bits!r}")
+    if quant_type not in QUANT_TYPES:
+        raise ValueError(f"quant_type must be one of {', '.join(QUANT_TYPES)}, got {quant_type!r}")
+    if compute_dtype not in COMPUTE_DTYPES.values():
+        raise ValueError(f"compute_dtype must be bfloat16, float16 or float32, got {compute_dtype}")
+    require_bitsandbytes()
+    from transformers import BitsAndBytesConfig
+
+    if bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant_type,
+        bnb_4bit_compute_dtype=compute_dtype,
+        bnb_4bit_use_double_quant=bool(double_quant),
+    )
 
 
 def quantized_layers(model: nn.Module) -> list[tuple[str, str]]:
