@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The one-command GPU check: the self-check (`llm-adapters check`: every backend vs float64),
-# GPU tests, the skinny kernels' bandwidth, op benchmarks, the measured backend table and the
-# end-to-end benchmark at default sizes, everything written into OUT_DIR, a summary table
-# printed last. The part budgets add up to 430 s (under 8 minutes with the setup around them).
+# GPU tests, the skinny kernels' bandwidth, op benchmarks, the measured backend table, the
+# end-to-end benchmark at default sizes and its QLoRA case (LoRA on a 4-bit NF4 base, ours vs
+# PEFT), everything written into OUT_DIR, a summary table printed last. The part budgets add
+# up to 450 s (under 8 minutes with the setup around them).
 #
 #   benchmarks/gpu_check.sh OUT_DIR              on a machine with an NVIDIA GPU
 #   benchmarks/gpu_check.sh --dry-run OUT_DIR    print the plan, record the environment only
@@ -10,7 +11,8 @@
 #                                                this script, not the GPU code)
 #
 # Installs nothing. Uses $PYTHON (default: python3, else python) from the repository root.
-# Time budget per part (seconds), overridable: T_CHECK, T_TESTS, T_KERNELS, T_OPS, T_TUNE, T_E2E.
+# Time budget per part (seconds), overridable: T_CHECK, T_TESTS, T_KERNELS, T_OPS, T_TUNE, T_E2E,
+# T_QLORA.
 # SKIP_PARTS="kernels ..." leaves parts out (shown as skipped; they do not fail the run).
 # Exit status: 0 when every part that ran passed, 1 otherwise (the summary says which).
 
@@ -20,7 +22,7 @@ MODE=gpu
 case "${1:-}" in
   --dry-run) MODE=dry; shift ;;
   --cpu-smoke) MODE=cpu; shift ;;
-  -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+  -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
 esac
 if [ $# -ne 1 ]; then
   echo "usage: $0 [--dry-run|--cpu-smoke] OUT_DIR" >&2
@@ -84,12 +86,17 @@ echo "environment: $OUT/environment.txt"
 grep -E '^(torch|triton|transformers|peft|backend|gpu)' "$OUT/environment.txt" | sed 's/^/  /'
 
 # ---- the plan --------------------------------------------------------------------------------
-# Budgets: on a GPU they add up to 430 s (check 75, tests 105, kernels 45, ops 85, tune 65,
-# e2e 55), leaving room for the environment record and the summary within 8 minutes. The CPU
-# smoke run checks the wiring, not the time: its budgets only stop a hang, on a loaded machine.
+# Budgets: on a GPU they add up to 450 s (check 75, tests 105, kernels 45, ops 85, tune 65,
+# e2e 55, qlora 20), leaving 30 s for the environment record and the summary within 8 minutes.
+# The QLoRA case runs in a process of its own, so that it cannot cost the e2e part its rows:
+# about 10 s of start-up and model building (an estimate: not yet timed on a GPU), then
+# 2 x 13 steps (3 of them warm-up) of the e2e GPU model (LLaMA-7B widths, 4 layers, 4 x 1024
+# tokens a step) with its linears in 4-bit NF4 (bitsandbytes' kernels, no Triton compiles).
+# The CPU smoke run checks the wiring, not the time: its budgets only stop a hang, on a loaded
+# machine.
 if [ "$MODE" = cpu ]; then
   T_CHECK="${T_CHECK:-240}" T_TESTS="${T_TESTS:-300}" T_OPS="${T_OPS:-240}"
-  T_TUNE="${T_TUNE:-120}" T_E2E="${T_E2E:-240}"
+  T_TUNE="${T_TUNE:-120}" T_E2E="${T_E2E:-240}" T_QLORA="${T_QLORA:-240}"
   CHECK_ARGS=(--device cpu --reps 1)  # torch, and triton under the interpreter
   BENCH_ARGS=(--quick --device cpu)
   TEST_ARGS=(-m gpu)  # collected and skipped without a GPU: checks the wiring only
@@ -98,7 +105,7 @@ if [ "$MODE" = cpu ]; then
   TUNE_ENV=(env TRITON_INTERPRET=1)
 else
   T_CHECK="${T_CHECK:-75}" T_TESTS="${T_TESTS:-105}" T_OPS="${T_OPS:-85}"
-  T_TUNE="${T_TUNE:-65}" T_E2E="${T_E2E:-55}"
+  T_TUNE="${T_TUNE:-65}" T_E2E="${T_E2E:-55}" T_QLORA="${T_QLORA:-20}"
   CHECK_ARGS=(--device cuda)
   BENCH_ARGS=(--device cuda)  # an error, not a silent CPU run, if torch sees no GPU
   TEST_ARGS=(-m gpu)
@@ -127,6 +134,10 @@ CMD_TUNE=("${TUNE_ENV[@]}" timeout --kill-after=20 "$T_TUNE" "$PYTHON" -m llm_ad
           "${TUNE_ARGS[@]}" --no-save --out "$OUT/backend_table.json")
 CMD_E2E=(timeout --kill-after=20 "$T_E2E" "$PYTHON" -m llm_adapters.cli bench --e2e-only
          "${BENCH_ARGS[@]}" --out "$OUT")
+# its own results file (the summary reads every *.jsonl of OUT_DIR) and loss plot
+CMD_QLORA=(timeout --kill-after=20 "$T_QLORA" "$PYTHON" -m llm_adapters.cli bench --e2e-only
+           --e2e-variants qlora --e2e-steps 10 "${BENCH_ARGS[@]}" --out "$OUT"
+           --results-file "$OUT/qlora.jsonl")
 
 # ---- the skinny LoRA kernels alone (shrink, expand, reduce_rows, grad_rows): GB/s, both variants
 if [ "$MODE" = cpu ]; then  # the host emulation (after a JIT build of the extension): wiring only
@@ -139,8 +150,8 @@ fi
 CMD_KERNELS=(timeout --kill-after=20 "$T_KERNELS" "$PYTHON" -m llm_adapters.bench.kernels
              "${KERNEL_ARGS[@]}" --out "$OUT")
 
-BUDGET=$(( T_CHECK + T_TESTS + T_KERNELS + T_OPS + T_TUNE + T_E2E ))
-echo "part budgets: ${BUDGET} s (check $T_CHECK, tests $T_TESTS, kernels $T_KERNELS, ops $T_OPS, tune $T_TUNE, e2e $T_E2E)"
+BUDGET=$(( T_CHECK + T_TESTS + T_KERNELS + T_OPS + T_TUNE + T_E2E + T_QLORA ))
+echo "part budgets: ${BUDGET} s (check $T_CHECK, tests $T_TESTS, kernels $T_KERNELS, ops $T_OPS, tune $T_TUNE, e2e $T_E2E, qlora $T_QLORA)"
 
 declare -A RC SECS
 run_part() {  # name logfile command...
@@ -174,6 +185,7 @@ run_part kernels "$OUT/bench-kernels.log" "${CMD_KERNELS[@]}"
 run_part ops "$OUT/bench-ops.log" "${CMD_OPS[@]}"
 run_part tune "$OUT/tune-backends.log" "${CMD_TUNE[@]}"
 run_part e2e "$OUT/bench-e2e.log" "${CMD_E2E[@]}"
+run_part qlora "$OUT/bench-qlora.log" "${CMD_QLORA[@]}"
 
 # ---- the summary, last -------------------------------------------------------------------
 TOTAL=$(( $(date +%s) - START ))
@@ -181,7 +193,7 @@ echo
 echo "== summary ($OUT, ${TOTAL} s in all)"
 printf '%-6s %-12s %6s  %s\n' part status secs log
 status=0
-for part in check tests kernels ops tune e2e; do
+for part in check tests kernels ops tune e2e qlora; do
   rc="${RC[$part]}"
   case "$rc" in
     0) st=ok ;;
@@ -197,6 +209,7 @@ for part in check tests kernels ops tune e2e; do
     ops) log=bench-ops.log ;;
     tune) log=tune-backends.log ;;
     e2e) log=bench-e2e.log ;;
+    qlora) log=bench-qlora.log ;;
     kernels) log=bench-kernels.log ;;
   esac
   printf '%-6s %-12s %6s  %s\n' "$part" "$st" "${SECS[$part]}" "$log"

@@ -316,6 +316,30 @@ def test_e2e_pairs_start_equal_and_train_alike():
     assert "max|dloss|" in e2e.format_table(results, cfg)
 
 
+def test_e2e_qlora_pair_on_the_same_4bit_base():
+    pytest.importorskip("bitsandbytes")
+    import llm_adapters as la
+    from llm_adapters.bench import e2e
+
+    cfg = e2e.E2EConfig.for_device(torch.device("cpu"), quick=True)
+    cfg.steps, cfg.warmup = 2, 1
+    base = e2e.build_model(cfg, torch.device("cpu"))
+    ours, theirs = e2e._pair_models(e2e.QLORA, base, cfg)
+    # ours wraps 4-bit layers, PEFT its bnb layer; both hold the packed weights, not floats
+    assert {type(m.base_layer).__name__ for m in ours.modules()
+            if isinstance(m, la.LoraLinear)} == {"Linear4bit"}
+    assert any(type(m).__module__ == "peft.tuners.lora.bnb" for m in theirs.modules())
+    assert e2e.resident_bytes(ours) == e2e.resident_bytes(theirs) < e2e.resident_bytes(base)
+    del ours, theirs
+    pair = e2e.run_e2e(cfg, torch.device("cpu"), variants=(e2e.QLORA,), log=lambda s: None)
+    assert [(r.variant, r.impl, r.status) for r in pair] == [
+        ("qlora", "ours", "ok"), ("qlora", "peft", "ok")]
+    assert pair[0].loss_max_abs_diff < 1e-4 and pair[0].speedup > 0
+    assert pair[0].weights_bytes == pair[1].weights_bytes and pair[0].trainable > 0
+    recs = e2e.to_records(pair, cfg, results.environment(torch.device("cpu")))
+    assert recs[0]["variant"] == "qlora" and recs[0]["weights_bytes"] > 0
+
+
 # -- GPU (run with `pytest -m gpu`) ----------------------------------------------------------
 
 

@@ -103,6 +103,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a named size grid (design: DESIGN §7's full GPU grid)")
     p.add_argument("--out", default=os.path.join("benchmarks", "results"),
                    help="folder for <device>.jsonl and <device>.png")
+    p.add_argument("--results-file", default=None, metavar="PATH",
+                   help="append rows to this .jsonl instead of <out>/<device>.jsonl (the plots "
+                        "are named after it)")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")
     p.add_argument("--no-write", action="store_true", help="do not append to the results file")
     p.add_argument("--seconds", type=float, default=None, help="timing budget per provider")
@@ -235,7 +238,7 @@ def run(args: argparse.Namespace, argv: Optional[list[str]] = None) -> int:
     all_rows: list[results.Row] = []
     ops_to_run = [] if args.e2e_only else (list(OPS) if args.op == "all" else [args.op])
     t0 = time.perf_counter()
-    path = results.results_path(args.out, device)
+    path = args.results_file or results.results_path(args.out, device)
 
     def write(rows: list[results.Row]) -> None:  # per case: a run cut short keeps its rows
         if not args.no_write:

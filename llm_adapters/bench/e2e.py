@@ -4,12 +4,23 @@ fixed number of steps with each adapter, ours against the implementation users r
     LoRA on every linear      ours (`la.get_adapter_model`)   vs  PEFT (`get_peft_model`)
     AdapterH (series)         ours (BottleneckConfig)          vs  eager LLM-Adapters modules
     parallel adapter          ours (use_parallel_adapter)      vs  eager LLM-Adapters modules
+    QLoRA (`qlora`, asked for by name): LoRA on every linear of the same model with those
+    linears quantized to bitsandbytes 4-bit NF4, ours vs PEFT's bnb `Linear4bit` LoRA layer
 
 Both sides of a pair start from the same base weights, the same adapter weights (copied from
 ours into the other), see the same batches and use the same optimiser, so with dropout 0 their
 loss curves must agree up to rounding: the report gives the largest |loss difference| over the
-steps. Measured: tokens/s over the timed steps (after warm-up steps) and, on a GPU, the peak
-memory of training above the model's own weights.
+steps. Measured: tokens/s over the timed steps (after warm-up steps), the resident bytes of
+the model's weights (for QLoRA: the packed 4-bit weights and their quantization state) and, on
+a GPU, the peak memory of training above them.
+
+The QLoRA base is the float model with every targeted decoder linear replaced by a
+bitsandbytes `Linear4bit` (NF4, no double quantization, compute dtype = the model's dtype)
+holding that weight quantized, and `is_loaded_in_4bit` set as a 4-bit `from_pretrained` sets
+it (PEFT picks its bnb layer by it); the other parameters stay in the model's dtype and
+frozen, on both sides alike. Both sides call the same quantized layers, so the pair differs
+only in how the adapter branch is added: ours `ops.lora_add` into the layer's output, PEFT's
+layer its own way.
 
 The eager bottleneck modules follow LLM-Adapters' formulation: the adapter input is cast to the
 adapter's dtype, adapter(h) = up(act(down(dropout(h)))) · s, added to h (series: on the input
@@ -37,7 +48,9 @@ from .results import append_results, load_now, pyplot, results_path, save_figure
 from .timing import StepClock, quantiles
 
 ALL_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-VARIANTS = ("lora", "series", "parallel")
+VARIANTS = ("lora", "series", "parallel")  # what runs unless variants are named
+QLORA = "qlora"
+ALL_VARIANTS = (*VARIANTS, QLORA)
 
 
 @dataclass
@@ -92,6 +105,7 @@ class E2EResult:
     step_cpu_ms: Optional[float] = None  # median process CPU time of a step (CPU devices)
     peak_bytes: Optional[int] = None
     saved_bytes: Optional[int] = None  # kept for backward by one forward (all devices)
+    weights_bytes: Optional[int] = None  # resident parameters, buffers, quantization state
     losses: list[float] = field(default_factory=list)
     loss_max_abs_diff: Optional[float] = None  # vs the other side of the pair
     speedup: Optional[float] = None  # tokens/s over the other side's
@@ -120,6 +134,54 @@ def build_model(cfg: E2EConfig, device: torch.device) -> nn.Module:
     with torch.device(device):
         model = LlamaForCausalLM(config)
     return model.to(harness.DTYPES[cfg.dtype])
+
+
+def quantize_4bit(model: nn.Module, targets=ALL_LINEARS, quant_type: str = "nf4") -> nn.Module:
+    """Replace every nn.Linear named in `targets` by a bitsandbytes Linear4bit holding its
+    weight quantized (on the weight's device; compute dtype = the weight's dtype), freeze the
+    model and mark it `is_loaded_in_4bit`. In place; returns `model`. ImportError without
+    bitsandbytes."""
+    from ..layers._quant import require_bitsandbytes
+
+    bnb = require_bitsandbytes()
+    swaps = [(parent, name, child) for parent in model.modules()
+             for name, child in parent.named_children()
+             if name in targets and type(child) is nn.Linear]
+    if not swaps:
+        raise ValueError(f"no nn.Linear named {', '.join(targets)} to quantize")
+    for parent, name, child in swaps:
+        w = child.weight
+        q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                              compute_dtype=w.dtype, compress_statistics=False,
+                              quant_type=quant_type, device="meta")
+        q.weight = bnb.nn.Params4bit(w.data, requires_grad=False, compress_statistics=False,
+                                     quant_type=quant_type)
+        if child.bias is not None:
+            q.bias = nn.Parameter(child.bias.data, requires_grad=False)
+        setattr(parent, name, q.to(w.device))  # .to quantizes
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.is_loaded_in_4bit = True
+    return model
+
+
+def resident_bytes(model: nn.Module) -> int:
+    """Bytes of `model`'s parameters and buffers (unique storages; a 4-bit weight counts its
+    packed bytes) plus the tensors of bitsandbytes quantization states (absmax, code, ...)."""
+    seen: dict[tuple[int, int, str], int] = {}
+
+    def add(t: Any) -> None:
+        if isinstance(t, Tensor) and t.device.type != "meta":
+            s = t.untyped_storage()
+            seen[(s.data_ptr(), s.nbytes(), str(t.device))] = s.nbytes()
+        elif hasattr(t, "absmax") and hasattr(t, "blocksize"):  # a bnb QuantState
+            for v in vars(t).values():
+                add(v)
+
+    for t in (*model.parameters(), *model.buffers()):
+        add(t)
+        add(getattr(t, "quant_state", None))
+    return sum(seen.values())
 
 
 _ACT = {"tanh": torch.tanh, "relu": torch.relu, "gelu": F.gelu, "silu": F.silu,
@@ -206,7 +268,7 @@ def peft_like(ours_model: nn.Module, base_copy: nn.Module, cfg: E2EConfig) -> nn
 def ours_model(variant: str, base: nn.Module, cfg: E2EConfig) -> nn.Module:
     import llm_adapters as la
 
-    if variant == "lora":
+    if variant in ("lora", QLORA):
         config: Any = la.LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
                                     lora_dropout=cfg.dropout, target_modules=list(ALL_LINEARS))
     elif variant == "series":
@@ -216,10 +278,11 @@ def ours_model(variant: str, base: nn.Module, cfg: E2EConfig) -> nn.Module:
         config = la.BottleneckConfig(bottleneck_size=cfg.bottleneck, non_linearity="tanh",
                                      adapter_dropout=cfg.dropout, use_parallel_adapter=True)
     else:
-        raise ValueError(f"unknown variant {variant!r}: expected one of {', '.join(VARIANTS)}")
+        raise ValueError(
+            f"unknown variant {variant!r}: expected one of {', '.join(ALL_VARIANTS)}")
     torch.manual_seed(cfg.seed + 1)  # adapter init
     model = la.get_adapter_model(base, config)
-    if variant == "lora":
+    if variant in ("lora", QLORA):
         # B starts at zero; give it small values so the adapters shape the loss from step 0
         # and a wrong backward would show in the curves.
         gen = torch.Generator().manual_seed(cfg.seed + 2)
@@ -303,38 +366,56 @@ def _count(model: nn.Module) -> tuple[int, int]:
     return total, sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def run_e2e(
-    cfg: E2EConfig, device: torch.device, variants=VARIANTS, log=print
-) -> list[E2EResult]:
-    """Train every variant, ours and the reference, and return one result per run."""
+def _pair_models(variant: str, base: nn.Module, cfg: E2EConfig) -> list[nn.Module]:
+    """Ours and the reference for `variant`, both built before either trains (the reference
+    starts from ours' initial adapter weights), each on its own copy of `base`."""
+    if variant == QLORA:
+        base = quantize_4bit(copy.deepcopy(base))
+    ours = ours_model(variant, copy.deepcopy(base), cfg)
+    if variant in ("lora", QLORA):
+        return [ours, peft_like(ours.base_model, copy.deepcopy(base), cfg)]
+    return [ours, eager_bottleneck_like(ours.base_model, copy.deepcopy(base))]
+
+
+def _backend_name(variant: str, device: torch.device) -> str:
     from .. import ops
 
+    # QLoRA: the branch added into the quantized layer's own output
+    op = {"series": "series", QLORA: "lora_add"}.get(variant, "lora")
+    return ops.resolve_backend(op, device).name
+
+
+def run_e2e(
+    cfg: E2EConfig, device: torch.device, variants=VARIANTS, log=print, on_pair=None
+) -> list[E2EResult]:
+    """Train every variant, ours and the reference, and return one result per run.
+    `on_pair(pair)`, when given, gets each pair's two results as soon as they are complete.
+    A QLoRA pair without bitsandbytes is reported as skipped, with the reason."""
     base = build_model(cfg, device)
     data = batches(cfg, device, cfg.warmup + cfg.steps)
     tokens = cfg.batch * cfg.seq
     results: list[E2EResult] = []
     for variant in variants:
-        other_impl = "peft" if variant == "lora" else "eager"
+        other_impl = "eager" if variant in ("series", "parallel") else "peft"
         pair = [E2EResult(variant, "ours"), E2EResult(variant, other_impl)]
         load = load_now()  # sampled while this process sleeps, before the pair trains
         for res in pair:
             res.load = load
         models: list[Optional[nn.Module]] = [None, None]
-        try:  # both built before either trains: the other starts from ours' initial adapters
-            models[0] = ours_model(variant, copy.deepcopy(base), cfg)
-            op = "lora" if variant in ("lora", "parallel") else "series"
-            pair[0].backend = ops.resolve_backend(op, device).name
-            if other_impl == "peft":
-                models[1] = peft_like(models[0].base_model, copy.deepcopy(base), cfg)
-            else:
-                models[1] = eager_bottleneck_like(models[0].base_model, copy.deepcopy(base))
+        try:
+            models = _pair_models(variant, base, cfg)
+            pair[0].backend = _backend_name(variant, device)
+        except ImportError as exc:  # bitsandbytes (QLoRA) is optional
+            for res in pair:
+                res.status, res.reason = "skipped", f"{type(exc).__name__}: {exc}"
         except Exception as exc:  # noqa: BLE001  (reported, the other variants go on)
             for res in pair:
                 res.status, res.reason = "error", f"building: {type(exc).__name__}: {exc}"
-        if all(m is not None for m in models):
+        if all(m is not None for m in models) and pair[0].status == "ok":
             try:
                 for res, model in zip(pair, models, strict=True):
                     res.params, res.trainable = _count(model)
+                    res.weights_bytes = resident_bytes(model)
                 trained = train_pair(models, data, cfg, device)
                 for res, model, (losses, times, peak, cpu) in zip(pair, models, trained,
                                                                   strict=True):
@@ -364,6 +445,8 @@ def run_e2e(
             elif mine.saved_bytes and other.saved_bytes:
                 mine.mem_ratio = mine.saved_bytes / other.saved_bytes
         results.extend(pair)
+        if on_pair is not None:
+            on_pair(pair)
     return results
 
 
@@ -372,11 +455,12 @@ def _line(r: E2EResult) -> str:
         return f"  {r.variant:<9} {r.impl:<6} {r.status}: {r.reason}"
     peak = "-" if r.peak_bytes is None else f"{r.peak_bytes / 2**30:.2f} GiB"
     saved = "-" if r.saved_bytes is None else f"{r.saved_bytes / 2**20:.1f} MiB"
+    weights = "-" if r.weights_bytes is None else f"{r.weights_bytes / 2**20:.1f} MiB"
     cpu = "" if r.step_cpu_ms is None else f" cpu {r.step_cpu_ms:.1f} ms"
     return (f"  {r.variant:<9} {r.impl:<6} {r.tokens_per_s:10.0f} tok/s  "
             f"step {r.step_ms:.1f} ms{cpu} "
-            f"(p20 {r.step_p20_ms:.1f}, p80 {r.step_p80_ms:.1f})  peak {peak}  saved {saved}  "
-            f"loss {r.losses[0]:.4f} -> {r.losses[-1]:.4f}")
+            f"(p20 {r.step_p20_ms:.1f}, p80 {r.step_p80_ms:.1f})  weights {weights}  "
+            f"peak {peak}  saved {saved}  loss {r.losses[0]:.4f} -> {r.losses[-1]:.4f}")
 
 
 def format_table(results: list[E2EResult], cfg: E2EConfig) -> str:
@@ -384,10 +468,12 @@ def format_table(results: list[E2EResult], cfg: E2EConfig) -> str:
         f"end-to-end: LLaMA hidden={cfg.hidden} inter={cfg.intermediate} layers={cfg.layers} "
         f"vocab={cfg.vocab} {cfg.dtype}, batch {cfg.batch}x{cfg.seq}, {cfg.steps} timed steps "
         f"after {cfg.warmup}, dropout {cfg.dropout}",
-        f"{'variant':<9} {'impl':<6} {'backend':<8} {'tok/s':>10} {'step ms':>9} {'peak GiB':>9} "
-        f"{'saved MiB':>9} {'speedup':>8} {'cpu spd':>8} {'mem ratio':>9} {'max|dloss|':>11}",
+        f"{'variant':<9} {'impl':<6} {'backend':<8} {'tok/s':>10} {'step ms':>9} "
+        f"{'weights MiB':>11} {'peak GiB':>9} {'saved MiB':>9} {'speedup':>8} {'cpu spd':>8} "
+        f"{'mem ratio':>9} {'max|dloss|':>11}",
         "(speedup: tokens/s over the other side's; cpu spd: the same from process CPU time per "
-        "step (CPU); mem ratio: peak GPU memory, or on a CPU the bytes saved for backward, over "
+        "step (CPU); weights: resident parameters, buffers and quantization state; mem ratio: "
+        "peak GPU memory above the weights, or on a CPU the bytes saved for backward, over "
         "the other side's)",
     ]
     for r in results:
@@ -400,8 +486,10 @@ def format_table(results: list[E2EResult], cfg: E2EConfig) -> str:
         cs = "-" if r.cpu_speedup is None else f"{r.cpu_speedup:.2f}x"
         mr = "-" if r.mem_ratio is None else f"{r.mem_ratio:.2f}"
         dl = "-" if r.loss_max_abs_diff is None else f"{r.loss_max_abs_diff:.2e}"
+        wb = "-" if r.weights_bytes is None else f"{r.weights_bytes / 2**20:.1f}"
         lines.append(f"{r.variant:<9} {r.impl:<6} {r.backend or '-':<8} {r.tokens_per_s:>10.0f} "
-                     f"{r.step_ms:>9.1f} {peak:>9} {saved:>9} {sp:>8} {cs:>8} {mr:>9} {dl:>11}")
+                     f"{r.step_ms:>9.1f} {wb:>11} {peak:>9} {saved:>9} {sp:>8} {cs:>8} {mr:>9} "
+                     f"{dl:>11}")
     return "\n".join(lines)
 
 
@@ -410,7 +498,7 @@ def plot_losses(results: list[E2EResult], path: str, title: str = "") -> Optiona
     if plt is None:
         return None
     ok = [r for r in results if r.status == "ok"]
-    variants = sorted({r.variant for r in ok}, key=VARIANTS.index)
+    variants = sorted({r.variant for r in ok}, key=ALL_VARIANTS.index)
     if not variants:
         return None
     fig, axes = plt.subplots(1, len(variants), figsize=(5 * len(variants), 4), squeeze=False)
@@ -444,7 +532,9 @@ def to_records(results: list[E2EResult], cfg: E2EConfig, env: dict[str, Any]):
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--e2e-steps", type=int, default=None, help="timed training steps")
     p.add_argument("--e2e-dropout", type=float, default=None, help="adapter dropout")
-    p.add_argument("--e2e-variants", nargs="+", choices=VARIANTS, default=None)
+    p.add_argument("--e2e-variants", nargs="+", choices=ALL_VARIANTS, default=None,
+                   help=f"pairs to train (default: {' '.join(VARIANTS)}; {QLORA}: LoRA on a "
+                        "4-bit NF4 base, needs bitsandbytes)")
     p.add_argument("--e2e-layers", type=int, default=None, help="decoder layers")
 
 
@@ -460,12 +550,18 @@ def run_from_args(args: argparse.Namespace, device: torch.device, env: dict[str,
     variants = getattr(args, "e2e_variants", None) or VARIANTS
     print(f"\n== end-to-end training: {', '.join(variants)} ==", flush=True)
     t0 = time.perf_counter()
-    results = run_e2e(cfg, device, variants, log=lambda s: print(s, flush=True))
-    print("\n" + format_table(results, cfg))
     out = getattr(args, "out", os.path.join("benchmarks", "results"))
-    path = results_path(out, device)
-    if not getattr(args, "no_write", False):
-        append_results(path, to_records(results, cfg, env))
+    path = getattr(args, "results_file", None) or results_path(out, device)
+    write = not getattr(args, "no_write", False)
+
+    def on_pair(pair: list[E2EResult]) -> None:  # per pair: a run cut short keeps its rows
+        if write:
+            append_results(path, to_records(pair, cfg, env))
+
+    results = run_e2e(cfg, device, variants, log=lambda s: print(s, flush=True),
+                      on_pair=on_pair)
+    print("\n" + format_table(results, cfg))
+    if write:
         print(f"results appended to {path}")
     if not getattr(args, "no_plot", False):
         png = plot_losses(results, os.path.splitext(path)[0] + "-e2e-loss.png",
@@ -473,7 +569,7 @@ def run_from_args(args: argparse.Namespace, device: torch.device, env: dict[str,
         if png:
             print(f"loss curves: {png}")
     print(f"end-to-end took {time.perf_counter() - t0:.1f} s")
-    bad = [r for r in results if r.status != "ok"]
+    bad = [r for r in results if r.status != "ok"]  # a pair asked for that did not run, too
     # With dropout 0 the pair computes the same function: losses must agree to rounding.
     tol = 5e-2 if cfg.dtype != "float32" else 1e-3
     drift = [r for r in results if cfg.dropout == 0 and r.loss_max_abs_diff is not None

@@ -97,19 +97,21 @@ def summarise(out_dir: str, printer=print) -> int:
         for line in targets:
             printer("  " + line)
     if e2e_rows:
-        printer(f"{'e2e':<9}{'impl':<7}{'tok/s':>10}{'peak GiB':>10}{'speedup':>9}"
-                f"{'mem ratio':>10}{'max|dloss|':>12}")
+        printer(f"{'e2e':<9}{'impl':<7}{'tok/s':>10}{'weights GiB':>12}{'peak GiB':>10}"
+                f"{'speedup':>9}{'mem ratio':>10}{'max|dloss|':>12}")
         for r in e2e_rows:
             if r.get("status") != "ok":
                 printer(f"{r['variant']:<9}{r['impl']:<7} {r.get('status')}: {r.get('reason')}")
                 status = 1
                 continue
             peak = "-" if r.get("peak_bytes") is None else f"{r['peak_bytes'] / 2**30:.2f}"
+            wb = r.get("weights_bytes")  # rows written before it was recorded have none
+            weights = "-" if wb is None else f"{wb / 2**30:.3f}"
             sp = "-" if r.get("speedup") is None else f"{r['speedup']:.2f}x"
             mr = "-" if r.get("mem_ratio") is None else f"{r['mem_ratio']:.2f}"
             dl = "-" if r.get("loss_max_abs_diff") is None else f"{r['loss_max_abs_diff']:.2e}"
-            printer(f"{r['variant']:<9}{r['impl']:<7}{r['tokens_per_s']:>10.0f}{peak:>10}"
-                    f"{sp:>9}{mr:>10}{dl:>12}")
+            printer(f"{r['variant']:<9}{r['impl']:<7}{r['tokens_per_s']:>10.0f}{weights:>12}"
+                    f"{peak:>10}{sp:>9}{mr:>10}{dl:>12}")
     tuned = _backend_table(os.path.join(out_dir, "backend_table.json"), printer)
     kernels = _kernel_bandwidth(os.path.join(out_dir, "kernels-bandwidth.json"), printer)
     if not ops_rows and not e2e_rows and not tuned and not kernels:
