@@ -77,6 +77,9 @@ def test_enumeration_covers_every_kernel_dtype_and_option(enumeration):
     assert {(c["HAS_BIAS"], c["HAS_BB"], c["HAS_SCALE_T"]) for c in main} >= {
         (False, False, False), (True, True, True)
     }
+    for kernel in ("lora._main_kernel", "lora._dx_kernel"):  # lora_linear, and lora_add's
+        assert {r["constexprs"]["HAS_BASE"] for r in rows if r["kernel"] == kernel} == {
+            True, False}
     fwd = [r["constexprs"] for r in rows if r["kernel"] == "series._series_forward_kernel"]
     assert {c["HAS_DROPOUT"] for c in fwd} == {False, True}
     assert {c["ONE_R_TILE"] for c in fwd} == {False, True}

@@ -115,6 +115,43 @@ def _check_common(
     return activation
 
 
+def _check_branch(
+    x: Tensor, lora_a: Tensor, lora_b: Tensor, lora_a_bias: Optional[Tensor],
+    lora_b_bias: Optional[Tensor], dropout_p: float, activation: str, scaling: Scale,
+    base: Optional[Tensor] = None,
+) -> tuple[str, int, int, int]:
+    """The checks `lora_linear` and `lora_add` share: x, the low-rank branch (A, B and their
+    biases), dropout, activation and scaling; with `base` (lora_linear's weight [N, K]) N is
+    its, else lora_b's. Returns (canonical activation, k, n, r)."""
+    for name, t in (("lora_a", lora_a), ("lora_b", lora_b)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    activation = _check_common(
+        x, "x", lora_a.shape[0] if lora_a.dim() else 0, dropout_p, activation, scaling)
+    k = x.shape[-1]
+    if base is not None:
+        if not isinstance(base, Tensor) or base.dim() != 2 or base.shape[1] != k:
+            raise ValueError(
+                f"weight has shape {tuple(getattr(base, 'shape', ()))}, expected [N, {k}] for "
+                f"x [..., {k}]"
+            )
+        n = base.shape[0]
+    elif lora_b.dim() != 2:
+        raise ValueError(f"lora_b must be 2-D [N, r], got shape {tuple(lora_b.shape)}")
+    else:
+        n = lora_b.shape[0]
+    if lora_a.dim() != 2:
+        raise ValueError(f"lora_a must be 2-D [r, {k}], got shape {tuple(lora_a.shape)}")
+    r = lora_a.shape[0]
+    _check_tensor("lora_a", lora_a, (r, k), x.device)
+    _check_tensor("lora_b", lora_b, (n, r), x.device)
+    if lora_a_bias is not None:
+        _check_tensor("lora_a_bias", lora_a_bias, (r,), x.device)
+    if lora_b_bias is not None:
+        _check_tensor("lora_b_bias", lora_b_bias, (n,), x.device)
+    return activation, k, n, r
+
+
 def _split_scale(scaling: Scale) -> tuple[Optional[Tensor], float]:
     if isinstance(scaling, Tensor):
         return scaling.reshape(()), 1.0
@@ -211,17 +248,8 @@ def lora_linear(
     CPU generator when None). Adapter weights may be float32 while x is half precision: they
     are cast to x's dtype; x is never upcast. Returns [..., N] in x's dtype.
     """
-    activation = _check_common(
-        x, "x", lora_a.shape[0] if lora_a.dim() else 0, dropout_p, activation, scaling)
-    k = x.shape[-1]
-    if weight.dim() != 2 or weight.shape[1] != k:
-        raise ValueError(
-            f"weight has shape {tuple(weight.shape)}, expected [N, {k}] for x [..., {k}]"
-        )
-    n = weight.shape[0]
-    if lora_a.dim() != 2:
-        raise ValueError(f"lora_a must be 2-D [r, {k}], got shape {tuple(lora_a.shape)}")
-    r = lora_a.shape[0]
+    activation, k, n, r = _check_branch(x, lora_a, lora_b, lora_a_bias, lora_b_bias, dropout_p,
+                                        activation, scaling, base=weight)
     _check_tensor("weight", weight, (n, k), x.device)
     if weight.dtype != x.dtype:
         raise TypeError(f"weight dtype {weight.dtype} does not match x dtype {x.dtype}")
@@ -234,12 +262,6 @@ def lora_linear(
         _check_tensor("bias", bias, (n,), x.device)
         if bias.dtype != x.dtype:
             raise TypeError(f"bias dtype {bias.dtype} does not match x dtype {x.dtype}")
-    _check_tensor("lora_a", lora_a, (r, k), x.device)
-    _check_tensor("lora_b", lora_b, (n, r), x.device)
-    if lora_a_bias is not None:
-        _check_tensor("lora_a_bias", lora_a_bias, (r,), x.device)
-    if lora_b_bias is not None:
-        _check_tensor("lora_b_bias", lora_b_bias, (n,), x.device)
     x2 = _rows(x, k)
     scale_t, scale_f = _split_scale(scaling)
     lead = x.shape[:-1]
@@ -260,26 +282,6 @@ def lora_linear(
     return y.view(*lead, n)
 
 
-def _add_backend_name(device_type: str, requested: str) -> str:
-    """The backend of `lora_add`: torch under auto on every device (the base product is the
-    quantized layer's own; the branch is rank-sized GEMMs and one accumulating GEMM); a
-    backend asked for by name must implement the op, else a clear error."""
-    name = _dispatch._requested(requested or None)
-    name = "torch" if name == "auto" else name
-    try:
-        return resolve_backend("lora_add", torch.device(device_type), name).name
-    except BackendUnavailableError as exc:
-        raise BackendUnavailableError(
-            f"{exc}. Adapters on a quantized base layer add their branch into the layer's own "
-            "output with the torch backend on every device (no Triton / CUDA kernel for it "
-            "yet): use backend='torch' or 'auto' (LLM_ADAPTERS_BACKEND)"
-        ) from None
-
-
-_add_backend_name._dynamo_marked_constant = True
-_resolved_add: dict[tuple[str, ...], BoundOp] = {}
-
-
 def lora_add(
     y0: Tensor,
     x: Tensor,
@@ -298,48 +300,32 @@ def lora_add(
     product: bitsandbytes 4-bit / 8-bit, torchao NF4). Gradients: dy0 = g (so autograd runs
     the base layer's own backward for its part of dx), dx gets the branch's D'(dS A), and the
     adapter gradients are those of `lora_linear` with the same dropout mask for a seed.
-    y0 must have x's dtype; other arguments as in `lora_linear`. Returns [..., N].
+    y0 must have x's dtype; other arguments, and the backend rule, as in `lora_linear`.
+
+    Returns a new tensor [..., N]; y0 is read once and never written, on every backend (an
+    in-place add would move the same bytes and could corrupt a y0 that the base layer's
+    backward, or the caller, still holds).
     """
-    activation = _check_common(
-        x, "x", lora_a.shape[0] if lora_a.dim() else 0, dropout_p, activation, scaling)
-    k = x.shape[-1]
-    if lora_a.dim() != 2 or lora_b.dim() != 2:
-        raise ValueError(
-            f"lora_a and lora_b must be 2-D, got shapes {tuple(lora_a.shape)}, "
-            f"{tuple(lora_b.shape)}"
-        )
-    r, n = lora_a.shape[0], lora_b.shape[0]
-    _check_tensor("lora_a", lora_a, (r, k), x.device)
-    _check_tensor("lora_b", lora_b, (n, r), x.device)
+    activation, k, n, r = _check_branch(x, lora_a, lora_b, lora_a_bias, lora_b_bias, dropout_p,
+                                        activation, scaling)
     _check_tensor("y0", y0, (*x.shape[:-1], n), x.device)
     if y0.dtype != x.dtype:
         raise TypeError(f"y0 dtype {y0.dtype} does not match x dtype {x.dtype}")
-    if lora_a_bias is not None:
-        _check_tensor("lora_a_bias", lora_a_bias, (r,), x.device)
-    if lora_b_bias is not None:
-        _check_tensor("lora_b_bias", lora_b_bias, (n,), x.device)
     x2, y2 = _rows(x, k), _rows(y0, n)
+    scale_t, scale_f = _split_scale(scaling)
+    lead = x.shape[:-1]
     if not is_fused(activation):
-        scale_t, scale_f = _split_scale(scaling)
         y = _unfused("lora_add", x2, backend, activation).lora_add_composite(
             x2, y2, lora_a, lora_b, lora_a_bias, lora_b_bias, scale_t, scale_f,
             float(dropout_p), int(_seed_tensor(seed, dropout_p)), activation)
-        return y.view(*x.shape[:-1], n)
-    if torch.compiler.is_compiling():
-        op = bound_op("lora_add", loaded_backend(_add_backend_name(x.device.type, backend or "")))
-    else:
-        ekey = (x.device.type, backend or "", os.environ.get("LLM_ADAPTERS_BACKEND", ""))
-        op = _resolved_add.get(ekey)
-        if op is None:
-            name = _add_backend_name(x.device.type, backend or "")
-            op = _resolved_add[ekey] = bound_op("lora_add", loaded_backend(name))
-    scale_t, scale_f = _split_scale(scaling)
+        return y.view(*lead, n)
+    op = _op("lora_add", x2, backend, n, r, float(dropout_p))
     args = (
         x2, y2, lora_a, lora_b, lora_a_bias, lora_b_bias, scale_t, scale_f, float(dropout_p),
         _seed_tensor(seed, dropout_p), activation,
     )
     y = op.custom(*args)[0] if torch.compiler.is_compiling() else op.eager(*args)
-    return y.view(*x.shape[:-1], n)
+    return y.view(*lead, n)
 
 
 def series_adapter(

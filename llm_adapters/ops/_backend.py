@@ -2,10 +2,10 @@
 
 Each backend module exposes one object, `BACKEND`, that satisfies `Backend`. The dispatcher
 (`_dispatch`) hands it 2-D, validated inputs (`ops/__init__.py` checks shapes, dtypes and
-devices once); the op factory (`_custom`) wraps its four functions in autograd, both as a
+devices once); the op factory (`_custom`) wraps its forward/backward pairs in autograd, both as a
 `torch.library` custom op and as an eager autograd.Function, from one spec per op.
 
-The four functions, on validated inputs:
+The functions, on validated inputs (a backend implements the ops named in its `ops`):
 
 lora_forward(x, weight, bias, a, b, a_bias, b_bias, scale_t, scaling, p, seed, activation)
     x [M, K], weight [N, K] (any strides; x.dtype), bias [N] | None, a [r, K], b [N, r],
@@ -18,6 +18,15 @@ lora_backward(g, x, weight, a, b, scale_t, scaling, p, seed, activation, s_pre, 
     -> 7 tensors in that order: dx in g.dtype, the others in acc_dtype(g.dtype) (the wrapper
     casts each to its input's dtype); where not needed, an empty [0] tensor of that dtype.
     acc_dtype is float32, or float64 for float64 inputs (gradcheck).
+lora_add_forward(x, y0, a, b, a_bias, b_bias, scale_t, scaling, p, seed, activation)
+    y0 [M, N] x.dtype: a base output computed elsewhere (a quantized layer's own product);
+    other inputs as lora_forward. -> (y = y0 + the branch [M, N] x.dtype, s_pre, mask) as
+    lora_forward. y0 is read, never written: y is a new tensor (so autograd may keep y0 for
+    whatever backward needs it); the custom op declares no mutated input.
+lora_add_backward(g, x, a, b, scale_t, scaling, p, seed, activation, s_pre, mask, needs)
+    needs = (dx, da, db, da_bias, db_bias, dscale) -> 6 tensors, dtypes as above; dx is the
+    branch's term D'(dS a) only (the base layer's backward adds its own through y0), and
+    dy0 = g is not returned: the op wrapper hands g on (`_custom.OpSpec.passthrough`).
 series_forward(h, down, up, down_bias, up_bias, scale_t, scaling, p, seed, activation)
     h [M, N], down [r, N], up [N, r] -> (z [M, N], s_pre [M, r] acc dtype, mask [M, N] | [0])
 series_backward(g, h, down, up, scale_t, scaling, p, seed, activation, s_pre, mask, needs)
@@ -43,7 +52,7 @@ class Backend(Protocol):
     """One implementation of the adapter ops (see the module docstring for the contract)."""
 
     name: str
-    ops: frozenset[str]  # the ops it implements: a subset of {"lora", "series"}
+    ops: frozenset[str]  # the ops it implements: a subset of {"lora", "series", "lora_add"}
     stores_mask: bool  # forward returns the keep-mask for backward (else regenerated from seed)
 
     def available(self) -> Optional[str]:

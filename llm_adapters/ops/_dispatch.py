@@ -196,7 +196,8 @@ def resolve_backend(
     op: Optional[str], device: torch.device, backend: Optional[str] = None,
     key: Optional[tuple] = None, activation: Optional[str] = None,
 ) -> Backend:
-    """The backend object that runs `op` ("lora", "series", or None for any) on `device`.
+    """The backend object that runs `op` ("lora", "series", "lora_add", or None for any) on
+    `device`.
 
     Under auto on a GPU, `key` (`_choice.shape_key`) lets a measured table send that shape to
     the cuda backend; without it the answer is the first GPU candidate (triton).

@@ -2,9 +2,9 @@
 
 Runs CUDA tensors on the GPU, and CPU tensors under the Triton interpreter
 (TRITON_INTERPRET=1, which must be set before triton is first imported). The kernels are
-`triton_kernels.lora` (lora_forward / lora_backward) and `triton_kernels.series`
-(series_forward / series_backward), with the contract of `ops/_backend.py`. The dropout
-keep-mask is regenerated from the seed, never stored.
+`triton_kernels.lora` (lora_forward / lora_backward, lora_add_forward / lora_add_backward)
+and `triton_kernels.series` (series_forward / series_backward), with the contract of
+`ops/_backend.py`. The dropout keep-mask is regenerated from the seed, never stored.
 
 float64 (gradcheck and references only) has no tensor-core path in Triton: this adapter runs
 it in PyTorch through the torch backend's functions, with the kernels' own Philox keep-mask
@@ -57,6 +57,27 @@ def lora_backward(g, x, weight, a, b, scale_t, scaling, p, seed, activation, s_p
         g, x, weight, a, b, scale_t, scaling, p, seed, activation, s_pre, mask, needs)
 
 
+def lora_add_forward(x, y0, a, b, a_bias, b_bias, scale_t, scaling, p, seed, activation):
+    """The Triton branch added into y0 (float64: PyTorch with the Philox mask). y0 is read,
+    never written: the result is a new tensor, as on the torch backend."""
+    if x.dtype == torch.float64:
+        return _no_mask(torch_backend.lora_add_forward(
+            x, y0, a, b, a_bias, b_bias, scale_t, scaling, p, seed, activation,
+            mask=_philox_mask(x, p, seed)))
+    return lora_kernels.lora_add_forward(
+        x, y0, a, b, a_bias, b_bias, scale_t, scaling, p, seed, activation)
+
+
+def lora_add_backward(g, x, a, b, scale_t, scaling, p, seed, activation, s_pre, mask, needs):
+    """The Triton backward of lora_add: the branch's gradients, dx = D'(dS A) only."""
+    if g.dtype == torch.float64:
+        return torch_backend.lora_add_backward(
+            g, x, a, b, scale_t, scaling, p, seed, activation, s_pre,
+            _philox_mask(x, p, seed), needs)
+    return lora_kernels.lora_add_backward(
+        g, x, a, b, scale_t, scaling, p, seed, activation, s_pre, mask, needs)
+
+
 def series_forward(h, down, up, down_bias, up_bias, scale_t, scaling, p, seed, activation):
     """The Triton series-adapter forward (float64: PyTorch with the Philox mask)."""
     if h.dtype == torch.float64:
@@ -79,7 +100,7 @@ def series_backward(g, h, down, up, scale_t, scaling, p, seed, activation, s_pre
 
 class _TritonBackend:
     name = "triton"
-    ops = frozenset({"lora", "series"})
+    ops = frozenset({"lora", "series", "lora_add"})
     stores_mask = False
 
     @staticmethod
@@ -103,6 +124,8 @@ class _TritonBackend:
 
     lora_forward = staticmethod(lora_forward)
     lora_backward = staticmethod(lora_backward)
+    lora_add_forward = staticmethod(lora_add_forward)
+    lora_add_backward = staticmethod(lora_add_backward)
     series_forward = staticmethod(series_forward)
     series_backward = staticmethod(series_backward)
 

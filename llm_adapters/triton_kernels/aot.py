@@ -6,8 +6,8 @@ machine without a GPU.
 
 What it does, in order:
 1. Enumerates the launches our launchers make over a grid of shapes and options, by calling
-   the launchers themselves (`lora_forward` / `lora_backward`, `series_forward` /
-   `series_backward`, `dropout.keep_mask`) on meta tensors with every kernel replaced by a
+   the launchers themselves (`lora_forward` / `lora_backward`, `lora_add_*`, `series_forward`
+   / `series_backward`, `dropout.keep_mask`) on meta tensors with every kernel replaced by a
    recorder: the constexprs, argument dtypes and integer specialisations are the launchers'
    own, not a copy of their logic. Launches that compile to the same kernel (same signature
    after Triton's integer/alignment specialisation, same constexprs) form one launch variant.
@@ -266,12 +266,16 @@ def _enumerate_dtype(dname: str, grid: dict) -> dict[tuple, dict]:
                 st = _meta((), torch.float32) if o["scale_t"] else None
                 label = f"{kind} {dname} M={m} K=N={kn} r={r} p={p} {o} w={wdt} tf32={tf32}"
                 lora.lora_forward(x, w, bias, a, b, ab, bb, st, 2.0, p, _SEED, o["act"])
-                s_pre = _meta((m, r), torch.float32)
+                # lora_add: the main and dx kernels without their base GEMM (HAS_BASE=False)
+                lora.lora_add_forward(x, _meta((m, n), dt), a, b, ab, bb, st, 2.0, p, _SEED,
+                                      o["act"])
+                s_pre, no_mask = _meta((m, r), torch.float32), x.new_empty(0, dtype=torch.bool)
                 for which in _LORA_NEEDS:
-                    lora.lora_backward(
-                        _meta((m, n), dt), x, w, a, b, st, 2.0, p, _SEED, o["act"], s_pre,
-                        x.new_empty(0, dtype=torch.bool), _lora_needs(which, o),
-                    )
+                    nd, g = _lora_needs(which, o), _meta((m, n), dt)
+                    lora.lora_backward(g, x, w, a, b, st, 2.0, p, _SEED, o["act"], s_pre,
+                                       no_mask, nd)
+                    lora.lora_add_backward(g, x, a, b, st, 2.0, p, _SEED, o["act"], s_pre,
+                                           no_mask, (nd[0], *nd[2:]))
                 collect(label)
             for kind, o in _series_cases():
                 h = _meta((m, n), dt)

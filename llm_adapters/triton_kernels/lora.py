@@ -19,6 +19,8 @@ The kernels here:
                                regenerated mask in its epilogue.
   dS = s · gB ⊙ φ'(S), d(scale) = Σ gB ⊙ φ(S) and the bias gradients are rank- or N-sized and
   are finished in PyTorch.
+  lora_add (y = y0 + the branch, y0 a base output computed elsewhere): the same kernels, the
+  main and dx kernels with HAS_BASE=False (y0 starts the accumulator; dx = D'(dS A) alone).
 
 Reductions over M (dB, dA) are split into a fixed number of row ranges whose partial sums are
 written to a small fp32 buffer and summed afterwards: no atomics, so backward is deterministic.
@@ -128,7 +130,7 @@ def _smem_model(kernel: str, cfg: triton.Config, nargs: dict, cc: int) -> int:
             e = nargs["g_ptr"].element_size()
             main = (bm * bn + bn * bk) * e  # g [BM, BN], W [BN, BK]
             epi = bm * br * 4 + br * bk * nargs["a_ptr"].element_size()  # dS fp32, A
-        return st * (main + epi)
+        return st * ((main if nargs.get("HAS_BASE", True) else 0) + epi)
     if kernel == "_shrink_kernel":
         bm, bk = kw["BLOCK_M"], kw["BLOCK_K"]
         ex, ea = nargs["x_ptr"].element_size(), nargs["a_ptr"].element_size()
@@ -156,8 +158,8 @@ def _fma_fits(kernel: str, cfg: triton.Config, nargs: dict) -> bool:
     br = nargs["BLOCK_R"]
     if kernel == "_main_kernel":
         acc = kw["BLOCK_M"] * kw["BLOCK_N"]
-    elif kernel == "_dx_kernel":
-        acc = 2 * kw["BLOCK_M"] * kw["BLOCK_K"]  # the GEMM and the rank-r product
+    elif kernel == "_dx_kernel":  # the GEMM and the rank-r product
+        acc = (1 + bool(nargs.get("HAS_BASE", True))) * kw["BLOCK_M"] * kw["BLOCK_K"]
     elif kernel == "_shrink_kernel":
         acc = kw["BLOCK_M"] * br
     else:
@@ -174,6 +176,12 @@ def _prune(kernel: str):
     def prune(configs, named_args, target=None, autotune=None, **kwargs):
         nargs = {**named_args, **kwargs}
         configs = [c for c in configs if _fma_fits(kernel, c, nargs)] or list(configs)
+        if nargs.get("HAS_BASE") is False:  # no base GEMM loop: its depth changes nothing
+            cols = "BLOCK_N" if kernel == "_main_kernel" else "BLOCK_K"  # the output tile's
+            tiles = {}
+            for c in configs:
+                tiles.setdefault((c.kwargs["BLOCK_M"], c.kwargs[cols], c.num_warps), c)
+            configs = list(tiles.values())
         if target is None:
             target = _limits.target_of(next(v for v in nargs.values() if hasattr(v, "device")))
         return _limits.choose(
@@ -259,7 +267,7 @@ def _shrink_kernel(
 
 @triton.autotune(
     configs=_gemm_configs(),
-    key=["M_BUCKET", "N", "K", "R"],
+    key=["M_BUCKET", "N", "K", "R", "HAS_BASE"],
     prune_configs_by={"early_config_prune": _prune("_main_kernel")},
 )
 @triton.jit
@@ -270,13 +278,16 @@ def _main_kernel(
     s_ptr, stride_sm,
     b_ptr, stride_bn, stride_br,
     scale_ptr, scaling,
+    y0_ptr, stride_y0m, stride_y0n,
     y_ptr, stride_ym, stride_yn,
     M, N, K, R, M_BUCKET,
-    ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_BB: tl.constexpr,
+    ACT: tl.constexpr, HAS_BASE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_BB: tl.constexpr,
     HAS_SCALE_T: tl.constexpr, IEEE: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """y tile = x Wᵀ (K loop) + b + b_b + s·φ(S) Bᵀ (epilogue, r in BLOCK_R chunks)."""
+    """y tile = x Wᵀ (K loop) + b + b_b + s·φ(S) Bᵀ (epilogue, r in BLOCK_R chunks).
+    HAS_BASE=False (lora_add): y0 [M, N], a base output computed elsewhere, starts the
+    accumulator in place of x Wᵀ; y0 is read once and not written."""
     pid = tl.program_id(0)
     pid_m, pid_n = _grouped_pid(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
@@ -284,16 +295,22 @@ def _main_kernel(
     offs_k = tl.arange(0, BLOCK_K).to(tl.int64)
     m_in = offs_m < M
     n_in = offs_n < N
-    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
-    w_ptrs = w_ptr + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, loop_bound(K), BLOCK_K):
-        k_in = offs_k < K - k0
-        x = tl.load(x_ptrs, mask=m_in[:, None] & k_in[None, :], other=0.0)
-        w = tl.load(w_ptrs, mask=n_in[None, :] & k_in[:, None], other=0.0)
-        acc = dot(x, w, acc, IEEE)
-        x_ptrs += BLOCK_K * stride_xk
-        w_ptrs += BLOCK_K * stride_wk
+    if HAS_BASE:
+        x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
+        w_ptrs = w_ptr + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, loop_bound(K), BLOCK_K):
+            k_in = offs_k < K - k0
+            x = tl.load(x_ptrs, mask=m_in[:, None] & k_in[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=n_in[None, :] & k_in[:, None], other=0.0)
+            acc = dot(x, w, acc, IEEE)
+            x_ptrs += BLOCK_K * stride_xk
+            w_ptrs += BLOCK_K * stride_wk
+    else:
+        acc = tl.load(
+            y0_ptr + offs_m[:, None] * stride_y0m + offs_n[None, :] * stride_y0n,
+            mask=m_in[:, None] & n_in[None, :], other=0.0,
+        ).to(tl.float32)
     dt = x_ptr.dtype.element_ty
     if HAS_SCALE_T:
         s = tl.load(scale_ptr).to(tl.float32)
@@ -407,7 +424,7 @@ def _reduce_kernel(
 
 @triton.autotune(
     configs=_gemm_configs(),
-    key=["M_BUCKET", "N", "K", "R"],
+    key=["M_BUCKET", "N", "K", "R", "HAS_BASE"],
     prune_configs_by={"early_config_prune": _prune("_dx_kernel")},
 )
 @triton.jit
@@ -419,10 +436,12 @@ def _dx_kernel(
     dx_ptr, stride_dxm, stride_dxk,
     M, N, K, R, M_BUCKET,
     seed, threshold, inv_keep,
-    DROPOUT: tl.constexpr, IEEE: tl.constexpr, BLOCK_R: tl.constexpr,
+    HAS_BASE: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """dx tile = g W (N loop) + D'(dS A) (epilogue: r in chunks, keep bits regenerated)."""
+    """dx tile = g W (N loop) + D'(dS A) (epilogue: r in chunks, keep bits regenerated).
+    HAS_BASE=False (lora_add): D'(dS A) alone, g and W are not read (the base layer's own
+    backward gives its part of dx)."""
     pid = tl.program_id(0)
     # The output is [M, K]: "columns" here are K, the reduction runs over N.
     pid_m, pid_k = _grouped_pid(pid, M, K, BLOCK_M, BLOCK_K, GROUP_M)
@@ -431,16 +450,17 @@ def _dx_kernel(
     offs_n = tl.arange(0, BLOCK_N).to(tl.int64)
     m_in = offs_m < M
     k_in = offs_k < K
-    g_ptrs = g_ptr + offs_m[:, None] * stride_gm + offs_n[None, :] * stride_gn
-    w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-    for n0 in range(0, loop_bound(N), BLOCK_N):
-        n_in = offs_n < N - n0
-        g = tl.load(g_ptrs, mask=m_in[:, None] & n_in[None, :], other=0.0)
-        w = tl.load(w_ptrs, mask=n_in[:, None] & k_in[None, :], other=0.0)
-        acc = dot(g, w, acc, IEEE)
-        g_ptrs += BLOCK_N * stride_gn
-        w_ptrs += BLOCK_N * stride_wn
+    if HAS_BASE:
+        g_ptrs = g_ptr + offs_m[:, None] * stride_gm + offs_n[None, :] * stride_gn
+        w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk
+        for n0 in range(0, loop_bound(N), BLOCK_N):
+            n_in = offs_n < N - n0
+            g = tl.load(g_ptrs, mask=m_in[:, None] & n_in[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=n_in[:, None] & k_in[None, :], other=0.0)
+            acc = dot(g, w, acc, IEEE)
+            g_ptrs += BLOCK_N * stride_gn
+            w_ptrs += BLOCK_N * stride_wn
     dt = g_ptr.dtype.element_ty
     lr = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     offs_r = tl.arange(0, BLOCK_R).to(tl.int64)
@@ -524,16 +544,16 @@ def _reduce(x, y, z, act, p, seed, do_row, do_col, r):
     return rows, cols
 
 
-def _check(x: Tensor, weight: Tensor, a: Tensor, b: Tensor) -> None:
-    if x.dim() != 2 or weight.dim() != 2 or a.dim() != 2 or b.dim() != 2:
+def _check(x: Tensor, base: Tensor, a: Tensor, b: Tensor, name: str = "weight") -> None:
+    if x.dim() != 2 or base.dim() != 2 or a.dim() != 2 or b.dim() != 2:
         raise ValueError(
-            f"lora_forward expects 2-D x, weight, a, b; got shapes {tuple(x.shape)}, "
-            f"{tuple(weight.shape)}, {tuple(a.shape)}, {tuple(b.shape)}"
+            f"the LoRA launchers expect 2-D x, {name}, a, b; got shapes {tuple(x.shape)}, "
+            f"{tuple(base.shape)}, {tuple(a.shape)}, {tuple(b.shape)}"
         )
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise TypeError(f"x has dtype {x.dtype}; expected float16, bfloat16 or float32")
-    if weight.dtype != x.dtype:
-        raise TypeError(f"weight dtype {weight.dtype} does not match x dtype {x.dtype}")
+    if base.dtype != x.dtype:
+        raise TypeError(f"{name} dtype {base.dtype} does not match x dtype {x.dtype}")
 
 
 def lora_forward(
@@ -558,6 +578,35 @@ def lora_forward(
     keep-mask is regenerated from `seed` in backward).
     """
     _check(x, weight, a, b)
+    return _forward(x, weight, bias, None, a, b, a_bias, b_bias, scale_t, scaling, p, seed,
+                    activation)
+
+
+def lora_add_forward(
+    x: Tensor,
+    y0: Tensor,
+    a: Tensor,
+    b: Tensor,
+    a_bias: Tensor | None,
+    b_bias: Tensor | None,
+    scale_t: Tensor | None,
+    scaling: float,
+    p: float,
+    seed: int,
+    activation: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """y = y0 + s·φ(D(x) Aᵀ + a_b) Bᵀ + b_b: the branch added into a base output y0 [M, N]
+    (x.dtype, any strides) computed elsewhere. The shrink kernel, then `_main_kernel` without
+    its base GEMM: y0 starts the accumulator, read once; y is a new tensor, y0 is not written
+    (memory traffic: read MK + MN, write MN). Other arguments and results as `lora_forward`.
+    """
+    _check(x, y0, a, b, "y0")
+    return _forward(x, None, None, y0, a, b, a_bias, b_bias, scale_t, scaling, p, seed,
+                    activation)
+
+
+def _forward(x, weight, bias, y0, a, b, a_bias, b_bias, scale_t, scaling, p, seed, activation):
+    """lora_forward (weight given) or lora_add_forward (y0 given instead)."""
     m, k = x.shape
     n, r = b.shape
     t, inv_keep = dropout_threshold(p)
@@ -585,18 +634,24 @@ def lora_forward(
     grid = lambda meta: (  # noqa: E731
         triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),
     )
+    has_base = weight is not None
+    w, base = (weight, dummy) if has_base else (dummy, y0)
+    w_strides = (weight.stride(0), weight.stride(1)) if has_base else (0, 0)
+    y0_strides = (0, 0) if has_base else (y0.stride(0), y0.stride(1))
     _main_kernel[grid](
         x, x.stride(0), x.stride(1),
-        weight, weight.stride(0), weight.stride(1),
+        w, *w_strides,
         bias if bias is not None else dummy,
         b_bias if b_bias is not None else dummy,
         s_pre, s_pre.stride(0),
         b, b.stride(0), b.stride(1),
         scale_t if scale_t is not None else dummy, float(scaling),
+        base, *y0_strides,
         y, y.stride(0), y.stride(1),
-        m, n, k, r, bucket,
-        ACT=activation_code(activation), HAS_BIAS=bias is not None, HAS_BB=b_bias is not None,
-        HAS_SCALE_T=scale_t is not None, IEEE=ieee, BLOCK_R=_r_block(r, _MAX_R_CHUNK),
+        m, n, k if has_base else 0, r, bucket,
+        ACT=activation_code(activation), HAS_BASE=has_base, HAS_BIAS=bias is not None,
+        HAS_BB=b_bias is not None, HAS_SCALE_T=scale_t is not None, IEEE=ieee,
+        BLOCK_R=_r_block(r, _MAX_R_CHUNK),
     )
     return y, s_pre, empty_mask
 
@@ -623,6 +678,35 @@ def lora_backward(
     (fp64 for fp64 g); an empty [0] tensor where not needed. `mask` is unused (empty): the
     keep-mask is regenerated from `seed`.
     """
+    return _backward(g, x, weight, a, b, scale_t, scaling, p, seed, activation, s_pre, needs)
+
+
+def lora_add_backward(
+    g: Tensor,
+    x: Tensor,
+    a: Tensor,
+    b: Tensor,
+    scale_t: Tensor | None,
+    scaling: float,
+    p: float,
+    seed: int,
+    activation: str,
+    s_pre: Tensor,
+    mask: Tensor,
+    needs,
+) -> tuple[Tensor, ...]:
+    """Gradients of `lora_add_forward` for g = dL/dy [M, N], but dy0 (= g, handed on by the
+    op wrapper). needs = (dx, da, db, da_bias, db_bias, dscale); returns those 6 tensors as
+    `lora_backward` does. dx is the branch's term D'(dS A) only: `_dx_kernel` without its base
+    GEMM (the base layer's own backward adds its part through y0)."""
+    need_dx, *rest = needs
+    out = _backward(g, x, None, a, b, scale_t, scaling, p, seed, activation, s_pre,
+                    (need_dx, False, *rest))
+    return (out[0], *out[2:])
+
+
+def _backward(g, x, weight, a, b, scale_t, scaling, p, seed, activation, s_pre, needs):
+    """lora_backward (weight given) or lora_add_backward (weight None: no base term in dx)."""
     need_dx, need_bias, need_a, need_b, need_ab, need_bb, need_scale = (bool(v) for v in needs)
     s_pre = s_pre.contiguous()
     m, k = x.shape
@@ -662,14 +746,17 @@ def lora_backward(
             grid = lambda meta: (  # noqa: E731
                 triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(k, meta["BLOCK_K"]),
             )
+            has_base = weight is not None
             _dx_kernel[grid](
                 g, g.stride(0), g.stride(1),
-                weight, weight.stride(0), weight.stride(1),
+                weight if has_base else ds,
+                weight.stride(0) if has_base else 0, weight.stride(1) if has_base else 0,
                 ds, ds.stride(0),
                 a, a.stride(0), a.stride(1),
                 dx, dx.stride(0), dx.stride(1),
-                m, n, k, r, m_bucket(m), int(seed), t, inv_keep,
-                DROPOUT=dropout, IEEE=fp32_ieee(g.dtype), BLOCK_R=_r_block(r, _MAX_R_CHUNK),
+                m, n if has_base else 0, k, r, m_bucket(m), int(seed), t, inv_keep,
+                HAS_BASE=has_base, DROPOUT=dropout, IEEE=fp32_ieee(g.dtype),
+                BLOCK_R=_r_block(r, _MAX_R_CHUNK),
             )
     d_a = empty()
     if need_a:
