@@ -160,6 +160,11 @@ class LoraConfig(AdapterConfig):
     alpha_pattern: dict = field(
         default_factory=dict, metadata={"help": "module name/regex -> alpha, overriding lora_alpha"}
     )
+    use_dora: bool = field(
+        default=False,
+        metadata={"help": "DoRA: a trainable magnitude per output row, m / ‖W + s·B A‖ scaling "
+                  "each row (Linear / Conv1D on float bases)"},
+    )
     # metadata: accepted and kept, no effect on the result
     task_type: Optional[str] = field(default=None, metadata={"help": "CAUSAL_LM (or None)"})
     peft_type: Optional[str] = field(default=None, metadata={"help": "LORA (or None)"})
@@ -172,7 +177,6 @@ class LoraConfig(AdapterConfig):
     runtime_config: Any = None
     eva_config: Any = None
     # refused when set (PEFT features this library does not run)
-    use_dora: bool = _refused("DoRA is not supported yet (magnitude vector not implemented)")
     lora_bias: bool = _refused("a bias on lora_B is not supported")
     target_parameters: Optional[list[str]] = _refused(
         "LoRA on bare nn.Parameters (MoE experts) is not supported; target Linear modules"
@@ -213,6 +217,8 @@ class LoraConfig(AdapterConfig):
         if not isinstance(self.lora_alpha, (int, float)) or self.lora_alpha <= 0:
             raise ValueError(f"lora_alpha must be a positive number, got {self.lora_alpha!r}")
         _check_dropout("lora_dropout", self.lora_dropout)
+        if not isinstance(self.use_dora, bool):
+            raise ValueError(f"use_dora must be True or False, got {self.use_dora!r}")
         self.target_modules = _check_targets(self.target_modules)
         self.exclude_modules = _check_targets(self.exclude_modules, "exclude_modules", empty=True)
         if self.bias not in ("none", "all", "lora_only"):
@@ -310,7 +316,7 @@ class LoraConfig(AdapterConfig):
             "layers_pattern": self.layers_pattern,
             "rank_pattern": dict(self.rank_pattern),
             "alpha_pattern": dict(self.alpha_pattern),
-            "use_dora": False,
+            "use_dora": self.use_dora,
             "lora_bias": False,
         }
 
@@ -326,7 +332,7 @@ PEFT_LORA_FIELDS: dict[str, str] = {
     **dict.fromkeys(
         ("r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "use_rslora",
          "bias", "fan_in_fan_out", "init_lora_weights", "modules_to_save", "layers_to_transform",
-         "layers_pattern", "rank_pattern", "alpha_pattern"),
+         "layers_pattern", "rank_pattern", "alpha_pattern", "use_dora"),
         HONOURED,
     ),
     **dict.fromkeys(

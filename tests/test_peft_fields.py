@@ -45,6 +45,9 @@ HONOURED_CASES = {
     "init_false": dict(init_lora_weights=False),
     "init_gaussian": dict(init_lora_weights="gaussian"),
     "init_orthogonal": dict(init_lora_weights="orthogonal"),
+    "use_dora": dict(use_dora=True),
+    "dora_rslora_patterns": dict(use_dora=True, use_rslora=True, rank_pattern={"v_proj": 2},
+                                 init_lora_weights=False),
     "metadata": dict(inference_mode=False, revision="main"),
     "combination": dict(
         target_modules=["q_proj", "k_proj", "v_proj", "up_proj"], exclude_modules=["k_proj"],
@@ -55,7 +58,6 @@ HONOURED_CASES = {
 
 # refused PEFT LoraConfig fields -> a value that turns them on
 REFUSED_VALUES = {
-    "use_dora": True,
     "lora_bias": True,
     "target_parameters": ["mlp.gate_proj.weight"],
     "trainable_token_indices": [1, 2],
@@ -145,7 +147,10 @@ def test_peft_loads_our_field_with_equal_logits(case, tmp_path):
     reference = peft.get_peft_model(tiny_model("llama"), peft.LoraConfig(**fields))
     assert _ranks(ours.base_model) == _ranks(reference)
     ours_trainable = {n for n, p in ours.named_parameters() if p.requires_grad}
+    # PEFT's in-memory DoRA name `lora_magnitude_vector.default.weight` is ours (and both
+    # files') `lora_magnitude_vector`
     peft_trainable = {n.removeprefix("base_model.model.").replace(".default.", ".")
+                      .replace("lora_magnitude_vector.weight", "lora_magnitude_vector")
                       for n, p in reference.named_parameters() if p.requires_grad}
     assert {n.removeprefix("base_model.").replace(".default.", ".")
             for n in ours_trainable} == peft_trainable
@@ -272,7 +277,6 @@ def test_eva_adapter_loads_but_eva_init_is_refused(plain_peft_dir, tmp_path):
 
 
 @pytest.mark.parametrize("fields,named", [
-    (dict(use_dora=True), "use_dora"),
     (dict(lora_bias=True), "lora_bias"),
     (dict(target_modules=["embed_tokens", "q_proj"]), "embed_tokens"),
     (dict(target_modules=[], target_parameters=["mlp.gate_proj.weight"]), "target_parameters"),

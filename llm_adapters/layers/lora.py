@@ -1,4 +1,5 @@
-"""LoraLinear: y = base(x) + (alpha / r) · B A D(x), on the fused `ops.lora_linear`."""
+"""LoraLinear: y = base(x) + (alpha / r) · B A D(x), on the fused `ops.lora_linear`; with
+`use_dora`, DoRA as PEFT computes it, on `ops.dora_linear`."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
+from ..ops.dora import dora_weight_norm, weight_row_norm_sq
 from ._base import Conv1D, autocast_inputs, linear_dims
 from ._quant import adapter_factory, add_to_quantized, quant_format
 from ._sharded import base_weight_bias, within_units
@@ -22,6 +24,13 @@ class LoraLinear(nn.Module):
     A quantized base (bitsandbytes 4-bit / 8-bit, torchao NF4; `_quant`) keeps its own
     product: forward calls it and adds the branch into its output (`ops.lora_add`), so dx is
     the layer's own backward plus the branch's term. Merging into it re-quantizes (lossy).
+
+    `use_dora`: DoRA, with PEFT's parameter `lora_magnitude_vector` [N] (initialised to the row
+    norms ‖W + s·B A‖, so the layer starts as LoRA would) and PEFT's math (`ops.dora_linear`).
+    ‖W_n‖² of the frozen base is computed once and kept while the base weight's storage and
+    version counter stay the same (an in-place change or a merge recomputes it; a write
+    through `.data`, which bypasses the version counter, is not seen: call
+    `clear_weight_norm_cache()` after one). Float bases only (quantized bases are refused).
     """
 
     def __init__(
@@ -32,10 +41,16 @@ class LoraLinear(nn.Module):
         lora_dropout: float = 0.0,
         use_rslora: bool = False,
         init_lora_weights: bool = True,
+        use_dora: bool = False,
     ) -> None:
         super().__init__()
         k, n = linear_dims(base_layer)
         self.quant = quant_format(base_layer)  # None for a float base
+        if use_dora and self.quant is not None:
+            raise ValueError(
+                f"use_dora=True on a quantized base layer ({self.quant}) is not supported: DoRA "
+                "runs on float (fp32/fp16/bf16) Linear and Conv1D bases"
+            )
         self.base_layer = base_layer
         self.in_features, self.out_features = k, n
         self.r = r
@@ -52,17 +67,84 @@ class LoraLinear(nn.Module):
             nn.init.kaiming_uniform_(self.lora_B.weight, a=math.sqrt(5))
         self.merged = False
         self.disable_adapters = False
+        self.use_dora = bool(use_dora)
+        self._wsq_key: tuple = ()
+        self._wsq = None  # ‖W_n‖² of the base weight, for the key above
+        self._merged_norm = None  # DoRA's row norms at merge time, for unmerge (as PEFT)
+        if self.use_dora:
+            self.lora_magnitude_vector = nn.Parameter(torch.empty(n, **factory))
+            self.reset_magnitude()
 
     @property
     def fan_in_fan_out(self) -> bool:
         return bool(Conv1D) and isinstance(self.base_layer, Conv1D)
 
     def delta_weight(self) -> Tensor:
-        """s · B A as [N, K] in float32 (or the adapter's dtype)."""
+        """s · B A as [N, K] in float32 (or the adapter's dtype) — PEFT's `get_delta_weight`,
+        DoRA or not (a DoRA merge is W' = c ⊙ (W + delta), see `merge`)."""
         return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
+
+    # ---- DoRA ---------------------------------------------------------------------------------
+    def _base_nk(self) -> Tensor:
+        w = self.base_layer.weight
+        return w.t() if self.fan_in_fan_out else w
+
+    def clear_weight_norm_cache(self) -> None:
+        self._wsq_key, self._wsq = (), None
+
+    def _weight_norm_sq(self, w: Tensor) -> Tensor:
+        """‖W_n‖² of the base weight `w` [N, K] as the op sees it, cached on the base weight's
+        storage, version counter, dtype and device (recomputed in a torch.compile trace)."""
+        if torch.compiler.is_compiling():
+            return weight_row_norm_sq(w)
+        owner = self.base_layer.weight
+        key = (owner.data_ptr(), owner._version, tuple(w.shape), w.dtype, w.device)
+        if key != self._wsq_key or self._wsq is None:
+            self._wsq = weight_row_norm_sq(w)
+            self._wsq_key = key
+        return self._wsq
+
+    def weight_norm(self) -> Tensor:
+        """‖W + s·B A‖ per output row [N] of the current (unmerged) base, detached, float32."""
+        w = self._base_nk()
+        return dora_weight_norm(w, self.lora_A.weight, self.lora_B.weight, self.scaling,
+                                self._weight_norm_sq(w))
+
+    def reset_magnitude(self) -> None:
+        """m = ‖W + s·B A‖ per row, as PEFT initialises it (call after changing A or B's
+        initial values); DoRA then starts as the plain LoRA update."""
+        if not self.use_dora or self.merged:
+            return
+        with torch.no_grad():
+            self.lora_magnitude_vector.copy_(self.weight_norm())
+
+    def _dora_merge(self, sign: int) -> None:
+        """W' = c ⊙ (W + s·B A) with c = m / ‖W + s·B A‖ from the unmerged W (sign +1), and its
+        inverse W = W' / c − s·B A with the norms kept from the merge (sign −1), as PEFT."""
+        w = self.base_layer.weight
+        with torch.no_grad():
+            if sign > 0:
+                norm = self.weight_norm()
+            elif self._merged_norm is None:
+                raise RuntimeError(
+                    "cannot unmerge this DoRA layer: the row norms of its merge are not known "
+                    "(merged in another process?); load the unmerged adapter instead"
+                )
+            else:
+                norm = self._merged_norm
+            c = (self.lora_magnitude_vector.to(norm.dtype) / norm).view(-1, 1)
+            w_nk = self._base_nk()
+            delta = self.delta_weight().to(c.dtype)
+            new = c * (w_nk.to(c.dtype) + delta) if sign > 0 else w_nk.to(c.dtype) / c - delta
+            w_nk.copy_(new.to(w.dtype))
+        self._merged_norm = norm if sign > 0 else None
 
     def merge(self) -> None:
         if self.merged:
+            return
+        if self.use_dora:
+            self._dora_merge(+1)
+            self.merged = True
             return
         if self.quant is not None:
             add_to_quantized(self.base_layer, self.quant, self.delta_weight().detach(), "merging")
@@ -76,6 +158,10 @@ class LoraLinear(nn.Module):
 
     def unmerge(self) -> None:
         if not self.merged:
+            return
+        if self.use_dora:
+            self._dora_merge(-1)
+            self.merged = False
             return
         if self.quant is not None:
             add_to_quantized(
@@ -100,6 +186,18 @@ class LoraLinear(nn.Module):
                 y0, x, self.lora_A.weight, self.lora_B.weight, scaling=self.scaling, dropout_p=p
             )
 
+        if self.use_dora:
+
+            def dora() -> Tensor:
+                xc, w, b = autocast_inputs(x, *base_weight_bias(self.base_layer))
+                return ops.dora_linear(
+                    xc, w, b, self.lora_A.weight, self.lora_B.weight,
+                    self.lora_magnitude_vector, scaling=self.scaling, dropout_p=p,
+                    weight_norm_sq=self._weight_norm_sq(w),
+                )
+
+            return within_units((self.base_layer, self.lora_A, self.lora_B), dora)
+
         def fused() -> Tensor:
             xc, w, b = autocast_inputs(x, *base_weight_bias(self.base_layer))
             return ops.lora_linear(
@@ -112,4 +210,5 @@ class LoraLinear(nn.Module):
 
     def extra_repr(self) -> str:
         quant = f", base={self.quant}" if self.quant else ""
-        return f"r={self.r}, scaling={self.scaling:g}, dropout={self.lora_dropout}{quant}"
+        dora = ", dora=True" if self.use_dora else ""
+        return f"r={self.r}, scaling={self.scaling:g}, dropout={self.lora_dropout}{dora}{quant}"

@@ -164,9 +164,10 @@ def _adapter_layer(
         init = config.init_lora_weights
         layer = LoraLinear(
             module, config.rank_for(name), config.alpha_for(name), config.lora_dropout,
-            config.use_rslora, init is not False,
+            config.use_rslora, init is not False, use_dora=config.use_dora,
         )
         _init_lora(layer, init)
+        layer.reset_magnitude()  # DoRA: m = ‖W + s·B A‖ of the initial A, B (as PEFT)
         return layer
     if kind == "series":
         placement = "input" if attr in INPUT_SIDE else "output"
@@ -263,6 +264,11 @@ def _plan_linear_adapters(
         problem = _base_weight_problem(module)
         if problem:
             raise ValueError(f"target_modules: module {name!r} is {problem}")
+        if lora and config.use_dora and quant_format(module) is not None:
+            raise ValueError(
+                f"use_dora=True: module {name!r} is a quantized {type(module).__name__} "
+                f"({quant_format(module)}); DoRA runs on float Linear / Conv1D bases only"
+            )
         parent_name, _, attr = name.rpartition(".")
         new = _adapter_layer(module, name, config, kind)
         swaps.append(Swap(name, modules[parent_name], attr, module, new))

@@ -121,6 +121,11 @@ def save_adapter(
         raise TypeError("save_adapter expects the model returned by get_adapter_model")
     if format not in (None, "llm-adapters"):
         raise ValueError(f"format must be None (this library's) or 'llm-adapters', got {format!r}")
+    if format == "llm-adapters" and getattr(model.adapter_config, "use_dora", False):
+        raise ValueError(
+            "format='llm-adapters' cannot hold a DoRA adapter (use_dora=True): LLM-Adapters' "
+            "LoRA has no magnitude vector; save it in PEFT's format (format=None)"
+        )
     params = _adapter_parameters(model)
     gathered = needs_gather(params)
     if gathered:  # a collective: {} on every rank but 0
@@ -182,10 +187,22 @@ def _read_weights(directory: str) -> tuple[dict[str, Tensor], dict[str, str]]:
     return _peft_keys(state), metadata
 
 
+DORA_KEY = ".lora_magnitude_vector"  # PEFT's file key of DoRA's magnitude (as ours)
+
+
 def _peft_keys(state: dict[str, Tensor]) -> dict[str, Tensor]:
     """Keys as this library names them: a modules_to_save copy written with its in-memory
-    name (`<module>.modules_to_save.default.weight`) is read as `<module>.weight`."""
-    return {k.replace("." + SAVED_PREFIX, "."): v for k, v in state.items()}
+    name (`<module>.modules_to_save.default.weight`) is read as `<module>.weight`, and DoRA's
+    magnitude written with PEFT's in-memory name (`<layer>.lora_magnitude_vector.weight`,
+    `.default.weight`) as PEFT's file key `<layer>.lora_magnitude_vector`."""
+    out = {}
+    for k, v in state.items():
+        k = k.replace("." + SAVED_PREFIX, ".")
+        for tail in (DORA_KEY + ".default.weight", DORA_KEY + ".weight"):
+            if k.endswith(tail):
+                k = k[: -len(tail)] + DORA_KEY
+        out[k] = v
+    return out
 
 
 def load_adapter(model: nn.Module, adapter_path: str, is_trainable: bool = False) -> AdapterModel:

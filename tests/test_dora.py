@@ -1,0 +1,316 @@
+"""DoRA (`LoraConfig(use_dora=True)`): the op against a float64 reference of PEFT's formula,
+forward and every gradient, with and without dropout, on the torch backend and the Triton
+kernels (interpreter); the layer and PEFT's file format both ways on tiny llama and gpt2;
+merge / unmerge; bad input.
+"""
+
+import warnings
+
+import pytest
+import torch
+from tiny_models import tiny_batch, tiny_model
+
+import llm_adapters as la
+from llm_adapters import ops
+from llm_adapters._numerics import dropout_threshold
+from llm_adapters.bench import parity
+from llm_adapters.ops.dora import dora_weight_norm, weight_row_norm_sq
+
+peft = pytest.importorskip("peft")
+
+NAMES = ("x", "lora_a", "lora_b", "magnitude", "bias")
+
+
+def peft_dora_reference(x, weight, bias, lora_a, lora_b, magnitude, scaling, keep=None,
+                        inv_keep=1.0):
+    """PEFT 0.21's DoRA Linear forward, written plainly in x's dtype (the magnitude in its own):
+    base(x) + (c − 1)·base_result + c·s·B A D(x), with base_result the base output less its bias
+    without dropout and D(x) Wᵀ with it; c = m / ‖W + s·B A‖ (detached)."""
+    dt = x.dtype
+    w, a, b = weight.to(dt), lora_a.to(dt), lora_b.to(dt)
+    x2 = x.reshape(-1, x.shape[-1])
+    weight_norm = torch.linalg.norm(w + scaling * (b @ a), dim=1).detach()
+    c = magnitude / weight_norm
+    base = x2 @ w.t() + (0 if bias is None else bias)
+    xd = x2 if keep is None else x2 * keep.to(dt) * inv_keep
+    base_result = base - (0 if bias is None else bias) if keep is None else xd @ w.t()
+    y = base + (c - 1) * base_result + c * (scaling * ((xd @ a.t()) @ b.t()))
+    return y.to(dt).reshape(*x.shape[:-1], -1)
+
+
+def _inputs(m, k, n, r, dtype, lead=(), bias=True, transposed=False):
+    g = torch.Generator().manual_seed(m * 1000 + k + n + r)
+    w = torch.randn(n, k, generator=g) / k**0.5
+    if transposed:  # GPT-2 Conv1D stores [K, N]; the op sees its transposed view
+        w = w.t().contiguous().t()
+    a = torch.randn(r, k, generator=g) / k**0.5
+    b = torch.randn(n, r, generator=g) * 0.3
+    mag = torch.linalg.norm(w + 0.7 * b @ a, dim=1) * (1 + 0.3 * torch.randn(n, generator=g))
+    return {
+        "x": torch.randn(*lead, m, k, generator=g).to(dtype),
+        "weight": w.to(dtype),
+        "bias": (torch.randn(n, generator=g) * 0.1).to(dtype) if bias else None,
+        "lora_a": a, "lora_b": b, "magnitude": mag,  # adapter weights float32, as the layer's
+    }
+
+
+def _leaves(t, dtype=None):
+    out = {}
+    for name, v in t.items():
+        if v is None:
+            out[name] = None
+            continue
+        v = v.detach()
+        if dtype is not None:
+            v = v.to(dtype)
+        if name == "weight":
+            out[name] = v
+        else:
+            out[name] = v.requires_grad_()
+    return out
+
+
+def _grads(y, lv, g):
+    names = [n for n in NAMES if lv[n] is not None]
+    got = torch.autograd.grad(y, [lv[n] for n in names], g.to(y.dtype))
+    return dict(zip(names, got, strict=True))
+
+
+def _floor(dtype):
+    return torch.finfo(dtype).eps if dtype != torch.float32 else 4 * torch.finfo(dtype).eps
+
+
+@pytest.mark.parametrize("backend,m,k,n,r,dtype,p,lead,transposed,bias", [
+    ("torch", 7, 24, 40, 1, torch.float32, 0.0, (), False, True),
+    ("torch", 13, 24, 40, 5, torch.float32, 0.25, (), False, True),
+    ("torch", 7, 24, 40, 5, torch.float32, 0.1, (2,), True, False),  # 3-D x, Conv1D view
+    ("torch", 13, 24, 40, 5, torch.float16, 0.0, (), False, True),
+    ("triton", 7, 24, 40, 5, torch.float32, 0.0, (), False, True),
+    ("triton", 13, 24, 40, 1, torch.float32, 0.25, (), True, True),
+    ("triton", 7, 24, 40, 5, torch.float16, 0.25, (), False, True),
+])
+def test_dora_op_matches_float64_peft_formula(backend, m, k, n, r, dtype, p, lead, transposed,
+                                              bias):
+    t = _inputs(m, k, n, r, dtype, lead, bias, transposed)
+    s, seed = 0.7, 4321
+    rows = t["x"].numel() // k
+    keep = ops.dropout_mask((rows, k), p, seed, backend=backend) if p else None
+    inv = dropout_threshold(p)[1] if p else 1.0
+    g = torch.randn(*lead, m, n).to(dtype)
+
+    lv = _leaves(t)
+    y = ops.dora_linear(lv["x"], lv["weight"], lv["bias"], lv["lora_a"], lv["lora_b"],
+                        lv["magnitude"], scaling=s, dropout_p=p, seed=seed, backend=backend)
+    assert y.dtype == dtype and y.shape == (*lead, m, n)
+    ours = _grads(y, lv, g)
+    ref_lv = _leaves(t, torch.float64)
+    y_ref = peft_dora_reference(**ref_lv, scaling=s, keep=keep, inv_keep=inv)
+    refs = _grads(y_ref, ref_lv, g.double())
+    same_lv = _leaves(t)
+    y_same = peft_dora_reference(**same_lv, scaling=s, keep=keep, inv_keep=inv)
+    sames = _grads(y_same, same_lv, g)
+
+    floor = _floor(dtype)
+    parity.assert_parity("y", y, y_ref, y_same, rel_floor=floor, check_dtype=True)
+    for name in ours:
+        mag = None
+        if name == "magnitude":  # dm = Σ_rows g ⊙ T / wn cancels: floor at Σ |terms|
+            u = (y_ref - ref_lv["bias"] if bias else y_ref).detach().reshape(-1, n)
+            wn = torch.linalg.norm(ref_lv["weight"] + s * ref_lv["lora_b"] @ ref_lv["lora_a"],
+                                   dim=1)
+            mag = ((g.double().reshape(-1, n) * u).abs().sum(0) / wn).max().item()
+        parity.assert_parity(f"d{name}", ours[name], refs[name], sames[name],
+                             rel_floor=floor, magnitude=mag)
+        assert ours[name].dtype == t[name].dtype, name
+
+
+def test_dora_op_without_x_grad_and_norm_formula():
+    t = _inputs(7, 24, 40, 5, torch.float64)
+    w, a, b = t["weight"], t["lora_a"].double(), t["lora_b"].double()
+    direct = torch.linalg.norm(w + 0.7 * b @ a, dim=1)
+    torch.testing.assert_close(dora_weight_norm(w, a, b, 0.7), direct, rtol=1e-12, atol=0)
+    torch.testing.assert_close(
+        dora_weight_norm(w, a, b, 0.7, weight_row_norm_sq(w)), direct, rtol=1e-12, atol=0)
+    mag = t["magnitude"].double().requires_grad_()
+    y = ops.dora_linear(t["x"].double(), w, None, a, b, mag, 0.7, backend="torch")
+    (dm,) = torch.autograd.grad(y.sum(), [mag])
+    assert dm.shape == (40,) and torch.isfinite(dm).all()
+
+
+def test_dora_op_bad_input_names_the_problem():
+    t = _inputs(7, 24, 40, 5, torch.float32)
+    args = dict(x=t["x"], weight=t["weight"], bias=t["bias"], lora_a=t["lora_a"],
+                lora_b=t["lora_b"], magnitude=t["magnitude"])
+    cases = [
+        (dict(magnitude=torch.ones(39)), ValueError, "magnitude has shape"),
+        (dict(lora_b=torch.ones(40, 4)), ValueError, "lora_b has shape"),
+        (dict(weight=torch.ones(40, 23)), ValueError, "x has 24 features"),
+        (dict(bias=torch.ones(40, dtype=torch.float64)), TypeError, "bias dtype"),
+        (dict(magnitude=torch.ones(40, dtype=torch.long)), TypeError, "magnitude has dtype"),
+    ]
+    for change, exc, match in cases:
+        with pytest.raises(exc, match=match):
+            ops.dora_linear(**{**args, **change}, scaling=2.0, backend="torch")
+    with pytest.raises(TypeError, match="scaling must be a float"):
+        ops.dora_linear(**args, scaling=torch.tensor(2.0), backend="torch")
+    with pytest.raises(ValueError, match="dropout_p"):
+        ops.dora_linear(**args, scaling=2.0, dropout_p=1.0, backend="torch")
+    with pytest.raises(ValueError, match="unknown backend"):
+        ops.dora_linear(**args, scaling=2.0, backend="nope")
+    frozen = t["weight"].clone().requires_grad_()
+    with pytest.raises(ValueError, match="frozen"):
+        ops.dora_linear(**{**args, "weight": frozen}, scaling=2.0, backend="torch")
+
+
+# ---- the layer, and PEFT's format both ways --------------------------------------------------
+TARGETS = {"llama": ["q_proj", "v_proj"], "gpt2": ["c_attn", "c_proj"]}
+
+
+def _logits(model):
+    with torch.no_grad():
+        return model(**tiny_batch()).logits
+
+
+def _perturb(model, seed=0):
+    """Trained-looking DoRA weights: random A and B, the magnitude moved off its init."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_A" in name or "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+            elif "lora_magnitude_vector" in name:
+                p.mul_(1 + 0.3 * torch.randn(p.shape, generator=gen))
+
+
+def _config(family, **fields):
+    return dict(r=4, lora_alpha=8, target_modules=TARGETS[family], use_dora=True,
+                task_type="CAUSAL_LM", **fields)
+
+
+def _file_keys(path):
+    from safetensors.torch import load_file
+
+    return set(load_file(str(path / "adapter_model.safetensors")))
+
+
+@pytest.mark.parametrize("family,rslora", [("llama", False), ("llama", True), ("gpt2", True)])
+def test_peft_dora_adapter_loads_with_equal_logits_and_back(family, rslora, tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PEFT's fan_in_fan_out notice for Conv1D
+        theirs = peft.get_peft_model(tiny_model(family),
+                                     peft.LoraConfig(**_config(family, use_rslora=rslora)))
+    _perturb(theirs)
+    theirs.eval()
+    want = _logits(theirs)
+    theirs.save_pretrained(str(tmp_path / "peft"))
+    keys = _file_keys(tmp_path / "peft")
+    assert any(k.endswith(".lora_magnitude_vector") for k in keys)
+    ours = la.load_adapter(tiny_model(family), str(tmp_path / "peft"))
+    torch.testing.assert_close(_logits(ours), want, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(_logits(tiny_model(family)), want, atol=1e-3)
+    # and ours written back: the same keys as PEFT's file, PEFT reads it with equal logits
+    la.save_adapter(ours, str(tmp_path / "ours"))
+    assert _file_keys(tmp_path / "ours") == keys
+    again = peft.PeftModel.from_pretrained(tiny_model(family), str(tmp_path / "ours")).eval()
+    torch.testing.assert_close(_logits(again), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_our_dora_adapter_loads_in_peft_and_trains_like_it(family, tmp_path):
+    fields = _config(family, init_lora_weights=False)  # B random: m = ‖W + s·B A‖ ≠ ‖W‖
+    ours = la.get_adapter_model(tiny_model(family), la.LoraConfig(**fields))
+    mine = {n.removeprefix("base_model."): p for n, p in ours.named_parameters()
+            if p.requires_grad}
+    # the initial magnitude is what PEFT's own DoRA initialisation gives for these A, B
+    from peft.tuners.lora.dora import DoraLinearLayer
+
+    layers = [m for m in ours.modules() if isinstance(m, la.layers.LoraLinear)]
+    for layer in layers:
+        theirs_init = DoraLinearLayer(fan_in_fan_out=layer.fan_in_fan_out)
+        theirs_init.update_layer(base_layer=layer.base_layer, lora_A=layer.lora_A.weight,
+                                 lora_B=layer.lora_B.weight, scaling=layer.scaling)
+        torch.testing.assert_close(layer.lora_magnitude_vector, theirs_init.weight,
+                                   rtol=1e-6, atol=1e-6)
+    # training step, dropout inactive: every adapter gradient as PEFT's
+    _perturb(ours, seed=3)
+    la.save_adapter(ours, str(tmp_path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.PeftModel.from_pretrained(tiny_model(family), str(tmp_path),
+                                                is_trainable=True)
+    ours.train()
+    theirs.train()
+    for model in (ours, theirs):  # gpt2's own dropouts draw the same masks in both
+        torch.manual_seed(5)
+        model(**tiny_batch()).loss.backward()
+    theirs_grads = {n.removeprefix("base_model.model.").replace(".default", "")
+                    .replace("lora_magnitude_vector.weight", "lora_magnitude_vector"): p.grad
+                    for n, p in theirs.named_parameters() if p.requires_grad}
+    assert set(theirs_grads) == set(mine)
+    for n, p in mine.items():
+        torch.testing.assert_close(p.grad, theirs_grads[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_dora_init_is_the_base_model_and_merge_unmerge_round_trip():
+    base_logits = _logits(tiny_model("gpt2"))
+    model = la.get_adapter_model(tiny_model("gpt2"), la.LoraConfig(**_config("gpt2")))
+    torch.testing.assert_close(_logits(model), base_logits, rtol=1e-6, atol=1e-6)
+    _perturb(model)
+    want = _logits(model)
+    layer = model.get_base_model().transformer.h[0].attn.c_attn
+    w0 = layer.base_layer.weight.detach().clone()
+    la.merge_adapter(model)
+    assert layer.merged and not torch.allclose(layer.base_layer.weight, w0)
+    torch.testing.assert_close(_logits(model), want, rtol=1e-5, atol=1e-5)
+    la.unmerge_adapter(model)
+    torch.testing.assert_close(layer.base_layer.weight, w0, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(_logits(model), want, rtol=1e-5, atol=1e-5)
+    merged = la.unload_adapter(model, merge=True)
+    torch.testing.assert_close(_logits(merged), want, rtol=1e-5, atol=1e-5)
+
+
+def test_weight_norm_cache_follows_the_base_weight():
+    model = la.get_adapter_model(tiny_model("llama"), la.LoraConfig(**_config("llama")))
+    layer = model.get_base_model().model.layers[0].self_attn.q_proj
+    w = layer.base_layer.weight
+    first = layer._weight_norm_sq(w)
+    assert layer._weight_norm_sq(w) is first  # cached
+    with torch.no_grad():
+        w.mul_(2.0)  # an in-place change bumps the version counter
+    second = layer._weight_norm_sq(w)
+    torch.testing.assert_close(second, 4 * first)
+    _perturb(model)
+    x = torch.randn(3, 32)
+    ref = peft_dora_reference(x, w, None, layer.lora_A.weight, layer.lora_B.weight,
+                              layer.lora_magnitude_vector, layer.scaling)
+    torch.testing.assert_close(layer(x), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_dora_bad_configs_leave_the_model_untouched(tmp_path):
+    with pytest.raises(ValueError, match="use_dora"):
+        la.LoraConfig(use_dora="yes")
+    model = tiny_model("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="embed_tokens"):
+        la.get_adapter_model(model, la.LoraConfig(target_modules=["embed_tokens"], use_dora=True))
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert not any(isinstance(m, la.layers.LoraLinear) for m in model.modules())
+    ours = la.get_adapter_model(tiny_model("llama"), la.LoraConfig(**_config("llama")))
+    with pytest.raises(ValueError, match="llm-adapters.*DoRA"):
+        la.save_adapter(ours, str(tmp_path / "x"), format="llm-adapters")
+    assert not (tmp_path / "x").exists()
+
+
+def test_dora_on_a_quantized_base_is_refused_by_name():
+    bnb = pytest.importorskip("bitsandbytes")
+    model = tiny_model("llama")
+    old = model.model.layers[0].self_attn.q_proj
+    new = bnb.nn.Linear4bit(old.in_features, old.out_features, bias=False,
+                            compute_dtype=torch.float32, quant_type="nf4")
+    new.weight = bnb.nn.Params4bit(old.weight.data.clone(), requires_grad=False,
+                                   quant_type="nf4")
+    model.model.layers[0].self_attn.q_proj = new
+    with pytest.raises(ValueError, match="use_dora.*layers.0.self_attn.q_proj.*quantized"):
+        la.get_adapter_model(model, la.LoraConfig(**_config("llama")))
+    assert model.model.layers[0].self_attn.q_proj is new
+    assert not any(isinstance(m, la.layers.LoraLinear) for m in model.modules())
