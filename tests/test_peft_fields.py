@@ -388,21 +388,22 @@ def _bnb_4bit_llama():
     return model
 
 
-def test_accelerate_peft_on_qlora_names_the_quantized_layers():
+def test_accelerate_peft_on_qlora_runs_our_op():
+    # PEFT's bitsandbytes LoRA layers: the base keeps its product, our op adds the branch
+    # (tests/test_qlora_peft.py compares logits, gradients, dtypes and dropout in detail)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = peft.get_peft_model(_bnb_4bit_llama(), peft.LoraConfig(
             r=4, target_modules=QV, task_type="CAUSAL_LM"))
     _perturb(model)
-    want = _logits(model.eval())
+    # train mode (no dropout here): on CPUs with AVX512-BF16, bitsandbytes' eval-mode no_grad
+    # 4-bit path repacks the weight and needs in_features % 64 == 0, which width 32 is not
+    want = _logits(model.train())
     report, message = _accelerate(model)
-    assert not report.accelerated and len(report.left_on_peft) == 4
-    assert all("bitsandbytes Linear4bit" in why for why in report.left_on_peft.values())
-    assert "0 of 4 LoRA layers" in message and "quantized" in message
-    assert "no PEFT LoRA" not in message
+    assert len(report.accelerated) == 4 and not report.left_on_peft and not message
     _, again = _accelerate(model)
-    assert "bitsandbytes Linear4bit" in again
-    torch.testing.assert_close(_logits(model), want)
+    assert "already accelerated" in again
+    torch.testing.assert_close(_logits(model), want, rtol=1e-5, atol=1e-5)
 
 
 def test_accelerate_peft_on_a_model_without_lora_says_so():

@@ -2,8 +2,11 @@
 
 `accelerate_peft` swaps only each PEFT LoRA Linear's forward, so the model stays a PEFT model
 (its parameters, optimizer state, saving and methods untouched); `restore_peft` undoes it.
-A layer our op cannot run (DoRA, lora_bias, a quantized or non-Linear base, several active
-adapters, another LoRA variant) keeps PEFT's forward and is reported by name with the reason.
+PEFT's bitsandbytes LoRA layers (QLoRA: `Linear4bit`, `Linear8bitLt`) keep their base
+layer's own quantized product and get our branch added into it (`ops.lora_add`).
+A layer our op cannot run (DoRA, lora_bias, another quantized or a non-Linear base, several
+active adapters, another LoRA variant) keeps PEFT's forward and is reported by name with the
+reason.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+import torch
 from torch import Tensor, nn
 
 from .. import ops
@@ -76,10 +80,15 @@ def _plain_base(base: nn.Module) -> bool:
     )
 
 
-def _static_reason(layer: nn.Module, peft_linear: type) -> Optional[str]:
-    """Why this PEFT LoRA layer stays on PEFT's path whatever the inputs, or None."""
+def _static_reason(
+    layer: nn.Module, peft_linear: type, peft_quant: tuple[type, ...] = ()
+) -> Optional[str]:
+    """Why this PEFT LoRA layer stays on PEFT's path whatever the inputs, or None.
+    `peft_quant`: PEFT's LoRA classes over a quantized base that our op runs (`_quant_classes`)."""
     base = layer.get_base_layer()
     kind = f"{type(base).__module__.split('.')[0]} {type(base).__name__}"
+    if peft_quant and isinstance(layer, peft_quant):
+        return _adapter_reason(layer, _quant_variant_reason)
     if not isinstance(layer, peft_linear):
         if isinstance(base, nn.Linear):  # PEFT's LoRA layers for bitsandbytes, torchao, ...
             return f"quantized base layer ({kind}): our op needs a plain float weight"
@@ -90,11 +99,28 @@ def _static_reason(layer: nn.Module, peft_linear: type) -> Optional[str]:
             f"quantized base layer ({kind}, {type(weight).__name__} weight): our op needs a "
             "plain float weight"
         )
+    return _adapter_reason(layer)
+
+
+def _quant_variant_reason(layer: nn.Module, adapter: str) -> Optional[str]:
+    """`_variant_reason` for a quantized base, where our op runs plain LoRA only."""
+    why = _variant_reason(layer, adapter)
+    if why is None and (
+        getattr(layer, "use_dora", {}).get(adapter, False)
+        or getattr(layer, "lora_bias", {}).get(adapter, False)
+        or getattr(layer, "lora_variant", {}).get(adapter) is not None
+    ):
+        why = "DoRA / lora_bias / a LoRA variant on a quantized base is not supported by our op"
+    return why
+
+
+def _adapter_reason(layer: nn.Module, variant_reason=_variant_reason) -> Optional[str]:
+    """Why the active adapters of this layer keep it on PEFT's path (several, or a variant)."""
     active = [a for a in layer.active_adapters if a in layer.lora_A]
     if len(active) > 1:
         return f"several active adapters ({', '.join(active)}): our op runs one"
     for adapter in active:
-        why = _variant_reason(layer, adapter)
+        why = variant_reason(layer, adapter)
         if why:
             return why
     return None
@@ -128,6 +154,54 @@ def _peft_lora_forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
     return within_units((base, lora_a, lora_b), fused)
 
 
+def _peft_quant_lora_forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+    """Replacement forward for PEFT's bitsandbytes LoRA layers (Linear4bit / Linear8bitLt):
+    the quantized base layer computes its own product, our op adds the branch into it
+    (`ops.lora_add`: one GEMM into the base output, dropout on the branch input only, no
+    [M, N] branch tensor). Dtypes as PEFT's forward: outside CUDA autocast the branch runs in
+    lora_A's dtype and the sum comes back in the base output's; under CUDA autocast the sum
+    is in the promotion of the base output's dtype and autocast's (PEFT's `result + output`),
+    our branch in that dtype too. Whatever our op does not cover goes to PEFT's forward."""
+    active = [a for a in self.active_adapters if a in self.lora_A]
+    if (
+        args or kwargs or self.disable_adapters or self.merged or len(active) != 1
+        or _quant_variant_reason(self, active[0]) is not None
+        or not getattr(self, "cast_input_dtype_enabled", True)
+    ):
+        return getattr(self, _ORIGINAL)(x, *args, **kwargs)
+    name = active[0]
+    lora_a, lora_b = self.lora_A[name], self.lora_B[name]
+    dropout = self.lora_dropout[name]
+    p = float(getattr(dropout, "p", 0.0)) if self.training else 0.0
+    y0 = self.get_base_layer()(x)
+    # PEFT asks torch.is_autocast_enabled() without a device: CUDA autocast only
+    if torch.is_autocast_enabled() and x.device.type == "cuda":
+        dtype = out_dtype = torch.promote_types(y0.dtype, torch.get_autocast_dtype("cuda"))
+    else:
+        dtype, out_dtype = lora_a.weight.dtype, y0.dtype
+
+    def branch() -> Tensor:
+        y = ops.lora_add(
+            y0.to(dtype), x.to(dtype), lora_a.weight, lora_b.weight,
+            scaling=float(self.scaling[name]), dropout_p=p,
+        )
+        return y.to(out_dtype)
+
+    # under FSDP1 with PEFT's wrap policy lora_A / lora_B are units of their own (see _sharded)
+    return within_units((lora_a, lora_b), branch)
+
+
+def _quant_classes() -> tuple[type, ...]:
+    """PEFT's LoRA layers over bitsandbytes 4-bit / 8-bit bases (those it defines: they exist
+    only where bitsandbytes imports)."""
+    try:
+        from peft.tuners.lora import bnb as peft_bnb
+    except ImportError:
+        return ()
+    return tuple(c for c in (getattr(peft_bnb, "Linear8bitLt", None),
+                             getattr(peft_bnb, "Linear4bit", None)) if c is not None)
+
+
 def _peft_classes() -> tuple[type, type]:
     try:
         from peft.tuners.lora.layer import Linear, LoraLayer
@@ -145,9 +219,11 @@ def accelerate_peft(peft_model: nn.Module) -> nn.Module:
     """Switch a PEFT LoRA model's Linear layers onto our fused op, in place.
 
     The same modules and parameters stay (optimizer state, saving and PEFT's own methods are
-    untouched); only each LoRA Linear's forward changes. A layer our op cannot run keeps
-    PEFT's forward and is named in the report with the reason (DoRA, lora_bias, quantized
-    base, Embedding/Conv LoRA, several active adapters); the report is logged, warned about
+    untouched); only each LoRA Linear's forward changes. On PEFT's bitsandbytes 4-bit / 8-bit
+    LoRA layers (QLoRA) the quantized base keeps its own product and our op adds the branch.
+    A layer our op cannot run keeps PEFT's forward and is named in the report with the reason
+    (DoRA, lora_bias, another quantized base, Embedding/Conv LoRA, several active adapters);
+    the report is logged, warned about
     when some layers stay on PEFT, and attached as `peft_model.llm_adapters_report`
     (an `AccelerationReport`). Returns the model; `restore_peft` undoes it.
     """
@@ -162,16 +238,19 @@ def accelerate_peft(peft_model: nn.Module) -> nn.Module:
             + ": pass a model from peft.get_peft_model / PeftModel.from_pretrained with LoRA"
         )
     report = AccelerationReport()
+    peft_quant = _quant_classes() if any(not isinstance(m, peft_linear) for _, m in layers) else ()
     for name, module in layers:
         if _ORIGINAL in vars(module):
             report.already_accelerated.append(name)
             continue
-        why = _static_reason(module, peft_linear)
+        why = _static_reason(module, peft_linear, peft_quant)
         if why is not None:
             report.left_on_peft[name] = why
             continue
+        quant = bool(peft_quant) and isinstance(module, peft_quant)
         setattr(module, _ORIGINAL, module.forward)
-        module.forward = types.MethodType(_peft_lora_forward, module)
+        forward = _peft_quant_lora_forward if quant else _peft_lora_forward
+        module.forward = types.MethodType(forward, module)
         report.accelerated.append(name)
     object.__setattr__(peft_model, REPORT_ATTR, report)
     summary = report.summary()
