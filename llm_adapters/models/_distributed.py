@@ -4,8 +4,9 @@ Under FSDP the adapter weights are sharded: FSDP2 (`fully_shard`) holds DTensors
 (`FullyShardedDataParallel(use_orig_params=True)`) holds each original parameter as a 1-D
 slice of its rank's shard (or an empty tensor). Saving them as they are fails in safetensors or
 writes a fraction. `full_adapter_state` gathers them - a collective: every rank calls it - into
-whole CPU tensors on rank 0, through `torch.distributed.checkpoint`'s full state dict; the
-other ranks get nothing back and write nothing. `staged_directory` makes the write atomic.
+whole CPU tensors on rank 0; the other ranks get nothing back and write nothing.
+`load_full_adapter_state` is the way back (resuming a checkpoint): every rank reads the same
+whole tensors and keeps its shard of each. `staged_directory` makes the write atomic.
 """
 
 from __future__ import annotations
@@ -42,6 +43,9 @@ def is_writer() -> bool:
 def unwrap(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     """(root, inner): the module a collective state dict must be taken from (the outermost
     FSDP1 or DDP wrapper handed in) and the model inside it."""
+    compiled = getattr(model, "_orig_mod", None)  # torch.compile around the wrapper
+    if isinstance(compiled, nn.Module):
+        model = compiled
     root = model
     while True:
         inner = getattr(model, "module", None)  # FSDP1 and DDP wrappers
@@ -88,6 +92,41 @@ def needs_gather(params: dict[str, Tensor]) -> bool:
     return bool(sharded)
 
 
+def _fsdp1_units(root: nn.Module, params: dict[str, nn.Parameter], keys: list[str]):
+    """[(unit, keys of `params` it holds)] for the FSDP1-managed `keys`, each key under the
+    innermost unit holding it, outer units first; a clear error for one held outside `root`."""
+    fsdp1 = _fsdp1_class()
+    units = fsdp1.fsdp_modules(root)  # outer units before the units inside them
+    _lazy_init_roots(units)
+    owner: dict[int, nn.Module] = {}
+    for unit in units:
+        for p in unit.parameters():
+            owner[id(p)] = unit  # the innermost unit holding p wins
+    orphan = [k for k in keys if id(params[k]) not in owner]
+    if orphan:
+        raise ValueError(
+            f"adapter parameter {orphan[0]!r} is sharded by a FullyShardedDataParallel "
+            "unit outside the model given: pass the FullyShardedDataParallel-wrapped model "
+            "(the FSDP root) to save or load the adapter, on every rank"
+        )
+    held = [(unit, [k for k in keys if owner[id(params[k])] is unit]) for unit in units]
+    return [(unit, ks) for unit, ks in held if ks]
+
+
+def _lazy_init_roots(units: list[nn.Module]) -> None:
+    """Let every outermost FSDP1 unit take its place as a root, as its first forward would:
+    a unit summoned before that (a save or load before training) would make itself a root,
+    and the optimizer-state calls that follow (Trainer's resume) then fail on it."""
+    try:
+        from torch.distributed.fsdp._runtime_utils import _lazy_init
+    except ImportError:  # pragma: no cover - FSDP1's internals moved: summon as before
+        return
+    inner = {id(m) for u in units for m in u.modules() if m is not u}
+    for unit in units:
+        if id(unit) not in inner:
+            _lazy_init(unit, unit)
+
+
 def full_adapter_state(root: nn.Module, params: dict[str, nn.Parameter]) -> dict[str, Tensor]:
     """key -> the whole parameter as a CPU tensor, gathered from the shards of every rank.
 
@@ -103,22 +142,7 @@ def full_adapter_state(root: nn.Module, params: dict[str, nn.Parameter]) -> dict
     flattened = [k for k, p in params.items() if getattr(p, "_fsdp_flattened", False)]
     if flattened:
         fsdp1 = _fsdp1_class()
-        units = fsdp1.fsdp_modules(root)  # outer units before the units inside them
-        owner: dict[int, nn.Module] = {}
-        for unit in units:
-            for p in unit.parameters():
-                owner[id(p)] = unit  # the innermost unit holding p wins
-        orphan = [k for k in flattened if id(params[k]) not in owner]
-        if orphan:
-            raise ValueError(
-                f"adapter parameter {orphan[0]!r} is sharded by a FullyShardedDataParallel "
-                "unit outside the model given: pass the FullyShardedDataParallel-wrapped model "
-                "(the FSDP root) to save the adapter, on every rank"
-            )
-        for unit in units:
-            held = [k for k in flattened if owner[id(params[k])] is unit]
-            if not held:
-                continue
+        for unit, held in _fsdp1_units(root, params, flattened):
             with fsdp1.summon_full_params(unit, recurse=False, writeback=False):
                 if writer:
                     for k in held:
@@ -134,6 +158,47 @@ def full_adapter_state(root: nn.Module, params: dict[str, nn.Parameter]) -> dict
     if not writer:
         return {}
     return {key: out[key].contiguous() for key in params}
+
+
+def full_shapes(root: nn.Module, params: dict[str, nn.Parameter]) -> dict[str, tuple[int, ...]]:
+    """key -> the shape of the whole parameter: a DTensor's global shape, an FSDP1 parameter's
+    original shape as its flat parameter records it (None where it records none)."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    flattened = {id(p): k for k, p in params.items() if getattr(p, "_fsdp_flattened", False)}
+    if flattened:
+        for unit in _fsdp1_class().fsdp_modules(root):
+            flat = getattr(unit, "_flat_param", None)
+            originals = getattr(flat, "_params", None) or ()
+            for p, shape in zip(originals, getattr(flat, "_shapes", ())):
+                if id(p) in flattened:
+                    shapes[flattened[id(p)]] = tuple(shape)
+    return {k: shapes.get(k) if id(p) in flattened else tuple(p.shape) for k, p in params.items()}
+
+
+def load_full_adapter_state(
+    root: nn.Module, params: dict[str, nn.Parameter], tensors: dict[str, Tensor]
+) -> None:
+    """Copy whole tensors (key -> tensor, the shapes of `full_shapes`) into `params`, sharded
+    or not. A collective when any is sharded: every rank calls it with the same `tensors`.
+    An FSDP2 DTensor keeps its own shard of the tensor (no communication); an FSDP1 parameter
+    is written inside `summon_full_params(writeback=True)` of the unit holding it."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    flattened = [k for k, p in params.items() if getattr(p, "_fsdp_flattened", False)]
+    with torch.no_grad():
+        if flattened:
+            fsdp1 = _fsdp1_class()
+            for unit, held in _fsdp1_units(root, params, flattened):
+                with fsdp1.summon_full_params(unit, recurse=False, writeback=True):
+                    for k in held:
+                        params[k].copy_(tensors[k])
+        for key, p in params.items():
+            if key in flattened:
+                continue
+            t = tensors[key].to(device=p.device, dtype=p.dtype)
+            if isinstance(p, DTensor):
+                t = distribute_tensor(t, p.device_mesh, p.placements, src_data_rank=None)
+            p.copy_(t)
 
 
 def barrier() -> None:

@@ -4,12 +4,20 @@ adapters: adapter_config.json + adapter_model.safetensors, never the base weight
 Trainer decides how to save a model by its class alone: a `PreTrainedModel` or a `PeftModel`
 gets `save_pretrained`; any other module gets its whole state dict written as model.safetensors
 (base weights included, no adapter config), and on resume only full weights or a PeftModel's
-adapter load. So, once a model of ours exists, three Trainer methods learn about it: `_save`
-(write the adapter, then what Trainer writes beside the model), `_load_from_checkpoint` and
-`_load_best_model` (read adapter_model.safetensors back into the adapter, in place). For every
-other model they are Trainer's own. The three have had these names and signatures across
-transformers 4.3x-5.x; if they are missing or differ, nothing is patched and a warning says
-that Trainer checkpoints of adapter models would hold full weights.
+adapter load. So, once a model of ours exists, four Trainer methods learn about it: `_save`
+(write the adapter, then what Trainer writes beside the model), `save_model` (under FSDP, or
+whenever the adapter is sharded: the save is a collective, see below), `_load_from_checkpoint`
+and `_load_best_model` (read the adapter file back into the adapter, in place, sharded or not).
+For every other model they are Trainer's own. The four have had these names and signatures
+across transformers 4.3x-5.x; if they are missing or differ, nothing is patched and a warning
+says that Trainer checkpoints of adapter models would hold full weights.
+
+Under FSDP Trainer's `save_model` runs on every rank, gathers the whole model's state dict
+(FULL_STATE_DICT) or none at all (SHARDED_STATE_DICT), and calls `_save` on rank 0 only
+(transformers 5.17) or on every rank (5.24). Our `save_model` gathers just the adapter's
+tensors, on every rank, and rank 0 writes them: the same files whatever the state-dict type or
+version. Resume loads the adapter file into the sharded parameters on every rank (each keeps
+its shard); the optimizer, scheduler and RNG states are resumed by Trainer as for any model.
 """
 
 from __future__ import annotations
@@ -32,18 +40,26 @@ TRAINER_MODULE = "transformers.trainer"
 _MARK = "_llm_adapters_adapter_aware"
 _EXPECTED = {
     "_save": ("self", "output_dir", "state_dict"),
+    "save_model": ("self", "output_dir", "_internal_call"),
     "_load_from_checkpoint": ("self", "resume_from_checkpoint", "model"),
     "_load_best_model": ("self",),
 }
 
 
 # ---- loading saved weights into an existing adapter -------------------------------------------
-def load_weights_in_place(wrapper: nn.Module, directory: str) -> None:
+def load_weights_in_place(
+    wrapper: nn.Module, directory: str, root: Optional[nn.Module] = None
+) -> None:
     """Copy the tensors of a saved adapter (ours, or a Trainer checkpoint of it) into the
     adapter of `wrapper`. The saved adapter must be of the same kind and hold exactly the
-    tensors `wrapper` saves, with the same shapes; otherwise nothing is copied."""
+    tensors `wrapper` saves, with the same shapes; otherwise nothing is copied.
+
+    Under FSDP the adapter is sharded: pass the FSDP root as `root` (FSDP1: the outermost
+    `FullyShardedDataParallel`; default `wrapper`) and call this on every rank, each reading
+    the same folder and keeping its shard of every tensor."""
     from ..config import load_config
     from . import io
+    from ._distributed import full_shapes, load_full_adapter_state
 
     saved_config = load_config(directory)
     ours = wrapper.adapter_config
@@ -61,40 +77,22 @@ def load_weights_in_place(wrapper: nn.Module, directory: str) -> None:
             f"the adapter at {directory!r} does not match this model's adapter: missing "
             f"{missing[:5]}, unexpected {unexpected[:5]}"
         )
-    for key, p in params.items():
-        if tuple(tensors[key].shape) != tuple(p.shape):
+    root = wrapper if root is None else root
+    for key, shape in full_shapes(root, params).items():
+        if shape is not None and tuple(tensors[key].shape) != shape:
             raise ValueError(
                 f"adapter tensor {key!r} has shape {tuple(tensors[key].shape)}, this model's "
-                f"is {tuple(p.shape)}"
+                f"is {shape}"
             )
-    with torch.no_grad():
-        for key, p in params.items():
-            p.copy_(tensors[key])
+    load_full_adapter_state(root, params, tensors)
 
 
 def _keyed_adapter_parameters(wrapper: nn.Module) -> dict[str, nn.Parameter]:
-    """file key -> parameter of everything `save_adapter` writes for `wrapper`."""
-    from ..config import LoraConfig
+    """file key -> parameter of everything `save_adapter` writes for `wrapper` (the keys as
+    saved: without the names FSDP1 or checkpoint wrappers insert)."""
     from . import io
-    from .inject import adapter_modules
 
-    config = wrapper.adapter_config
-    base = wrapper.get_base_model()
-    soft = wrapper.prefix_encoder if wrapper.prefix_encoder is not None else (
-        wrapper.prompt_embedding
-    )
-    params = dict(io._keyed_parameters(config, adapter_modules(base), soft))
-    if isinstance(config, LoraConfig) and config.bias != "none":
-        for name, p in base.named_parameters():
-            if name.endswith("bias") and p.requires_grad:
-                params[io.bias_key(name)] = p
-    written = set(io._adapter_state(wrapper))
-    if written != set(params):  # the file layout moved on: say so rather than load half
-        raise RuntimeError(
-            "the saved-adapter key layout and this loader disagree: "
-            f"{sorted(written ^ set(params))[:5]}"
-        )
-    return params
+    return io._adapter_parameters(wrapper)
 
 
 # ---- Trainer ------------------------------------------------------------------------------------
@@ -116,12 +114,50 @@ def _adapter_model(trainer: Any, model: Optional[nn.Module] = None) -> Optional[
 
 
 def _has_adapter_files(directory: Optional[str]) -> bool:
-    from .io import WEIGHTS_NAME
+    from .io import LEGACY_WEIGHTS_NAME, WEIGHTS_NAME
 
-    return bool(directory) and all(
-        os.path.isfile(os.path.join(directory, name))
-        for name in ("adapter_config.json", WEIGHTS_NAME)
+    def has(name: str) -> bool:
+        return os.path.isfile(os.path.join(directory, name))
+
+    return bool(directory) and has("adapter_config.json") and (
+        has(WEIGHTS_NAME) or has(LEGACY_WEIGHTS_NAME)
     )
+
+
+def _root(trainer: Any, model: Optional[nn.Module] = None) -> nn.Module:
+    """The outermost module holding the trainer's model (FSDP1: its root wrapper)."""
+    if model is not None:
+        return model
+    wrapped = getattr(trainer, "model_wrapped", None)
+    return wrapped if isinstance(wrapped, nn.Module) else trainer.model
+
+
+def _collective_save(trainer: Any, ours: nn.Module) -> bool:
+    """Whether saving `ours` takes every rank: under accelerate's FSDP, or when its adapter
+    is sharded some other way (FSDP2 applied by transformers at load time). DeepSpeed and
+    XLA keep Trainer's own save_model, which hands `_save` a gathered state dict."""
+    from . import io
+    from ._distributed import needs_gather
+
+    if getattr(trainer, "is_deepspeed_enabled", False):
+        return False
+    if getattr(trainer, "is_fsdp_xla_enabled", False):
+        return False
+    return bool(getattr(trainer, "is_fsdp_enabled", False)) or needs_gather(
+        io._adapter_parameters(ours)
+    )
+
+
+def _save_beside(trainer: Any, output_dir: str) -> None:
+    """What Trainer writes beside a model: the tokenizer / processor and the training
+    arguments."""
+    processing = getattr(trainer, "processing_class", None) or getattr(trainer, "tokenizer", None)
+    collator_tokenizer = getattr(getattr(trainer, "data_collator", None), "tokenizer", None)
+    if processing is not None:
+        processing.save_pretrained(output_dir)
+    elif collator_tokenizer is not None:
+        collator_tokenizer.save_pretrained(output_dir)
+    torch.save(trainer.args, os.path.join(output_dir, "training_args.bin"))
 
 
 def _save(original, self, output_dir: Optional[str] = None, state_dict=None, *args, **kwargs):
@@ -134,14 +170,28 @@ def _save(original, self, output_dir: Optional[str] = None, state_dict=None, *ar
     os.makedirs(output_dir, exist_ok=True)
     logger.info("Saving the adapter to %s", output_dir)
     model.save_pretrained(output_dir, state_dict=state_dict)
-    # what Trainer writes beside a model: the tokenizer / processor and the training arguments
-    processing = getattr(self, "processing_class", None) or getattr(self, "tokenizer", None)
-    collator_tokenizer = getattr(getattr(self, "data_collator", None), "tokenizer", None)
-    if processing is not None:
-        processing.save_pretrained(output_dir)
-    elif collator_tokenizer is not None:
-        collator_tokenizer.save_pretrained(output_dir)
-    torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+    _save_beside(self, output_dir)
+    return None
+
+
+def _save_model(original, self, output_dir: Optional[str] = None, _internal_call: bool = False,
+                *args, **kwargs):
+    ours = _adapter_model(self)
+    if ours is None or args or kwargs or not _collective_save(self, ours):
+        return original(self, output_dir, _internal_call, *args, **kwargs)
+    from .io import save_adapter
+
+    output_dir = output_dir if output_dir is not None else self.args.output_dir
+    if self.args.should_save:
+        os.makedirs(output_dir, exist_ok=True)  # before other ranks' files land in it
+        logger.info("Saving the adapter to %s", output_dir)
+    save_adapter(_root(self), output_dir)  # every rank gathers; rank 0 writes
+    if self.args.should_save:
+        _save_beside(self, output_dir)
+    if getattr(self.args, "push_to_hub", False) and not _internal_call:
+        revision = getattr(self.args, "hub_revision", None)
+        extra = {"revision": revision} if revision else {}
+        self.push_to_hub(commit_message="Model save", **extra)
     return None
 
 
@@ -150,7 +200,7 @@ def _load_from_checkpoint(original, self, resume_from_checkpoint, model=None, *a
     if ours is None or not _has_adapter_files(resume_from_checkpoint):
         return original(self, resume_from_checkpoint, model, *args, **kwargs)
     logger.info("Loading the adapter from %s", resume_from_checkpoint)
-    ours.load_adapter(resume_from_checkpoint, is_trainable=True)
+    load_weights_in_place(ours, resume_from_checkpoint, _root(self, model))  # every rank
     return None
 
 
@@ -160,12 +210,12 @@ def _load_best_model(original, self, *args, **kwargs):
     if ours is None or not _has_adapter_files(best):
         return original(self, *args, **kwargs)
     logger.info("Loading the best adapter from %s", best)
-    ours.load_adapter(best, is_trainable=True)
+    load_weights_in_place(ours, best, _root(self))
     return None
 
 
-_HOOKS = {"_save": _save, "_load_from_checkpoint": _load_from_checkpoint,
-          "_load_best_model": _load_best_model}
+_HOOKS = {"_save": _save, "save_model": _save_model,
+          "_load_from_checkpoint": _load_from_checkpoint, "_load_best_model": _load_best_model}
 
 
 def _method(hook, original):
