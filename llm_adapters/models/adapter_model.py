@@ -444,35 +444,44 @@ class AdapterModel(nn.Module):
 
     def save_pretrained(
         self, save_directory: str, state_dict: Optional[dict[str, Tensor]] = None,
-        is_main_process: bool = True, **_: Any,
+        is_main_process: bool = True, safe_serialization: bool = True, **_: Any,
     ) -> None:
-        """Write the adapter only (adapter_config.json + adapter_model.safetensors), as
-        `la.save_adapter`. Takes what `transformers.Trainer` passes: `state_dict` (a gathered
-        one, under FSDP / DeepSpeed: the adapter's tensors are taken from it),
-        `is_main_process` (other ranks write nothing), `safe_serialization` (always safetensors)."""
+        """Write the adapter only (adapter_config.json + adapter_model.safetensors, or with
+        `safe_serialization=False` adapter_model.bin as PEFT writes it), as `la.save_adapter`.
+        Takes what `transformers.Trainer` passes: `state_dict` (a whole state dict gathered by
+        accelerate, keyed as `self.state_dict()`: the adapter's tensors are taken from it, no
+        gathering here) and `is_main_process` (other ranks write nothing)."""
         if not is_main_process:
             return
         # io builds on this class (and on inject, which builds AdapterModels): import it late
-        from .io import save_adapter
+        from . import io
 
-        with _parameters_from(self, state_dict):
-            save_adapter(self, save_directory)
+        if not state_dict:
+            io.save_adapter(self, save_directory, safe_serialization=safe_serialization)
+            return
+        io.write_adapter(
+            self, save_directory, _adapter_state_from(self, state_dict),
+            safe_serialization=safe_serialization,
+        )
 
 
-@contextlib.contextmanager
-def _parameters_from(model: nn.Module, state_dict: Optional[dict[str, Tensor]]) -> Iterator[None]:
-    """Trainable parameters show the tensors of `state_dict` (keyed as model.state_dict())."""
-    if not state_dict:
-        yield
-        return
-    swapped = []
-    for name, p in model.named_parameters():
-        value = state_dict.get(name)
-        if p.requires_grad and isinstance(value, Tensor):
-            swapped.append((p, p.data))
-            p.data = value
-    try:
-        yield
-    finally:
-        for p, data in swapped:
-            p.data = data
+def _adapter_state_from(model: AdapterModel, state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """file key -> CPU tensor of the adapter, read from `state_dict` (keyed as
+    `model.state_dict()`, FSDP1's wrapper names left out); a tensor it lacks is the
+    parameter's own, unless that is sharded."""
+    from ._distributed import _is_sharded, clean_name
+    from .io import _adapter_parameters
+
+    names = {id(p): clean_name(n) for n, p in model.named_parameters()}
+    state = {}
+    for key, p in _adapter_parameters(model).items():
+        value = state_dict.get(names.get(id(p), ""))
+        if value is None:
+            if _is_sharded(p):
+                raise ValueError(
+                    f"the state_dict given to save_pretrained lacks the adapter tensor "
+                    f"{names.get(id(p), key)!r}, and this rank holds only a shard of it"
+                )
+            value = p
+        state[key] = value.detach().contiguous().cpu()
+    return state

@@ -105,10 +105,13 @@ def _adapter_state(wrapper: AdapterModel) -> dict[str, Tensor]:
 
 
 def save_adapter(
-    model: AdapterModel, save_directory: str, format: Optional[str] = None
+    model: AdapterModel, save_directory: str, format: Optional[str] = None,
+    safe_serialization: bool = True,
 ) -> None:
     """Write adapter_config.json and adapter_model.safetensors (PEFT's format for LoRA), or
-    with `format="llm-adapters"` LLM-Adapters' adapter_config.json and adapter_model.bin.
+    with `safe_serialization=False` adapter_model.bin (`torch.save` of the same tensors, as
+    PEFT writes it then), or with `format="llm-adapters"` LLM-Adapters' adapter_config.json
+    and adapter_model.bin.
 
     The files are written into a temporary sibling folder and moved into place only when all
     are complete: a save that fails leaves no folder behind, or the previous save intact.
@@ -134,20 +137,32 @@ def save_adapter(
         state = {k: v.detach().contiguous().cpu() for k, v in params.items()}
     try:
         if is_writer():
-            # LLM-Adapters' layout: a safetensors file of an earlier save would be read first
-            stale = (WEIGHTS_NAME,) if format == "llm-adapters" else ()
-            with staged_directory(save_directory, remove=stale) as staging:
-                if format == "llm-adapters":
-                    from .llm_adapters_format import save_checkpoint
-
-                    save_checkpoint(model, staging, state)
-                else:
-                    model.adapter_config.save(staging)
-                    metadata = {"format": "pt", "model_type": model_type(model.base_model)}
-                    save_file(state, os.path.join(staging, WEIGHTS_NAME), metadata=metadata)
+            write_adapter(model, save_directory, state, format, safe_serialization)
     finally:
         if gathered:  # every rank returns once the files are in place (or the save failed)
             barrier()
+
+
+def write_adapter(
+    model: AdapterModel, save_directory: str, state: dict[str, Tensor],
+    format: Optional[str] = None, safe_serialization: bool = True,
+) -> None:
+    """Write `model`'s adapter config and `state` (file key -> whole CPU tensor), staged and
+    moved into place (see `save_adapter`); this process writes, whatever its rank."""
+    # a weights file of the other kind left by an earlier save would be read first, or instead
+    stale = (WEIGHTS_NAME,) if format == "llm-adapters" or not safe_serialization else ()
+    with staged_directory(save_directory, remove=stale) as staging:
+        if format == "llm-adapters":
+            from .llm_adapters_format import save_checkpoint
+
+            save_checkpoint(model, staging, state)
+            return
+        model.adapter_config.save(staging)
+        if safe_serialization:
+            metadata = {"format": "pt", "model_type": model_type(model.base_model)}
+            save_file(state, os.path.join(staging, WEIGHTS_NAME), metadata=metadata)
+        else:
+            torch.save(state, os.path.join(staging, LEGACY_WEIGHTS_NAME))
 
 
 # ---- load ------------------------------------------------------------------------------------
