@@ -1,13 +1,14 @@
-"""DistributedDataParallel over two CPU processes (gloo) gives the single-process gradients."""
+"""DistributedDataParallel over two CPU processes (gloo, launched by torchrun) gives the
+single-process gradients."""
 
 import os
-import socket
+import sys
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from tiny_models import VOCAB, tiny_model
+from torchrun_helpers import run_torchrun
 
 import llm_adapters as la
 
@@ -37,9 +38,11 @@ def _grads(model):
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def _worker(rank, world, port, out_path):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def _worker(out):
+    """The torchrun worker (this file run as a script): each rank's rows of the batch through
+    DDP, one backward; rank 0 saves the gradients."""
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
     try:
         results = {}
         for kind in CONFIGS:
@@ -49,22 +52,15 @@ def _worker(rank, world, port, out_path):
             ddp(**batch).loss.backward()
             results[kind] = _grads(model)
         if rank == 0:
-            torch.save(results, out_path)
+            torch.save(results, os.path.join(out, "grads.pt"))
     finally:
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_process_ddp_matches_one_process(tmp_path):
-    out = tmp_path / "grads.pt"
-    mp.spawn(_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
-    results = torch.load(out)
+    run_torchrun(__file__, tmp_path)
+    results = torch.load(tmp_path / "grads.pt")
     for kind in CONFIGS:
         model = _model(kind)
         model(**_batch()).loss.backward()
@@ -72,3 +68,7 @@ def test_two_process_ddp_matches_one_process(tmp_path):
         assert distributed.keys() == single.keys() and single
         for name, grad in single.items():
             torch.testing.assert_close(distributed[name], grad, rtol=1e-4, atol=1e-6)
+
+
+if __name__ == "__main__":
+    _worker(sys.argv[1])

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -22,6 +21,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 from tiny_models import VOCAB, tiny_model  # noqa: E402
+from torchrun_helpers import read_reports, run_torchrun, write_report  # noqa: E402
 
 import llm_adapters as la  # noqa: E402
 
@@ -147,8 +147,7 @@ def _worker(out: str) -> None:
         except ValueError as exc:
             report["errors"]["trainable_base"] = str(exc)
     finally:
-        with open(os.path.join(out, f"report-{rank}.json"), "w") as f:
-            json.dump(report, f)
+        write_report(out, rank, report)
         dist.destroy_process_group()
 
 
@@ -156,15 +155,8 @@ def _worker(out: str) -> None:
 @pytest.fixture(scope="module")
 def fsdp_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           __file__, str(out)]
-    env = dict(os.environ, LLM_ADAPTERS_BACKEND="torch", OMP_NUM_THREADS="1")
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    seconds = time.perf_counter() - start
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    reports = [json.load(open(out / f"report-{r}.json")) for r in range(2)]
-    return out, reports, seconds
+    seconds = run_torchrun(__file__, out)
+    return out, read_reports(out), seconds
 
 
 @pytest.fixture(scope="module")
