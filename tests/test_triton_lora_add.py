@@ -78,7 +78,9 @@ def _assert_parity(name, got, ref, same, dtype, magnitude=None):
                          check_dtype=True)
 
 
-def _check_case(m, k, n, r, dtype, act, p, *, seed=1234, lead=(), x_grad=True, **kw):
+def _check_case(m, k, n, r, dtype, act, p, *, seed=1234, lead=(), x_grad=True, run=_op, **kw):
+    """The op (`run`: this file's triton call, or another backend's) against float64 with
+    the kernels' keep-mask: output, dy0 = g, and every other gradient."""
     t = _make(m, k, n, r, dtype, lead=lead, **kw)
     wrt = [nm for nm in _NAMES if isinstance(t[nm], torch.Tensor) and (x_grad or nm != "x")]
     rows = t["x"].numel() // k
@@ -86,7 +88,7 @@ def _check_case(m, k, n, r, dtype, act, p, *, seed=1234, lead=(), x_grad=True, *
     g = torch.randn(*lead, m, n, device=DEV).to(dtype)
     lv = parity.leaves(t, wrt=wrt)
     y0_before = lv["y0"].detach().clone()
-    y, ours = parity.forward_and_grads(lambda **a: _op(a, act, p, seed), lv, g)
+    y, ours = parity.forward_and_grads(lambda **a: run(a, act, p, seed), lv, g)
     assert y.dtype == dtype and y.shape == (*lead, m, n)
     assert torch.equal(lv["y0"].detach(), y0_before)  # y0 is read, never written
     y_ref, refs = parity.forward_and_grads(

@@ -5,7 +5,7 @@ Each backend module exposes one object, `BACKEND`, that satisfies `Backend`. The
 devices once); the op factory (`_custom`) wraps its forward/backward pairs in autograd, both as a
 `torch.library` custom op and as an eager autograd.Function, from one spec per op.
 
-The functions, on validated inputs (a backend implements the ops named in its `ops`):
+The functions, on validated inputs:
 
 lora_forward(x, weight, bias, a, b, a_bias, b_bias, scale_t, scaling, p, seed, activation)
     x [M, K], weight [N, K] (any strides; x.dtype), bias [N] | None, a [r, K], b [N, r],
@@ -77,6 +77,16 @@ class Backend(Protocol):
                       scale_t: Optional[Tensor], scaling: float, p: float, seed: int,
                       activation: str, s_pre: Tensor, mask: Tensor,
                       needs: list[bool]) -> tuple[Tensor, ...]: ...
+
+    def lora_add_forward(self, x: Tensor, y0: Tensor, a: Tensor, b: Tensor,
+                         a_bias: Optional[Tensor], b_bias: Optional[Tensor],
+                         scale_t: Optional[Tensor], scaling: float, p: float, seed: int,
+                         activation: str) -> tuple[Tensor, Tensor, Tensor]: ...
+
+    def lora_add_backward(self, g: Tensor, x: Tensor, a: Tensor, b: Tensor,
+                          scale_t: Optional[Tensor], scaling: float, p: float, seed: int,
+                          activation: str, s_pre: Tensor, mask: Tensor,
+                          needs: list[bool]) -> tuple[Tensor, ...]: ...
 
     def series_forward(self, h: Tensor, down: Tensor, up: Tensor, down_bias: Optional[Tensor],
                        up_bias: Optional[Tensor], scale_t: Optional[Tensor], scaling: float,

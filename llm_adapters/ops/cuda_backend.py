@@ -23,6 +23,8 @@ LoRA / parallel forward:  S = shrink(x, A) + a_b;  y = x Wᵀ + b + b_b (cuBLAS)
 LoRA backward:            grad_rows(g, B): dS = s·(g B) ⊙ φ'(S) and dB = s·gᵀφ(S) from the same
                           tiles of g; dx = g W (cuBLAS) += D'(dS A) (expand_add_);
                           dA = reduce_rows(x with the mask, dS)ᵀ / keep
+lora_add (y0 given):      S as above; y = y0 + s·φ(S) Bᵀ + b_b (expand_add_ with in = y0, into a
+                          new y); backward as LoRA's without g W: dx = 0 (memset) += D'(dS A)
 Series forward:           series_forward: per 64-row block, S = D(h) Dnᵀ + d_b (float32, all
                           rank tiles), then z = h + s·φ(S) Upᵀ + u_b re-reading the block's h
 Series backward:          grad_rows(g, Up, dh_w = Dn): dS, dUp and dh = g + D'(dS Dn) in one
@@ -215,6 +217,38 @@ def lora_forward(x, weight, bias, a, b, a_bias, b_bias, scale_t, scaling, p, see
 
 def lora_backward(g, x, weight, a, b, scale_t, scaling, p, seed, activation, s_pre, mask, needs):
     """The 7 gradients (dx, dbias, dA, dB, da_bias, db_bias, dscale) of lora_forward."""
+    return _lora_backward(g, x, weight, a, b, scale_t, scaling, p, seed, activation, s_pre,
+                          needs)
+
+
+def lora_add_forward(x, y0, a, b, a_bias, b_bias, scale_t, scaling, p, seed, activation):
+    """y = y0 + s·φ(D(x) Aᵀ + a_b) Bᵀ + b_b: the shrink, then the expand into a new y with y0
+    as its input (y0 read once, never written) and b_b as its bias; see ops/_backend.py."""
+    _check_dtype(x, "x")
+    C = load_extension()
+    threshold, inv_keep = _dropout(p)
+    s_pre = C.shrink(x, _f32(a), _f32(a_bias), threshold, inv_keep, int(seed), TENSOR_CORES)
+    y0 = y0.contiguous()
+    y = torch.empty_like(y0)
+    C.expand_add_(
+        y, y0, s_pre, ACTIVATION_CODES[activation], _f32(b).contiguous(),
+        None if b_bias is None else _f32(b_bias).contiguous(), _f32(scale_t),
+        float(scaling) if scale_t is None else 1.0, 0, 0, TENSOR_CORES,
+    )
+    return y, s_pre, _empty(x, torch.bool)
+
+
+def lora_add_backward(g, x, a, b, scale_t, scaling, p, seed, activation, s_pre, mask, needs):
+    """The 6 gradients (dx, dA, dB, da_bias, db_bias, dscale) of lora_add_forward; dx is the
+    branch's D'(dS A) only (the base layer's backward adds its own through y0)."""
+    need_dx, *rest = needs
+    out = _lora_backward(g, x, None, a, b, scale_t, scaling, p, seed, activation, s_pre,
+                         (need_dx, False, *rest))
+    return (out[0], *out[2:])
+
+
+def _lora_backward(g, x, weight, a, b, scale_t, scaling, p, seed, activation, s_pre, needs):
+    """lora_backward, or with weight None lora_add_backward's terms (no g W in dx)."""
     _check_dtype(g, "g")
     need_dx, need_bias, need_a, need_b, need_ab, need_bb, need_scale = (bool(n) for n in needs)
     C = load_extension()
@@ -228,7 +262,10 @@ def lora_backward(g, x, weight, a, b, scale_t, scaling, p, seed, activation, s_p
                                          need_scale)
     dx = _empty(g, g.dtype)
     if need_dx:
-        dx = (g @ weight).contiguous()
+        if weight is not None:
+            dx = (g @ weight).contiguous()
+        else:  # the expand adds into its output, so it starts from zeros (a memset)
+            dx = torch.zeros((g.shape[0], x.shape[1]), dtype=g.dtype, device=g.device)
         C.expand_add_(dx, None, ds, 0, _rank_rows(a), None, None, inv_keep, threshold, seed,
                       TENSOR_CORES)
     d_a = _empty(g)
@@ -303,7 +340,7 @@ def keep_mask(shape: tuple[int, ...], p: float, seed: int, device: torch.device)
 
 class _CudaBackend:
     name = "cuda"
-    ops = frozenset({"lora", "series"})
+    ops = frozenset({"lora", "series", "lora_add"})
     stores_mask = False
 
     @staticmethod
@@ -322,6 +359,8 @@ class _CudaBackend:
     keep_mask = staticmethod(keep_mask)
     lora_forward = staticmethod(lora_forward)
     lora_backward = staticmethod(lora_backward)
+    lora_add_forward = staticmethod(lora_add_forward)
+    lora_add_backward = staticmethod(lora_add_backward)
     series_forward = staticmethod(series_forward)
     series_backward = staticmethod(series_backward)
 
