@@ -6,6 +6,7 @@ One torchrun launch (two CPU processes, gloo) runs every scenario:
   SHARDED_STATE_DICT (a series adapter), and with FSDP2 (fully_shard per decoder layer, LoRA):
   four steps, a checkpoint every two, then `trainer.save_model()`;
 - each resumed from its checkpoint-2 by a fresh model (other weights) and a fresh Trainer;
+- FSDP2 checkpoints without `save_only_model`, refused with a clear error (see below);
 - a PEFT LoRA model (`peft.get_peft_model`) switched to our op by `la.accelerate_peft`, wrapped
   by FSDP1 with PEFT's `fsdp_auto_wrap_policy` (lora_A and lora_B units of their own), three
   AdamW steps.
@@ -241,6 +242,15 @@ def _worker(out: str) -> None:
             report["resumed"][name] = _losses(trainer, after=SAVE_EVERY)
             trainer.save_model(os.path.join(resumed, "final"))
             report["seconds"][f"{name}-resumed"] = time.perf_counter() - start
+        # an FSDP2 checkpoint without save_only_model: our error, before anything is written
+        kind, fsdp_config, _, _ = SCENARIOS["fsdp2"]
+        run = os.path.join(out, "fsdp2-full-checkpoint")
+        try:
+            _Trainer(model=_model(kind), args=_args(run, PER_RANK, fsdp_config),
+                     train_dataset=_Rows()).train()
+            report["fsdp2_checkpoint_error"] = None
+        except ValueError as exc:
+            report["fsdp2_checkpoint_error"] = str(exc)
         start = time.perf_counter()
         report["peft"] = _peft_worker(out, rank, world)
         report["seconds"]["peft"] = time.perf_counter() - start
@@ -350,6 +360,30 @@ def test_accelerate_peft_under_fsdp1_with_peft_wrap_policy(fsdp_run):
     for key, t in want.items():  # measured: at most 4.5e-8 apart
         torch.testing.assert_close(trained[key], t, rtol=0, atol=1e-6, msg=key)
     assert seconds < 300
+
+
+@pytest.mark.slow
+def test_trainer_fsdp2_checkpoint_without_save_only_model_says_what_to_do(fsdp_run):
+    out, reports, _ = fsdp_run
+    for report in reports:
+        assert "set save_only_model=True" in (report["fsdp2_checkpoint_error"] or "")
+    assert not (out / "fsdp2-full-checkpoint" / f"checkpoint-{SAVE_EVERY}").exists()
+
+
+def test_fsdp2_checkpoint_without_save_only_model_is_a_clear_error():
+    from types import SimpleNamespace
+
+    from llm_adapters.models.hf_trainer import _fsdp2_checkpoint_problem
+
+    def trainer(version, save_only_model):
+        plugin = SimpleNamespace(fsdp_version=version)
+        return SimpleNamespace(accelerator=SimpleNamespace(state=SimpleNamespace(
+            fsdp_plugin=plugin)), args=SimpleNamespace(save_only_model=save_only_model))
+
+    model = _model("lora")
+    assert "save_only_model=True" in _fsdp2_checkpoint_problem(trainer(2, False), model)
+    assert _fsdp2_checkpoint_problem(trainer(2, True), model) is None
+    assert _fsdp2_checkpoint_problem(trainer(1, False), model) is None
 
 
 # ---- save_pretrained(safe_serialization=False): PEFT's adapter_model.bin ------------------------

@@ -148,6 +148,30 @@ def _collective_save(trainer: Any, ours: nn.Module) -> bool:
     )
 
 
+def _fsdp2_checkpoint_problem(trainer: Any, ours: nn.Module) -> Optional[str]:
+    """Why Trainer's FSDP2 checkpoint of this model would fail, or None. Beside the model,
+    Trainer saves FSDP2 model and optimizer state through torch.distributed.checkpoint, which
+    finds each parameter by getattr along its state-dict name; on our model `base_model` is
+    PEFT's view, not the child module of that name, so that walk fails deep inside."""
+    plugin = getattr(getattr(getattr(trainer, "accelerator", None), "state", None),
+                     "fsdp_plugin", None)
+    if getattr(plugin, "fsdp_version", 1) != 2 or getattr(trainer.args, "save_only_model", False):
+        return None
+    name = next((n for n, p in ours.named_parameters() if p.requires_grad), None)
+    obj: Any = ours
+    try:
+        for part in (name or "").split(".")[:-1]:
+            obj = getattr(obj, part)
+        return None
+    except AttributeError:
+        return (
+            "Trainer's FSDP2 checkpoints (torch.distributed.checkpoint state of the model and "
+            "optimizer) cannot walk this adapter model's parameter names (its base_model is "
+            "PEFT's view); set save_only_model=True: checkpoints then hold the adapter files, "
+            "and resume restores the adapter (the optimizer restarts)"
+        )
+
+
 def _save_beside(trainer: Any, output_dir: str) -> None:
     """What Trainer writes beside a model: the tokenizer / processor and the training
     arguments."""
@@ -181,6 +205,9 @@ def _save_model(original, self, output_dir: Optional[str] = None, _internal_call
         return original(self, output_dir, _internal_call, *args, **kwargs)
     from .io import save_adapter
 
+    problem = _fsdp2_checkpoint_problem(self, ours) if _internal_call else None
+    if problem:  # on every rank alike, before anything is written
+        raise ValueError(problem)
     output_dir = output_dir if output_dir is not None else self.args.output_dir
     if self.args.should_save:
         os.makedirs(output_dir, exist_ok=True)  # before other ranks' files land in it
