@@ -130,7 +130,12 @@ def _smem_model(kernel: str, cfg: triton.Config, nargs: dict, cc: int) -> int:
             e = nargs["g_ptr"].element_size()
             main = (bm * bn + bn * bk) * e  # g [BM, BN], W [BN, BK]
             epi = bm * br * 4 + br * bk * nargs["a_ptr"].element_size()  # dS fp32, A
-        return st * ((main if nargs.get("HAS_BASE", True) else 0) + epi)
+        if nargs.get("HAS_BASE", True):
+            return st * (main + epi)
+        # no base GEMM loop (lora_add): none of its buffers, but a layout conversion of the
+        # fp32 accumulator tile (y0 into the MMA layout, or the result out of it) that
+        # otherwise reuses their space
+        return st * epi + bm * (bn if kernel == "_main_kernel" else bk) * 4
     if kernel == "_shrink_kernel":
         bm, bk = kw["BLOCK_M"], kw["BLOCK_K"]
         ex, ea = nargs["x_ptr"].element_size(), nargs["a_ptr"].element_size()
