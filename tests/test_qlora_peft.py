@@ -260,6 +260,51 @@ class _Masked(torch.nn.Module):
         return x * self.mask * self.scale
 
 
+def test_prepare_keeps_4bit_layers_trainable_after_an_evaluation(model_dir):
+    """bitsandbytes' CPU inference repacking (AVX512-BF16 machines) cuts the gradient through
+    a Linear4bit once it has run in eval mode under no_grad; prepare_model_for_kbit_training
+    undoes and prevents it, so training after an evaluation matches training without one, up
+    to what the repacking changed for good (it rounds the absmax to bfloat16: measured here as
+    the relative change of the dequantized weights, the tolerance a multiple of it)."""
+    from llm_adapters.layers._quant import BNB_4BIT, dequantized_weight
+    from llm_adapters.models.kbit import keep_4bit_training_kernels
+
+    data = batch()
+
+    def grads(model):
+        model = la.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        model = la.get_adapter_model(model, la.LoraConfig(r=4, lora_alpha=8,
+                                                          target_modules=["q_proj"]))
+        randomise(model, 5)
+        model.train()
+        model(**data).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    fresh = quantized(model_dir, "nf4")
+    weights = {n: dequantized_weight(m, BNB_4BIT) for n, m in fresh.named_modules()
+               if type(m).__name__ == "Linear4bit"}
+    want = grads(fresh)
+    evaluated = quantized(model_dir, "nf4").eval()
+    with torch.no_grad():
+        evaluated(**data)
+    layers = [m for m in evaluated.modules() if type(m).__name__ == "Linear4bit"]
+    repacked = sum(bool(getattr(m.weight.quant_state, "packing_format_for_cpu", False))
+                   for m in layers)
+    print(f"\n{repacked} of {len(layers)} Linear4bit layers repacked by an evaluation")
+    on = sum(bool(getattr(m, "support_avx512bf16_for_cpu", False)) for m in layers)
+    assert keep_4bit_training_kernels(evaluated) == on  # what prepare calls first
+    modules = dict(evaluated.named_modules())
+    changed = max(diff(dequantized_weight(modules[n], BNB_4BIT), w) / float(w.abs().max())
+                  for n, w in weights.items())
+    got = grads(evaluated)
+    assert keep_4bit_training_kernels(evaluated) == 0  # nothing left to change
+    rel = max(diff(got[n], want[n]) / float(want[n].abs().max()) for n in want)
+    print(f"  gradients after an evaluation vs without: {rel:.3g} relative; the evaluation "
+          f"changed the dequantized weights by {changed:.3g} relative")
+    assert all(got[n].abs().sum() > 0 for n in got)  # without the fix: all zero
+    assert rel <= 10 * max(changed, EPS32)
+
+
 # ---- adapters crossing between PEFT and us on the same quantized base -------------------------
 @pytest.mark.parametrize("fmt", ["nf4", "int8"])
 def test_peft_qlora_adapter_loads_into_ours(model_dir, fmt, tmp_path):

@@ -121,8 +121,14 @@ def test_finetune_on_a_quantized_base_saves_an_adapter_that_loads(tiny, tmp_path
 
 def test_evaluate_on_a_4bit_base(tiny, tmp_path):
     out = tmp_path / "adapter"
+    # with a validation set evaluated every step: the gradient still flows after each
+    # evaluation (bitsandbytes' CPU inference repacking kept off, see models.kbit)
     assert finetune(tiny, out, *ADAPTERS["lora"], "--load_4bit", "--bnb_4bit_quant_type", "fp4",
-                    "--double_quant", "False") == 0
+                    "--double_quant", "False", "--val_set_size", "4", "--eval_step", "1") == 0
+    log = json.loads((out / "train_log.json").read_text())["log_history"]
+    assert sum("eval_loss" in h for h in log) == 2
+    norms = [h["grad_norm"] for h in log if "grad_norm" in h]
+    assert len(norms) == 2 and all(n > 0 for n in norms)
     res = tmp_path / "res"
     assert evaluate(tiny, res, "--adapter_path", str(out), "--load_4bit", "--batch_size", "4") == 0
     summary = json.loads((res / "adapter-boolq.summary.json").read_text())

@@ -16,7 +16,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from ..layers._quant import is_quantized_param, quant_format, require_bitsandbytes
+from ..layers._quant import BNB_4BIT, is_quantized_param, quant_format, require_bitsandbytes
 
 QUANT_TYPES = ("nf4", "fp4")
 COMPUTE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -73,6 +73,39 @@ def is_kbit_model(model: nn.Module) -> bool:
     return bool(quantized_layers(model))
 
 
+def keep_4bit_training_kernels(model: nn.Module) -> int:
+    """Keep every bitsandbytes Linear4bit of `model` on its autograd-aware kernels on CPU.
+
+    bitsandbytes 0.50 on CPUs with AVX512-BF16 repacks a Linear4bit's weight, in place, the
+    first time it runs in eval mode under no_grad, for an inference kernel (`gemv_4bit`)
+    without autograd; from then on training-mode forwards take that kernel too, so no gradient
+    flows back through the layer (every adapter below it silently stops learning, e.g. after
+    the Trainer's first evaluation) and a layer with a bias fails in place. That repacking is
+    switched off here and a weight already repacked is unpacked (as bitsandbytes itself does
+    before saving). Nothing changes on GPU. Returns how many layers it changed.
+    """
+    changed = 0
+    for module in model.modules():
+        try:
+            fmt = quant_format(module)
+        except TypeError:
+            continue
+        if fmt != BNB_4BIT:
+            continue
+        state = getattr(module.weight, "quant_state", None)
+        packed = getattr(state, "packing_format_for_cpu", False)
+        if getattr(module, "support_avx512bf16_for_cpu", False) or packed:
+            module.support_avx512bf16_for_cpu = False
+            changed += 1
+        if packed:
+            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+            module.weight.data, module.weight.quant_state = (
+                _convert_weight_packed_for_cpu_inverse(module.weight.data, state)
+            )
+    return changed
+
+
 def prepare_model_for_kbit_training(
     model: nn.Module,
     use_gradient_checkpointing: bool = True,
@@ -85,7 +118,9 @@ def prepare_model_for_kbit_training(
       cast to float32 for stability; quantized weights are left as they are;
     - with `use_gradient_checkpointing`, gradient checkpointing enabled and, unless
       `use_reentrant=False` is asked for, the input embeddings' output made to require grad
-      (reentrant checkpointing needs an input that requires grad to run backward at all).
+      (reentrant checkpointing needs an input that requires grad to run backward at all);
+    - beyond PEFT: bitsandbytes 4-bit layers kept off their CPU inference repacking, which
+      cuts their gradient after an evaluation (`keep_4bit_training_kernels`).
 
     Returns the same model (changed in place).
     """
@@ -99,6 +134,7 @@ def prepare_model_for_kbit_training(
         )
     for p in model.parameters():
         p.requires_grad_(False)
+    keep_4bit_training_kernels(model)
     for p in model.parameters():
         if p.dtype in (torch.float16, torch.bfloat16) and not is_quantized_param(p):
             p.data = p.data.to(torch.float32)
