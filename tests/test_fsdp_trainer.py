@@ -314,6 +314,10 @@ def test_trainer_under_fsdp_saves_the_whole_adapter(fsdp_run, single_process, na
     saved_dir, single_dir = out / name / save, single / save
     files = set(os.listdir(saved_dir))
     assert MODEL_FILES <= files and not {"model.safetensors", "pytorch_model.bin"} & files
+    # no FSDP model state beside the adapter (base weights included); the optimizer's is there
+    assert not [f for f in files if f.startswith("pytorch_model_fsdp")]
+    if save != "final" and not SCENARIOS[name][2].get("save_only_model"):
+        assert [f for f in files if f.startswith("optimizer")]
     _assert_same_adapter(saved_dir, single_dir)
     kind = SCENARIOS[name][0]
     untrained = la.models.io._adapter_state(_model(kind))

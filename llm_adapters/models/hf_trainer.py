@@ -4,20 +4,24 @@ adapters: adapter_config.json + adapter_model.safetensors, never the base weight
 Trainer decides how to save a model by its class alone: a `PreTrainedModel` or a `PeftModel`
 gets `save_pretrained`; any other module gets its whole state dict written as model.safetensors
 (base weights included, no adapter config), and on resume only full weights or a PeftModel's
-adapter load. So, once a model of ours exists, four Trainer methods learn about it: `_save`
+adapter load. So, once a model of ours exists, five Trainer methods learn about it: `_save`
 (write the adapter, then what Trainer writes beside the model), `save_model` (under FSDP, or
-whenever the adapter is sharded: the save is a collective, see below), `_load_from_checkpoint`
-and `_load_best_model` (read the adapter file back into the adapter, in place, sharded or not).
-For every other model they are Trainer's own. The four have had these names and signatures
-across transformers 4.3x-5.x; if they are missing or differ, nothing is patched and a warning
-says that Trainer checkpoints of adapter models would hold full weights.
+whenever the adapter is sharded: the save is a collective, see below),
+`_save_optimizer_and_scheduler` (under FSDP: the optimizer's state without the whole model's),
+`_load_from_checkpoint` and `_load_best_model` (read the adapter file back into the adapter,
+in place, sharded or not). For every other model they are Trainer's own. They have had these
+names and signatures across transformers 4.3x-5.x; if they are missing or differ, nothing is
+patched and a warning says that Trainer checkpoints of adapter models would hold full weights.
 
 Under FSDP Trainer's `save_model` runs on every rank, gathers the whole model's state dict
 (FULL_STATE_DICT) or none at all (SHARDED_STATE_DICT), and calls `_save` on rank 0 only
 (transformers 5.17) or on every rank (5.24). Our `save_model` gathers just the adapter's
 tensors, on every rank, and rank 0 writes them: the same files whatever the state-dict type or
-version. Resume loads the adapter file into the sharded parameters on every rank (each keeps
-its shard); the optimizer, scheduler and RNG states are resumed by Trainer as for any model.
+version. Trainer's FSDP checkpoints would also hold the whole model's FSDP state (base
+weights included, gathered onto rank 0 with FULL_STATE_DICT), which only its own resume reads:
+for our model it is not written. Resume loads the adapter file into the sharded parameters on
+every rank (each keeps its shard); the optimizer, scheduler and RNG states are resumed by
+Trainer as for any model.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ _MARK = "_llm_adapters_adapter_aware"
 _EXPECTED = {
     "_save": ("self", "output_dir", "state_dict"),
     "save_model": ("self", "output_dir", "_internal_call"),
+    "_save_optimizer_and_scheduler": ("self", "output_dir"),
     "_load_from_checkpoint": ("self", "resume_from_checkpoint", "model"),
     "_load_best_model": ("self",),
 }
@@ -222,6 +227,26 @@ def _save_model(original, self, output_dir: Optional[str] = None, _internal_call
     return None
 
 
+def _save_optimizer_and_scheduler(original, self, output_dir, *args, **kwargs):
+    # Under FSDP Trainer saves the whole model's FSDP state here too (base weights included,
+    # gathered onto rank 0 with FULL_STATE_DICT) for its own resume; ours reads the adapter
+    # files, so for our model that save is skipped and the optimizer's is kept.
+    names = original.__globals__
+    if (_adapter_model(self) is None or not getattr(self, "is_fsdp_enabled", False)
+            or "save_fsdp_model" not in names):
+        return original(self, output_dir, *args, **kwargs)
+    save_fsdp_model = names["save_fsdp_model"]
+    names["save_fsdp_model"] = _skip_model_state
+    try:
+        return original(self, output_dir, *args, **kwargs)
+    finally:
+        names["save_fsdp_model"] = save_fsdp_model
+
+
+def _skip_model_state(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
 def _load_from_checkpoint(original, self, resume_from_checkpoint, model=None, *args, **kwargs):
     ours = _adapter_model(self, model)
     if ours is None or not _has_adapter_files(resume_from_checkpoint):
@@ -242,6 +267,7 @@ def _load_best_model(original, self, *args, **kwargs):
 
 
 _HOOKS = {"_save": _save, "save_model": _save_model,
+          "_save_optimizer_and_scheduler": _save_optimizer_and_scheduler,
           "_load_from_checkpoint": _load_from_checkpoint, "_load_best_model": _load_best_model}
 
 
