@@ -7,6 +7,7 @@ One torchrun launch (two CPU processes, gloo) runs every scenario:
   four steps, a checkpoint every two, then `trainer.save_model()`;
 - each resumed from its checkpoint-2 by a fresh model (other weights) and a fresh Trainer;
 - FSDP2 checkpoints without `save_only_model`, refused with a clear error (see below);
+- FSDP1 with `load_best_model_at_end`;
 - a PEFT LoRA model (`peft.get_peft_model`) switched to our op by `la.accelerate_peft`, wrapped
   by FSDP1 with PEFT's `fsdp_auto_wrap_policy` (lora_A and lora_B units of their own), three
   AdamW steps.
@@ -251,6 +252,19 @@ def _worker(out: str) -> None:
             report["fsdp2_checkpoint_error"] = None
         except ValueError as exc:
             report["fsdp2_checkpoint_error"] = str(exc)
+        # load_best_model_at_end: "best" is the highest eval loss, so that it is an earlier
+        # checkpoint than the last and loading it changes the adapter
+        start = time.perf_counter()
+        kind, fsdp_config, _, _ = SCENARIOS["fsdp1_full"]
+        run = os.path.join(out, "fsdp1_best")
+        best = dict(eval_strategy="steps", eval_steps=SAVE_EVERY, load_best_model_at_end=True,
+                    metric_for_best_model="loss", greater_is_better=True)
+        trainer = _Trainer(model=_model(kind), args=_args(run, PER_RANK, fsdp_config, **best),
+                           train_dataset=_Rows(), eval_dataset=_Rows())
+        trainer.train()
+        report["best"] = trainer.state.best_model_checkpoint
+        trainer.save_model(os.path.join(run, "final"))
+        report["seconds"]["fsdp1_best"] = time.perf_counter() - start
         start = time.perf_counter()
         report["peft"] = _peft_worker(out, rank, world)
         report["seconds"]["peft"] = time.perf_counter() - start
@@ -372,6 +386,20 @@ def test_trainer_fsdp2_checkpoint_without_save_only_model_says_what_to_do(fsdp_r
     for report in reports:
         assert "set save_only_model=True" in (report["fsdp2_checkpoint_error"] or "")
     assert not (out / "fsdp2-full-checkpoint" / f"checkpoint-{SAVE_EVERY}").exists()
+
+
+@pytest.mark.slow
+def test_trainer_under_fsdp_loads_the_best_checkpoint_at_end(fsdp_run):
+    out, reports, _ = fsdp_run
+    best = reports[0]["best"]
+    assert best == os.path.join(str(out), "fsdp1_best", f"checkpoint-{SAVE_EVERY}")
+    for report in reports:
+        assert report["loads"].count(best) == 1
+    final = load_file(out / "fsdp1_best" / "final" / "adapter_model.safetensors")
+    want = load_file(os.path.join(best, "adapter_model.safetensors"))
+    last = load_file(out / "fsdp1_best" / f"checkpoint-{STEPS}" / "adapter_model.safetensors")
+    assert final.keys() == want.keys() and all(torch.equal(final[k], want[k]) for k in want)
+    assert any(not torch.equal(last[k], want[k]) for k in want)
 
 
 def test_fsdp2_checkpoint_without_save_only_model_is_a_clear_error():
