@@ -203,6 +203,29 @@ def test_auto_picks_triton_under_the_interpreter_else_torch(monkeypatch):
     assert resolve_backend("lora_add", cpu, "auto").name == "torch"
 
 
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(a=torch.randn(3, 9)), "lora_a has shape"),
+        (dict(b=torch.randn(7, 4)), "lora_b has shape"),
+        (dict(b=torch.randn(7)), "lora_b must be 2-D"),
+        (dict(a=torch.randn(0, 10), b=torch.randn(7, 0)), "rank must be at least 1"),
+        (dict(lora_b_bias=torch.randn(6)), "lora_b_bias has shape"),
+        (dict(y0=torch.randn(4, 6)), "y0 has shape"),
+        (dict(activation="swishy"), "unknown activation"),
+        (dict(a=[[0.0] * 10] * 3), "lora_a must be a torch.Tensor"),
+    ],
+)
+def test_bad_input_is_a_clear_error(change, message):
+    # the checks lora_add shares with lora_linear, before any backend is chosen
+    args = dict(y0=torch.randn(4, 7), x=torch.randn(4, 10), a=torch.randn(3, 10),
+                b=torch.randn(7, 3), lora_b_bias=None, activation="identity")
+    args.update(change)
+    with pytest.raises((ValueError, TypeError), match=message):
+        ops.lora_add(args["y0"], args["x"], args["a"], args["b"], activation=args["activation"],
+                     lora_b_bias=args["lora_b_bias"], backend=BACKEND)
+
+
 def test_opcheck():
     op = lora_add_op(resolve_backend("lora_add", torch.device(DEV), BACKEND))
     t = _make(21, 40, 30, 12, torch.float32)

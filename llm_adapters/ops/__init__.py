@@ -123,17 +123,16 @@ def _check_branch(
     """The checks `lora_linear` and `lora_add` share: x, the low-rank branch (A, B and their
     biases), dropout, activation and scaling; with `base` (lora_linear's weight [N, K]) N is
     its, else lora_b's. Returns (canonical activation, k, n, r)."""
-    for name, t in (("lora_a", lora_a), ("lora_b", lora_b)):
-        if not isinstance(t, Tensor):
+    for name, t in (("lora_a", lora_a), ("lora_b", lora_b), ("weight", base)):
+        if t is not None and not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     activation = _check_common(
         x, "x", lora_a.shape[0] if lora_a.dim() else 0, dropout_p, activation, scaling)
     k = x.shape[-1]
     if base is not None:
-        if not isinstance(base, Tensor) or base.dim() != 2 or base.shape[1] != k:
+        if base.dim() != 2 or base.shape[1] != k:
             raise ValueError(
-                f"weight has shape {tuple(getattr(base, 'shape', ()))}, expected [N, {k}] for "
-                f"x [..., {k}]"
+                f"weight has shape {tuple(base.shape)}, expected [N, {k}] for x [..., {k}]"
             )
         n = base.shape[0]
     elif lora_b.dim() != 2:
