@@ -446,5 +446,19 @@ def test_save_pretrained_without_safetensors_writes_the_bin_peft_loads(tmp_path)
     assert set(os.listdir(tmp_path / "st")) == {"adapter_config.json", "adapter_model.bin"}
 
 
+def test_save_pretrained_takes_the_adapter_from_a_given_state_dict(tmp_path):
+    """What Trainer hands save_pretrained under DeepSpeed ZeRO-3: a gathered whole state dict
+    (keyed as model.state_dict()); the file holds its tensors, not the parameters'."""
+    model = _model("lora")
+    state = {k: v + 1 for k, v in model.state_dict().items()}
+    model.save_pretrained(str(tmp_path), state_dict=state)
+    saved = load_file(tmp_path / "adapter_model.safetensors")
+    names = {id(p): n for n, p in model.named_parameters()}
+    params = la.models.io._adapter_parameters(model)
+    assert saved.keys() == params.keys() and saved
+    for key, p in params.items():
+        assert torch.equal(saved[key], state[names[id(p)]]), key
+
+
 if __name__ == "__main__":
     _worker(sys.argv[1])
