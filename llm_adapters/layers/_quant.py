@@ -98,11 +98,38 @@ def adapter_factory(base_layer: nn.Module) -> dict:
     return {"device": weight.device, "dtype": dtype}
 
 
+def keep_training_kernel(module: nn.Module) -> bool:
+    """Keep a bitsandbytes Linear4bit on its autograd-aware kernel on CPU; True if it changed.
+
+    bitsandbytes 0.50 on CPUs with AVX512-BF16 repacks a Linear4bit's weight in place the first
+    time it runs in eval mode under no_grad, for an inference kernel without autograd; from
+    then on training-mode forwards take that kernel too, so no gradient flows back through the
+    layer, and `dequantize_4bit` of the repacked data is wrong. The repacking is switched off
+    here and a weight already repacked is unpacked (as bitsandbytes does before saving).
+    Nothing changes on GPU.
+    """
+    if quant_format(module) != BNB_4BIT:
+        return False
+    state = getattr(module.weight, "quant_state", None)
+    packed = getattr(state, "packing_format_for_cpu", False)
+    changed = bool(getattr(module, "support_avx512bf16_for_cpu", False) or packed)
+    module.support_avx512bf16_for_cpu = False
+    if packed:
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+        module.weight.data, module.weight.quant_state = (
+            _convert_weight_packed_for_cpu_inverse(module.weight.data, state)
+        )
+    return changed
+
+
 def dequantized_weight(module: nn.Module, fmt: str) -> Tensor:
     """The base weight [N, K] as float32, dequantized."""
     weight = module.weight
     if fmt == BNB_4BIT:
         bnb = require_bitsandbytes()
+        keep_training_kernel(module)  # a CPU-repacked weight does not dequantize correctly
+        weight = module.weight
         return bnb.functional.dequantize_4bit(weight.data, weight.quant_state).float()
     if fmt == BNB_8BIT:
         bnb = require_bitsandbytes()

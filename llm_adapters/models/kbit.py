@@ -16,7 +16,12 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from ..layers._quant import BNB_4BIT, is_quantized_param, quant_format, require_bitsandbytes
+from ..layers._quant import (
+    is_quantized_param,
+    keep_training_kernel,
+    quant_format,
+    require_bitsandbytes,
+)
 
 QUANT_TYPES = ("nf4", "fp4")
 COMPUTE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -87,22 +92,9 @@ def keep_4bit_training_kernels(model: nn.Module) -> int:
     changed = 0
     for module in model.modules():
         try:
-            fmt = quant_format(module)
-        except TypeError:
+            changed += keep_training_kernel(module)
+        except TypeError:  # a quantized layer type we do not adapt: not ours to change
             continue
-        if fmt != BNB_4BIT:
-            continue
-        state = getattr(module.weight, "quant_state", None)
-        packed = getattr(state, "packing_format_for_cpu", False)
-        if getattr(module, "support_avx512bf16_for_cpu", False) or packed:
-            module.support_avx512bf16_for_cpu = False
-            changed += 1
-        if packed:
-            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
-
-            module.weight.data, module.weight.quant_state = (
-                _convert_weight_packed_for_cpu_inverse(module.weight.data, state)
-            )
     return changed
 
 
