@@ -163,7 +163,7 @@ class LoraConfig(AdapterConfig):
     use_dora: bool = field(
         default=False,
         metadata={"help": "DoRA: a trainable magnitude per output row, m / ‖W + s·B A‖ scaling "
-                  "each row (Linear / Conv1D on float bases)"},
+                  "each row (Linear / Conv1D layers)"},
     )
     # metadata: accepted and kept, no effect on the result
     task_type: Optional[str] = field(default=None, metadata={"help": "CAUSAL_LM (or None)"})

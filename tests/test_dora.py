@@ -301,16 +301,84 @@ def test_dora_bad_configs_leave_the_model_untouched(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
-def test_dora_on_a_quantized_base_is_refused_by_name():
+def _bnb4_layer(k=72, n=40):
+    """A DoRA LoraLinear on a bitsandbytes NF4 base with a bias; trained-looking weights."""
     bnb = pytest.importorskip("bitsandbytes")
-    model = tiny_model("llama")
-    old = model.model.layers[0].self_attn.q_proj
-    new = bnb.nn.Linear4bit(old.in_features, old.out_features, bias=False,
-                            compute_dtype=torch.float32, quant_type="nf4")
-    new.weight = bnb.nn.Params4bit(old.weight.data.clone(), requires_grad=False,
-                                   quant_type="nf4")
-    model.model.layers[0].self_attn.q_proj = new
-    with pytest.raises(ValueError, match="use_dora.*layers.0.self_attn.q_proj.*quantized"):
-        la.get_adapter_model(model, la.LoraConfig(**_config("llama")))
-    assert model.model.layers[0].self_attn.q_proj is new
-    assert not any(isinstance(m, la.layers.LoraLinear) for m in model.modules())
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(k, n)
+    q = bnb.nn.Linear4bit(k, n, bias=True, compute_dtype=torch.float32, quant_type="nf4")
+    q.weight = bnb.nn.Params4bit(lin.weight.data.clone(), requires_grad=False, quant_type="nf4")
+    q.bias = torch.nn.Parameter(lin.bias.data.clone(), requires_grad=False)
+    layer = la.layers.LoraLinear(q.to("cpu"), r=5, lora_alpha=10, lora_dropout=0.25,
+                                 use_dora=True)
+    _perturb(layer)
+    return layer
+
+
+@pytest.mark.parametrize("p", [0.0, 0.25])
+def test_dora_on_a_quantized_base_matches_peft_formula_on_the_dequantized_weight(p):
+    """PEFT runs DoRA on bitsandbytes bases with the layer's own product and the dequantized
+    weight for the norms (and for D(x) Wᵀ under dropout); so do we. The reference is float64
+    on the dequantized weight; the tolerance is the base product's own quantized-vs-float64
+    error, times the largest column scale, plus a float32 floor."""
+    from llm_adapters.layers._quant import dequantized_weight
+    from llm_adapters.ops.dora import dora_add
+
+    layer = _bnb4_layer()
+    base = layer.base_layer
+    w = dequantized_weight(base, layer.quant)
+    x = torch.randn(13, 72, requires_grad=True)
+    seed = 99
+    y0 = base(x)
+    y = dora_add(y0, x, w, base.bias, layer.lora_A.weight, layer.lora_B.weight,
+                 layer.lora_magnitude_vector, layer.scaling, dropout_p=p, seed=seed)
+    if p == 0:  # the layer's own forward (eval) is this
+        layer.eval()
+        torch.testing.assert_close(layer(x), y, rtol=0, atol=0)
+    g = torch.randn(13, 40)
+    names = ("x", "lora_a", "lora_b", "magnitude")
+    leaves = (x, layer.lora_A.weight, layer.lora_B.weight, layer.lora_magnitude_vector)
+    ours = torch.autograd.grad(y, leaves, g)
+    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    keep = ops.dropout_mask((13, 72), p, seed, backend="torch") if p else None
+    inv = dropout_threshold(p)[1] if p else 1.0
+    y_ref = peft_dora_reference(ref_leaves[0], w.double(), base.bias.double(), ref_leaves[1],
+                                ref_leaves[2], ref_leaves[3], layer.scaling, keep, inv)
+    refs = torch.autograd.grad(y_ref, ref_leaves, g.double())
+    base_err = (y0.detach().double() - (x.double() @ w.double().t() + base.bias.double()))
+    c = layer.lora_magnitude_vector.double() / torch.linalg.norm(
+        w.double() + layer.scaling * layer.lora_B.weight.double() @ layer.lora_A.weight.double(),
+        dim=1)
+    tol = 4 * base_err.abs().max().item() * max(c.abs().max().item(), 1.0)
+    tol += 1e-5 * y_ref.abs().max().item()
+    torch.testing.assert_close(y.double(), y_ref, rtol=0, atol=tol)
+    for name, got, ref in zip(names, ours, refs, strict=True):
+        floor = 1e-5 * ref.abs().max().item() + 1e-6
+        torch.testing.assert_close(got.double(), ref, rtol=0, atol=floor, msg=name)
+
+
+def test_dora_merge_on_a_quantized_base_requantizes_with_a_warning():
+    """The merged base holds c ⊙ (W + s·B A) quantized in the base's own format: its
+    dequantized weight is exactly what bitsandbytes makes of that float weight."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from llm_adapters.layers._quant import dequantized_weight
+
+    layer = _bnb4_layer().eval()
+    w = dequantized_weight(layer.base_layer, layer.quant).double()
+    a, b = layer.lora_A.weight.double(), layer.lora_B.weight.double()
+    w_new = w + layer.scaling * b @ a
+    w_new = (layer.lora_magnitude_vector.double() / torch.linalg.norm(w_new, dim=1))[:, None] * (
+        w_new)
+    q = bnb.nn.Params4bit(w_new.float(), requires_grad=False, quant_type="nf4").to("cpu")
+    expected = bnb.functional.dequantize_4bit(q.data, q.quant_state)
+    with pytest.warns(UserWarning, match="re-quantizes"):
+        layer.merge()
+    assert layer.merged and type(layer.base_layer.weight).__name__ == "Params4bit"
+    got = dequantized_weight(layer.base_layer, layer.quant)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    x = torch.randn(5, 72)
+    torch.testing.assert_close(layer(x), x @ got.t() + layer.base_layer.bias, rtol=1e-5,
+                               atol=1e-5)
+    with pytest.warns(UserWarning, match="re-quantizes"):
+        layer.unmerge()
+    assert not layer.merged and layer._merged_norm is None

@@ -9,9 +9,9 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
-from ..ops.dora import dora_weight_norm, weight_row_norm_sq
+from ..ops.dora import dora_add, dora_weight_norm, weight_row_norm_sq
 from ._base import Conv1D, autocast_inputs, linear_dims
-from ._quant import adapter_factory, add_to_quantized, quant_format
+from ._quant import adapter_factory, add_to_quantized, dequantized_weight, quant_format
 from ._sharded import base_weight_bias, within_units
 
 
@@ -30,7 +30,9 @@ class LoraLinear(nn.Module):
     ‖W_n‖² of the frozen base is computed once and kept while the base weight's storage and
     version counter stay the same (an in-place change or a merge recomputes it; a write
     through `.data`, which bypasses the version counter, is not seen: call
-    `clear_weight_norm_cache()` after one). Float bases only (quantized bases are refused).
+    `clear_weight_norm_cache()` after one). On a quantized base, as in PEFT, the weight is
+    dequantized once per forward for the row norms (and, under dropout, for D(x) Wᵀ) while
+    the layer keeps its own product (`ops.dora.dora_add`).
     """
 
     def __init__(
@@ -46,11 +48,6 @@ class LoraLinear(nn.Module):
         super().__init__()
         k, n = linear_dims(base_layer)
         self.quant = quant_format(base_layer)  # None for a float base
-        if use_dora and self.quant is not None:
-            raise ValueError(
-                f"use_dora=True on a quantized base layer ({self.quant}) is not supported: DoRA "
-                "runs on float (fp32/fp16/bf16) Linear and Conv1D bases"
-            )
         self.base_layer = base_layer
         self.in_features, self.out_features = k, n
         self.r = r
@@ -86,6 +83,10 @@ class LoraLinear(nn.Module):
 
     # ---- DoRA ---------------------------------------------------------------------------------
     def _base_nk(self) -> Tensor:
+        """The base weight [N, K]: a view of a float base's, or a quantized base's dequantized
+        (float32, a new tensor)."""
+        if self.quant is not None:
+            return dequantized_weight(self.base_layer, self.quant)
         w = self.base_layer.weight
         return w.t() if self.fan_in_fan_out else w
 
@@ -121,7 +122,6 @@ class LoraLinear(nn.Module):
     def _dora_merge(self, sign: int) -> None:
         """W' = c ⊙ (W + s·B A) with c = m / ‖W + s·B A‖ from the unmerged W (sign +1), and its
         inverse W = W' / c − s·B A with the norms kept from the merge (sign −1), as PEFT."""
-        w = self.base_layer.weight
         with torch.no_grad():
             if sign > 0:
                 norm = self.weight_norm()
@@ -136,8 +136,13 @@ class LoraLinear(nn.Module):
             w_nk = self._base_nk()
             delta = self.delta_weight().to(c.dtype)
             new = c * (w_nk.to(c.dtype) + delta) if sign > 0 else w_nk.to(c.dtype) / c - delta
-            w_nk.copy_(new.to(w.dtype))
+            if self.quant is not None:  # re-quantized: lossy, and it warns
+                what = "merging" if sign > 0 else "unmerging"
+                add_to_quantized(self.base_layer, self.quant, new - w_nk, what)
+            else:
+                w_nk.copy_(new.to(w_nk.dtype))
         self._merged_norm = norm if sign > 0 else None
+        self.clear_weight_norm_cache()  # the base weight changed
 
     def merge(self) -> None:
         if self.merged:
@@ -182,6 +187,13 @@ class LoraLinear(nn.Module):
         if self.quant is not None:
             y0 = self.base_layer(x)
             x = x if x.dtype == y0.dtype else x.to(y0.dtype)
+            if self.use_dora:
+                w = self._base_nk().to(x.dtype)  # dequantized once per forward, as PEFT
+                return dora_add(
+                    y0, x, w, getattr(self.base_layer, "bias", None), self.lora_A.weight,
+                    self.lora_B.weight, self.lora_magnitude_vector, scaling=self.scaling,
+                    dropout_p=p, weight_norm_sq=self._weight_norm_sq(w),
+                )
             return ops.lora_add(
                 y0, x, self.lora_A.weight, self.lora_B.weight, scaling=self.scaling, dropout_p=p
             )

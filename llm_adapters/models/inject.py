@@ -264,11 +264,6 @@ def _plan_linear_adapters(
         problem = _base_weight_problem(module)
         if problem:
             raise ValueError(f"target_modules: module {name!r} is {problem}")
-        if lora and config.use_dora and quant_format(module) is not None:
-            raise ValueError(
-                f"use_dora=True: module {name!r} is a quantized {type(module).__name__} "
-                f"({quant_format(module)}); DoRA runs on float Linear / Conv1D bases only"
-            )
         parent_name, _, attr = name.rpartition(".")
         new = _adapter_layer(module, name, config, kind)
         swaps.append(Swap(name, modules[parent_name], attr, module, new))

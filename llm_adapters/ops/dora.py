@@ -22,6 +22,8 @@ forward reads W once more only for the skinny W Aᵀ [N, r]. The heavy products 
             y = c ⊙ (U + E) − E + b
 with D(x) in E from the same backend's keep-mask for the seed as the branch of U. The column
 scale is one elementwise pass over the output (not fused into the kernels' epilogue).
+`dora_add` is the same on a quantized base whose own product y0 the caller computed (PEFT's
+QDoRA): the dequantized weight gives the norms and, under dropout, D(x) Wᵀ.
 
 Backward, with g = dL/dy and T = U + E (the unscaled output, saved):
     dU = c ⊙ g (lora_linear's backward gives dx, dA, dB)     dE = (c − 1) ⊙ g
@@ -98,6 +100,25 @@ class _DropResidual(torch.autograd.Function):
         return dx, None, None, None
 
 
+class _DropProduct(torch.autograd.Function):
+    """P = D(x) Wᵀ = (x ⊙ mk) Wᵀ for a bool keep-mask and the kept scale (the dequantized
+    weight of a quantized base, held for backward as PEFT's F.linear holds it)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, keep: Tensor, inv_keep: float) -> Tensor:
+        ctx.save_for_backward(weight, keep)
+        ctx.inv_keep = inv_keep
+        return torch.where(keep, x * inv_keep, 0.0) @ weight.t()
+
+    @staticmethod
+    def backward(ctx, gp: Tensor):
+        weight, keep = ctx.saved_tensors
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dx = torch.where(keep, (gp @ weight) * ctx.inv_keep, 0.0)
+        return dx, None, None, None
+
+
 class _ColumnScale(torch.autograd.Function):
     """y = c ⊙ (U + E) − E + b with c = m / wn per column; wn is a constant (detached).
     Computed in the accumulation dtype and rounded once to U's dtype."""
@@ -142,6 +163,45 @@ def _check(name: str, t: Tensor, shape: tuple[int, ...], device: torch.device) -
         raise TypeError(f"{name} has dtype {t.dtype}; expected a floating dtype")
 
 
+def _check_dora(x, weight, bias, lora_a, lora_b, magnitude, scaling, weight_norm_sq,
+                bias_dtype=True) -> tuple[int, int, int]:
+    """The checks dora_linear and dora_add share; returns (n, k, r)."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() < 1:
+        raise ValueError("x must have at least one dimension, got a 0-dim tensor")
+    if not isinstance(weight, Tensor) or weight.dim() != 2:
+        got = tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__
+        raise ValueError(f"weight must be 2-D [N, K], got {got}")
+    n, k = weight.shape
+    if x.shape[-1] != k:
+        raise ValueError(f"x has {x.shape[-1]} features, but weight is [N={n}, K={k}]")
+    if not isinstance(lora_a, Tensor) or lora_a.dim() != 2 or lora_a.shape[0] < 1:
+        got = tuple(lora_a.shape) if isinstance(lora_a, Tensor) else type(lora_a).__name__
+        raise ValueError(f"lora_a must be 2-D [r, {k}] with r >= 1, got {got}")
+    r = lora_a.shape[0]
+    _check("lora_a", lora_a, (r, k), x.device)
+    _check("lora_b", lora_b, (n, r), x.device)
+    _check("magnitude", magnitude, (n,), x.device)
+    if bias is not None:
+        _check("bias", bias, (n,), x.device)
+        if bias_dtype and bias.dtype != x.dtype:
+            raise TypeError(f"bias dtype {bias.dtype} does not match x dtype {x.dtype}")
+    if weight_norm_sq is not None:
+        _check("weight_norm_sq", weight_norm_sq, (n,), x.device)
+    if isinstance(scaling, Tensor) or not isinstance(scaling, (int, float)) or isinstance(
+            scaling, bool):
+        raise TypeError(f"DoRA scaling must be a float (alpha / r), got {scaling!r}")
+    return n, k, r
+
+
+def _keep_mask(op: str, x2: Tensor, backend: Optional[str], n: int, r: int, p: float,
+               seed) -> Tensor:
+    """The keep-mask of the backend `op` ran on, for this seed and shape."""
+    impl = _ops._op(op, x2, backend, n, r, p).backend
+    return impl.keep_mask(tuple(x2.shape), p, int(seed), x2.device)
+
+
 def dora_linear(
     x: Tensor,
     weight: Tensor,
@@ -165,32 +225,7 @@ def dora_linear(
     [N] of this weight (`weight_row_norm_sq`), computed here when None. The norm is detached,
     as in PEFT: no gradient flows through it. Returns [..., N] in x's dtype.
     """
-    if not isinstance(x, Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() < 1:
-        raise ValueError("x must have at least one dimension, got a 0-dim tensor")
-    if not isinstance(weight, Tensor) or weight.dim() != 2:
-        got = tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__
-        raise ValueError(f"weight must be 2-D [N, K], got {got}")
-    n, k = weight.shape
-    if x.shape[-1] != k:
-        raise ValueError(f"x has {x.shape[-1]} features, but weight is [N={n}, K={k}]")
-    if not isinstance(lora_a, Tensor) or lora_a.dim() != 2 or lora_a.shape[0] < 1:
-        got = tuple(lora_a.shape) if isinstance(lora_a, Tensor) else type(lora_a).__name__
-        raise ValueError(f"lora_a must be 2-D [r, {k}] with r >= 1, got {got}")
-    r = lora_a.shape[0]
-    _check("lora_a", lora_a, (r, k), x.device)
-    _check("lora_b", lora_b, (n, r), x.device)
-    _check("magnitude", magnitude, (n,), x.device)
-    if bias is not None:
-        _check("bias", bias, (n,), x.device)
-        if bias.dtype != x.dtype:
-            raise TypeError(f"bias dtype {bias.dtype} does not match x dtype {x.dtype}")
-    if weight_norm_sq is not None:
-        _check("weight_norm_sq", weight_norm_sq, (n,), x.device)
-    if isinstance(scaling, Tensor) or not isinstance(scaling, (int, float)) or isinstance(
-            scaling, bool):
-        raise TypeError(f"DoRA scaling must be a float (alpha / r), got {scaling!r}")
+    n, k, r = _check_dora(x, weight, bias, lora_a, lora_b, magnitude, scaling, weight_norm_sq)
     p = float(dropout_p)
     if p > 0 and seed is None:
         seed = _ops.new_seed()
@@ -201,9 +236,54 @@ def dora_linear(
     wn = dora_weight_norm(weight, lora_a, lora_b, scaling, weight_norm_sq)
     e = None
     if p > 0:
-        # the keep-mask of the backend lora_linear ran on, for this seed and shape
-        impl = _ops._op("lora", x2, backend, n, r, p).backend
-        keep = impl.keep_mask(tuple(x2.shape), p, int(seed), x.device)
+        keep = _keep_mask("lora", x2, backend, n, r, p, seed)
         e = _DropResidual.apply(x2, weight, keep, dropout_threshold(p)[1])
+    y = _ColumnScale.apply(u, e, magnitude, wn, bias)
+    return y.view(*x.shape[:-1], n)
+
+
+def dora_add(
+    y0: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    lora_a: Tensor,
+    lora_b: Tensor,
+    magnitude: Tensor,
+    scaling: float = 1.0,
+    dropout_p: float = 0.0,
+    seed: Union[int, Tensor, None] = None,
+    backend: Optional[str] = None,
+    weight_norm_sq: Optional[Tensor] = None,
+) -> Tensor:
+    """DoRA on a base whose product y0 = base(x) [..., N] (bias included) the caller computed —
+    a quantized layer's own — with `weight` [N, K] its dequantized float weight, as PEFT runs
+    DoRA on bitsandbytes / torchao bases:
+        p = 0:  y = y0 + (c − 1) ⊙ (y0 − b) + c ⊙ s·B A x = c ⊙ (y0 − b + s·B A x) + b
+        p > 0:  y = y0 + (c − 1) ⊙ D(x) Wᵀ + c ⊙ s·B A D(x)
+    computed as U = lora_add(y0 − b, x, A, B, s, p, seed), E = D(x) Wᵀ − (y0 − b) (p > 0),
+    y = c ⊙ (U + E) − E + b; so dy0 = g and autograd runs the base layer's own backward.
+    `weight` is read for the row norms and, under dropout, for D(x) Wᵀ (held for backward);
+    bias is the base layer's (any float dtype). Other arguments as in `dora_linear`.
+    """
+    n, k, r = _check_dora(x, weight, bias, lora_a, lora_b, magnitude, scaling, weight_norm_sq,
+                          bias_dtype=False)
+    if not isinstance(y0, Tensor) or tuple(y0.shape) != (*x.shape[:-1], n):
+        got = tuple(y0.shape) if isinstance(y0, Tensor) else type(y0).__name__
+        raise ValueError(f"y0 has shape {got}, expected {(*x.shape[:-1], n)}")
+    if weight.dtype != x.dtype:
+        raise TypeError(f"weight dtype {weight.dtype} does not match x dtype {x.dtype}")
+    p = float(dropout_p)
+    if p > 0 and seed is None:
+        seed = _ops.new_seed()
+    x2, y2 = x.reshape(-1, k), y0.reshape(-1, n)
+    unbiased = y2 if bias is None else y2 - bias.to(y2.dtype)
+    u = _ops.lora_add(unbiased, x2, lora_a, lora_b, scaling=float(scaling), dropout_p=p,
+                      seed=seed, backend=backend)
+    wn = dora_weight_norm(weight, lora_a, lora_b, scaling, weight_norm_sq)
+    e = None
+    if p > 0:
+        keep = _keep_mask("lora_add", x2, backend, n, r, p, seed)
+        e = _DropProduct.apply(x2, weight.detach(), keep, dropout_threshold(p)[1]) - unbiased
     y = _ColumnScale.apply(u, e, magnitude, wn, bias)
     return y.view(*x.shape[:-1], n)
