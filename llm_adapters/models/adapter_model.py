@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import sys
+import types
 from collections.abc import Iterator
 from typing import Any, Optional
 
@@ -156,6 +157,10 @@ class AdapterModel(nn.Module):
     per model, named "default" as in PEFT.
     """
 
+    # transformers' Trainer trains a quantized model only with adapters attached, which it
+    # recognises on a PeftModel or by this flag (read here, never on the causal LM inside)
+    _hf_peft_config_loaded = True
+
     def __init__(self, base_model: nn.Module, config: AdapterConfig) -> None:
         super().__init__()
         self._modules["base_model"] = base_model  # state-dict keys: base_model.<its keys>
@@ -178,6 +183,17 @@ class AdapterModel(nn.Module):
     def base_model(self) -> AdapterBaseModel:
         """PEFT's and transformers' `base_model` (see `AdapterBaseModel`)."""
         return AdapterBaseModel(self)
+
+    def _fqn_modifiers(self) -> dict[str, str]:
+        """For torch.distributed.checkpoint (FSDP2 model and optimizer state, as Trainer's
+        checkpoints take it), which finds each parameter by getattr along its state-dict name:
+        there `base_model` is looked up on `_children`, where it is the child module, not
+        PEFT's view."""
+        return {"base_model": "_children"}
+
+    @property
+    def _children(self) -> types.SimpleNamespace:
+        return types.SimpleNamespace(**self._modules)
 
     def __getattr__(self, name: str) -> Any:
         try:

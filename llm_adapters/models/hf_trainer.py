@@ -156,8 +156,9 @@ def _collective_save(trainer: Any, ours: nn.Module) -> bool:
 def _fsdp2_checkpoint_problem(trainer: Any, ours: nn.Module) -> Optional[str]:
     """Why Trainer's FSDP2 checkpoint of this model would fail, or None. Beside the model,
     Trainer saves FSDP2 model and optimizer state through torch.distributed.checkpoint, which
-    finds each parameter by getattr along its state-dict name; on our model `base_model` is
-    PEFT's view, not the child module of that name, so that walk fails deep inside."""
+    finds each parameter by getattr along its state-dict name (through `_fqn_modifiers`, which
+    `AdapterModel` defines so that `base_model` there is the child module, not PEFT's view);
+    a model whose names do not walk would fail deep inside."""
     plugin = getattr(getattr(getattr(trainer, "accelerator", None), "state", None),
                      "fsdp_plugin", None)
     if getattr(plugin, "fsdp_version", 1) != 2 or getattr(trainer.args, "save_only_model", False):
@@ -166,13 +167,17 @@ def _fsdp2_checkpoint_problem(trainer: Any, ours: nn.Module) -> Optional[str]:
     obj: Any = ours
     try:
         for part in (name or "").split(".")[:-1]:
+            # as torch.distributed.checkpoint walks: through a module's `_fqn_modifiers`
+            hop = getattr(obj, "_fqn_modifiers", dict)().get(part)
+            if hop and hasattr(obj, hop):
+                obj = getattr(obj, hop)
             obj = getattr(obj, part)
         return None
     except AttributeError:
         return (
             "Trainer's FSDP2 checkpoints (torch.distributed.checkpoint state of the model and "
-            "optimizer) cannot walk this adapter model's parameter names (its base_model is "
-            "PEFT's view); set save_only_model=True: checkpoints then hold the adapter files, "
+            "optimizer) cannot walk this adapter model's parameter names; set "
+            "save_only_model=True: checkpoints then hold the adapter files, "
             "and resume restores the adapter (the optimizer restarts)"
         )
 
