@@ -572,10 +572,6 @@ def _run(args: argparse.Namespace) -> int:
             raise UsageError(str(exc)) from None
     if args.use_gradient_checkpointing and quantization is None:
         model.gradient_checkpointing_enable()
-    if quantization is not None:
-        # the Trainer refuses a quantized model unless it sees adapters attached, which it
-        # recognises only on a PeftModel or by this flag
-        model._hf_peft_config_loaded = True
     if main:
         model.print_trainable_parameters()
 

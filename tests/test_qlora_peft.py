@@ -403,3 +403,26 @@ def test_qlora_loss_curve_matches_peft(model_dir):
           f"PEFT twice {floor:.3g}, tolerance {tol:.3g}")
     assert theirs[4] < theirs[2] < theirs[0]  # it trains: batch A's loss falls
     assert d <= tol and d_acc <= tol
+
+
+def test_trainer_trains_our_adapter_model_on_a_4bit_base(model_dir, tmp_path):
+    """transformers' Trainer refuses a quantized model it sees no adapters on; our model is
+    recognised as adapted (no flag for the user to set) and its LoRA weights move."""
+    import transformers
+
+    model = la.get_adapter_model(
+        la.prepare_model_for_kbit_training(quantized(model_dir, "nf4"),
+                                           use_gradient_checkpointing=False),
+        la.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False),
+    )
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    rows = [batch(seed=s, rows=1) for s in range(4)]
+    data = [{k: v[0] for k, v in r.items()} for r in rows]
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=2, learning_rate=1e-2,
+        report_to="none", use_cpu=True, save_strategy="no", disable_tqdm=True,
+    )
+    transformers.Trainer(model=model, args=args, train_dataset=data).train()
+    moved = [n for n, p in model.named_parameters() if p.requires_grad
+             and not torch.equal(p.detach(), before[n])]
+    assert moved and len(moved) == len(before)
