@@ -112,3 +112,34 @@ def test_parallel_adapter_reads_its_weights_inside_per_leaf_units(base, monkeypa
     torch.testing.assert_close(wrapped.adapter_scale.grad, bare.adapter_scale.grad,
                                rtol=1e-6, atol=1e-6)
     assert wrapped.adapter_down.weight.dim() == 1  # resharded after forward
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+@pytest.mark.parametrize("base", ["nf4", "float"])
+def test_lora_reads_its_weights_inside_per_leaf_units(base, use_dora, monkeypatch):
+    from llm_adapters.layers import LoraLinear
+
+    torch.manual_seed(0)
+    lin = nn.Linear(K, N)
+    layer = _bnb4(lin) if base == "nf4" else lin.requires_grad_(False)
+    bare = LoraLinear(layer, R, 2 * R, init_lora_weights=False, use_dora=use_dora).train()
+    assert (bare.quant is not None) == (base == "nf4")
+    x = torch.randn(M, K)
+    x_ref = x.clone().requires_grad_(True)
+    y_ref = _run(bare, x_ref)
+
+    wrapped = copy.deepcopy(bare)
+    wrapped.zero_grad(set_to_none=True)
+    wrapped.lora_A = FlatUnit(wrapped.lora_A)
+    wrapped.lora_B = FlatUnit(wrapped.lora_B)
+    monkeypatch.setattr(_sharded, "_FSDP_CLASSES", (FlatUnit, type("NoFSDP2", (), {})))
+    assert wrapped.lora_A.weight.dim() == 1
+    xw = x.clone().requires_grad_(True)
+    y = _run(wrapped, xw)
+    torch.testing.assert_close(y, y_ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(xw.grad, x_ref.grad, rtol=1e-6, atol=1e-6)
+    for name in ("lora_A", "lora_B"):
+        ref, unit = getattr(bare, name), getattr(wrapped, name)
+        torch.testing.assert_close(unit.flat.grad.view(unit.shape), ref.weight.grad,
+                                   rtol=1e-6, atol=1e-6)
+    assert wrapped.lora_A.weight.dim() == 1

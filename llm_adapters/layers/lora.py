@@ -11,7 +11,13 @@ from torch import Tensor, nn
 from .. import ops
 from ..ops.dora import dora_add, dora_weight_norm, weight_row_norm_sq
 from ._base import Conv1D, autocast_inputs, linear_dims
-from ._quant import adapter_factory, add_to_quantized, dequantized_weight, quant_format
+from ._quant import (
+    adapter_factory,
+    add_to_quantized,
+    dequantized_weight,
+    keep_training_kernel,
+    quant_format,
+)
 from ._sharded import base_weight_bias, within_units
 
 
@@ -48,6 +54,7 @@ class LoraLinear(nn.Module):
         super().__init__()
         k, n = linear_dims(base_layer)
         self.quant = quant_format(base_layer)  # None for a float base
+        keep_training_kernel(base_layer)  # bitsandbytes 4-bit on CPU: gradients after an eval
         self.base_layer = base_layer
         self.in_features, self.out_features = k, n
         self.r = r
@@ -187,16 +194,17 @@ class LoraLinear(nn.Module):
         if self.quant is not None:
             y0 = self.base_layer(x)
             x = x if x.dtype == y0.dtype else x.to(y0.dtype)
+            units = (self.lora_A, self.lora_B)  # the base gathered its own weight above
             if self.use_dora:
                 w = self._base_nk().to(x.dtype)  # dequantized once per forward, as PEFT
-                return dora_add(
+                return within_units(units, lambda: dora_add(
                     y0, x, w, getattr(self.base_layer, "bias", None), self.lora_A.weight,
                     self.lora_B.weight, self.lora_magnitude_vector, scaling=self.scaling,
                     dropout_p=p, weight_norm_sq=self._weight_norm_sq(w),
-                )
-            return ops.lora_add(
+                ))
+            return within_units(units, lambda: ops.lora_add(
                 y0, x, self.lora_A.weight, self.lora_B.weight, scaling=self.scaling, dropout_p=p
-            )
+            ))
 
         if self.use_dora:
 
