@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from ._base import autocast_inputs, linear_dims
-from ._quant import adapter_factory, keep_training_kernel, quant_format
+from ._quant import adapter_factory, quant_format
 from ._sharded import base_weight_bias, within_units
 
 PLACEMENTS = ("input", "output", "parallel")
@@ -68,7 +68,6 @@ class BottleneckAdapter(nn.Module):
             raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
         k, n = linear_dims(base_layer)
         self.quant = quant_format(base_layer)  # None for a float base
-        keep_training_kernel(base_layer)  # bitsandbytes 4-bit on CPU: gradients after an eval
         self.base_layer = base_layer
         self.placement = placement
         self.non_linearity = non_linearity

@@ -15,7 +15,6 @@ from ._quant import (
     adapter_factory,
     add_to_quantized,
     dequantized_weight,
-    keep_training_kernel,
     quant_format,
 )
 from ._sharded import base_weight_bias, within_units
@@ -54,7 +53,6 @@ class LoraLinear(nn.Module):
         super().__init__()
         k, n = linear_dims(base_layer)
         self.quant = quant_format(base_layer)  # None for a float base
-        keep_training_kernel(base_layer)  # bitsandbytes 4-bit on CPU: gradients after an eval
         self.base_layer = base_layer
         self.in_features, self.out_features = k, n
         self.r = r
