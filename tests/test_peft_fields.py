@@ -5,6 +5,7 @@ loaded by us and compared; built by us, saved, loaded by PEFT and compared. Each
 is an error naming it, with the base model untouched.
 """
 
+import copy
 import dataclasses
 import json
 import os
@@ -17,6 +18,7 @@ import torch
 from tiny_models import tiny_batch, tiny_model
 
 import llm_adapters as la
+from llm_adapters import ops
 from llm_adapters.config import HONOURED, METADATA, PEFT_LORA_FIELDS, REFUSED, config_from_dict
 from llm_adapters.models.peft_interop import acceleration_report
 
@@ -339,7 +341,6 @@ def _accelerate(model):
 
 
 @pytest.mark.parametrize("fields,reason", [
-    (dict(use_dora=True), "DoRA"),
     (dict(lora_bias=True), "lora_bias"),
 ])
 def test_accelerate_peft_reports_variants_by_name(fields, reason):
@@ -351,6 +352,48 @@ def test_accelerate_peft_reports_variants_by_name(fields, reason):
     assert "0 of 4 LoRA layers run on llm_adapters ops; 4 left on PEFT" in message
     assert "model.layers.0.self_attn.q_proj" in message and reason in message
     torch.testing.assert_close(_logits(model), want)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("fields", [dict(use_dora=True),
+                                    dict(use_dora=True, use_rslora=True, lora_dropout=0.1)])
+def test_accelerate_peft_runs_dora_on_our_op(family, fields, monkeypatch):
+    """A PEFT DoRA model runs on ops.dora_linear: PEFT's logits and every adapter gradient
+    (A, B, magnitude) in eval mode, and in training mode without dropout."""
+    targets = QV if family == "llama" else ["c_attn"]
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, **fields)
+    peft_model = peft.get_peft_model(tiny_model(family), cfg)
+    _perturb(peft_model)
+    peft_model.eval()
+    ours = copy.deepcopy(peft_model)
+    calls = []
+    real = ops.dora_linear
+    monkeypatch.setattr(ops, "dora_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
+    report, message = _accelerate(ours)
+    assert report.accelerated and not report.left_on_peft
+
+    def step(model, train):
+        model.train(train)
+        model.zero_grad(set_to_none=True)
+        out = model(**tiny_batch())
+        out.loss.backward()
+        return out.logits.detach(), {n: p.grad for n, p in model.named_parameters()
+                                     if p.requires_grad}
+
+    # training mode compared where nothing else draws random numbers (GPT-2 has its own dropout)
+    modes = [False] + ([True] if not fields.get("lora_dropout") and family == "llama" else [])
+    for train in modes:
+        want, want_grads = step(peft_model, train)
+        got, got_grads = step(ours, train)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert got_grads.keys() == want_grads.keys()
+        assert any("lora_magnitude_vector" in n for n in got_grads)
+        for n, g in want_grads.items():
+            torch.testing.assert_close(got_grads[n], g, rtol=1e-4, atol=1e-6, msg=n)
+    assert len(calls) == len(modes) * len(report.accelerated)
+    if fields.get("lora_dropout"):  # our mask: a training step runs, every adapter learns
+        _, grads = step(ours, True)
+        assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads.values())
 
 
 def test_accelerate_peft_mixed_model_reports_each_layer():

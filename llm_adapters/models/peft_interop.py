@@ -61,14 +61,22 @@ class AccelerationReport:
 
 def _variant_reason(layer: nn.Module, adapter: str) -> Optional[str]:
     """Why `adapter` of this PEFT LoRA layer cannot run on our op, or None."""
-    if getattr(layer, "use_dora", {}).get(adapter, False):
-        return "DoRA (use_dora) is not supported yet by our op"
+    if getattr(layer, "use_dora", {}).get(adapter, False) and not _dora_module(layer, adapter):
+        return "DoRA (use_dora) without PEFT's magnitude vector module is not supported"
     if getattr(layer, "lora_bias", {}).get(adapter, False):
         return "lora_bias (a bias on lora_B) is not supported by our op"
     variant = getattr(layer, "lora_variant", {}).get(adapter)
-    if variant is not None:
+    dora = getattr(layer, "use_dora", {}).get(adapter, False)
+    if variant is not None and not (dora and type(variant).__name__ == "DoraLinearVariant"):
         return f"LoRA variant {type(variant).__name__} is not supported by our op"
     return None
+
+
+def _dora_module(layer: nn.Module, adapter: str) -> Optional[nn.Module]:
+    """PEFT's DoRA magnitude module of `adapter` (its `.weight` is the magnitude [N]), or None."""
+    mags = getattr(layer, "lora_magnitude_vector", None)
+    module = mags[adapter] if mags is not None and adapter in mags else None
+    return module if isinstance(getattr(module, "weight", None), Tensor) else None
 
 
 def _plain_base(base: nn.Module) -> bool:
@@ -138,6 +146,7 @@ def _peft_lora_forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
     name = active[0]
     base = self.get_base_layer()
     lora_a, lora_b = self.lora_A[name], self.lora_B[name]
+    dora = _dora_module(self, name) if getattr(self, "use_dora", {}).get(name, False) else None
     dropout = self.lora_dropout[name]
     p = float(getattr(dropout, "p", 0.0)) if self.training else 0.0
 
@@ -145,13 +154,19 @@ def _peft_lora_forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         weight, bias = frozen_aware(base, "weight"), frozen_aware(base, "bias")
         weight = weight.t() if self.fan_in_fan_out else weight
         xc, weight, bias = autocast_inputs(x, weight, bias)
+        if dora is not None:  # PEFT's DoRA math, the row norm detached as PEFT does
+            return ops.dora_linear(
+                xc, weight, bias, lora_a.weight, lora_b.weight, dora.weight,
+                scaling=float(self.scaling[name]), dropout_p=p,
+            )
         return ops.lora_linear(
             xc, weight, bias, lora_a.weight, lora_b.weight,
             scaling=float(self.scaling[name]), dropout_p=p,
         )
 
     # under FSDP1 with PEFT's wrap policy lora_A / lora_B are units of their own (see _sharded)
-    return within_units((base, lora_a, lora_b), fused)
+    units = (base, lora_a, lora_b) + ((dora,) if dora is not None else ())
+    return within_units(units, fused)
 
 
 def _peft_quant_lora_forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:

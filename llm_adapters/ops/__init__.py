@@ -36,7 +36,7 @@ from ._dispatch import (
     resolve_backend,
     shape_dependent,
 )
-from .dora import dora_linear  # noqa: E402,F401  (uses the package's lora_linear)
+from .dora import dora_linear  # noqa: E402  (uses the package's lora_linear)
 
 __all__ = [
     "ACTIVATIONS",
@@ -46,6 +46,7 @@ __all__ = [
     "available_backends",
     "backend_status",
     "canonical_activation",
+    "dora_linear",
     "dropout_mask",
     "lora_add",
     "lora_linear",
