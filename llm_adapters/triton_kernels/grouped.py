@@ -41,20 +41,23 @@ _MAX_R_CHUNK = 64  # rank chunk of the expand's loop (S and B tiles next to the 
 def _shrink_configs(interpret: bool = _INTERPRET) -> list[triton.Config]:
     if interpret:
         return [triton.Config({"BLOCK_M": 16, "BLOCK_K": 16})]
+    # Compiled for sm_90 (triton 3.8) with no register spills in half precision at r_max 16 and
+    # 128; float32 (FMA) keeps the ones `_fma_fits` passes. The first fits both targets'
+    # shared memory for half precision (the AUTOTUNE=0 choice); 16-row blocks serve decode
+    # batches, where a segment holds a few rows.
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_stages=st, num_warps=w)
-        # the last fits both targets at r_max = 128 with fp32 operands; 16-row blocks serve
-        # decode batches, where segments hold a few rows each
-        for bm, bk, st, w in [(64, 128, 4, 4), (32, 128, 4, 4), (16, 128, 4, 4), (16, 64, 3, 4)]
+        for bm, bk, st, w in [(64, 64, 4, 4), (32, 128, 4, 8), (16, 64, 4, 4)]
     ]
 
 
 def _expand_configs(interpret: bool = _INTERPRET) -> list[triton.Config]:
     if interpret:
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16})]
+    # no spills on sm_90 in half precision at rank chunks 16 and 64 (float32: `_fma_fits`)
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_stages=st, num_warps=w)
-        for bm, bn, st, w in [(64, 128, 3, 4), (32, 128, 3, 4), (16, 128, 2, 4), (16, 64, 2, 4)]
+        for bm, bn, st, w in [(64, 128, 3, 8), (32, 128, 3, 8), (32, 64, 3, 4), (16, 64, 2, 4)]
     ]
 
 
@@ -77,15 +80,20 @@ def _smem_model(kernel: str, cfg: triton.Config, nargs: dict, cc: int) -> int:
 
 
 def _fma_fits(kernel: str, cfg: triton.Config, nargs: dict) -> bool:
-    """IEEE fp32 products run on FMA: past 64 accumulators per thread the kernels spill."""
+    """IEEE fp32 products run on FMA, the tiles in registers: the configs that compiled for
+    sm_90 without spills (triton 3.8; the others spilled 32 to 1,400 B a thread), as tile
+    elements per thread. The shrink's x tile is a gather (a pointer per element): at most 16
+    of it and 72 of x and A together; the expand's S, B and accumulator tiles: at most 56."""
     if not nargs.get("IEEE"):
         return True
-    kw = cfg.kwargs
+    kw, br = cfg.kwargs, nargs["BLOCK_R"]
+    threads = 32 * cfg.num_warps
+    bm = kw["BLOCK_M"]
     if kernel == "_grouped_shrink_kernel":
-        acc = kw["BLOCK_M"] * nargs["BLOCK_R"]
-    else:
-        acc = kw["BLOCK_M"] * kw["BLOCK_N"]
-    return acc <= 64 * 32 * cfg.num_warps
+        bk = kw["BLOCK_K"]
+        return bm * bk <= 16 * threads and bm * bk + bk * br <= 72 * threads
+    bn = kw["BLOCK_N"]
+    return bm * br + br * bn + bm * bn <= 56 * threads
 
 
 def _prune(kernel: str):
