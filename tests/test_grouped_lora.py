@@ -214,3 +214,75 @@ def test_triton_on_gpu_matches(dtype):
     same = _row_alone(y0, x, index, lora_as, lora_bs, scalings, dtype)
     y = lora_grouped_add(y0, x, index, lora_as, lora_bs, scalings, backend="triton")
     assert_parity(f"y ({dtype}, cuda)", y, ref, same, rel_floor=2 * torch.finfo(dtype).eps)
+
+
+def test_long_segments_high_rank_and_strided_x():
+    # a segment over several row blocks, r_max = 72 (the expand's rank loop in two chunks, a
+    # ragged tail), x a strided view: the kernels read through its strides
+    gen = torch.Generator().manual_seed(7)
+    m, ranks = 41, [72, 4]
+    x = torch.randn(m, 2 * K, generator=gen)[:, ::2]
+    y0 = torch.randn(m, N, generator=gen)
+    lora_as = [torch.randn(r, K, generator=gen) / K**0.5 for r in ranks]
+    lora_bs = [torch.randn(N, r, generator=gen) / r**0.5 for r in ranks]
+    index = torch.tensor([0] * 35 + [1, -1] * 3, dtype=torch.int64)
+    index = index[torch.randperm(m, generator=gen)]
+    scalings = [0.75, 3.0]
+    ref = _row_alone(y0, x, index, lora_as, lora_bs, scalings, torch.float64)
+    same = _row_alone(y0, x, index, lora_as, lora_bs, scalings, torch.float32)
+    for backend in ("torch", "triton"):
+        y = lora_grouped_add(y0.clone(), x, index, lora_as, lora_bs, scalings, backend=backend)
+        assert_parity(f"y ({backend})", y, ref, same, rel_floor=2 * torch.finfo().eps)
+
+
+def test_one_shrink_and_one_expand_launch_on_meta_tensors(monkeypatch):
+    # how an ahead-of-time enumeration drives the launcher: meta tensors, launches recorded
+    calls = []
+
+    class Recorder:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: calls.append((self.name, grid, kwargs))
+
+    for name in ("_grouped_shrink_kernel", "_grouped_expand_kernel"):
+        monkeypatch.setattr(kernels, name, Recorder(name))
+    meta = lambda *shape: torch.empty(shape, device="meta", dtype=torch.float16)  # noqa: E731
+    index = torch.empty(300, dtype=torch.int64, device="meta")
+    kernels.grouped_lora_add(meta(300, 96), meta(300, 80), index, [meta(8, 80), meta(40, 80)],
+                             [meta(96, 8), meta(96, 40)], [1.0, 2.0])
+    assert [c[0] for c in calls] == ["_grouped_shrink_kernel", "_grouped_expand_kernel"]
+    (_, shrink_grid, shrink_kw), (_, expand_grid, expand_kw) = calls
+    assert shrink_kw == {"IEEE": False, "BLOCK_G": 2, "BLOCK_R": 64}
+    assert expand_kw == {"IEEE": False, "BLOCK_G": 2, "BLOCK_R": 64}
+    # row blocks of all segments: at most cdiv(M, BLOCK_M) + G
+    assert shrink_grid({"BLOCK_M": 64}) == (5 + 2, 1)
+    assert expand_grid({"BLOCK_M": 32, "BLOCK_N": 64}) == (10 + 2, 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("r", [1, 16, 72, 128])
+def test_config_prune_fits_shared_memory_and_keeps_a_config(dtype, r):
+    import triton
+
+    from llm_adapters.triton_kernels import _limits
+
+    x = torch.empty(0, dtype=dtype)
+    for name, configs, block_r in (
+        ("_grouped_shrink_kernel", kernels._shrink_configs(False),
+         kernels._r_block(r, kernels._MAX_R_SHRINK)),
+        ("_grouped_expand_kernel", kernels._expand_configs(False),
+         kernels._r_block(r, kernels._MAX_R_CHUNK)),
+    ):
+        nargs = {"x_ptr": x, "a_ptr": x, "b_ptr": x, "BLOCK_R": block_r,
+                 "IEEE": dtype == torch.float32}
+        prune = kernels._prune(name)
+        for cc, limit in _limits.TARGETS.items():
+            kept = prune(configs, nargs, target=(cc, limit), autotune=True)
+            assert kept and all(isinstance(c, triton.Config) for c in kept)
+            assert all(kernels._smem_model(name, c, nargs, cc) <= limit for c in kept)
+            assert all(kernels._fma_fits(name, c, nargs) for c in kept)
+        (one,) = prune(configs, nargs, target=(90, _limits.TARGETS[90]), autotune=False)
+        assert all(kernels._smem_model(name, one, nargs, cc) <= lim
+                   for cc, lim in _limits.TARGETS.items())

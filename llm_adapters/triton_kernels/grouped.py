@@ -2,7 +2,7 @@
 
     y[i] += s_a · (x[i] A_aᵀ) B_aᵀ      a = adapter_index[i]; rows with a = -1 get nothing
 
-Host side (`grouped_lora_add`): one stable argsort of the adapter index and the segment
+Host side (`grouped_lora_add`): one stable sort of the adapter index and the segment
 offsets (`seg[g]` = first sorted position of adapter g, `seg[G]` = M); the adapters' A are
 stacked into one zero-padded buffer [G, r_max, K] and their B into [G, N, r_max] (the padding
 contributes exact zeros, so ranks may differ); the scalings into an fp32 [G] tensor. No host
@@ -257,11 +257,11 @@ def stack_adapters(
 
 def sort_rows(adapter_index: Tensor, g: int) -> tuple[Tensor, Tensor]:
     """(order [M] int64: row positions sorted by adapter, base rows (-1) first, stable;
-    seg [G + 1] int64: seg[a] = first sorted position of adapter a, seg[G] = M)."""
-    order = torch.argsort(adapter_index, stable=True)
-    counts = torch.bincount(adapter_index + 1, minlength=g + 1)
-    seg = torch.cumsum(counts, 0)  # seg[a] = rows with index < a, i.e. the start of adapter a
-    return order, seg.to(torch.int64)
+    seg [G + 1] int64: seg[a] = first sorted position of adapter a, seg[G] = M). One sort and
+    one binary search, shapes independent of the values (no host sync; meta tensors work)."""
+    keys, order = torch.sort(adapter_index, stable=True)
+    bounds = torch.arange(g + 1, dtype=keys.dtype, device=keys.device)
+    return order, torch.searchsorted(keys, bounds)
 
 
 def grouped_lora_add(
