@@ -4,6 +4,8 @@
     y = lora_linear(x, weight, bias, down, up, scaling=1.0, activation="tanh")  # parallel
     y = lora_add(y0, x, lora_a, lora_b, scaling=2.0)  # the branch into a base output y0
     z = series_adapter(h, down, up, scaling=1.0, activation="tanh", dropout_p=0.0)
+    y = dora_linear(x, weight, bias, lora_a, lora_b, magnitude, scaling=2.0)  # DoRA
+    y0 = lora_grouped_add(y0, x, adapter_index, [a0, a1], [b0, b1], [2.0, 1.0])  # per-row
 
 Every input is validated here, once, so each backend sees 2-D contiguous activations and
 consistent shapes, dtypes and devices.
@@ -37,6 +39,7 @@ from ._dispatch import (
     shape_dependent,
 )
 from .dora import dora_linear  # noqa: E402  (uses the package's lora_linear)
+from .grouped import lora_grouped_add
 
 __all__ = [
     "ACTIVATIONS",
@@ -49,6 +52,7 @@ __all__ = [
     "dora_linear",
     "dropout_mask",
     "lora_add",
+    "lora_grouped_add",
     "lora_linear",
     "new_seed",
     "resolve_backend",

@@ -52,7 +52,7 @@ from pathlib import Path
 import torch
 import triton
 
-from . import _limits, dropout, lora, series
+from . import _limits, dropout, grouped, lora, series
 
 TARGETS = _limits.TARGETS  # cc -> shared memory per block (bytes)
 
@@ -73,6 +73,12 @@ KERNELS = {
         series, "_series_backward_weights_kernel", lambda: series._configs("weights", False)
     ),
     "dropout._keep_mask_kernel": (dropout, "_keep_mask_kernel", None),
+    "grouped._grouped_shrink_kernel": (
+        grouped, "_grouped_shrink_kernel", lambda: grouped._shrink_configs(False)
+    ),
+    "grouped._grouped_expand_kernel": (
+        grouped, "_grouped_expand_kernel", lambda: grouped._expand_configs(False)
+    ),
 }
 
 GRIDS = {
@@ -92,9 +98,7 @@ _TRITON_TYPES = {
 }
 
 
-# ---------------------------------------------------------------------------------------------
-# 1. enumeration
-# ---------------------------------------------------------------------------------------------
+# ---- 1. enumeration --------------------------------------------------------------------------
 
 
 # the kernel objects themselves (the recorder replaces the module attributes while enumerating)
@@ -292,6 +296,12 @@ def _enumerate_dtype(dname: str, grid: dict) -> dict[tuple, dict]:
                         h.new_empty(0, dtype=torch.bool), _series_needs(which, o),
                     )
                 collect(label)
+            for g in (1, 4, 32) if p == 0 else ():  # mixed-adapter batches (no dropout)
+                idx = _meta((m,), torch.int64)
+                grouped.grouped_lora_add(_meta((m, kn), dt), _meta((m, kn), dt), idx,
+                                         [_meta((r, kn), dt)] * g, [_meta((kn, r), dt)] * g,
+                                         [2.0] * g)
+                collect(f"grouped {dname} M={m} K=N={kn} r={r} G={g} tf32={tf32}")
             if p > 0 and dname == "bf16" and not tf32:
                 dropout.keep_mask((m, kn), p, _SEED, torch.device("meta"))
                 collect(f"keep_mask M={m} K={kn} p={p}")
@@ -322,9 +332,7 @@ def enumerate_launches(grid: dict | None = None, jobs: int = 1) -> list[dict]:
     return list(merged.values())
 
 
-# ---------------------------------------------------------------------------------------------
-# 2. configs per variant and target
-# ---------------------------------------------------------------------------------------------
+# ---- 2. configs per variant and target -------------------------------------------------------
 
 
 def _config_id(cfg) -> str:
@@ -363,9 +371,7 @@ def smem_model(variant: dict, cfg, cc: int) -> int | None:
     return module._smem_model(attr, cfg, {**variant["named_args"], **variant["kwargs"]}, cc)
 
 
-# ---------------------------------------------------------------------------------------------
-# 3. compiles
-# ---------------------------------------------------------------------------------------------
+# ---- 3. compiles -----------------------------------------------------------------------------
 
 
 def _cuobjdump() -> str | None:
@@ -501,9 +507,7 @@ def run_jobs(jobs: list[dict], n_jobs: int, cache: Path | None, log=print) -> li
     return results  # type: ignore[return-value]
 
 
-# ---------------------------------------------------------------------------------------------
-# 4. plan, checks, report
-# ---------------------------------------------------------------------------------------------
+# ---- 4. plan, checks, report -----------------------------------------------------------------
 
 
 def _dtype_of(variant: dict) -> str:
