@@ -245,15 +245,17 @@ def test_base_model_means_what_peft_and_transformers_mean(kind, tmp_path):
         torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits, rtol=0, atol=0)
 
 
-def test_one_adapter_named_default():
+def test_first_adapter_named_default_and_unknown_names_refused():
+    # several LoRA adapters are tested in test_multi_adapter.py
     model = la.get_adapter_model(tiny_model("llama"), KINDS["lora"]())
     model.set_adapter("default")
-    with pytest.raises(NotImplementedError, match="one adapter per model"):
+    with pytest.raises(ValueError, match="'other' not found"):
         model.set_adapter("other")
-    with pytest.raises(NotImplementedError, match="one adapter per model"):
-        model.add_adapter("other", la.LoraConfig(r=2))
-    with pytest.raises(NotImplementedError, match="one adapter per model"):
+    with pytest.raises(ValueError, match="'other' does not exist"):
+        model.delete_adapter("other")
+    with pytest.raises(FileNotFoundError, match="not an adapter directory"):
         model.load_adapter("somewhere", adapter_name="other")
+    assert list(model.peft_config) == ["default"]
 
 
 @pytest.mark.parametrize("kind", list(KINDS))

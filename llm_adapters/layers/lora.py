@@ -19,6 +19,39 @@ from ._quant import (
 )
 from ._sharded import base_weight_bias, within_units
 
+DEFAULT_ADAPTER = "default"  # the adapter held as lora_A / lora_B (PEFT's first adapter's name)
+EXTRA_PREFIX = "lora_extra."  # parameter names of the other named adapters start with this
+
+
+class LoraBranch(nn.Module):
+    """A named LoRA adapter of a `LoraLinear` other than the default one: `lora_A` [r, K] and
+    `lora_B` [N, r] under PEFT's parameter names, its own rank, scaling and dropout."""
+
+    def __init__(
+        self, k: int, n: int, r: int, lora_alpha: float, lora_dropout: float = 0.0,
+        use_rslora: bool = False, init_lora_weights: bool = True, factory=None,
+    ) -> None:
+        super().__init__()
+        factory = factory or {}
+        self.in_features, self.out_features = k, n
+        self.r = r
+        self.lora_alpha = lora_alpha
+        self.scaling = lora_alpha / (math.sqrt(r) if use_rslora else r)
+        self.lora_dropout = float(lora_dropout)
+        self.lora_A = nn.Linear(k, r, bias=False, **factory)
+        self.lora_B = nn.Linear(r, n, bias=False, **factory)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        if init_lora_weights:
+            nn.init.zeros_(self.lora_B.weight)
+        else:
+            nn.init.kaiming_uniform_(self.lora_B.weight, a=math.sqrt(5))
+
+    def delta_weight(self) -> Tensor:
+        return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, scaling={self.scaling:g}, dropout={self.lora_dropout}"
+
 
 class LoraLinear(nn.Module):
     """Wraps an nn.Linear (or GPT-2 Conv1D) as `base_layer` and adds a rank-r update.
@@ -38,6 +71,11 @@ class LoraLinear(nn.Module):
     `clear_weight_norm_cache()` after one). On a quantized base, as in PEFT, the weight is
     dequantized once per forward for the row norms (and, under dropout, for D(x) Wᵀ) while
     the layer keeps its own product (`ops.dora.dora_add`).
+
+    Other named adapters (PEFT's `add_adapter`) live in `lora_extra` (an `nn.ModuleDict` of
+    `LoraBranch`, made on the first one), so the default adapter keeps its names; one adapter
+    is active at a time (`active_adapter`). A layer wrapped only for another adapter has no
+    default one (`has_default` False, no `lora_A` / `lora_B` of its own).
     """
 
     def __init__(
@@ -69,6 +107,8 @@ class LoraLinear(nn.Module):
             nn.init.kaiming_uniform_(self.lora_B.weight, a=math.sqrt(5))
         self.merged = False
         self.disable_adapters = False
+        self.has_default = True
+        self.active_adapter = DEFAULT_ADAPTER
         self.use_dora = bool(use_dora)
         self._wsq_key: tuple = ()
         self._wsq = None  # ‖W_n‖² of the base weight, for the key above
@@ -76,6 +116,50 @@ class LoraLinear(nn.Module):
         if self.use_dora:
             self.lora_magnitude_vector = nn.Parameter(torch.empty(n, **factory))
             self.reset_magnitude()
+
+    @classmethod
+    def without_default(cls, base_layer: nn.Module) -> LoraLinear:
+        """A wrapper of `base_layer` with no default adapter, for other named adapters only."""
+        layer = cls(base_layer, 1, 1.0)
+        del layer.lora_A, layer.lora_B
+        layer.has_default, layer.r, layer.scaling = False, 0, 0.0
+        return layer
+
+    # ---- other named adapters -------------------------------------------------------------
+    def adapter_names(self) -> list[str]:
+        """The adapters this layer holds, the default one first (if it has one)."""
+        extra = list(self.lora_extra) if "lora_extra" in self._modules else []
+        return ([DEFAULT_ADAPTER] if self.has_default else []) + extra
+
+    def branch(self, name: str) -> nn.Module | None:
+        """The module holding adapter `name`'s lora_A / lora_B (this layer for the default
+        one), or None if this layer does not have it."""
+        if name == DEFAULT_ADAPTER:
+            return self if self.has_default else None
+        extra = self._modules.get("lora_extra")
+        return extra[name] if extra is not None and name in extra else None
+
+    def add_branch(self, name: str, branch: LoraBranch) -> None:
+        if "lora_extra" not in self._modules:
+            self.lora_extra = nn.ModuleDict()
+        self.lora_extra[name] = branch
+
+    def delete_branch(self, name: str) -> None:
+        extra = self._modules.get("lora_extra")
+        if extra is not None and name in extra:
+            del extra[name]
+            if not len(extra):
+                del self.lora_extra
+
+    def branch_parameters(self, name: str) -> list[nn.Parameter]:
+        """Adapter `name`'s own parameters in this layer (DoRA's magnitude included)."""
+        module = self.branch(name)
+        if module is None:
+            return []
+        params = [module.lora_A.weight, module.lora_B.weight]
+        if module is self and self.use_dora:
+            params.append(self.lora_magnitude_vector)
+        return params
 
     @property
     def fan_in_fan_out(self) -> bool:
@@ -149,8 +233,20 @@ class LoraLinear(nn.Module):
         self._merged_norm = norm if sign > 0 else None
         self.clear_weight_norm_cache()  # the base weight changed
 
+    def _check_default_active(self, what: str) -> None:
+        if self.active_adapter != DEFAULT_ADAPTER:
+            raise RuntimeError(
+                f"{what} folds the default adapter into the base weight, but the active adapter "
+                f"is {self.active_adapter!r}: set_adapter('default') first (merging other named "
+                "adapters is not supported)"
+            )
+
     def merge(self) -> None:
         if self.merged:
+            return
+        self._check_default_active("merging")
+        if not self.has_default:  # nothing of the default adapter here
+            self.merged = True
             return
         if self.use_dora:
             self._dora_merge(+1)
@@ -168,6 +264,9 @@ class LoraLinear(nn.Module):
 
     def unmerge(self) -> None:
         if not self.merged:
+            return
+        if not self.has_default:
+            self.merged = False
             return
         if self.use_dora:
             self._dora_merge(-1)
@@ -188,6 +287,14 @@ class LoraLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.merged or self.disable_adapters:
             return self.base_layer(x)
+        if self.active_adapter != DEFAULT_ADAPTER:
+            branch = self.branch(self.active_adapter)
+            if branch is None:  # this layer does not have the active adapter
+                return self.base_layer(x)
+            p = branch.lora_dropout if self.training else 0.0
+            return self._lora_forward(x, branch.lora_A, branch.lora_B, branch.scaling, p)
+        if not self.has_default:
+            return self.base_layer(x)
         p = self.lora_dropout if self.training else 0.0
         if self.quant is not None:
             y0 = self.base_layer(x)
@@ -203,30 +310,44 @@ class LoraLinear(nn.Module):
             return within_units(units, lambda: ops.lora_add(
                 y0, x, self.lora_A.weight, self.lora_B.weight, scaling=self.scaling, dropout_p=p
             ))
+        if not self.use_dora:
+            return self._lora_forward(x, self.lora_A, self.lora_B, self.scaling, p)
 
-        if self.use_dora:
+        def dora() -> Tensor:
+            xc, w, b = autocast_inputs(x, *base_weight_bias(self.base_layer))
+            return ops.dora_linear(
+                xc, w, b, self.lora_A.weight, self.lora_B.weight,
+                self.lora_magnitude_vector, scaling=self.scaling, dropout_p=p,
+                weight_norm_sq=self._weight_norm_sq(w),
+            )
 
-            def dora() -> Tensor:
-                xc, w, b = autocast_inputs(x, *base_weight_bias(self.base_layer))
-                return ops.dora_linear(
-                    xc, w, b, self.lora_A.weight, self.lora_B.weight,
-                    self.lora_magnitude_vector, scaling=self.scaling, dropout_p=p,
-                    weight_norm_sq=self._weight_norm_sq(w),
-                )
+        return within_units((self.base_layer, self.lora_A, self.lora_B), dora)
 
-            return within_units((self.base_layer, self.lora_A, self.lora_B), dora)
+    def _lora_forward(
+        self, x: Tensor, lora_a: nn.Linear, lora_b: nn.Linear, scaling: float, p: float
+    ) -> Tensor:
+        """base(x) + scaling · B A D(x) for the adapter with these lora_A / lora_B (plain
+        LoRA): on a float base the fused `ops.lora_linear`, on a quantized one the base's own
+        product plus `ops.lora_add`."""
+        if self.quant is not None:
+            y0 = self.base_layer(x)
+            x = x if x.dtype == y0.dtype else x.to(y0.dtype)
+            return within_units((lora_a, lora_b), lambda: ops.lora_add(
+                y0, x, lora_a.weight, lora_b.weight, scaling=scaling, dropout_p=p
+            ))
 
         def fused() -> Tensor:
             xc, w, b = autocast_inputs(x, *base_weight_bias(self.base_layer))
             return ops.lora_linear(
-                xc, w, b, self.lora_A.weight, self.lora_B.weight, scaling=self.scaling,
-                dropout_p=p,
+                xc, w, b, lora_a.weight, lora_b.weight, scaling=scaling, dropout_p=p,
             )
 
         # the weights are read inside the FSDP units that own them, if any (see _sharded)
-        return within_units((self.base_layer, self.lora_A, self.lora_B), fused)
+        return within_units((self.base_layer, lora_a, lora_b), fused)
 
     def extra_repr(self) -> str:
         quant = f", base={self.quant}" if self.quant else ""
         dora = ", dora=True" if self.use_dora else ""
+        if not self.has_default:
+            return f"no default adapter{quant}"
         return f"r={self.r}, scaling={self.scaling:g}, dropout={self.lora_dropout}{dora}{quant}"

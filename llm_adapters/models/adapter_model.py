@@ -26,8 +26,7 @@ from torch import Tensor, nn
 from ..config import AdapterConfig
 from ..layers import BottleneckAdapter, LoraLinear, PrefixEncoder, PromptEmbedding
 from ..layers._quant import param_numel
-
-DEFAULT_ADAPTER = "default"  # the one adapter name, as PEFT names a model's first
+from ..layers.lora import DEFAULT_ADAPTER  # as PEFT names a model's first adapter
 
 
 def _cache_class():
@@ -92,9 +91,10 @@ def refuse_adapted(model: nn.Module) -> None:
     if isinstance(model, AdapterModel):
         raise ValueError(
             "the model already has adapters (an adapter of kind "
-            f"{_adapter_kind(model.adapter_config)}); several adapters per model are not "
-            "supported yet (unload it first with "
-            "la.unload_adapter, or merge_and_unload for LoRA)"
+            f"{_adapter_kind(model.adapter_config)}); several adapters per model: add another "
+            "LoRA adapter with model.add_adapter(name, config) or la.load_adapter(model, path, "
+            "adapter_name=name), or unload it first with la.unload_adapter (merge_and_unload "
+            "for LoRA)"
         )
     for name, module in model.named_modules():
         if isinstance(module, (LoraLinear, BottleneckAdapter)):
@@ -169,6 +169,8 @@ class AdapterModel(nn.Module):
         self.prompt_embedding: Optional[PromptEmbedding] = None
         self._frozen_state: dict[str, bool] = {}
         self._soft_disabled = False
+        self._extra_configs: dict[str, AdapterConfig] = {}  # other named adapters (LoRA)
+        self._active_name = DEFAULT_ADAPTER
         params = inspect.signature(base_model.forward).parameters
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
         from .hf_trainer import install_trainer_support
@@ -249,6 +251,15 @@ class AdapterModel(nn.Module):
         return kwargs
 
     @staticmethod
+    def _refuse_adapter_names(kwargs: dict[str, Any]) -> None:
+        if kwargs.get("adapter_names") is not None:
+            raise NotImplementedError(
+                "adapter_names= (a different adapter per row of a batch) is not supported yet: "
+                "run one adapter at a time (set_adapter)"
+            )
+        kwargs.pop("adapter_names", None)
+
+    @staticmethod
     def _refuse_cache_kwargs(kwargs: dict[str, Any]) -> None:
         for key in ("past_key_values", "cache", "position_ids"):
             if kwargs.get(key) is not None:
@@ -263,6 +274,7 @@ class AdapterModel(nn.Module):
         labels: Optional[Tensor] = None,
         **kwargs: Any,
     ):
+        self._refuse_adapter_names(kwargs)
         if self._soft is None:
             return self.get_base_model()(
                 input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
@@ -295,6 +307,7 @@ class AdapterModel(nn.Module):
     def generate(self, input_ids: Optional[Tensor] = None, attention_mask=None, **kwargs: Any):
         """Like the base model's generate; the returned sequences start with `input_ids`
         (with `return_dict_in_generate`, the returned object's `sequences` do)."""
+        self._refuse_adapter_names(kwargs)
         base = self.get_base_model()
         if self._soft is None:
             return base.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
@@ -320,43 +333,201 @@ class AdapterModel(nn.Module):
         out["sequences"] = sequences
         return out
 
-    # ---- PEFT's adapter API (one adapter, "default") --------------------------------------
+    # ---- PEFT's adapter API: named LoRA adapters, one active at a time -------------------
     @property
     def peft_config(self) -> dict[str, AdapterConfig]:
-        return {DEFAULT_ADAPTER: self.adapter_config}
+        return {DEFAULT_ADAPTER: self.adapter_config, **self._extra_configs}
 
     @property
     def active_adapter(self) -> str:
-        return DEFAULT_ADAPTER
+        return self._active_name
 
     @property
     def active_adapters(self) -> list[str]:
-        return [DEFAULT_ADAPTER]
+        return [self._active_name]
 
-    def _one_adapter(self, what: str) -> NotImplementedError:
-        return NotImplementedError(
-            f"{what}: one adapter per model is supported (named {DEFAULT_ADAPTER!r}); several "
-            "adapters per model are not supported yet"
-        )
+    def _lora_layers(self) -> list[LoraLinear]:
+        return [m for m in self.get_base_model().modules() if isinstance(m, LoraLinear)]
 
-    def set_adapter(self, adapter_name: str = DEFAULT_ADAPTER) -> None:
-        if adapter_name != DEFAULT_ADAPTER:
-            raise self._one_adapter(f"set_adapter({adapter_name!r})")
+    def _check_adapter_name(self, adapter_name: Any) -> str:
+        if isinstance(adapter_name, (list, tuple)):
+            if len(adapter_name) != 1:
+                raise NotImplementedError(
+                    f"active adapters {list(adapter_name)}: one active adapter at a time is "
+                    "supported (several active at once are not)"
+                )
+            adapter_name = adapter_name[0]
+        if adapter_name not in self.peft_config:
+            raise ValueError(
+                f"adapter {adapter_name!r} not found; this model's adapters: "
+                f"{list(self.peft_config)}"
+            )
+        return adapter_name
 
-    def add_adapter(self, *args: Any, **kwargs: Any) -> None:
-        raise self._one_adapter("add_adapter")
+    def set_adapter(self, adapter_name: str = DEFAULT_ADAPTER, inference_mode: bool = False):
+        """Make `adapter_name` the active adapter, as PEFT's: its parameters train (unless
+        `inference_mode`), every other adapter's are frozen; a merged model is unmerged first
+        (with a warning)."""
+        adapter_name = self._check_adapter_name(adapter_name)
+        if not self._extra_configs and not inference_mode:  # the one adapter: nothing to do
+            return
+        layers = self._lora_layers()
+        if adapter_name != DEFAULT_ADAPTER and any(m.merged for m in layers):
+            import warnings
 
-    def delete_adapter(self, *args: Any, **kwargs: Any) -> None:
-        raise self._one_adapter("delete_adapter (la.unload_adapter removes the adapter)")
+            warnings.warn(
+                "the default adapter is merged: unmerging it before switching adapters",
+                stacklevel=2,
+            )
+            for m in layers:
+                m.unmerge()
+        for m in layers:
+            m.active_adapter = adapter_name
+            for name in m.adapter_names():
+                for p in m.branch_parameters(name):
+                    p.requires_grad_(name == adapter_name and not inference_mode)
+        self._active_name = adapter_name
+
+    def _new_adapter_checks(self, adapter_name: Any, config: Any) -> None:
+        self._check_new_name(adapter_name)
+        self._check_new_config(config)
+
+    def _check_new_name(self, adapter_name: Any) -> None:
+        if not isinstance(adapter_name, str) or not adapter_name.isidentifier():
+            raise ValueError(
+                f"adapter name {adapter_name!r}: a name must be a Python identifier (it names a "
+                "module and a sub-folder of a save)"
+            )
+        if adapter_name in self.peft_config:
+            raise ValueError(f"adapter {adapter_name!r} already exists: delete it first")
+        if adapter_name.startswith("__"):
+            raise ValueError(f"adapter name {adapter_name!r}: names with '__' are reserved")
+
+    def _check_new_config(self, config: Any) -> None:
+        from ..config import LoraConfig
+
+        if not isinstance(config, LoraConfig):
+            kind = _adapter_kind(config) if isinstance(config, AdapterConfig) else (
+                type(config).__name__
+            )
+            raise ValueError(
+                f"add_adapter: a {kind} adapter cannot be added: several adapters per model are "
+                "supported for LoRA only (an la.LoraConfig)"
+            )
+        default = self.adapter_config
+        if not isinstance(default, LoraConfig):
+            raise ValueError(
+                f"add_adapter: this model's default adapter is {_adapter_kind(default)}; "
+                "several adapters per model are supported for LoRA only"
+            )
+        if default.bias != "none" or default.modules_to_save:
+            raise ValueError(
+                "add_adapter: the default adapter trains base biases or modules_to_save, which "
+                "other adapters would share; several adapters are not supported for it"
+            )
+        from ._distributed import _is_sharded
+
+        if any(_is_sharded(p) for p in self.parameters()):
+            raise NotImplementedError(
+                "add_adapter on an FSDP-sharded model is not supported: add the adapters "
+                "before sharding"
+            )
+
+    def add_adapter(self, adapter_name: str, peft_config: AdapterConfig, **_: Any) -> None:
+        """Add another named LoRA adapter (PEFT's `add_adapter`): on the same layers as the
+        default one or others, any rank. It is not made active (call `set_adapter`) and its
+        parameters are frozen until it is. Checked first: on error the model is untouched."""
+        import dataclasses
+
+        from .inject import plan_extra_lora
+
+        self._new_adapter_checks(adapter_name, peft_config)
+        config = dataclasses.replace(peft_config)
+        swaps = plan_extra_lora(self.get_base_model(), config)
+        self._attach_extra(adapter_name, config, swaps)
+
+    def _attach_extra(self, adapter_name: str, config: AdapterConfig, swaps: list) -> None:
+        from .inject import attach_extra_lora
+
+        disabled = any(m.disable_adapters for m in self._lora_layers())
+        attach_extra_lora(swaps, adapter_name, self._active_name)
+        for swap in swaps:
+            swap.layer.disable_adapters = disabled
+        if config.base_model_name_or_path is None:
+            config.base_model_name_or_path = self.adapter_config.base_model_name_or_path
+        self._extra_configs[adapter_name] = config
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Delete a named adapter, as PEFT's: an unknown one is an error; the active one may be
+        deleted (the default adapter becomes active, with a warning). The default adapter
+        itself cannot be deleted here (la.unload_adapter removes the adapters)."""
+        if adapter_name == DEFAULT_ADAPTER:
+            raise ValueError(
+                "the 'default' adapter cannot be deleted (its weights are the model's "
+                "lora_A / lora_B); la.unload_adapter or unload() removes every adapter"
+            )
+        if adapter_name not in self.peft_config:
+            raise ValueError(
+                f"adapter {adapter_name!r} does not exist; this model's adapters: "
+                f"{list(self.peft_config)}"
+            )
+        if adapter_name == self._active_name:
+            import warnings
+
+            warnings.warn(
+                f"adapter {adapter_name!r} was active and is deleted; the active adapter is now "
+                f"{DEFAULT_ADAPTER!r}", stacklevel=2,
+            )
+            self.set_adapter(DEFAULT_ADAPTER)
+        base = self.get_base_model()
+        modules = dict(base.named_modules())
+        for name, m in list(modules.items()):
+            if isinstance(m, LoraLinear):
+                m.delete_branch(adapter_name)
+                if not m.has_default and not m.adapter_names():  # wrapped for it alone
+                    parent_name, _, attr = name.rpartition(".")
+                    setattr(modules[parent_name], attr, m.base_layer)
+        del self._extra_configs[adapter_name]
+
+    def _set_layers_disabled(self, disabled: bool) -> None:
+        layers = [
+            m for m in self.get_base_model().modules()
+            if isinstance(m, (LoraLinear, BottleneckAdapter))
+        ]
+        if disabled:
+            for m in layers:
+                if getattr(m, "merged", False):
+                    m.unmerge()
+        for m in layers:
+            m.disable_adapters = disabled
+        self._soft_disabled = disabled
+
+    def disable_adapters(self) -> None:
+        """Run as the base model until `enable_adapters()` (a merged model is unmerged)."""
+        self._set_layers_disabled(True)
+
+    def enable_adapters(self) -> None:
+        self._set_layers_disabled(False)
+
+    def disable_adapter_layers(self) -> None:  # PEFT's LoraModel spelling
+        self._set_layers_disabled(True)
+
+    def enable_adapter_layers(self) -> None:
+        self._set_layers_disabled(False)
 
     def load_adapter(
         self, model_id: str, adapter_name: str = DEFAULT_ADAPTER, is_trainable: bool = False,
         **_: Any,
     ) -> None:
-        """Load saved weights of this same adapter into it, in place (a Trainer checkpoint, a
-        saved adapter); unless `is_trainable`, freeze it as `la.load_adapter` does."""
+        """With the default name: load saved weights of this same adapter into it, in place (a
+        Trainer checkpoint, a saved adapter); unless `is_trainable`, freeze it as
+        `la.load_adapter` does. With another name: add the saved LoRA adapter under that name
+        (`la.load_adapter(model, path, adapter_name=...)`)."""
         if adapter_name != DEFAULT_ADAPTER:
-            raise self._one_adapter(f"load_adapter(adapter_name={adapter_name!r})")
+            from .io import load_adapter
+
+            load_adapter(self, model_id, is_trainable=is_trainable, adapter_name=adapter_name)
+            return
         from .hf_trainer import load_weights_in_place
 
         load_weights_in_place(self, model_id)

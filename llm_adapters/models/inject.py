@@ -25,7 +25,8 @@ from ..config import (
     PromptTuningConfig,
 )
 from ..layers import BottleneckAdapter, LoraLinear, PrefixEncoder, PromptEmbedding, is_adaptable
-from ..layers._quant import quant_format
+from ..layers._quant import adapter_factory, quant_format
+from ..layers.lora import EXTRA_PREFIX, LoraBranch
 from .adapter_model import AdapterModel
 from .saved_modules import SavedModule, saved_module_matches
 from .targets import (
@@ -69,9 +70,10 @@ def adapter_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
 
 
 def own_parameters(layer: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
-    """An adapter layer's own parameters, without those of the base layer it wraps."""
+    """An adapter layer's own parameters (its default adapter's), without those of the base
+    layer it wraps or of other named adapters (`LoraLinear.lora_extra`)."""
     for pname, p in layer.named_parameters():
-        if not pname.startswith("base_layer."):
+        if not pname.startswith(("base_layer.", EXTRA_PREFIX)):
             yield pname, p
 
 
@@ -374,3 +376,101 @@ def get_adapter_model(
     if verbose:
         wrapper.print_trainable_parameters()
     return wrapper
+
+
+# ---- other named LoRA adapters (PEFT's add_adapter) ----------------------------------------
+@dataclass
+class ExtraSwap:
+    """Adapter branch `branch` goes into the LoraLinear at `name`: `layer`, which is either
+    already in the model (`parent` None) or wraps `parent.attr` when applied."""
+
+    name: str
+    layer: LoraLinear
+    branch: LoraBranch
+    parent: Optional[nn.Module] = None
+    attr: str = ""
+
+
+def plan_extra_lora(model: nn.Module, config: LoraConfig, loading: bool = False) -> list[ExtraSwap]:
+    """Where another named LoRA adapter goes in `model` (a causal LM that has adapter layers
+    already), validated, the model untouched. Fills in `config.target_modules`."""
+    unsupported = [
+        (config.use_dora, "use_dora=True (DoRA)"),
+        (config.bias != "none", f"bias={config.bias!r}"),
+        (bool(config.modules_to_save), "modules_to_save"),
+        (config.init_lora_weights == "eva" and not loading, "init_lora_weights='eva'"),
+    ]
+    for bad, what in unsupported:
+        if bad:
+            raise ValueError(
+                f"{what} is not supported for an adapter other than 'default' (several "
+                "adapters per model: plain LoRA only for the others)"
+            )
+    targets = _resolve_targets(model, config, "lora")
+    modules = dict(model.named_modules())
+    inside = [n for n, m in modules.items() if isinstance(m, ADAPTER_LAYERS)]
+
+    def candidate(name: str) -> bool:  # not a module inside an adapter layer (its base, A, B)
+        return bool(name) and not any(name.startswith(o + ".") for o in inside)
+
+    matched = [n for n in modules if candidate(n) and _matches(n, targets)]
+    if isinstance(targets, list):
+        missing = [t for t in targets if not any(_matches(n, [t]) for n in matched)]
+        if missing:
+            raise ValueError(f"target module(s) {missing} not found in this model")
+    exclude = config.exclude_modules
+    chosen = [
+        n for n in matched
+        if not (exclude and _matches(n, exclude)) and _layer_index_ok(n, config)
+    ]
+    if not chosen:
+        raise ValueError(f"target_modules {targets!r} matches no module of this model")
+    swaps = []
+    for name in chosen:
+        module = modules[name]
+        if isinstance(module, LoraLinear):
+            base, layer, parent, attr = module.base_layer, module, None, ""
+        elif isinstance(module, ADAPTER_LAYERS):
+            raise ValueError(
+                f"target_modules: module {name!r} holds a {type(module).__name__} of the "
+                "default adapter; only LoRA layers can take another adapter"
+            )
+        else:
+            quant_format(module)
+            if not is_adaptable(module):
+                raise ValueError(
+                    f"target_modules: module {name!r} is a {type(module).__name__}: only "
+                    "nn.Linear and GPT-2 Conv1D layers can be adapted"
+                )
+            problem = _base_weight_problem(module)
+            if problem:
+                raise ValueError(f"target_modules: module {name!r} is {problem}")
+            parent_name, _, attr = name.rpartition(".")
+            base, layer, parent = module, None, modules[parent_name]
+        init = config.init_lora_weights
+        if layer is None:
+            layer = LoraLinear.without_default(base)
+        k, n = layer.in_features, layer.out_features
+        branch = LoraBranch(
+            k, n, config.rank_for(name), config.alpha_for(name), config.lora_dropout,
+            config.use_rslora, init is not False, adapter_factory(base),
+        )
+        _init_lora(branch, init)
+        swaps.append(ExtraSwap(name, layer, branch, parent, attr))
+    return swaps
+
+
+def attach_extra_lora(
+    swaps: list[ExtraSwap], adapter_name: str, active: str
+) -> None:
+    """Apply a plan from `plan_extra_lora` (nothing here can fail); the new adapter's
+    parameters are frozen (it is not the active one) and its layers follow `active`."""
+    for swap in swaps:
+        for p in swap.branch.parameters():
+            p.requires_grad_(False)
+        swap.layer.add_branch(adapter_name, swap.branch)
+        if swap.parent is not None:
+            for p in swap.layer.base_layer.parameters():
+                p.requires_grad_(False)
+            swap.layer.active_adapter = active
+            setattr(swap.parent, swap.attr, swap.layer)

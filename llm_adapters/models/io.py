@@ -3,7 +3,9 @@
 A saved adapter is a folder with `adapter_config.json` and `adapter_model.safetensors`
 (older PEFT / LLM-Adapters releases wrote `adapter_model.bin`, which loads too). How a
 parameter is named in the file is decided in one place, the key-naming section below, which
-both saving and loading use.
+both saving and loading use. A model with other named LoRA adapters (`add_adapter`) is saved
+as PEFT saves one: the default adapter at the top, each other one in a sub-folder named after
+it, its keys without the adapter's name.
 """
 
 from __future__ import annotations
@@ -26,8 +28,14 @@ from ._distributed import (
     staged_directory,
     unwrap,
 )
-from .adapter_model import AdapterModel
-from .inject import adapter_modules, attach_adapters, own_parameters, plan_adapters
+from .adapter_model import DEFAULT_ADAPTER, AdapterModel
+from .inject import (
+    adapter_modules,
+    attach_adapters,
+    own_parameters,
+    plan_adapters,
+    plan_extra_lora,
+)
 from .saved_modules import SAVED_PREFIX
 from .targets import model_type
 
@@ -104,6 +112,41 @@ def _adapter_state(wrapper: AdapterModel) -> dict[str, Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in _adapter_parameters(wrapper).items()}
 
 
+def _extra_parameters(wrapper: AdapterModel, adapter_name: str) -> dict[str, nn.Parameter]:
+    """file key -> parameter of the named (non-default) LoRA adapter, keyed as the default
+    adapter's are (PEFT's layout: no adapter name in the key)."""
+    from ..layers import LoraLinear
+
+    keyed = {}
+    for name, layer in wrapper.get_base_model().named_modules():
+        if isinstance(layer, LoraLinear):
+            branch = layer.branch(adapter_name)
+            if branch is not None:
+                for pname in ("lora_A.weight", "lora_B.weight"):
+                    module, _, attr = pname.partition(".")
+                    keyed[layer_key(wrapper._extra_configs[adapter_name], name, pname)] = getattr(
+                        getattr(branch, module), attr
+                    )
+    return {clean_name(k): p for k, p in keyed.items()}
+
+
+def _extra_states(model: AdapterModel) -> dict[str, dict[str, Tensor]]:
+    """adapter name -> (file key -> CPU tensor) of every other named adapter; these are not
+    gathered: a sharded one is an error, raised before anything is written."""
+    from ._distributed import _is_sharded
+
+    states = {}
+    for adapter_name in getattr(model, "_extra_configs", {}):
+        params = _extra_parameters(model, adapter_name)
+        if any(_is_sharded(p) for p in params.values()):
+            raise NotImplementedError(
+                f"saving adapter {adapter_name!r} of a sharded (FSDP) model is not supported: "
+                "only the default adapter is gathered; delete the others or save unsharded"
+            )
+        states[adapter_name] = {k: v.detach().contiguous().cpu() for k, v in params.items()}
+    return states
+
+
 def save_adapter(
     model: AdapterModel, save_directory: str, format: Optional[str] = None,
     safe_serialization: bool = True,
@@ -129,6 +172,12 @@ def save_adapter(
             "format='llm-adapters' cannot hold a DoRA adapter (use_dora=True): LLM-Adapters' "
             "LoRA has no magnitude vector; save it in PEFT's format (format=None)"
         )
+    if format == "llm-adapters" and getattr(model, "_extra_configs", None):
+        raise ValueError(
+            "format='llm-adapters' holds one adapter; this model has others "
+            f"({list(model._extra_configs)}): save it in PEFT's format (format=None)"
+        )
+    _extra_states(model)  # a sharded other adapter: an error before anything is written
     params = _adapter_parameters(model)
     gathered = needs_gather(params)
     if gathered:  # a collective: {} on every rank but 0
@@ -148,7 +197,23 @@ def write_adapter(
     format: Optional[str] = None, safe_serialization: bool = True,
 ) -> None:
     """Write `model`'s adapter config and `state` (file key -> whole CPU tensor), staged and
-    moved into place (see `save_adapter`); this process writes, whatever its rank."""
+    moved into place (see `save_adapter`); this process writes, whatever its rank. Other named
+    adapters go, each staged the same way, into sub-folders named after them (PEFT's layout)."""
+    extras = _extra_states(model)
+    if extras and format == "llm-adapters":
+        raise ValueError("format='llm-adapters' holds one adapter; this model has others")
+    _write_one(model, model.adapter_config, save_directory, state, format, safe_serialization)
+    for adapter_name, extra in extras.items():
+        _write_one(
+            model, model._extra_configs[adapter_name], os.path.join(save_directory, adapter_name),
+            extra, None, safe_serialization,
+        )
+
+
+def _write_one(
+    model: AdapterModel, config: AdapterConfig, save_directory: str, state: dict[str, Tensor],
+    format: Optional[str], safe_serialization: bool,
+) -> None:
     # a weights file of the other kind left by an earlier save would be read first, or instead
     stale = (WEIGHTS_NAME,) if format == "llm-adapters" or not safe_serialization else ()
     with staged_directory(save_directory, remove=stale) as staging:
@@ -157,7 +222,7 @@ def write_adapter(
 
             save_checkpoint(model, staging, state)
             return
-        model.adapter_config.save(staging)
+        config.save(staging)
         if safe_serialization:
             metadata = {"format": "pt", "model_type": model_type(model.base_model)}
             save_file(state, os.path.join(staging, WEIGHTS_NAME), metadata=metadata)
@@ -220,13 +285,22 @@ def _peft_keys(state: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
-def load_adapter(model: nn.Module, adapter_path: str, is_trainable: bool = False) -> AdapterModel:
+def load_adapter(
+    model: nn.Module, adapter_path: str, is_trainable: bool = False,
+    adapter_name: str = DEFAULT_ADAPTER,
+) -> AdapterModel:
     """Load an adapter saved by `save_adapter` (or PEFT, for LoRA) into a base model.
 
     Every check runs before the model is touched: the config must fit the model, and the file
     must hold exactly the expected tensors with the expected shapes. Unless `is_trainable`,
     the adapter is frozen and the model put in eval mode, as PEFT does.
+
+    With an `adapter_name` other than "default", `model` is an `AdapterModel` (with its default
+    LoRA adapter) and the saved LoRA adapter is added to it under that name, not made active
+    (PEFT's `load_adapter`); a sub-folder of a multi-adapter save is such an adapter.
     """
+    if adapter_name != DEFAULT_ADAPTER:
+        return _load_extra(model, adapter_path, adapter_name, is_trainable)
     from .adapter_model import refuse_adapted
 
     refuse_adapted(model)  # a PeftModel, or a model with adapters already: a clear error
@@ -293,6 +367,62 @@ def load_adapter(model: nn.Module, adapter_path: str, is_trainable: bool = False
             p.requires_grad_(False)
         wrapper.eval()
     return wrapper
+
+
+def _load_extra(
+    model: nn.Module, adapter_path: str, adapter_name: str, is_trainable: bool
+) -> AdapterModel:
+    """`load_adapter` under another name: add the saved LoRA adapter to `model`."""
+    from . import llm_adapters_format as theirs
+
+    if not isinstance(model, AdapterModel):
+        raise ValueError(
+            f"adapter_name={adapter_name!r}: a model's first adapter is named 'default'; load "
+            "it first (la.load_adapter(model, path)), then others under their names"
+        )
+    model._check_new_name(adapter_name)
+    if theirs.is_llm_adapters_checkpoint(adapter_path):
+        raise ValueError(
+            f"adapter at {adapter_path!r} is an LLM-Adapters checkpoint: only PEFT-format LoRA "
+            "adapters can be added under another name"
+        )
+    config = load_config(adapter_path)
+    model._new_adapter_checks(adapter_name, config)
+    tensors, metadata = _read_weights(adapter_path)
+    base = model.get_base_model()
+    saved_type = metadata.get("model_type")
+    if saved_type and saved_type != model_type(base):
+        raise ValueError(
+            f"adapter at {adapter_path!r} was trained on a {saved_type} model, not "
+            f"{model_type(base)}"
+        )
+    swaps = plan_extra_lora(base, config, loading=True)
+    expected = {}
+    for swap in swaps:
+        for pname in ("lora_A", "lora_B"):
+            key = layer_key(config, swap.name, f"{pname}.weight")
+            expected[key] = getattr(swap.branch, pname).weight
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise ValueError(
+            f"adapter at {adapter_path!r} does not match this model: missing {missing[:5]}"
+            f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
+            f"{'...' if len(unexpected) > 5 else ''}"
+        )
+    for key, p in expected.items():
+        if tuple(tensors[key].shape) != tuple(p.shape):
+            raise ValueError(
+                f"adapter tensor {key!r} has shape {tuple(tensors[key].shape)}, but this model "
+                f"needs {tuple(p.shape)} (another rank or architecture?)"
+            )
+    with torch.no_grad():
+        for key, p in expected.items():
+            p.copy_(tensors[key])
+    model._attach_extra(adapter_name, config, swaps)
+    if not is_trainable:
+        model.eval()
+    return model
 
 
 def read_adapter_config(adapter_path: str) -> AdapterConfig:
