@@ -221,12 +221,17 @@ def test_bad_input_is_refused_and_the_model_untouched(tmp_path):
         (lambda: la.merge_adapter(model), RuntimeError, "active adapter is 'other'"),
         (lambda: la.load_adapter(model, str(tmp_path / "none"), adapter_name="other"),
          ValueError, "already exists"),
-        (lambda: model(**tiny_batch(), adapter_names=["default", "__base__"]),
-         NotImplementedError, "adapter_names"),
+        (lambda: model(**tiny_batch(), adapter_names=["default", "nope"]),
+         ValueError, r"unknown adapter\(s\) \['nope'\]"),
+        (lambda: model(**tiny_batch(), adapter_names=["default"]),
+         ValueError, "1 entries but the batch has 2 rows"),
+        (lambda: model.train()(**tiny_batch(), adapter_names=["default", "__base__"]),
+         ValueError, "for inference: call model.eval"),
     ]
     for call, error, match in cases:
         with pytest.raises(error, match=match):
             call()
+        model.eval()
         _same(before, model)
     # a saved adapter that does not fit: checked before anything is added
     other = la.get_adapter_model(tiny_model("llama"), la.LoraConfig(r=3, target_modules=["k_proj"]))
@@ -265,3 +270,36 @@ def test_merge_with_the_default_active_and_a_merged_model_switches():
         model.set_adapter("other")  # PEFT: unmerged first, with a warning
     assert any("unmerging" in str(w.message) for w in caught)
     torch.testing.assert_close(_logits(model, batch), want_other, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("beams", [1, 2])
+def test_mixed_adapter_batch_rows_match_each_adapter_alone(beams):
+    model = _two_adapters().eval()
+    batch = tiny_batch(batch=3, length=7)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    rows = ["other", "__base__", "default"]
+    want = []
+    for i, name in enumerate(rows):
+        if name == "__base__":
+            with model.disable_adapter():
+                want.append(_logits(model, {"input_ids": ids, "attention_mask": mask})[i])
+        else:
+            model.set_adapter(name)
+            want.append(_logits(model, {"input_ids": ids, "attention_mask": mask})[i])
+    model.set_adapter("default")
+    with torch.no_grad():
+        got = model(input_ids=ids, attention_mask=mask, adapter_names=rows).logits
+    torch.testing.assert_close(got, torch.stack(want), rtol=1e-5, atol=1e-5)
+    assert all("row_adapters" not in vars(m) for m in model.get_base_model().modules())
+    gen = dict(max_new_tokens=3, do_sample=False, pad_token_id=0, num_beams=beams,
+               num_return_sequences=beams)
+    out = model.generate(input_ids=ids, attention_mask=mask, adapter_names=rows, **gen)
+    for i, name in enumerate(rows):
+        one = dict(input_ids=ids[i:i + 1], attention_mask=mask[i:i + 1], **gen)
+        if name == "__base__":
+            with model.disable_adapter():
+                alone = model.generate(**one)
+        else:
+            model.set_adapter(name)
+            alone = model.generate(**one)
+        assert torch.equal(out[i * beams:(i + 1) * beams], alone)

@@ -287,6 +287,9 @@ class LoraLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.merged or self.disable_adapters:
             return self.base_layer(x)
+        rows = self.__dict__.get("row_adapters")
+        if rows is not None:
+            return self._mixed_forward(x, rows)
         if self.active_adapter != DEFAULT_ADAPTER:
             branch = self.branch(self.active_adapter)
             if branch is None:  # this layer does not have the active adapter
@@ -322,6 +325,33 @@ class LoraLinear(nn.Module):
             )
 
         return within_units((self.base_layer, self.lora_A, self.lora_B), dora)
+
+    def _mixed_forward(self, x: Tensor, rows: list[str]) -> Tensor:
+        """A mixed-adapter batch (inference): row i of `x` [B, ..., K] gets adapter `rows[i]`
+        (a name this layer lacks, or "__base__", gets none), on `ops.lora_grouped_add`."""
+        if x.shape[0] != len(rows):
+            raise ValueError(
+                f"adapter_names has {len(rows)} entries but the batch has {x.shape[0]} rows"
+            )
+        names = [n for n in dict.fromkeys(rows) if self.branch(n) is not None]
+        if self.use_dora and DEFAULT_ADAPTER in names:
+            raise NotImplementedError(
+                "adapter_names= with a DoRA default adapter is not supported (plain LoRA only)"
+            )
+        y0 = self.base_layer(x)
+        if not names:
+            return y0
+        pos = {n: i for i, n in enumerate(names)}
+        per_row = torch.tensor([pos.get(n, -1) for n in rows], dtype=torch.long, device=x.device)
+        index = per_row.repeat_interleave(x[0].numel() // x.shape[-1])
+        branches = [self.branch(n) for n in names]
+        y = y0.reshape(-1, y0.shape[-1])
+        y = ops.lora_grouped_add(
+            y, x.reshape(-1, x.shape[-1]).to(y0.dtype), index,
+            [b.lora_A.weight for b in branches], [b.lora_B.weight for b in branches],
+            [b.scaling for b in branches],
+        )
+        return y.view(y0.shape)
 
     def _lora_forward(
         self, x: Tensor, lora_a: nn.Linear, lora_b: nn.Linear, scaling: float, p: float

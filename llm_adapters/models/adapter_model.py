@@ -250,14 +250,49 @@ class AdapterModel(nn.Module):
         kwargs["attention_mask"] = attention_mask
         return kwargs
 
-    @staticmethod
-    def _refuse_adapter_names(kwargs: dict[str, Any]) -> None:
-        if kwargs.get("adapter_names") is not None:
-            raise NotImplementedError(
-                "adapter_names= (a different adapter per row of a batch) is not supported yet: "
-                "run one adapter at a time (set_adapter)"
+    @contextlib.contextmanager
+    def _mixed_batch(self, adapter_names: Any, batch: Optional[int], expand: int = 1):
+        """Inside: every LoRA layer gives row i of the batch adapter `adapter_names[i]`
+        ("__base__": none), PEFT's mixed-adapter batch (inference, LoRA only); `expand`: rows
+        per entry (generate repeats each row for beams and returned sequences)."""
+        if self.training:
+            raise ValueError(
+                "adapter_names= is for inference: call model.eval() first (PEFT refuses it "
+                "in training mode too)"
             )
-        kwargs.pop("adapter_names", None)
+        if self.prefix_encoder is not None or self.prompt_embedding is not None:
+            raise ValueError("adapter_names= is for LoRA adapters; this model's is a soft prompt")
+        if isinstance(adapter_names, str) or not isinstance(adapter_names, (list, tuple)):
+            raise TypeError(
+                f"adapter_names must be a list of adapter names (one per row), got "
+                f"{type(adapter_names).__name__}"
+            )
+        unknown = sorted({n for n in adapter_names if n != "__base__"} - set(self.peft_config))
+        if unknown:
+            raise ValueError(
+                f"adapter_names: unknown adapter(s) {unknown}; this model's adapters: "
+                f"{list(self.peft_config)} (and '__base__' for none)"
+            )
+        if batch is not None and batch != len(adapter_names):
+            raise ValueError(
+                f"adapter_names has {len(adapter_names)} entries but the batch has {batch} rows"
+            )
+        layers = self._lora_layers()
+        if any(m.merged for m in layers):
+            raise ValueError("adapter_names= needs an unmerged model: unmerge the adapter first")
+        rows = [n for n in adapter_names for _ in range(expand)]
+        try:
+            for m in layers:
+                m.row_adapters = rows
+            yield
+        finally:
+            for m in layers:
+                vars(m).pop("row_adapters", None)
+
+    @staticmethod
+    def _batch_of(input_ids: Optional[Tensor], inputs_embeds: Optional[Tensor]) -> Optional[int]:
+        ref = input_ids if input_ids is not None else inputs_embeds
+        return None if ref is None else ref.shape[0]
 
     @staticmethod
     def _refuse_cache_kwargs(kwargs: dict[str, Any]) -> None:
@@ -274,7 +309,10 @@ class AdapterModel(nn.Module):
         labels: Optional[Tensor] = None,
         **kwargs: Any,
     ):
-        self._refuse_adapter_names(kwargs)
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is not None:
+            with self._mixed_batch(adapter_names, self._batch_of(input_ids, inputs_embeds)):
+                return self.forward(input_ids, attention_mask, inputs_embeds, labels, **kwargs)
         if self._soft is None:
             return self.get_base_model()(
                 input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
@@ -307,8 +345,17 @@ class AdapterModel(nn.Module):
     def generate(self, input_ids: Optional[Tensor] = None, attention_mask=None, **kwargs: Any):
         """Like the base model's generate; the returned sequences start with `input_ids`
         (with `return_dict_in_generate`, the returned object's `sequences` do)."""
-        self._refuse_adapter_names(kwargs)
         base = self.get_base_model()
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is not None:
+            config = kwargs.get("generation_config") or base.generation_config
+            beams = kwargs.get("num_beams") or getattr(config, "num_beams", 1) or 1
+            returned = kwargs.get("num_return_sequences") or getattr(
+                config, "num_return_sequences", 1
+            )
+            batch = self._batch_of(input_ids, kwargs.get("inputs_embeds"))
+            with self._mixed_batch(adapter_names, batch, max(beams, returned or 1)):
+                return self.generate(input_ids, attention_mask, **kwargs)
         if self._soft is None:
             return base.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         if input_ids is None:
