@@ -303,3 +303,67 @@ def test_mixed_adapter_batch_rows_match_each_adapter_alone(beams):
             model.set_adapter(name)
             alone = model.generate(**one)
         assert torch.equal(out[i * beams:(i + 1) * beams], alone)
+
+
+def test_merge_and_unload_with_other_adapters_folds_the_default_one():
+    model = _two_adapters()
+    batch = tiny_batch()
+    want = _logits(model, batch)
+    hf = model.merge_and_unload()
+    assert not any(isinstance(m, la.LoraLinear) for m in hf.modules())
+    assert list(hf.state_dict()) == list(tiny_model("llama").state_dict())
+    torch.testing.assert_close(_logits(hf, batch), want, rtol=1e-5, atol=1e-5)
+
+
+def test_mixed_batch_matches_peft():
+    peft = pytest.importorskip("peft")
+    model = _two_adapters().eval()
+    theirs = peft.get_peft_model(
+        tiny_model("llama"), peft.LoraConfig(**DEFAULT, task_type="CAUSAL_LM")
+    )
+    theirs.add_adapter("other", peft.LoraConfig(**OTHER, task_type="CAUSAL_LM"))
+    ours = dict(model.named_parameters())
+    with torch.no_grad():  # PEFT's names: lora_A.<adapter>.weight
+        for n, p in theirs.named_parameters():
+            if "lora_" in n:
+                mine = n.replace("lora_A.default.", "lora_A.").replace("lora_B.default.", "lora_B.")
+                for x in "AB":
+                    mine = mine.replace(f"lora_{x}.other.", f"lora_extra.other.lora_{x}.")
+                p.copy_(ours[mine.replace("base_model.model.", "base_model.", 1)])
+    theirs.eval()
+    batch = tiny_batch(batch=3, length=6)
+    rows = ["__base__", "other", "default"]
+    kw = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+              adapter_names=rows)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**kw).logits, theirs(**kw).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_other_adapter_on_a_quantized_base():
+    bnb = pytest.importorskip("bitsandbytes")
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(72, 40)
+    base = bnb.nn.Linear4bit(72, 40, bias=True, compute_dtype=torch.float32, quant_type="nf4")
+    base.weight = bnb.nn.Params4bit(lin.weight.data.clone(), requires_grad=False,
+                                    quant_type="nf4")
+    base.bias = torch.nn.Parameter(lin.bias.data.clone(), requires_grad=False)
+    base = base.to("cpu")
+    layer = la.LoraLinear(base, 4, 8.0)
+    branch = la.layers.lora.LoraBranch(72, 40, 2, 6.0, init_lora_weights=False)
+    layer.add_branch("other", branch)
+    alone = la.LoraLinear(base, 2, 6.0)
+    with torch.no_grad():
+        alone.lora_A.weight.copy_(branch.lora_A.weight)
+        alone.lora_B.weight.copy_(branch.lora_B.weight)
+    x = torch.randn(3, 5, 72)
+    layer.active_adapter = "other"
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), alone(x), rtol=1e-6, atol=1e-6)
+        rows = ["other", "__base__", "default"]
+        layer.row_adapters = rows
+        mixed = layer(x)
+        del layer.row_adapters
+        for i, name in enumerate(rows):
+            layer.active_adapter = name if name != "__base__" else "other"
+            layer.disable_adapters = name == "__base__"
+            torch.testing.assert_close(mixed[i], layer(x)[i], rtol=1e-5, atol=1e-5)

@@ -635,8 +635,8 @@ class AdapterModel(nn.Module):
         """PEFT's `PeftModel.from_pretrained(base, path)`: `la.load_adapter`."""
         if adapter_name != DEFAULT_ADAPTER:
             raise NotImplementedError(
-                f"adapter_name={adapter_name!r}: one adapter per model is supported, named "
-                f"{DEFAULT_ADAPTER!r}"
+                f"adapter_name={adapter_name!r}: a model's first adapter is named "
+                f"{DEFAULT_ADAPTER!r}; load others with model.load_adapter(path, adapter_name=...)"
             )
         from .io import load_adapter
 
