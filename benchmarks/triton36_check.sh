@@ -55,7 +55,8 @@ stamp "import every kernel module, interpreter (TRITON_INTERPRET=1)"
 TRITON_INTERPRET=1 "$PY" -c "$IMPORT_ALL"
 
 if [ $# -eq 0 ]; then
-  set -- tests/test_triton_lora.py tests/test_triton_series.py
+  set -- tests/test_triton_lora.py tests/test_triton_series.py tests/test_triton_lora_add.py \
+    tests/test_grouped_lora.py
 fi
 stamp "tests: pytest $*"
 # conftest.py sets TRITON_INTERPRET=1 when no GPU is present.
