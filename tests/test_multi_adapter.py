@@ -155,6 +155,11 @@ def test_save_writes_peft_layout_and_loads_back(tmp_path):
     loaded.set_adapter("other")
     model.set_adapter("other")
     torch.testing.assert_close(_logits(loaded, batch), _logits(model, batch), rtol=0, atol=0)
+    # what Trainer's save passes: a gathered state dict (the other adapters are taken as held)
+    model.save_pretrained(str(tmp_path / "trainer"), state_dict=model.state_dict())
+    for sub in ("", "other"):
+        a, b = _files(tmp_path / "trainer" / sub), _files(tmp_path / sub)
+        assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
     again = la.load_adapter(tiny_model("llama"), str(tmp_path))
     la.load_adapter(again, str(tmp_path / "other"), adapter_name="other", is_trainable=True)
     again.set_adapter("other")
