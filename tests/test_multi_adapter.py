@@ -372,3 +372,26 @@ def test_other_adapter_on_a_quantized_base():
             layer.active_adapter = name if name != "__base__" else "other"
             layer.disable_adapters = name == "__base__"
             torch.testing.assert_close(mixed[i], layer(x)[i], rtol=1e-5, atol=1e-5)
+
+
+def test_checkpoint_resume_restores_every_adapter(tmp_path):
+    """Trainer's resume (`load_weights_in_place`) copies the default adapter and each other
+    named one from its sub-folder; a checkpoint missing one is refused before any copy."""
+    from llm_adapters.models.hf_trainer import load_weights_in_place
+
+    model = _two_adapters()
+    la.save_adapter(model, str(tmp_path))
+    fresh = _two_adapters()
+    _perturb(fresh, seed=7)
+    before = _snapshot(fresh)
+    os.rename(tmp_path / "other", tmp_path / "moved")
+    with pytest.raises(ValueError, match="no folder for adapter 'other'"):
+        load_weights_in_place(fresh, str(tmp_path))
+    _same(before, fresh)
+    os.rename(tmp_path / "moved", tmp_path / "other")
+    load_weights_in_place(fresh, str(tmp_path))
+    batch = tiny_batch()
+    for name in ("default", "other"):
+        model.set_adapter(name)
+        fresh.set_adapter(name)
+        torch.testing.assert_close(_logits(fresh, batch), _logits(model, batch), rtol=0, atol=0)

@@ -89,7 +89,36 @@ def load_weights_in_place(
                 f"adapter tensor {key!r} has shape {tuple(tensors[key].shape)}, this model's "
                 f"is {shape}"
             )
+    others = _stage_other_adapters(wrapper, directory)  # checked before anything is copied
     load_full_adapter_state(root, params, tensors)
+    with torch.no_grad():
+        for params, tensors in others:
+            for key, p in params.items():
+                p.copy_(tensors[key].to(p.device, p.dtype))
+
+
+def _stage_other_adapters(wrapper: nn.Module, directory: str) -> list[tuple[dict, dict]]:
+    """(parameters, saved tensors) of the model's other named adapters, read from their
+    sub-folders (`save_adapter`'s layout) and checked against the model's. They are never
+    sharded (see io)."""
+    import os
+
+    from . import io
+
+    names = list(getattr(wrapper, "_extra_configs", {}))
+    staged = []
+    for name in names:
+        sub = os.path.join(directory, name)
+        if not os.path.isdir(sub):
+            raise ValueError(f"the checkpoint {directory!r} has no folder for adapter {name!r}")
+        tensors, _ = io._read_weights(sub)
+        params = io._extra_parameters(wrapper, name)
+        if set(tensors) != set(params) or any(
+            tuple(tensors[k].shape) != tuple(p.shape) for k, p in params.items()
+        ):
+            raise ValueError(f"the adapter at {sub!r} does not match this model's {name!r}")
+        staged.append((params, tensors))
+    return staged
 
 
 def _keyed_adapter_parameters(wrapper: nn.Module) -> dict[str, nn.Parameter]:
