@@ -452,3 +452,29 @@ def test_accelerate_peft_on_qlora_runs_our_op():
 def test_accelerate_peft_on_a_model_without_lora_says_so():
     with pytest.raises(ValueError, match="no PEFT LoRA"):
         la.accelerate_peft(tiny_model("llama"))
+
+
+def test_accelerate_peft_keeps_several_adapters_and_the_active_one(monkeypatch):
+    """A PEFT model with two LoRA adapters: accelerated, it keeps both and the active one, and
+    switching adapters afterwards gives PEFT's logits (our op runs whichever is active)."""
+    model = _peft_model({})
+    model.add_adapter("other", peft.LoraConfig(r=2, lora_alpha=6, target_modules=QV))
+    _perturb(model, seed=3)
+    model.set_adapter("other")
+    model.eval()
+    want = {name: None for name in ("other", "default")}
+    for name in want:
+        model.set_adapter(name)
+        want[name] = _logits(model)
+    model.set_adapter("other")
+    report, _ = _accelerate(model)
+    assert len(report.accelerated) == 4 and not report.left_on_peft
+    assert model.active_adapter == "other" and set(model.peft_config) == {"default", "other"}
+    calls = []
+    real = ops.lora_linear
+    monkeypatch.setattr(ops, "lora_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for name in ("other", "default"):
+        model.set_adapter(name)
+        torch.testing.assert_close(_logits(model), want[name], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(want["other"], want["default"])
+    assert len(calls) == 2 * len(report.accelerated)  # our op ran for both adapters
