@@ -23,6 +23,25 @@ DEFAULT_ADAPTER = "default"  # the adapter held as lora_A / lora_B (PEFT's first
 EXTRA_PREFIX = "lora_extra."  # parameter names of the other named adapters start with this
 
 
+def _init_lora(
+    module: nn.Module, k: int, n: int, r: int, lora_alpha: float, lora_dropout: float,
+    use_rslora: bool, init_lora_weights: bool, factory: dict,
+) -> None:
+    """A LoRA adapter's rank, scaling, dropout and `lora_A` [r, K] / `lora_B` [N, r] (PEFT's
+    init: kaiming-uniform A, zero B unless `init_lora_weights` is False), set on `module`."""
+    module.r = r
+    module.lora_alpha = lora_alpha
+    module.scaling = lora_alpha / (math.sqrt(r) if use_rslora else r)
+    module.lora_dropout = float(lora_dropout)
+    module.lora_A = nn.Linear(k, r, bias=False, **factory)
+    module.lora_B = nn.Linear(r, n, bias=False, **factory)
+    nn.init.kaiming_uniform_(module.lora_A.weight, a=math.sqrt(5))
+    if init_lora_weights:
+        nn.init.zeros_(module.lora_B.weight)
+    else:
+        nn.init.kaiming_uniform_(module.lora_B.weight, a=math.sqrt(5))
+
+
 class LoraBranch(nn.Module):
     """A named LoRA adapter of a `LoraLinear` other than the default one: `lora_A` [r, K] and
     `lora_B` [N, r] under PEFT's parameter names, its own rank, scaling and dropout."""
@@ -32,19 +51,9 @@ class LoraBranch(nn.Module):
         use_rslora: bool = False, init_lora_weights: bool = True, factory=None,
     ) -> None:
         super().__init__()
-        factory = factory or {}
         self.in_features, self.out_features = k, n
-        self.r = r
-        self.lora_alpha = lora_alpha
-        self.scaling = lora_alpha / (math.sqrt(r) if use_rslora else r)
-        self.lora_dropout = float(lora_dropout)
-        self.lora_A = nn.Linear(k, r, bias=False, **factory)
-        self.lora_B = nn.Linear(r, n, bias=False, **factory)
-        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
-        if init_lora_weights:
-            nn.init.zeros_(self.lora_B.weight)
-        else:
-            nn.init.kaiming_uniform_(self.lora_B.weight, a=math.sqrt(5))
+        _init_lora(self, k, n, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights,
+                   factory or {})
 
     def delta_weight(self) -> Tensor:
         return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
@@ -93,18 +102,9 @@ class LoraLinear(nn.Module):
         self.quant = quant_format(base_layer)  # None for a float base
         self.base_layer = base_layer
         self.in_features, self.out_features = k, n
-        self.r = r
-        self.lora_alpha = lora_alpha
-        self.scaling = lora_alpha / (math.sqrt(r) if use_rslora else r)
-        self.lora_dropout = float(lora_dropout)
         factory = adapter_factory(base_layer)
-        self.lora_A = nn.Linear(k, r, bias=False, **factory)
-        self.lora_B = nn.Linear(r, n, bias=False, **factory)
-        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
-        if init_lora_weights:
-            nn.init.zeros_(self.lora_B.weight)
-        else:
-            nn.init.kaiming_uniform_(self.lora_B.weight, a=math.sqrt(5))
+        _init_lora(self, k, n, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights,
+                   factory)
         self.merged = False
         self.disable_adapters = False
         self.has_default = True

@@ -113,10 +113,7 @@ def _stage_other_adapters(wrapper: nn.Module, directory: str) -> list[tuple[dict
             raise ValueError(f"the checkpoint {directory!r} has no folder for adapter {name!r}")
         tensors, _ = io._read_weights(sub)
         params = io._extra_parameters(wrapper, name)
-        if set(tensors) != set(params) or any(
-            tuple(tensors[k].shape) != tuple(p.shape) for k, p in params.items()
-        ):
-            raise ValueError(f"the adapter at {sub!r} does not match this model's {name!r}")
+        io.check_saved_tensors(sub, params, tensors)
         staged.append((params, tensors))
     return staged
 

@@ -285,6 +285,37 @@ def _peft_keys(state: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
+def _check_model_type(adapter_path: str, metadata: dict[str, str], model: nn.Module) -> None:
+    saved_type = metadata.get("model_type")
+    if saved_type and saved_type != model_type(model):
+        raise ValueError(
+            f"adapter at {adapter_path!r} was trained on a {saved_type} model, not "
+            f"{model_type(model)}"
+        )
+
+
+def check_saved_tensors(
+    adapter_path: str, expected: dict[str, Optional[Tensor]], tensors: dict[str, Tensor]
+) -> None:
+    """The saved tensors hold exactly the expected keys, each of the expected parameter's
+    shape (None: a key whose shape is checked elsewhere); a ValueError naming the first
+    mismatch otherwise."""
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise ValueError(
+            f"adapter at {adapter_path!r} does not match this model: missing {missing[:5]}"
+            f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
+            f"{'...' if len(unexpected) > 5 else ''}"
+        )
+    for key, p in expected.items():
+        if p is not None and tuple(tensors[key].shape) != tuple(p.shape):
+            raise ValueError(
+                f"adapter tensor {key!r} has shape {tuple(tensors[key].shape)}, but this model "
+                f"needs {tuple(p.shape)} (another rank or architecture?)"
+            )
+
+
 def load_adapter(
     model: nn.Module, adapter_path: str, is_trainable: bool = False,
     adapter_name: str = DEFAULT_ADAPTER,
@@ -311,12 +342,7 @@ def load_adapter(
     else:
         config = load_config(adapter_path)
         tensors, metadata = _read_weights(adapter_path)
-    saved_type = metadata.get("model_type")
-    if saved_type and saved_type != model_type(model):
-        raise ValueError(
-            f"adapter at {adapter_path!r} was trained on a {saved_type} model, not "
-            f"{model_type(model)}"
-        )
+    _check_model_type(adapter_path, metadata, model)
     plan = plan_adapters(model, config, loading=True)
     layers = ((swap.name, swap.new) for swap in plan.swaps)
     expected: dict[str, Optional[nn.Parameter]] = dict(
@@ -326,25 +352,8 @@ def load_adapter(
         for key in tensors:
             if is_bias_key(key):
                 expected.setdefault(key, None)
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    if missing or unexpected:
-        raise ValueError(
-            f"adapter at {adapter_path!r} does not match this model: missing {missing[:5]}"
-            f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
-            f"{'...' if len(unexpected) > 5 else ''}"
-        )
-    bias_values = {}
-    for key, p in expected.items():
-        t = tensors[key]
-        if p is None:
-            bias_values[key] = t
-            continue
-        if tuple(t.shape) != tuple(p.shape):
-            raise ValueError(
-                f"adapter tensor {key!r} has shape {tuple(t.shape)}, but this model needs "
-                f"{tuple(p.shape)} (another rank or architecture?)"
-            )
+    check_saved_tensors(adapter_path, expected, tensors)
+    bias_values = {key: tensors[key] for key, p in expected.items() if p is None}
     base_params = dict(model.named_parameters())
     for key, t in bias_values.items():
         saved_name, plain_name = _bias_names(key)
@@ -390,32 +399,14 @@ def _load_extra(
     model._new_adapter_checks(adapter_name, config)
     tensors, metadata = _read_weights(adapter_path)
     base = model.get_base_model()
-    saved_type = metadata.get("model_type")
-    if saved_type and saved_type != model_type(base):
-        raise ValueError(
-            f"adapter at {adapter_path!r} was trained on a {saved_type} model, not "
-            f"{model_type(base)}"
-        )
+    _check_model_type(adapter_path, metadata, base)
     swaps = plan_extra_lora(base, config, loading=True)
     expected = {}
     for swap in swaps:
         for pname in ("lora_A", "lora_B"):
             key = layer_key(config, swap.name, f"{pname}.weight")
             expected[key] = getattr(swap.branch, pname).weight
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    if missing or unexpected:
-        raise ValueError(
-            f"adapter at {adapter_path!r} does not match this model: missing {missing[:5]}"
-            f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
-            f"{'...' if len(unexpected) > 5 else ''}"
-        )
-    for key, p in expected.items():
-        if tuple(tensors[key].shape) != tuple(p.shape):
-            raise ValueError(
-                f"adapter tensor {key!r} has shape {tuple(tensors[key].shape)}, but this model "
-                f"needs {tuple(p.shape)} (another rank or architecture?)"
-            )
+    check_saved_tensors(adapter_path, expected, tensors)
     with torch.no_grad():
         for key, p in expected.items():
             p.copy_(tensors[key])
