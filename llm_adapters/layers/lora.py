@@ -23,6 +23,20 @@ DEFAULT_ADAPTER = "default"  # the adapter held as lora_A / lora_B (PEFT's first
 EXTRA_PREFIX = "lora_extra."  # parameter names of the other named adapters start with this
 
 
+def cached_weight_norm_sq(holder: nn.Module, owner: Tensor, w: Tensor) -> Tensor:
+    """‖W_n‖² [N] of a frozen base weight `w` [N, K] (as the op sees it: `owner`, the base
+    layer's parameter, or a view of it), kept on `holder` while `owner`'s storage, version
+    counter, and `w`'s shape, dtype and device stay the same (recomputed in a torch.compile
+    trace)."""
+    if torch.compiler.is_compiling():
+        return weight_row_norm_sq(w)
+    key = (owner.data_ptr(), owner._version, tuple(w.shape), w.dtype, w.device)
+    if key != getattr(holder, "_wsq_key", ()) or getattr(holder, "_wsq", None) is None:
+        holder._wsq = weight_row_norm_sq(w)
+        holder._wsq_key = key
+    return holder._wsq
+
+
 def _init_lora(
     module: nn.Module, k: int, n: int, r: int, lora_alpha: float, lora_dropout: float,
     use_rslora: bool, init_lora_weights: bool, factory: dict,
@@ -183,16 +197,8 @@ class LoraLinear(nn.Module):
         self._wsq_key, self._wsq = (), None
 
     def _weight_norm_sq(self, w: Tensor) -> Tensor:
-        """‖W_n‖² of the base weight `w` [N, K] as the op sees it, cached on the base weight's
-        storage, version counter, dtype and device (recomputed in a torch.compile trace)."""
-        if torch.compiler.is_compiling():
-            return weight_row_norm_sq(w)
-        owner = self.base_layer.weight
-        key = (owner.data_ptr(), owner._version, tuple(w.shape), w.dtype, w.device)
-        if key != self._wsq_key or self._wsq is None:
-            self._wsq = weight_row_norm_sq(w)
-            self._wsq_key = key
-        return self._wsq
+        """‖W_n‖² of the base weight `w` [N, K] as the op sees it (`cached_weight_norm_sq`)."""
+        return cached_weight_norm_sq(self, self.base_layer.weight, w)
 
     def weight_norm(self) -> Tensor:
         """‖W + s·B A‖ per output row [N] of the current (unmerged) base, detached, float32."""

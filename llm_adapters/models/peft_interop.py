@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from .. import ops
 from ..layers._base import Conv1D, autocast_inputs
 from ..layers._sharded import frozen_aware, within_units
+from ..layers.lora import cached_weight_norm_sq
 
 logger = logging.getLogger(__name__)
 _ORIGINAL = "_llm_adapters_original_forward"
@@ -158,6 +159,7 @@ def _peft_lora_forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
             return ops.dora_linear(
                 xc, weight, bias, lora_a.weight, lora_b.weight, dora.weight,
                 scaling=float(self.scaling[name]), dropout_p=p,
+                weight_norm_sq=cached_weight_norm_sq(dora, base.weight, weight),
             )
         return ops.lora_linear(
             xc, weight, bias, lora_a.weight, lora_b.weight,
