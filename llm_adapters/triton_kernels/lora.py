@@ -285,14 +285,17 @@ def _main_kernel(
     scale_ptr, scaling,
     y0_ptr, stride_y0m, stride_y0n,
     y_ptr, stride_ym, stride_yn,
+    c_ptr, t_ptr, stride_tm, stride_tn,
     M, N, K, R, M_BUCKET,
     ACT: tl.constexpr, HAS_BASE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_BB: tl.constexpr,
     HAS_SCALE_T: tl.constexpr, IEEE: tl.constexpr, BLOCK_R: tl.constexpr,
+    COL_SCALE: tl.constexpr, SAVE_T: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """y tile = x Wᵀ (K loop) + b + b_b + s·φ(S) Bᵀ (epilogue, r in BLOCK_R chunks).
     HAS_BASE=False (lora_add): y0 [M, N], a base output computed elsewhere, starts the
-    accumulator in place of x Wᵀ; y0 is read once and not written."""
+    accumulator in place of x Wᵀ; y0 is read once and not written. DoRA: SAVE_T stores the
+    accumulator T before any bias (t [M, N]); COL_SCALE multiplies it by c [N] (fp32) there."""
     pid = tl.program_id(0)
     pid_m, pid_n = _grouped_pid(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
@@ -335,6 +338,11 @@ def _main_kernel(
             mask=n_in[None, :] & r_in[:, None], other=0.0,
         )
         acc = dot(h, bt.to(dt), acc, IEEE)
+    if SAVE_T:
+        tl.store(t_ptr + offs_m[:, None] * stride_tm + offs_n[None, :] * stride_tn, acc.to(dt),
+                 mask=m_in[:, None] & n_in[None, :])
+    if COL_SCALE:
+        acc *= tl.load(c_ptr + offs_n, mask=n_in, other=0.0).to(tl.float32)[None, :]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_in, other=0.0).to(tl.float32)[None, :]
     if HAS_BB:
@@ -439,14 +447,15 @@ def _dx_kernel(
     ds_ptr, stride_dsm,
     a_ptr, stride_ar, stride_ak,
     dx_ptr, stride_dxm, stride_dxk,
-    M, N, K, R, M_BUCKET,
+    c_ptr, M, N, K, R, M_BUCKET,
     seed, threshold, inv_keep,
     HAS_BASE: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr, BLOCK_R: tl.constexpr,
+    COL_SCALE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """dx tile = g W (N loop) + D'(dS A) (epilogue: r in chunks, keep bits regenerated).
     HAS_BASE=False (lora_add): D'(dS A) alone, g and W are not read (the base layer's own
-    backward gives its part of dx)."""
+    backward gives its part of dx). COL_SCALE (DoRA): g's columns times c [N] as loaded."""
     pid = tl.program_id(0)
     # The output is [M, K]: "columns" here are K, the reduction runs over N.
     pid_m, pid_k = _grouped_pid(pid, M, K, BLOCK_M, BLOCK_K, GROUP_M)
@@ -456,17 +465,20 @@ def _dx_kernel(
     m_in = offs_m < M
     k_in = offs_k < K
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    dt = g_ptr.dtype.element_ty
     if HAS_BASE:
         g_ptrs = g_ptr + offs_m[:, None] * stride_gm + offs_n[None, :] * stride_gn
         w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk
         for n0 in range(0, loop_bound(N), BLOCK_N):
             n_in = offs_n < N - n0
             g = tl.load(g_ptrs, mask=m_in[:, None] & n_in[None, :], other=0.0)
+            if COL_SCALE:
+                c = tl.load(c_ptr + n0 + offs_n, mask=n_in, other=0.0).to(tl.float32)
+                g = (g.to(tl.float32) * c[None, :]).to(dt)
             w = tl.load(w_ptrs, mask=n_in[:, None] & k_in[None, :], other=0.0)
             acc = dot(g, w, acc, IEEE)
             g_ptrs += BLOCK_N * stride_gn
             w_ptrs += BLOCK_N * stride_wn
-    dt = g_ptr.dtype.element_ty
     lr = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     offs_r = tl.arange(0, BLOCK_R).to(tl.int64)
     for r0 in range(0, loop_bound(R), BLOCK_R):
@@ -584,7 +596,7 @@ def lora_forward(
     """
     _check(x, weight, a, b)
     return _forward(x, weight, bias, None, a, b, a_bias, b_bias, scale_t, scaling, p, seed,
-                    activation)
+                    activation)[:3]
 
 
 def lora_add_forward(
@@ -607,11 +619,13 @@ def lora_add_forward(
     """
     _check(x, y0, a, b, "y0")
     return _forward(x, None, None, y0, a, b, a_bias, b_bias, scale_t, scaling, p, seed,
-                    activation)
+                    activation)[:3]
 
 
-def _forward(x, weight, bias, y0, a, b, a_bias, b_bias, scale_t, scaling, p, seed, activation):
-    """lora_forward (weight given) or lora_add_forward (y0 given instead)."""
+def _forward(x, weight, bias, y0, a, b, a_bias, b_bias, scale_t, scaling, p, seed, activation,
+             col=None, save_t=False):
+    """lora_forward (weight given) or lora_add_forward (y0 given instead); DoRA (`dora.py`):
+    col c [N] fp32 scales T's columns before the bias, save_t stores T. -> (y, s_pre, mask, t)"""
     m, k = x.shape
     n, r = b.shape
     t, inv_keep = dropout_threshold(p)
@@ -619,8 +633,9 @@ def _forward(x, weight, bias, y0, a, b, a_bias, b_bias, scale_t, scaling, p, see
     s_pre = torch.empty((m, r), dtype=torch.float32, device=x.device)
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     empty_mask = x.new_empty(0, dtype=torch.bool)
+    t_out = torch.empty((m, n), dtype=x.dtype, device=x.device) if save_t else x.new_empty(0)
     if m == 0:
-        return y, s_pre, empty_mask
+        return y, s_pre, empty_mask, t_out
     ieee = fp32_ieee(x.dtype)
     bucket = m_bucket(m)
     dummy = s_pre  # any valid pointer; the kernels never touch an operand they were not given
@@ -635,7 +650,7 @@ def _forward(x, weight, bias, y0, a, b, a_bias, b_bias, scale_t, scaling, p, see
         HAS_AB=a_bias is not None, DROPOUT=dropout, IEEE=ieee, BLOCK_R=block_r,
     )
     if n == 0:
-        return y, s_pre, empty_mask
+        return y, s_pre, empty_mask, t_out
     grid = lambda meta: (  # noqa: E731
         triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),
     )
@@ -653,28 +668,18 @@ def _forward(x, weight, bias, y0, a, b, a_bias, b_bias, scale_t, scaling, p, see
         scale_t if scale_t is not None else dummy, float(scaling),
         base, *y0_strides,
         y, y.stride(0), y.stride(1),
+        col if col is not None else dummy, t_out, *(t_out.stride() if save_t else (0, 0)),
         m, n, k if has_base else 0, r, bucket,
         ACT=activation_code(activation), HAS_BASE=has_base, HAS_BIAS=bias is not None,
         HAS_BB=b_bias is not None, HAS_SCALE_T=scale_t is not None, IEEE=ieee,
-        BLOCK_R=_r_block(r, _MAX_R_CHUNK),
+        BLOCK_R=_r_block(r, _MAX_R_CHUNK), COL_SCALE=col is not None, SAVE_T=save_t,
     )
-    return y, s_pre, empty_mask
+    return y, s_pre, empty_mask, t_out
 
 
 def lora_backward(
-    g: Tensor,
-    x: Tensor,
-    weight: Tensor,
-    a: Tensor,
-    b: Tensor,
-    scale_t: Tensor | None,
-    scaling: float,
-    p: float,
-    seed: int,
-    activation: str,
-    s_pre: Tensor,
-    mask: Tensor,
-    needs,
+    g: Tensor, x: Tensor, weight: Tensor, a: Tensor, b: Tensor, scale_t: Tensor | None,
+    scaling: float, p: float, seed: int, activation: str, s_pre: Tensor, mask: Tensor, needs,
 ) -> tuple[Tensor, ...]:
     """Gradients of `lora_forward` for g = dL/dy [M, N].
 
@@ -687,18 +692,8 @@ def lora_backward(
 
 
 def lora_add_backward(
-    g: Tensor,
-    x: Tensor,
-    a: Tensor,
-    b: Tensor,
-    scale_t: Tensor | None,
-    scaling: float,
-    p: float,
-    seed: int,
-    activation: str,
-    s_pre: Tensor,
-    mask: Tensor,
-    needs,
+    g: Tensor, x: Tensor, a: Tensor, b: Tensor, scale_t: Tensor | None, scaling: float,
+    p: float, seed: int, activation: str, s_pre: Tensor, mask: Tensor, needs,
 ) -> tuple[Tensor, ...]:
     """Gradients of `lora_add_forward` for g = dL/dy [M, N], but dy0 (= g, handed on by the
     op wrapper). needs = (dx, da, db, da_bias, db_bias, dscale); returns those 6 tensors as
@@ -744,25 +739,7 @@ def _backward(g, x, weight, a, b, scale_t, scaling, p, seed, activation, s_pre, 
         grad = activation_grad(s_pre, activation)
         if grad is not None:
             ds.mul_(grad)
-    dx = g.new_empty(0)
-    if need_dx:
-        dx = torch.empty((m, k), dtype=g.dtype, device=g.device)
-        if m > 0 and k > 0:
-            grid = lambda meta: (  # noqa: E731
-                triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(k, meta["BLOCK_K"]),
-            )
-            has_base = weight is not None
-            _dx_kernel[grid](
-                g, g.stride(0), g.stride(1),
-                weight if has_base else ds,
-                weight.stride(0) if has_base else 0, weight.stride(1) if has_base else 0,
-                ds, ds.stride(0),
-                a, a.stride(0), a.stride(1),
-                dx, dx.stride(0), dx.stride(1),
-                m, n if has_base else 0, k, r, m_bucket(m), int(seed), t, inv_keep,
-                HAS_BASE=has_base, DROPOUT=dropout, IEEE=fp32_ieee(g.dtype),
-                BLOCK_R=_r_block(r, _MAX_R_CHUNK),
-            )
+    dx = _dx(g, weight, ds, a, k, seed, p) if need_dx else g.new_empty(0)
     d_a = empty()
     if need_a:
         if m > 0 and k > 0:
@@ -783,3 +760,29 @@ def _backward(g, x, weight, a, b, scale_t, scaling, p, seed, activation, s_pre, 
         g_sum if need_bb else empty(),
         d_scale if need_scale else empty(),
     )
+
+
+def _dx(g, weight, ds, a, k, seed, p, col=None):
+    """dx [M, K] = (c ⊙ g) W + D'(dS A) (`_dx_kernel`; no base term when weight is None, g
+    unscaled when col is None)."""
+    (m, n), r = g.shape, ds.shape[1]
+    t, inv_keep = dropout_threshold(p)
+    dx = torch.empty((m, k), dtype=g.dtype, device=g.device)
+    if m > 0 and k > 0:
+        grid = lambda meta: (  # noqa: E731
+            triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(k, meta["BLOCK_K"]),
+        )
+        has_base = weight is not None
+        _dx_kernel[grid](
+            g, g.stride(0), g.stride(1),
+            weight if has_base else ds,
+            weight.stride(0) if has_base else 0, weight.stride(1) if has_base else 0,
+            ds, ds.stride(0),
+            a, a.stride(0), a.stride(1),
+            dx, dx.stride(0), dx.stride(1),
+            col if col is not None else ds,
+            m, n if has_base else 0, k, r, m_bucket(m), int(seed), t, inv_keep,
+            HAS_BASE=has_base, DROPOUT=p > 0.0 and t > 0, IEEE=fp32_ieee(g.dtype),
+            BLOCK_R=_r_block(r, _MAX_R_CHUNK), COL_SCALE=col is not None,
+        )
+    return dx
