@@ -6,11 +6,12 @@ machine without a GPU.
 
 What it does, in order:
 1. Enumerates the launches our launchers make over a grid of shapes and options, by calling
-   the launchers themselves (`lora_forward` / `lora_backward`, `lora_add_*`, `series_forward`
-   / `series_backward`, `dropout.keep_mask`) on meta tensors with every kernel replaced by a
-   recorder: the constexprs, argument dtypes and integer specialisations are the launchers'
-   own, not a copy of their logic. Launches that compile to the same kernel (same signature
-   after Triton's integer/alignment specialisation, same constexprs) form one launch variant.
+   the launchers themselves (`lora_forward` / `lora_backward`, `lora_add_*`, `dora_*`,
+   `series_forward` / `series_backward`, `dropout.keep_mask`) on meta tensors with every
+   kernel replaced by a recorder (`aot_launches`): the constexprs, argument dtypes and
+   integer specialisations are the launchers' own, not a copy of their logic. Launches that
+   compile to the same kernel (same signature after Triton's integer/alignment
+   specialisation, same constexprs) form one launch variant.
 2. For each variant and target, asks the kernel's own `early_config_prune` (the function the
    autotuner calls) which configs it may launch there, and which single one
    LLM_ADAPTERS_TRITON_AUTOTUNE=0 takes.
@@ -34,9 +35,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import contextlib
 import hashlib
-import itertools
 import json
 import multiprocessing
 import os
@@ -52,285 +51,17 @@ from pathlib import Path
 import torch
 import triton
 
-from . import _limits, dropout, grouped, lora, series
-
-TARGETS = _limits.TARGETS  # cc -> shared memory per block (bytes)
-
-# kernel id -> (module, attribute, the real (non-interpreter) config list, shared-memory model)
-# model(kernel attribute, config, named args incl. constexprs, cc) -> bytes
-KERNELS = {
-    "lora._shrink_kernel": (lora, "_shrink_kernel", lambda: lora._shrink_configs(False)),
-    "lora._main_kernel": (lora, "_main_kernel", lambda: lora._gemm_configs(False)),
-    "lora._reduce_kernel": (lora, "_reduce_kernel", lambda: lora._reduce_configs(False)),
-    "lora._dx_kernel": (lora, "_dx_kernel", lambda: lora._gemm_configs(False)),
-    "series._series_forward_kernel": (
-        series, "_series_forward_kernel", lambda: series._configs("rows", False)
-    ),
-    "series._series_backward_rows_kernel": (
-        series, "_series_backward_rows_kernel", lambda: series._configs("rows", False)
-    ),
-    "series._series_backward_weights_kernel": (
-        series, "_series_backward_weights_kernel", lambda: series._configs("weights", False)
-    ),
-    "dropout._keep_mask_kernel": (dropout, "_keep_mask_kernel", None),
-    "grouped._grouped_shrink_kernel": (
-        grouped, "_grouped_shrink_kernel", lambda: grouped._shrink_configs(False)
-    ),
-    "grouped._grouped_expand_kernel": (
-        grouped, "_grouped_expand_kernel", lambda: grouped._expand_configs(False)
-    ),
-}
-
-GRIDS = {
-    "full": {
-        "KN": (4096, 11008),
-        "M": (512, 8192),
-        "r": (1, 8, 16, 64, 256, 512),
-    },
-}
-
-_SEED = 2**62 - 57  # a drawn seed is a 62-bit integer (ops draws them so): i64, unaligned
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-_TRITON_TYPES = {
-    torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32",
-    torch.float64: "fp64", torch.int8: "i8", torch.int32: "i32", torch.int64: "i64",
-    torch.bool: "i1",
-}
-
-
-# ---- 1. enumeration --------------------------------------------------------------------------
-
-
-# the kernel objects themselves (the recorder replaces the module attributes while enumerating)
-_OBJECTS = {kid: getattr(module, attr) for kid, (module, attr, _) in KERNELS.items()}
-
-
-def _jit_fn(kernel_id: str):
-    """(JITFunction, autotuner or the JITFunction itself) of a kernel id."""
-    obj = _OBJECTS[kernel_id]
-    return (obj.fn if hasattr(obj, "configs") else obj), obj
-
-
-class _Recorder:
-    """Stands in for a kernel: `kernel[grid](*args, **kwargs)` records the call."""
-
-    def __init__(self, kernel_id: str, sink: list):
-        self.kernel_id = kernel_id
-        self.sink = sink
-
-    def __getitem__(self, grid):
-        def launch(*args, **kwargs):
-            self.sink.append((self.kernel_id, args, kwargs))
-
-        return launch
-
-
-@contextlib.contextmanager
-def _recording(sink: list):
-    saved = []
-    try:
-        for kid, (module, attr, _) in KERNELS.items():
-            saved.append((module, attr, getattr(module, attr)))
-            setattr(module, attr, _Recorder(kid, sink))
-        yield
-    finally:
-        for module, attr, obj in saved:
-            setattr(module, attr, obj)
-
-
-def _specialise(value):
-    """(Triton signature type, divisible by 16) for a runtime argument, as Triton's launcher
-    specialises it; ("constexpr", value) for an integer equal to 1."""
-    if isinstance(value, torch.Tensor):
-        return "*" + _TRITON_TYPES[value.dtype], True  # allocations are 16-byte aligned
-    if isinstance(value, bool):
-        return "u1", False
-    if isinstance(value, int):
-        if value == 1:
-            return "constexpr", 1
-        kind = "i32" if -(2**31) <= value < 2**31 else ("u64" if value >= 2**63 else "i64")
-        return kind, value % 16 == 0
-    if isinstance(value, float):
-        return "fp32", False
-    raise TypeError(f"cannot specialise a kernel argument of type {type(value).__name__}")
-
-
-def _jsonable(v):
-    return v if isinstance(v, (bool, int, float, str)) or v is None else str(v)
-
-
-def _variant_of(kernel_id: str, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    """(hashable variant key, named args for the prune function) of one recorded launch."""
-    fn, _ = _jit_fn(kernel_id)
-    names = fn.arg_names
-    named = dict(zip(names, args))
-    sig, consts, div = [], [], []
-    for i, name in enumerate(names):
-        param = fn.params[i]
-        if param.is_constexpr:
-            if name in kwargs:
-                consts.append((name, _jsonable(kwargs[name])))
-            elif name in named:
-                consts.append((name, _jsonable(named[name])))
-            continue  # a config key, filled per config
-        value = named[name] if name in named else kwargs[name]
-        kind, extra = _specialise(value)
-        sig.append((name, kind))
-        if kind == "constexpr":
-            consts.append((name, extra))
-        elif extra:
-            div.append(name)
-    key = (kernel_id, tuple(sig), tuple(consts), tuple(div))
-    return key, named
-
-
-def _meta(shape, dtype):
-    return torch.empty(shape, dtype=dtype, device="meta")
-
-
-def _lora_cases():
-    """(label, adapter options) for the low-rank branch: LoRA (identity, base bias on/off) and
-    the parallel adapter (each activation, branch biases, float or learned scale)."""
-    for base_bias in (False, True):
-        yield "lora", dict(act="identity", bias=base_bias, ab=False, bb=False, scale_t=False)
-    for act in ("tanh", "relu", "gelu", "silu"):
-        for biases, scale_t in itertools.product((False, True), (False, True)):
-            yield "parallel", dict(act=act, bias=True, ab=biases, bb=biases, scale_t=scale_t)
-
-
-def _series_cases():
-    for act in ("identity", "tanh", "relu", "gelu", "silu"):
-        for biases, scale_t in itertools.product((False, True), (False, True)):
-            yield "series", dict(act=act, db=biases, ub=biases, scale_t=scale_t)
-
-
-# (dx, dbias, da, db, da_bias, db_bias, dscale) of a LoRA backward: adapter trained with and
-# without an input gradient (first layer), and a frozen adapter passing the gradient through.
-_LORA_NEEDS = ("train", "train-no-dx", "frozen")
-# (dh, ddown, dup, ddown_bias, dup_bias, dscale) of a series backward
-_SERIES_NEEDS = ("train", "frozen")
-
-
-def _lora_needs(which, o):
-    if which == "frozen":
-        return (True, False, False, False, False, False, False)
-    return (which == "train", o["bias"], True, True, o["ab"], o["bb"], o["scale_t"])
-
-
-def _series_needs(which, o):
-    if which == "frozen":
-        return (True, False, False, False, False, False)
-    return (True, True, True, o["db"], o["ub"], o["scale_t"])
-
-
-@contextlib.contextmanager
-def _restoring_tf32(value: bool):
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = value
-
-
-def _enumerate_dtype(dname: str, grid: dict) -> dict[tuple, dict]:
-    """The launch variants of one activation dtype over `grid` (see enumerate_launches)."""
-    dt = _DTYPES[dname]
-    variants: dict[tuple, dict] = {}
-    sink: list = []
-
-    def collect(label):
-        for kernel_id, args, kwargs in sink:
-            key, named = _variant_of(kernel_id, args, kwargs)
-            v = variants.get(key)
-            if v is None:
-                variants[key] = {
-                    "kernel": kernel_id, "signature": key[1], "constexprs": key[2],
-                    "divisible": key[3], "named_args": named, "kwargs": dict(kwargs),
-                    "count": 1, "example": label,
-                }
-            else:
-                v["count"] += 1
-        sink.clear()
-
-    allow_tf32 = torch.backends.cuda.matmul.allow_tf32
-    with _recording(sink), _restoring_tf32(allow_tf32):
-        # fp32 products follow torch's allow_tf32 (`_numerics.fp32_ieee`): IEEE by default,
-        # TF32 tensor cores when the user allows them
-        tf32s = (False, True) if dt is torch.float32 else (False,)
-        for m, kn, r, p, tf32 in itertools.product(
-            grid["M"], grid["KN"], grid["r"], (0.0, 0.1), tf32s
-        ):
-            torch.backends.cuda.matmul.allow_tf32 = tf32
-            k = n = kn
-            for (kind, o), wdt in itertools.product(_lora_cases(), {dt, torch.float32}):
-                x, w = _meta((m, k), dt), _meta((n, k), dt)
-                a, b = _meta((r, k), wdt), _meta((n, r), wdt)
-                bias = _meta((n,), dt) if o["bias"] else None
-                ab = _meta((r,), wdt) if o["ab"] else None
-                bb = _meta((n,), wdt) if o["bb"] else None
-                st = _meta((), torch.float32) if o["scale_t"] else None
-                label = f"{kind} {dname} M={m} K=N={kn} r={r} p={p} {o} w={wdt} tf32={tf32}"
-                lora.lora_forward(x, w, bias, a, b, ab, bb, st, 2.0, p, _SEED, o["act"])
-                # lora_add: the main and dx kernels without their base GEMM (HAS_BASE=False)
-                lora.lora_add_forward(x, _meta((m, n), dt), a, b, ab, bb, st, 2.0, p, _SEED,
-                                      o["act"])
-                s_pre, no_mask = _meta((m, r), torch.float32), x.new_empty(0, dtype=torch.bool)
-                for which in _LORA_NEEDS:
-                    nd, g = _lora_needs(which, o), _meta((m, n), dt)
-                    lora.lora_backward(g, x, w, a, b, st, 2.0, p, _SEED, o["act"], s_pre,
-                                       no_mask, nd)
-                    lora.lora_add_backward(g, x, a, b, st, 2.0, p, _SEED, o["act"], s_pre,
-                                           no_mask, (nd[0], *nd[2:]))
-                collect(label)
-            for kind, o in _series_cases():
-                h = _meta((m, n), dt)
-                dn, up = _meta((r, n), dt), _meta((n, r), dt)
-                db = _meta((r,), dt) if o["db"] else None
-                ub = _meta((n,), dt) if o["ub"] else None
-                st = _meta((), torch.float32) if o["scale_t"] else None
-                label = f"{kind} {dname} M={m} N={kn} r={r} p={p} {o} tf32={tf32}"
-                series.series_forward(h, dn, up, db, ub, st, 1.0, p, _SEED, o["act"])
-                s_pre = _meta((m, r), torch.float32)
-                for which in _SERIES_NEEDS:
-                    series.series_backward(
-                        _meta((m, n), dt), h, dn, up, st, 1.0, p, _SEED, o["act"], s_pre,
-                        h.new_empty(0, dtype=torch.bool), _series_needs(which, o),
-                    )
-                collect(label)
-            for g in (1, 4, 32) if p == 0 else ():  # mixed-adapter batches (no dropout)
-                idx = _meta((m,), torch.int64)
-                grouped.grouped_lora_add(_meta((m, kn), dt), _meta((m, kn), dt), idx,
-                                         [_meta((r, kn), dt)] * g, [_meta((kn, r), dt)] * g,
-                                         [2.0] * g)
-                collect(f"grouped {dname} M={m} K=N={kn} r={r} G={g} tf32={tf32}")
-            if p > 0 and dname == "bf16" and not tf32:
-                dropout.keep_mask((m, kn), p, _SEED, torch.device("meta"))
-                collect(f"keep_mask M={m} K={kn} p={p}")
-    return variants
-
-
-def enumerate_launches(grid: dict | None = None, jobs: int = 1) -> list[dict]:
-    """Every launch variant the launchers produce over `grid` (default: the full grid), for
-    bf16, fp16 and fp32 activations (adapter weights in the activations' dtype or fp32), with
-    and without dropout, over the LoRA, parallel-adapter and series cases. Each variant is a
-    dict: kernel, signature [(name, type)], constexprs [(name, value)], divisible [names],
-    named args (meta tensors, for the prune function), kwargs, count and a first example.
-    `jobs` > 1 enumerates the dtypes in parallel processes."""
-    grid = grid or GRIDS["full"]
-    if jobs > 1:
-        ctx = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
-        with concurrent.futures.ProcessPoolExecutor(min(jobs, 3), mp_context=ctx) as pool:
-            parts = list(pool.map(_enumerate_dtype, _DTYPES, [grid] * len(_DTYPES)))
-    else:
-        parts = [_enumerate_dtype(d, grid) for d in _DTYPES]
-    merged: dict[tuple, dict] = {}
-    for part in parts:
-        for key, v in part.items():
-            if key in merged:
-                merged[key]["count"] += v["count"]
-            else:
-                merged[key] = v
-    return list(merged.values())
-
+from . import lora, series
+from .aot_launches import (  # noqa: F401  (GRIDS and the recorder: the module's API as before)
+    GRIDS,
+    KERNELS,
+    TARGETS,
+    _jit_fn,
+    _jsonable,
+    _Recorder,
+    _recording,
+    enumerate_launches,
+)
 
 # ---- 2. configs per variant and target -------------------------------------------------------
 
@@ -549,16 +280,18 @@ def plan(variants: list[dict], subset: str) -> tuple[list[dict], list[tuple[int,
             for cid, c in row["_cfgs"].items():
                 wanted[(vi, cc, cid)] = _job(variants[vi], c, cc)
     else:
-        # per (kernel, dtype, cc, config): the variant with the highest modelled bytes
+        # per (kernel, dtype, cc, config, DoRA epilogue): the variant with the highest
+        # modelled bytes (the column-scale / saved-T epilogues compiled in their own right)
         best: dict[tuple, tuple] = {}
         for row in rows:
             v = variants[row["variant"]]
+            dora_epi = tuple(kv for kv in v["constexprs"] if kv[0] in ("COL_SCALE", "SAVE_T"))
             for cid, c in row["_cfgs"].items():
-                group = (v["kernel"], _dtype_of(v), row["cc"], cid)
+                group = (v["kernel"], _dtype_of(v), row["cc"], cid, dora_epi)
                 score = row["model"][cid] or 0
                 if group not in best or score > best[group][0]:
                     best[group] = (score, row["variant"], c)
-        for (_, _, cc, cid), (_, vi, c) in best.items():
+        for (_, _, cc, cid, _), (_, vi, c) in best.items():
             wanted[(vi, cc, cid)] = _job(variants[vi], c, cc)
     compiles = [(vi, cc, cid, job) for (vi, cc, cid), job in wanted.items()]
     return rows, compiles

@@ -21,6 +21,8 @@ The kernels here:
   are finished in PyTorch.
   lora_add (y = y0 + the branch, y0 a base output computed elsewhere): the same kernels, the
   main and dx kernels with HAS_BASE=False (y0 starts the accumulator; dx = D'(dS A) alone).
+  DoRA (`dora.py`): the main kernel's COL_SCALE multiplies T (the accumulator before any bias)
+  by c [N], SAVE_T stores T; the dx kernel's COL_SCALE scales g's columns by c as it loads them.
 
 Reductions over M (dB, dA) are split into a fixed number of row ranges whose partial sums are
 written to a small fp32 buffer and summed afterwards: no atomics, so backward is deterministic.
