@@ -124,6 +124,88 @@ def test_dora_op_matches_float64_peft_formula(backend, m, k, n, r, dtype, p, lea
         assert ours[name].dtype == t[name].dtype, name
 
 
+@pytest.mark.parametrize("backend,dtype,p,bias", [
+    ("torch", torch.float32, 0.0, True),
+    ("torch", torch.float32, 0.25, False),
+    ("triton", torch.float32, 0.25, True),
+    ("triton", torch.float16, 0.0, True),
+])
+def test_dora_add_matches_float64_peft_formula(backend, dtype, p, bias):
+    """dora_add on a base output y0 = x Wᵀ + b computed outside: PEFT's formula on W in
+    float64, forward and the gradients of x (through y0 and the branch), A, B and m."""
+    from llm_adapters.ops.dora import dora_add
+
+    m, k, n, r, s, seed = 11, 24, 40, 5, 0.7, 77
+    t = _inputs(m, k, n, r, dtype, bias=bias)
+    keep = ops.dropout_mask((m, k), p, seed, backend=backend) if p else None
+    inv = dropout_threshold(p)[1] if p else 1.0
+    g = torch.randn(m, n).to(dtype)
+
+    def run(lv, ref):
+        if ref:
+            return peft_dora_reference(**lv, scaling=s, keep=keep, inv_keep=inv)
+        y0 = lv["x"] @ lv["weight"].t() + (0 if lv["bias"] is None else lv["bias"])
+        return dora_add(y0, lv["x"], lv["weight"], lv["bias"], lv["lora_a"], lv["lora_b"],
+                        lv["magnitude"], s, dropout_p=p, seed=seed, backend=backend)
+
+    names = ("x", "lora_a", "lora_b", "magnitude")
+    results = []
+    for dt, ref in ((None, False), (torch.float64, True), (None, True)):
+        lv = _leaves(t, dt)
+        if lv["bias"] is not None:
+            lv["bias"] = lv["bias"].detach()  # a frozen base's bias
+        y = run(lv, ref)
+        gy = g.to(y.dtype)
+        results.append((y, torch.autograd.grad(y, [lv[n_] for n_ in names], gy)))
+    (y, ours), (y_ref, refs), (y_same, sames) = results
+    floor = _floor(dtype)
+    parity.assert_parity("y", y, y_ref, y_same, rel_floor=floor, check_dtype=True)
+    for name, o, rf, sm in zip(names, ours, refs, sames, strict=True):
+        mag = None
+        if name == "magnitude":
+            wn = torch.linalg.norm(t["weight"].double() + s * t["lora_b"].double()
+                                   @ t["lora_a"].double(), dim=1)
+            mag = ((g.double() * y_ref.detach()).abs().sum(0) / wn).max().item() * 2
+        parity.assert_parity(f"d{name}", o, rf, sm, rel_floor=floor, magnitude=mag)
+
+
+def test_dora_custom_ops_pass_opcheck_and_compile_like_eager():
+    """The "dora" and "dora_add" custom ops (schema, fake tensors, autograd registration) on
+    the torch backend, T kept and not; and dora_linear under torch.compile(fullgraph) gives
+    eager's output and gradients, dropout included."""
+    from torch.library import opcheck
+
+    from llm_adapters.ops._custom import bound_op
+    from llm_adapters.ops._dispatch import resolve_backend
+
+    impl = resolve_backend("dora", torch.device("cpu"), "torch")
+    x = torch.randn(5, 8, requires_grad=True)
+    a = torch.randn(3, 8, requires_grad=True)
+    b = torch.randn(6, 3, requires_grad=True)
+    c = torch.rand(6, requires_grad=True)
+    for save_t, p in ((True, 0.2), (False, 0.0)):
+        c = c.detach().requires_grad_(save_t)  # without T the column scale has no gradient
+        opcheck(bound_op("dora", impl).custom,
+                (x, torch.randn(6, 8), torch.randn(6), a, b, c, 2.0, p, torch.tensor(4), save_t))
+        opcheck(bound_op("dora_add", impl).custom,
+                (x, torch.randn(5, 6, requires_grad=True), a, b, torch.randn(6), c, 2.0, p,
+                 torch.tensor(4), save_t))
+
+    t = _inputs(4, 8, 6, 3, torch.float32, lead=(2,))
+    lv = _leaves(t)
+
+    def f(x, a, b, m):
+        return (ops.dora_linear(x, t["weight"], t["bias"], a, b, m, scaling=0.5, dropout_p=0.1,
+                                seed=3, backend="torch") ** 2).sum()
+
+    leaves = (lv["x"], lv["lora_a"], lv["lora_b"], lv["magnitude"])
+    eager = torch.autograd.grad(f(*leaves), leaves)
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    got = torch.autograd.grad(compiled(*leaves), leaves)
+    for gc_, ge in zip(got, eager, strict=True):
+        torch.testing.assert_close(gc_, ge)
+
+
 def test_dora_op_without_x_grad_and_norm_formula():
     t = _inputs(7, 24, 40, 5, torch.float64)
     w, a, b = t["weight"], t["lora_a"].double(), t["lora_b"].double()

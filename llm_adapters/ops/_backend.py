@@ -31,6 +31,22 @@ series_forward(h, down, up, down_bias, up_bias, scale_t, scaling, p, seed, activ
     h [M, N], down [r, N], up [N, r] -> (z [M, N], s_pre [M, r] acc dtype, mask [M, N] | [0])
 series_backward(g, h, down, up, scale_t, scaling, p, seed, activation, s_pre, mask, needs)
     needs = (dh, ddown, dup, ddown_bias, dup_bias, dscale) -> 6 tensors, dtypes as above.
+dora_forward(x, weight, bias, a, b, col_scale, scaling, p, seed, save_t)
+    DoRA (ops/dora.py): T = x weightᵀ + s·(D(x) aᵀ) bᵀ in the accumulation dtype, then
+    y = round(c ⊙ T + bias) with c = col_scale [N] (acc dtype) applied before the bias.
+    -> (y [M, N] x.dtype, s_pre [M, r] acc dtype, mask, t): t = round(T) [M, N] x.dtype when
+    save_t (the column scale needs a gradient), else empty [0].
+dora_backward(g, x, weight, a, b, col_scale, scaling, p, seed, s_pre, mask, t, needs)
+    needs = (dx, dbias, da, db, dcol); with gc = c ⊙ g: dx = gc weight + s·D'((gc b) a),
+    dbias = Σ_rows g, da = s·(gc b)ᵀ D(x), db = s·gcᵀ s_pre, dcol = Σ_rows g ⊙ t (an error
+    when t is empty) -> 5 tensors, dtypes as lora_backward.
+dora_add_forward(x, y0, a, b, bias, col_scale, scaling, p, seed, save_t)
+    the same over a base output y0 [M, N] without its bias: T = y0 + s·(D(x) aᵀ) bᵀ.
+dora_add_backward(g, x, a, b, col_scale, scaling, p, seed, s_pre, mask, t, needs)
+    needs = (dx, dy0, da, db, dbias, dcol) -> 6 tensors: dx the branch's term only, dy0 = gc
+    in g.dtype, the others as dora_backward.
+The dora pair is there only where a backend lists "dora" / "dora_add" in `ops` (it is not
+part of the Protocol below: a backend without it is still a Backend).
 
 Dropout is reproducible: the same seed gives the same keep-mask in forward, in backward and on
 every call, and `keep_mask(shape, p, seed, device)` returns it (tests build exact references
@@ -52,7 +68,7 @@ class Backend(Protocol):
     """One implementation of the adapter ops (see the module docstring for the contract)."""
 
     name: str
-    ops: frozenset[str]  # the ops it implements: a subset of {"lora", "series", "lora_add"}
+    ops: frozenset[str]  # the ops it implements: keys of _custom.SPECS
     stores_mask: bool  # forward returns the keep-mask for backward (else regenerated from seed)
 
     def available(self) -> Optional[str]:

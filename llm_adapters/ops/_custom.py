@@ -39,6 +39,10 @@ class OpSpec:
     seed: the int64 tensor input the backend receives as a Python int
     passthrough: an input whose gradient is g itself (the base output y0 that `lora_add` adds
         into); the backend's backward does not return it, the wrapper hands g on
+    extra_out: a further forward output kept for backward after s_pre and mask (DoRA's
+        unscaled output T, shape `shapes[extra_out]`, in the activation dtype), materialised
+        only when the bool input `extra_flag` is true (else an empty [0] tensor)
+    act_grads: gradients besides the first that come back in g's dtype (DoRA's dy0)
     """
 
     name: str
@@ -52,22 +56,31 @@ class OpSpec:
     seed: str = "seed"
     dropout: str = "dropout_p"
     passthrough: str = ""
+    extra_out: str = ""
+    extra_flag: str = ""
+    act_grads: tuple[str, ...] = ()
     # index tables derived from the names above, computed once
     at: dict[str, int] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         at = {n: i for i, (n, _) in enumerate(self.inputs)}
         object.__setattr__(self, "at", at)
-        for name in (*self.grads, *self.saved, self.seed, self.dropout,
-                     *((self.passthrough,) if self.passthrough else ())):
+        for name in (*self.grads, *self.saved, self.seed, self.dropout, *self.act_grads,
+                     *((self.passthrough,) if self.passthrough else ()),
+                     *((self.extra_flag,) if self.extra_flag else ())):
             if name not in at:
                 raise ValueError(f"{self.name}: {name!r} is not an input")
         for name, _ in self.dims.values():
             if name not in self.saved:
                 raise ValueError(f"{self.name}: dimension source {name!r} is not saved")
 
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        """The forward's outputs: out, then what backward keeps (non-differentiable)."""
+        return ("out", "s_pre", "mask", *((self.extra_out,) if self.extra_out else ()))
+
     def shape(self, what: str, values: dict[str, Any]) -> tuple[int, ...]:
-        """The shape of `what` ("out", "s_pre", "mask" or an input) given named tensors."""
+        """The shape of `what` (an output or an input) given named tensors."""
         return tuple(values[n].shape[axis] for n, axis in
                      (self.dims[d] for d in self.shapes[what].split()))
 
@@ -124,7 +137,50 @@ LORA_ADD = OpSpec(
     passthrough="y0",
 )
 
-SPECS = {"lora": LORA, "series": SERIES, "lora_add": LORA_ADD}
+# DoRA: y = c ⊙ T + b with T = x Wᵀ + s·(D(x) Aᵀ) Bᵀ and c = m / ‖W + s·B A‖ per output
+# column (ops/dora.py computes c, differentiably in m); T is kept for dc = Σ_rows g ⊙ T when
+# save_t (c needs a gradient).
+DORA = OpSpec(
+    name="dora_linear",
+    forward="dora_forward",
+    backward="dora_backward",
+    inputs=(
+        ("x", "Tensor"), ("weight", "Tensor"), ("bias", "Tensor?"), ("a", "Tensor"),
+        ("b", "Tensor"), ("col_scale", "Tensor"), ("scaling", "float"), ("dropout_p", "float"),
+        ("seed", "Tensor"), ("save_t", "bool"),
+    ),
+    grads=("x", "bias", "a", "b", "col_scale"),
+    saved=("x", "weight", "a", "b", "col_scale", "scaling", "dropout_p", "seed"),
+    dims={"m": ("x", 0), "k": ("x", 1), "n": ("b", 0), "r": ("b", 1)},
+    shapes={"out": "m n", "s_pre": "m r", "mask": "m k", "t": "m n", "x": "m k", "bias": "n",
+            "a": "r k", "b": "n r", "col_scale": "n"},
+    extra_out="t",
+    extra_flag="save_t",
+)
+
+# DoRA on a base output y0 (less its bias) computed elsewhere: T = y0 + s·(D(x) Aᵀ) Bᵀ,
+# y = c ⊙ T + b; dy0 = c ⊙ g (in g's dtype), dx the branch's term only.
+DORA_ADD = OpSpec(
+    name="dora_add",
+    forward="dora_add_forward",
+    backward="dora_add_backward",
+    inputs=(
+        ("x", "Tensor"), ("y0", "Tensor"), ("a", "Tensor"), ("b", "Tensor"), ("bias", "Tensor?"),
+        ("col_scale", "Tensor"), ("scaling", "float"), ("dropout_p", "float"), ("seed", "Tensor"),
+        ("save_t", "bool"),
+    ),
+    grads=("x", "y0", "a", "b", "bias", "col_scale"),
+    saved=("x", "a", "b", "col_scale", "scaling", "dropout_p", "seed"),
+    dims={"m": ("x", 0), "k": ("x", 1), "n": ("b", 0), "r": ("b", 1)},
+    shapes={"out": "m n", "s_pre": "m r", "mask": "m k", "t": "m n", "x": "m k", "y0": "m n",
+            "a": "r k", "b": "n r", "bias": "n", "col_scale": "n"},
+    extra_out="t",
+    extra_flag="save_t",
+    act_grads=("y0",),
+)
+
+SPECS = {"lora": LORA, "series": SERIES, "lora_add": LORA_ADD, "dora": DORA,
+         "dora_add": DORA_ADD}
 
 
 class _Plan:
@@ -145,24 +201,26 @@ class _Plan:
                           for n in spec.saved)
         self.seed_in_backward = 1 + spec.saved.index(spec.seed)  # g comes first
         self.passthrough_at = spec.at[spec.passthrough] if spec.passthrough else None
+        self.n_kept = len(spec.outputs) - 1  # outputs kept for backward (s_pre, mask, ...)
 
 
 def _setup(plan: _Plan, ctx, args, output) -> None:
-    _, s_pre, mask = output
-    ctx.save_for_backward(*[args[i] for i in plan.saved_tensor_at], s_pre, mask)
+    ctx.save_for_backward(*[args[i] for i in plan.saved_tensor_at], *output[1:])
     ctx.others = [args[i] for i in plan.saved_other_at]
     ctx.refs = [None if (t := args[i]) is None else (t.dtype, t.shape) for i in plan.grad_at]
 
 
 def _backward_args(plan: _Plan, ctx, g: Tensor) -> tuple[list, list[bool]]:
-    """(g, the saved inputs, s_pre, mask, needs) for the backend's backward, and `needs`."""
-    *tensors, s_pre, mask = ctx.saved_tensors
+    """(g, the saved inputs, s_pre, mask[, extra], needs) for the backend's backward, and
+    `needs`."""
+    saved = ctx.saved_tensors
+    tensors, kept = saved[:-plan.n_kept], saved[-plan.n_kept:]
     others = ctx.others
     ni = ctx.needs_input_grad
     needs = [bool(ni[i]) for i in plan.grad_at]
     args = [g.contiguous()]
     args += [tensors[j] if is_tensor else others[j] for is_tensor, j in plan.pick]
-    args += (s_pre, mask, needs)
+    args += (*kept, needs)
     return args, needs
 
 
@@ -257,21 +315,25 @@ class BoundOp:
             return getattr(backend, spec.forward)(*args)
 
         fwd = torch.library.custom_op(qualname, forward, mutates_args=(),
-                                      schema=_schema(spec.inputs, 3))
+                                      schema=_schema(spec.inputs, len(spec.outputs)))
 
         @fwd.register_fake
         def _(*args):
             values = {n: args[i] for n, i in at.items()}
             x = args[0]
             stored = backend.stores_mask and args[at[spec.dropout]] > 0
-            return (
+            out = (
                 x.new_empty(spec.shape("out", values)),
                 x.new_empty(spec.shape("s_pre", values), dtype=acc_dtype(x.dtype)),
                 x.new_empty(spec.shape("mask", values) if stored else (0,), dtype=torch.bool),
             )
+            if spec.extra_out:
+                kept = args[at[spec.extra_flag]]
+                out += (x.new_empty(spec.shape(spec.extra_out, values) if kept else (0,)),)
+            return out
 
         bwd_inputs = (("g", "Tensor"), *((n, dict(spec.inputs)[n]) for n in spec.saved),
-                      ("s_pre", "Tensor"), ("mask", "Tensor"), ("needs", "bool[]"))
+                      *((n, "Tensor") for n in spec.outputs[1:]), ("needs", "bool[]"))
 
         def backward_impl(*args):
             args = list(args)
@@ -288,15 +350,15 @@ class BoundOp:
             acc = acc_dtype(g.dtype)
             return tuple(
                 g.new_empty(spec.shape(n, values) if need else (0,),
-                            dtype=g.dtype if j == 0 else acc)
+                            dtype=g.dtype if j == 0 or n in spec.act_grads else acc)
                 for j, (n, need) in enumerate(zip(spec.grads, needs))
             )
 
         def setup_context(ctx, inputs, output):
             _setup(plan, ctx, inputs, output)
-            ctx.mark_non_differentiable(output[1], output[2])
+            ctx.mark_non_differentiable(*output[1:])
 
-        def backward(ctx, g, _gs, _gm):
+        def backward(ctx, g, *_kept):
             args, needs = _backward_args(plan, ctx, g)
             return tuple(_input_grads(plan, ctx, bwd(*args), needs, g))
 
@@ -308,7 +370,7 @@ _bound: dict[tuple[str, str], BoundOp] = {}
 
 
 def bound_op(op: str, backend: Backend) -> BoundOp:
-    """The BoundOp of `op` ("lora", "series", "lora_add") on `backend`, made once per process."""
+    """The BoundOp of `op` (a key of SPECS) on `backend`, made once per process."""
     key = (backend.name, op)
     bound = _bound.get(key)
     if bound is None:

@@ -1,4 +1,4 @@
-"""DoRA (weight-decomposed LoRA, Liu et al. 2024) as PEFT 0.21 computes it, on the fused LoRA op.
+"""DoRA (weight-decomposed LoRA, Liu et al. 2024) as PEFT 0.21 computes it, as one fused op.
 
 For a Linear with weight W [N, K], LoRA A [r, K], B [N, r], scaling s and magnitude m [N]:
 
@@ -15,20 +15,20 @@ bias, which is the p = 0 line.)
 W + s·B A is never formed. Its row norms come from
     ‖W_n + s(BA)_n‖² = ‖W_n‖² + 2s·(W Aᵀ)_n·B_n + s²·B_n (A Aᵀ) B_nᵀ
 with ‖W_n‖² of the frozen base passed in (the layer caches it; `weight_row_norm_sq`), so a
-forward reads W once more only for the skinny W Aᵀ [N, r]. The heavy products are those of
-`lora_linear` on whichever backend it dispatches to:
-    p = 0:  U = lora_linear(x, W, None, A, B, s)            y = c ⊙ U + b
-    p > 0:  U = lora_linear(x, W, None, A, B, s, p, seed)   E = (D(x) − x) Wᵀ
-            y = c ⊙ (U + E) − E + b
-with D(x) in E from the same backend's keep-mask for the seed as the branch of U. The column
-scale is one elementwise pass over the output (not fused into the kernels' epilogue).
-`dora_add` is the same on a quantized base whose own product y0 the caller computed (PEFT's
-QDoRA): the dequantized weight gives the norms and, under dropout, D(x) Wᵀ.
+forward reads W once more only for the skinny W Aᵀ [N, r].
 
-Backward, with g = dL/dy and T = U + E (the unscaled output, saved):
-    dU = c ⊙ g (lora_linear's backward gives dx, dA, dB)     dE = (c − 1) ⊙ g
-    dm = Σ_rows g ⊙ T / wn                                    db = Σ_rows g
-    dx += D'-complement: (mk − 1) ⊙ (dE W), mk the kept-and-scaled mask
+The op ("dora" in ops/_custom.py; its backends' `dora_forward` / `dora_backward`) computes
+    T = x Wᵀ + s·(D(x) Aᵀ) Bᵀ   (the fp32 accumulator of the base GEMM and the rank-r update)
+    y = c ⊙ T + b               (the GEMM's epilogue: the column scale before the bias, one
+                                 rounding; T itself is stored only when c needs a gradient)
+with backward gc = c ⊙ g, dx = gc W + s·D'((gc B) A), dA, dB as LoRA's with gc for g,
+db = Σ_rows g and dc = Σ_rows g ⊙ T; autograd takes dc on to dm = dc / wn. Under dropout
+PEFT's line differs from the op's by (c − 1) ⊙ E with E = (D(x) − x) Wᵀ, added after the op
+with D(x) from the same backend's keep-mask for the seed.
+
+`dora_add` is the same on a quantized base whose own product y0 the caller computed (PEFT's
+QDoRA): the op "dora_add" takes T = (y0 − b) + s·(D(x) Aᵀ) Bᵀ, gives dy0 = c ⊙ g, and the
+dequantized weight gives the norms and, under dropout, E = D(x) Wᵀ − (y0 − b).
 """
 
 from __future__ import annotations
@@ -119,39 +119,6 @@ class _DropProduct(torch.autograd.Function):
         return dx, None, None, None
 
 
-class _ColumnScale(torch.autograd.Function):
-    """y = c ⊙ (U + E) − E + b with c = m / wn per column; wn is a constant (detached).
-    Computed in the accumulation dtype and rounded once to U's dtype."""
-
-    @staticmethod
-    def forward(ctx, u: Tensor, e: Optional[Tensor], magnitude: Tensor, wn: Tensor,
-                bias: Optional[Tensor]) -> Tensor:
-        c = magnitude.detach().to(wn.dtype) / wn
-        t = u if e is None else u + e
-        y = t * c  # promotes half-precision activations to the accumulation dtype
-        if e is not None:
-            y = y - e
-        if bias is not None:
-            y = y + bias
-        ctx.save_for_backward(t, c, wn)
-        ctx.has_e = e is not None
-        ctx.dtypes = (magnitude.dtype, None if bias is None else bias.dtype)
-        return y.to(u.dtype)
-
-    @staticmethod
-    def backward(ctx, g: Tensor):
-        t, c, wn = ctx.saved_tensors
-        need_u, need_e, need_m, _, need_b = ctx.needs_input_grad
-        du = (g * c).to(g.dtype) if need_u else None
-        de = (g * (c - 1.0)).to(g.dtype) if ctx.has_e and need_e else None
-        dm = db = None
-        if need_m:
-            dm = ((g.to(wn.dtype) * t).sum(0) / wn).to(ctx.dtypes[0])
-        if need_b:
-            db = g.sum(0, dtype=wn.dtype).to(ctx.dtypes[1])
-        return du, de, dm, None, db
-
-
 def _check(name: str, t: Tensor, shape: tuple[int, ...], device: torch.device) -> None:
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -163,7 +130,7 @@ def _check(name: str, t: Tensor, shape: tuple[int, ...], device: torch.device) -
         raise TypeError(f"{name} has dtype {t.dtype}; expected a floating dtype")
 
 
-def _check_dora(x, weight, bias, lora_a, lora_b, magnitude, scaling, weight_norm_sq,
+def _check_dora(x, weight, bias, lora_a, lora_b, magnitude, scaling, dropout_p, weight_norm_sq,
                 bias_dtype=True) -> tuple[int, int, int]:
     """The checks dora_linear and dora_add share; returns (n, k, r)."""
     if not isinstance(x, Tensor):
@@ -180,26 +147,56 @@ def _check_dora(x, weight, bias, lora_a, lora_b, magnitude, scaling, weight_norm
         got = tuple(lora_a.shape) if isinstance(lora_a, Tensor) else type(lora_a).__name__
         raise ValueError(f"lora_a must be 2-D [r, {k}] with r >= 1, got {got}")
     r = lora_a.shape[0]
+    if isinstance(scaling, Tensor) or not isinstance(scaling, (int, float)) or isinstance(
+            scaling, bool):
+        raise TypeError(f"DoRA scaling must be a float (alpha / r), got {scaling!r}")
+    _ops._check_common(x, "x", r, dropout_p, "identity", float(scaling))
+    _check("weight", weight, (n, k), x.device)
     _check("lora_a", lora_a, (r, k), x.device)
     _check("lora_b", lora_b, (n, r), x.device)
     _check("magnitude", magnitude, (n,), x.device)
+    if weight.dtype != x.dtype:
+        raise TypeError(f"weight dtype {weight.dtype} does not match x dtype {x.dtype}")
     if bias is not None:
         _check("bias", bias, (n,), x.device)
         if bias_dtype and bias.dtype != x.dtype:
             raise TypeError(f"bias dtype {bias.dtype} does not match x dtype {x.dtype}")
     if weight_norm_sq is not None:
         _check("weight_norm_sq", weight_norm_sq, (n,), x.device)
-    if isinstance(scaling, Tensor) or not isinstance(scaling, (int, float)) or isinstance(
-            scaling, bool):
-        raise TypeError(f"DoRA scaling must be a float (alpha / r), got {scaling!r}")
     return n, k, r
 
 
+@torch.library.custom_op("llm_adapters::dora_keep_mask", mutates_args=())
+def _traced_keep_mask(x2: Tensor, p: float, seed: Tensor, backend: str) -> Tensor:
+    """The keep-mask as an op torch.compile can trace (a backend's mask draws from a generator
+    or launches a kernel, which the tracer cannot follow)."""
+    return _ops.loaded_backend(backend).keep_mask(tuple(x2.shape), p, int(seed), x2.device)
+
+
+@_traced_keep_mask.register_fake
+def _(x2, p, seed, backend):
+    return x2.new_empty(x2.shape, dtype=torch.bool)
+
+
 def _keep_mask(op: str, x2: Tensor, backend: Optional[str], n: int, r: int, p: float,
-               seed) -> Tensor:
+               seed: Tensor) -> Tensor:
     """The keep-mask of the backend `op` ran on, for this seed and shape."""
     impl = _ops._op(op, x2, backend, n, r, p).backend
+    if torch.compiler.is_compiling():
+        return _traced_keep_mask(x2.detach(), p, seed, impl.name)
     return impl.keep_mask(tuple(x2.shape), p, int(seed), x2.device)
+
+
+def _run(op: str, x2: Tensor, backend: Optional[str], n: int, r: int, p: float, args) -> Tensor:
+    bound = _ops._op(op, x2, backend, n, r, p)
+    return bound.custom(*args)[0] if torch.compiler.is_compiling() else bound.eager(*args)
+
+
+def _col_scale(magnitude: Tensor, wn: Tensor) -> tuple[Tensor, bool]:
+    """c = m / wn in the accumulation dtype (differentiable in m), and whether the op must keep
+    T for dc."""
+    c = magnitude.to(wn.dtype) / wn
+    return c, bool(c.requires_grad and torch.is_grad_enabled())
 
 
 def dora_linear(
@@ -221,24 +218,28 @@ def dora_linear(
     x: [..., K]; weight: [N, K] frozen (a transposed view is fine); bias: [N] or None;
     lora_a: [r, K]; lora_b: [N, r]; magnitude: [N] (any float dtype; its gradient comes back
     in it); scaling: a float; seed: the dropout seed (drawn from torch's CPU generator when
-    None); backend: as in `lora_linear`, which does the heavy products; weight_norm_sq: ‖W_n‖²
-    [N] of this weight (`weight_row_norm_sq`), computed here when None. The norm is detached,
-    as in PEFT: no gradient flows through it. Returns [..., N] in x's dtype.
+    None); backend: as in `lora_linear`; weight_norm_sq: ‖W_n‖² [N] of this weight
+    (`weight_row_norm_sq`), computed here when None. The norm is detached, as in PEFT: no
+    gradient flows through it. Returns [..., N] in x's dtype.
     """
-    n, k, r = _check_dora(x, weight, bias, lora_a, lora_b, magnitude, scaling, weight_norm_sq)
+    n, k, r = _check_dora(x, weight, bias, lora_a, lora_b, magnitude, scaling, dropout_p,
+                          weight_norm_sq)
+    if weight.requires_grad and torch.is_grad_enabled():
+        raise ValueError(
+            "the base weight must be frozen (requires_grad=False): dora_linear computes no "
+            "gradient for it"
+        )
     p = float(dropout_p)
-    if p > 0 and seed is None:
-        seed = _ops.new_seed()
-    x2 = x.reshape(-1, k)
-    # the branch with its base product; validates every input it shares with lora_linear
-    u = _ops.lora_linear(x2, weight, None, lora_a, lora_b, scaling=float(scaling), dropout_p=p,
-                         seed=seed, backend=backend)
+    seed_t = _ops._seed_tensor(seed, p)
+    x2 = _ops._rows(x, k)
     wn = dora_weight_norm(weight, lora_a, lora_b, scaling, weight_norm_sq)
-    e = None
+    c, save_t = _col_scale(magnitude, wn)
+    y = _run("dora", x2, backend, n, r, p,
+             (x2, weight, bias, lora_a, lora_b, c, float(scaling), p, seed_t, save_t))
     if p > 0:
-        keep = _keep_mask("lora", x2, backend, n, r, p, seed)
+        keep = _keep_mask("dora", x2, backend, n, r, p, seed_t)
         e = _DropResidual.apply(x2, weight, keep, dropout_threshold(p)[1])
-    y = _ColumnScale.apply(u, e, magnitude, wn, bias)
+        y = torch.addcmul(y, c - 1.0, e).to(x.dtype)
     return y.view(*x.shape[:-1], n)
 
 
@@ -261,29 +262,31 @@ def dora_add(
     DoRA on bitsandbytes / torchao bases:
         p = 0:  y = y0 + (c − 1) ⊙ (y0 − b) + c ⊙ s·B A x = c ⊙ (y0 − b + s·B A x) + b
         p > 0:  y = y0 + (c − 1) ⊙ D(x) Wᵀ + c ⊙ s·B A D(x)
-    computed as U = lora_add(y0 − b, x, A, B, s, p, seed), E = D(x) Wᵀ − (y0 − b) (p > 0),
-    y = c ⊙ (U + E) − E + b; so dy0 = g and autograd runs the base layer's own backward.
-    `weight` is read for the row norms and, under dropout, for D(x) Wᵀ (held for backward);
-    bias is the base layer's (any float dtype). Other arguments as in `dora_linear`.
+    computed by the op "dora_add" on y0 − b, plus (c − 1) ⊙ (D(x) Wᵀ − (y0 − b)) under dropout;
+    dy0 = g in all, so autograd runs the base layer's own backward. `weight` is read for the
+    row norms and, under dropout, for D(x) Wᵀ (held for backward); bias is the base layer's
+    (any float dtype). Other arguments as in `dora_linear`.
     """
-    n, k, r = _check_dora(x, weight, bias, lora_a, lora_b, magnitude, scaling, weight_norm_sq,
-                          bias_dtype=False)
+    n, k, r = _check_dora(x, weight, bias, lora_a, lora_b, magnitude, scaling, dropout_p,
+                          weight_norm_sq, bias_dtype=False)
     if not isinstance(y0, Tensor) or tuple(y0.shape) != (*x.shape[:-1], n):
         got = tuple(y0.shape) if isinstance(y0, Tensor) else type(y0).__name__
         raise ValueError(f"y0 has shape {got}, expected {(*x.shape[:-1], n)}")
-    if weight.dtype != x.dtype:
-        raise TypeError(f"weight dtype {weight.dtype} does not match x dtype {x.dtype}")
+    if y0.dtype != x.dtype:
+        raise TypeError(f"y0 dtype {y0.dtype} does not match x dtype {x.dtype}")
+    if y0.device != x.device:
+        raise ValueError(f"y0 is on {y0.device}, but the input is on {x.device}")
     p = float(dropout_p)
-    if p > 0 and seed is None:
-        seed = _ops.new_seed()
-    x2, y2 = x.reshape(-1, k), y0.reshape(-1, n)
-    unbiased = y2 if bias is None else y2 - bias.to(y2.dtype)
-    u = _ops.lora_add(unbiased, x2, lora_a, lora_b, scaling=float(scaling), dropout_p=p,
-                      seed=seed, backend=backend)
+    seed_t = _ops._seed_tensor(seed, p)
+    x2, y2 = _ops._rows(x, k), _ops._rows(y0, n)
+    epilogue_bias = None if bias is None else bias.to(x.dtype)
+    unbiased = y2 if bias is None else y2 - epilogue_bias
     wn = dora_weight_norm(weight, lora_a, lora_b, scaling, weight_norm_sq)
-    e = None
+    c, save_t = _col_scale(magnitude, wn)
+    y = _run("dora_add", x2, backend, n, r, p,
+             (x2, unbiased, lora_a, lora_b, epilogue_bias, c, float(scaling), p, seed_t, save_t))
     if p > 0:
-        keep = _keep_mask("lora_add", x2, backend, n, r, p, seed)
+        keep = _keep_mask("dora_add", x2, backend, n, r, p, seed_t)
         e = _DropProduct.apply(x2, weight.detach(), keep, dropout_threshold(p)[1]) - unbiased
-    y = _ColumnScale.apply(u, e, magnitude, wn, bias)
+        y = torch.addcmul(y, c - 1.0, e).to(x.dtype)
     return y.view(*x.shape[:-1], n)

@@ -242,6 +242,71 @@ def lora_add_backward(g, x, a, b, scale_t, scaling, p, seed, activation, s_pre, 
     )
 
 
+def _column_scale(t: Tensor, col_scale: Tensor, bias: Tensor | None, save_t: bool):
+    """(round(c ⊙ T + bias), T or an empty tensor): the DoRA epilogue in the accumulation
+    dtype, the column scale before the bias, one rounding, as the kernels' epilogue."""
+    y = t * col_scale if bias is None else torch.addcmul(_as(bias, col_scale.dtype), t, col_scale)
+    return _as(y, t.dtype), (t if save_t else t.new_empty(0))
+
+
+def dora_forward(x, weight, bias, a, b, col_scale, scaling, p, seed, save_t, mask=None):
+    """y = c ⊙ (x Wᵀ + s·(D(x) aᵀ) bᵀ) + bias (ops/_backend.py); T is the rank-r addmm_
+    into the base GEMM's output, as in lora_forward without its bias."""
+    s_pre, mask = _shrink(x, a, None, p, seed, mask)
+    t = x @ weight.t()
+    t.addmm_(_as(s_pre, x.dtype), _as(b, x.dtype).t(), alpha=scaling)
+    y, t = _column_scale(t, col_scale, bias, save_t)
+    return y, s_pre, mask, t
+
+
+def dora_add_forward(x, y0, a, b, bias, col_scale, scaling, p, seed, save_t, mask=None):
+    """y = c ⊙ (y0 + s·(D(x) aᵀ) bᵀ) + bias for a base output y0 without its bias."""
+    s_pre, mask = _shrink(x, a, None, p, seed, mask)
+    t = torch.addmm(y0, _as(s_pre, x.dtype), _as(b, x.dtype).t(), alpha=scaling)
+    y, t = _column_scale(t, col_scale, bias, save_t)
+    return y, s_pre, mask, t
+
+
+def _dora_grads(g, b, col_scale, scaling, s_pre, t, need_b, need_bias, need_col):
+    """gc = c ⊙ g (g's dtype), dS = s·gc b, dB = s·gcᵀ S, dbias = Σ g, dc = Σ g ⊙ T."""
+    if need_col and t.numel() == 0:
+        raise RuntimeError("the DoRA column scale needs a gradient, but its forward ran with "
+                           "save_t=False and kept no T")
+    acc = acc_dtype(g.dtype)
+    gc = _as(g * col_scale, g.dtype)
+    ds, d_b, _ = _branch_grads(gc, s_pre, s_pre, b, None, scaling, "identity", need_b, False)
+    d_bias = g.sum(0, dtype=acc) if need_bias else _empty(g)
+    d_col = (_as(g, acc) * t).sum(0) if need_col else _empty(g)
+    return gc, ds, d_b if need_b else _empty(g), d_bias, d_col
+
+
+def dora_backward(g, x, weight, a, b, col_scale, scaling, p, seed, s_pre, mask, t, needs):
+    need_dx, need_bias, need_a, need_b, need_col = needs
+    gc, ds, d_b, d_bias, d_col = _dora_grads(g, b, col_scale, scaling, s_pre, t, need_b,
+                                             need_bias, need_col)
+    ds_ = _as(ds, g.dtype)
+    dx = _empty(g, g.dtype)
+    if need_dx:
+        dx = _add_dropped(gc @ weight, ds_, _as(a, g.dtype), mask, p, inplace=True)
+    d_a = _as(_dropped_t_matmul(ds_, x, mask, p), ds.dtype) if need_a else _empty(g)
+    return dx, d_bias, d_a, d_b, d_col
+
+
+def dora_add_backward(g, x, a, b, col_scale, scaling, p, seed, s_pre, mask, t, needs):
+    """dx is the branch's term D'(dS a) only; dy0 = c ⊙ g."""
+    need_dx, need_y0, need_a, need_b, need_bias, need_col = needs
+    gc, ds, d_b, d_bias, d_col = _dora_grads(g, b, col_scale, scaling, s_pre, t, need_b,
+                                             need_bias, need_col)
+    ds_ = _as(ds, g.dtype)
+    dx = _empty(g, g.dtype)
+    if need_dx:
+        dx = ds_ @ _as(a, g.dtype)
+        if p > 0.0:
+            dx = _masked(dx, mask).mul_(dropout_threshold(p)[1])
+    d_a = _as(_dropped_t_matmul(ds_, x, mask, p), ds.dtype) if need_a else _empty(g)
+    return dx, gc if need_y0 else _empty(g, g.dtype), d_a, d_b, d_bias, d_col
+
+
 def series_forward(h, down, up, down_bias, up_bias, scale_t, scaling, p, seed, activation,
                    mask=None):
     s_pre, mask = _shrink(h, down, down_bias, p, seed, mask)
@@ -327,7 +392,7 @@ class _TorchBackend:
     # runs every ACT2FN activation: the fused ones through the *_forward / *_backward pairs,
     # the others through the *_composite functions (the dispatcher sends those nowhere else)
     any_activation = True
-    ops = frozenset({"lora", "series", "lora_add"})
+    ops = frozenset({"lora", "series", "lora_add", "dora", "dora_add"})
     stores_mask = True
 
     @staticmethod
@@ -345,6 +410,10 @@ class _TorchBackend:
     lora_add_backward = staticmethod(lora_add_backward)
     series_forward = staticmethod(series_forward)
     series_backward = staticmethod(series_backward)
+    dora_forward = staticmethod(dora_forward)
+    dora_backward = staticmethod(dora_backward)
+    dora_add_forward = staticmethod(dora_add_forward)
+    dora_add_backward = staticmethod(dora_add_backward)
     lora_composite = staticmethod(lora_composite)
     lora_add_composite = staticmethod(lora_add_composite)
     series_composite = staticmethod(series_composite)

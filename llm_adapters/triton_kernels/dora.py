@@ -89,6 +89,9 @@ def _backward(g, x, weight, a, b, col_scale, scaling, p, seed, s_pre, t,
     """-> (dx, dy0, da, db, dbias, dcol); weight None: dora_add (no base term in dx)."""
     m, k = x.shape
     n, r = b.shape
+    if need_col and t.numel() == 0:
+        raise RuntimeError("the DoRA column scale needs a gradient, but its forward ran with "
+                           "save_t=False and kept no T")
     acc = acc_dtype(g.dtype)
     c = _col(col_scale, n)
     thr, inv_keep = dropout_threshold(p)
