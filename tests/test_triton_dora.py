@@ -83,8 +83,8 @@ def _check(name, got, ref, dtype, out_dtype):
     assert err <= TOL[dtype], f"{name}: relative error {err:.2e} over {TOL[dtype]:.0e}"
 
 
-def _run(v, p, seed, save_t, add):
-    """The backend's forward then backward, every gradient asked for."""
+def _run(v, p, seed, save_t, add, tb=tb):
+    """The backend's (`tb`'s) forward then backward, every gradient asked for."""
     if add:
         y, s_pre, mask, t = tb.dora_add_forward(v["x"], v["y0"], v["a"], v["b"], v["bias"],
                                                 v["c"], SCALING, p, seed, save_t)

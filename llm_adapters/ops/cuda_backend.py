@@ -284,6 +284,60 @@ def _lora_backward(g, x, weight, a, b, scale_t, scaling, p, seed, activation, s_
     )
 
 
+def _column_scale(t, col_scale, bias, save_t):
+    """(c ⊙ T + bias rounded once from float32, T or an empty tensor)."""
+    y = t * col_scale if bias is None else torch.addcmul(bias.float(), t, col_scale)
+    return y.to(t.dtype), (t if save_t else t.new_empty(0))
+
+
+def _dora_terms(g, col_scale, t, need_bias, need_col):
+    """gc = c ⊙ g (g's dtype), dbias = Σ g and dc = Σ g ⊙ T (float32)."""
+    if need_col and t.numel() == 0:
+        raise RuntimeError("the DoRA column scale needs a gradient, but its forward ran with "
+                           "save_t=False and kept no T")
+    gc = (g * col_scale).to(g.dtype)
+    d_bias = g.sum(0, dtype=torch.float32) if need_bias else _empty(g)
+    d_col = (g.float() * t).sum(0) if need_col else _empty(g)
+    return gc, d_bias, d_col
+
+
+def dora_forward(x, weight, bias, a, b, col_scale, scaling, p, seed, save_t):
+    """DoRA (ops/_backend.py): T from lora_forward's kernels, then the column scale and the
+    bias as one elementwise pass (not fused into the expand's epilogue here)."""
+    t, s_pre, mask = lora_forward(x, weight, None, a, b, None, None, None, scaling, p, seed,
+                                  "identity")
+    y, t = _column_scale(t, col_scale, bias, save_t)
+    return y, s_pre, mask, t
+
+
+def dora_backward(g, x, weight, a, b, col_scale, scaling, p, seed, s_pre, mask, t, needs):
+    """(dx, dbias, da, db, dcol): lora_backward's kernels on gc = c ⊙ g."""
+    need_dx, need_bias, need_a, need_b, need_col = (bool(v) for v in needs)
+    gc, d_bias, d_col = _dora_terms(g, col_scale, t, need_bias, need_col)
+    dx, _, d_a, d_b, *_ = _lora_backward(gc, x, weight, a, b, None, scaling, p, seed,
+                                         "identity", s_pre,
+                                         (need_dx, False, need_a, need_b, False, False, False))
+    return dx, d_bias, d_a, d_b, d_col
+
+
+def dora_add_forward(x, y0, a, b, bias, col_scale, scaling, p, seed, save_t):
+    """DoRA over a base output y0 without its bias: T = lora_add_forward's, then c ⊙ T + b."""
+    t, s_pre, mask = lora_add_forward(x, y0, a, b, None, None, None, scaling, p, seed,
+                                      "identity")
+    y, t = _column_scale(t, col_scale, bias, save_t)
+    return y, s_pre, mask, t
+
+
+def dora_add_backward(g, x, a, b, col_scale, scaling, p, seed, s_pre, mask, t, needs):
+    """(dx, dy0, da, db, dbias, dcol): dx the branch's term only, dy0 = c ⊙ g."""
+    need_dx, need_y0, need_a, need_b, need_bias, need_col = (bool(v) for v in needs)
+    gc, d_bias, d_col = _dora_terms(g, col_scale, t, need_bias, need_col)
+    dx, _, d_a, d_b, *_ = _lora_backward(gc, x, None, a, b, None, scaling, p, seed,
+                                         "identity", s_pre,
+                                         (need_dx, False, need_a, need_b, False, False, False))
+    return dx, gc if need_y0 else _empty(g, g.dtype), d_a, d_b, d_bias, d_col
+
+
 def series_forward(h, down, up, down_bias, up_bias, scale_t, scaling, p, seed, activation):
     """z = h + s·φ(D(h) Dnᵀ + d_b) Upᵀ + u_b; see ops/_backend.py for the contract."""
     _check_dtype(h, "h")
@@ -340,7 +394,7 @@ def keep_mask(shape: tuple[int, ...], p: float, seed: int, device: torch.device)
 
 class _CudaBackend:
     name = "cuda"
-    ops = frozenset({"lora", "series", "lora_add"})
+    ops = frozenset({"lora", "series", "lora_add", "dora", "dora_add"})
     stores_mask = False
 
     @staticmethod
@@ -363,6 +417,10 @@ class _CudaBackend:
     lora_add_backward = staticmethod(lora_add_backward)
     series_forward = staticmethod(series_forward)
     series_backward = staticmethod(series_backward)
+    dora_forward = staticmethod(dora_forward)
+    dora_backward = staticmethod(dora_backward)
+    dora_add_forward = staticmethod(dora_add_forward)
+    dora_add_backward = staticmethod(dora_add_backward)
 
 
 BACKEND = _CudaBackend()
