@@ -21,6 +21,11 @@ from ._sharded import base_weight_bias, within_units
 
 DEFAULT_ADAPTER = "default"  # the adapter held as lora_A / lora_B (PEFT's first adapter's name)
 EXTRA_PREFIX = "lora_extra."  # parameter names of the other named adapters start with this
+DORA_AMONG_SEVERAL = (
+    "several active adapters with a DoRA adapter among them are not supported (PEFT's DoRA "
+    "would rescale a base output that already holds the other adapters' updates): activate "
+    "the DoRA adapter alone"
+)
 
 
 def cached_weight_norm_sq(holder: nn.Module, owner: Tensor, w: Tensor) -> Tensor:
@@ -96,9 +101,12 @@ class LoraLinear(nn.Module):
     the layer keeps its own product (`ops.dora.dora_add`).
 
     Other named adapters (PEFT's `add_adapter`) live in `lora_extra` (an `nn.ModuleDict` of
-    `LoraBranch`, made on the first one), so the default adapter keeps its names; one adapter
-    is active at a time (`active_adapter`). A layer wrapped only for another adapter has no
-    default one (`has_default` False, no `lora_A` / `lora_B` of its own).
+    `LoraBranch`, made on the first one), so the default adapter keeps its names. Several may
+    be active at once (`active_adapters`, PEFT's list; `active_adapter` is its first): the
+    output is then base(x) plus each active adapter's branch that this layer holds, the first
+    on the path above, each further one added into it (`ops.lora_add`, its own dropout and
+    scaling); a DoRA default adapter among several active is refused. A layer wrapped only for
+    another adapter has no default one (`has_default` False, no `lora_A` / `lora_B` of its own).
     """
 
     def __init__(
@@ -130,6 +138,19 @@ class LoraLinear(nn.Module):
         if self.use_dora:
             self.lora_magnitude_vector = nn.Parameter(torch.empty(n, **factory))
             self.reset_magnitude()
+
+    @property
+    def active_adapter(self) -> str:
+        """The first active adapter (the one active adapter when only one is)."""
+        return self.active_adapters[0]
+
+    @active_adapter.setter
+    def active_adapter(self, names: str | list[str]) -> None:
+        """Make `names` (one name, or a list of them) this layer's active adapters."""
+        names = [names] if isinstance(names, str) else list(names)
+        if not names:
+            raise ValueError("a LoRA layer needs at least one active adapter name")
+        self.active_adapters = names
 
     @classmethod
     def without_default(cls, base_layer: nn.Module) -> LoraLinear:
@@ -240,6 +261,12 @@ class LoraLinear(nn.Module):
         self.clear_weight_norm_cache()  # the base weight changed
 
     def _check_default_active(self, what: str) -> None:
+        if len(self.active_adapters) > 1:
+            raise RuntimeError(
+                f"{what} folds the default adapter into the base weight, but the active adapters "
+                f"are {self.active_adapters}: set_adapter('default') first (merging several "
+                "active adapters, or other named adapters, is not supported)"
+            )
         if self.active_adapter != DEFAULT_ADAPTER:
             raise RuntimeError(
                 f"{what} folds the default adapter into the base weight, but the active adapter "
@@ -296,31 +323,46 @@ class LoraLinear(nn.Module):
         rows = self.__dict__.get("row_adapters")
         if rows is not None:
             return self._mixed_forward(x, rows)
-        if self.active_adapter != DEFAULT_ADAPTER:
-            branch = self.branch(self.active_adapter)
-            if branch is None:  # this layer does not have the active adapter
-                return self.base_layer(x)
+        names = [n for n in self.active_adapters if self.branch(n) is not None]
+        if not names:  # this layer has none of the active adapters
+            return self.base_layer(x)
+        if len(names) > 1 and self.use_dora and DEFAULT_ADAPTER in names:
+            raise NotImplementedError(DORA_AMONG_SEVERAL)
+        y = self._adapter_forward(x, names[0])
+        for name in names[1:]:  # base(x) + the first branch, then each further branch added
+            y = self._add_branch(y, x, self.branch(name))
+        return y
+
+    def _add_branch(self, y: Tensor, x: Tensor, branch: nn.Module) -> Tensor:
+        """y + s · B A D(x) for another active adapter's `branch` (its own scaling and dropout),
+        added into the output `y` of the layer so far (`ops.lora_add`)."""
+        p = branch.lora_dropout if self.training else 0.0
+        x = x if x.dtype == y.dtype else x.to(y.dtype)  # as the first branch saw it (autocast)
+        return within_units((branch.lora_A, branch.lora_B), lambda: ops.lora_add(
+            y, x, branch.lora_A.weight, branch.lora_B.weight, scaling=branch.scaling, dropout_p=p
+        ))
+
+    def _adapter_forward(self, x: Tensor, name: str) -> Tensor:
+        """base(x) + adapter `name`'s update (this layer holds it): the fused op on a float
+        base, the base's own product plus `ops.lora_add` on a quantized one; DoRA for a DoRA
+        default adapter."""
+        if name != DEFAULT_ADAPTER:
+            branch = self.branch(name)
             p = branch.lora_dropout if self.training else 0.0
             return self._lora_forward(x, branch.lora_A, branch.lora_B, branch.scaling, p)
-        if not self.has_default:
-            return self.base_layer(x)
         p = self.lora_dropout if self.training else 0.0
+        if not self.use_dora:
+            return self._lora_forward(x, self.lora_A, self.lora_B, self.scaling, p)
         if self.quant is not None:
             y0 = self.base_layer(x)
             x = x if x.dtype == y0.dtype else x.to(y0.dtype)
-            units = (self.lora_A, self.lora_B)  # the base gathered its own weight above
-            if self.use_dora:
-                w = self._base_nk().to(x.dtype)  # dequantized once per forward, as PEFT
-                return within_units(units, lambda: dora_add(
-                    y0, x, w, getattr(self.base_layer, "bias", None), self.lora_A.weight,
-                    self.lora_B.weight, self.lora_magnitude_vector, scaling=self.scaling,
-                    dropout_p=p, weight_norm_sq=self._weight_norm_sq(w),
-                ))
-            return within_units(units, lambda: ops.lora_add(
-                y0, x, self.lora_A.weight, self.lora_B.weight, scaling=self.scaling, dropout_p=p
+            w = self._base_nk().to(x.dtype)  # dequantized once per forward, as PEFT
+            # the base gathered its own weight above
+            return within_units((self.lora_A, self.lora_B), lambda: dora_add(
+                y0, x, w, getattr(self.base_layer, "bias", None), self.lora_A.weight,
+                self.lora_B.weight, self.lora_magnitude_vector, scaling=self.scaling,
+                dropout_p=p, weight_norm_sq=self._weight_norm_sq(w),
             ))
-        if not self.use_dora:
-            return self._lora_forward(x, self.lora_A, self.lora_B, self.scaling, p)
 
         def dora() -> Tensor:
             xc, w, b = autocast_inputs(x, *base_weight_bias(self.base_layer))

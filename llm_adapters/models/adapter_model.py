@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from ..config import AdapterConfig
 from ..layers import BottleneckAdapter, LoraLinear, PrefixEncoder, PromptEmbedding
 from ..layers._quant import param_numel
-from ..layers.lora import DEFAULT_ADAPTER  # as PEFT names a model's first adapter
+from ..layers.lora import DEFAULT_ADAPTER, DORA_AMONG_SEVERAL  # DEFAULT_ADAPTER: PEFT's name
 
 
 def _cache_class():
@@ -170,7 +170,7 @@ class AdapterModel(nn.Module):
         self._frozen_state: dict[str, bool] = {}
         self._soft_disabled = False
         self._extra_configs: dict[str, AdapterConfig] = {}  # other named adapters (LoRA)
-        self._active_name = DEFAULT_ADAPTER
+        self._active_names = [DEFAULT_ADAPTER]  # PEFT's active adapters, in their order
         params = inspect.signature(base_model.forward).parameters
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
         from .hf_trainer import install_trainer_support
@@ -380,46 +380,66 @@ class AdapterModel(nn.Module):
         out["sequences"] = sequences
         return out
 
-    # ---- PEFT's adapter API: named LoRA adapters, one active at a time -------------------
+    # ---- PEFT's adapter API: named LoRA adapters, one or several active ------------------
     @property
     def peft_config(self) -> dict[str, AdapterConfig]:
         return {DEFAULT_ADAPTER: self.adapter_config, **self._extra_configs}
 
     @property
-    def active_adapter(self) -> str:
-        return self._active_name
+    def active_adapter(self) -> str | list[str]:
+        """The active adapter's name; with several active, their list (as PEFT's LoraModel)."""
+        names = self._active_names
+        return names[0] if len(names) == 1 else list(names)
 
     @property
     def active_adapters(self) -> list[str]:
-        return [self._active_name]
+        return list(self._active_names)
 
     def _lora_layers(self) -> list[LoraLinear]:
         return [m for m in self.get_base_model().modules() if isinstance(m, LoraLinear)]
 
-    def _check_adapter_name(self, adapter_name: Any) -> str:
-        if isinstance(adapter_name, (list, tuple)):
-            if len(adapter_name) != 1:
-                raise NotImplementedError(
-                    f"active adapters {list(adapter_name)}: one active adapter at a time is "
-                    "supported (several active at once are not)"
-                )
-            adapter_name = adapter_name[0]
-        if adapter_name not in self.peft_config:
+    def _check_adapter_names(self, adapter_name: Any) -> list[str]:
+        """The adapter names of `set_adapter(adapter_name)` (one name or a list), checked:
+        known, no repeats, not empty, no DoRA adapter among several. Checks only."""
+        names = list(adapter_name) if isinstance(adapter_name, (list, tuple)) else [adapter_name]
+        if not names:
             raise ValueError(
-                f"adapter {adapter_name!r} not found; this model's adapters: "
-                f"{list(self.peft_config)}"
+                "set_adapter([]): give at least one adapter name; to run the base model use "
+                "disable_adapter() or disable_adapters()"
             )
-        return adapter_name
+        for name in names:
+            if not isinstance(name, str) or name not in self.peft_config:
+                raise ValueError(
+                    f"adapter {name!r} not found; this model's adapters: "
+                    f"{list(self.peft_config)}"
+                )
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(
+                f"set_adapter({names}): adapter(s) {repeated} named more than once; name each "
+                "active adapter once"
+            )
+        if len(names) > 1 and DEFAULT_ADAPTER in names and any(
+            m.use_dora and m.has_default for m in self._lora_layers()
+        ):
+            raise NotImplementedError(
+                f"set_adapter({names}): the default adapter is DoRA; {DORA_AMONG_SEVERAL}"
+            )
+        return names
 
-    def set_adapter(self, adapter_name: str = DEFAULT_ADAPTER, inference_mode: bool = False):
-        """Make `adapter_name` the active adapter, as PEFT's: its parameters train (unless
-        `inference_mode`), every other adapter's are frozen; a merged model is unmerged first
-        (with a warning)."""
-        adapter_name = self._check_adapter_name(adapter_name)
+    def set_adapter(
+        self, adapter_name: str | list[str] = DEFAULT_ADAPTER, inference_mode: bool = False
+    ) -> None:
+        """Make `adapter_name` the active adapter, or a list of names the active adapters, as
+        PEFT's LoraModel: each LoRA layer adds the update of every active adapter it holds,
+        their parameters train (unless `inference_mode`) and every other adapter's are frozen;
+        a merged model is unmerged first (with a warning) unless the default adapter alone
+        stays active. Checked first: on error the model is untouched."""
+        names = self._check_adapter_names(adapter_name)
         if not self._extra_configs and not inference_mode:  # the one adapter: nothing to do
             return
         layers = self._lora_layers()
-        if adapter_name != DEFAULT_ADAPTER and any(m.merged for m in layers):
+        if names != [DEFAULT_ADAPTER] and any(m.merged for m in layers):
             import warnings
 
             warnings.warn(
@@ -429,11 +449,11 @@ class AdapterModel(nn.Module):
             for m in layers:
                 m.unmerge()
         for m in layers:
-            m.active_adapter = adapter_name
+            m.active_adapters = list(names)
             for name in m.adapter_names():
                 for p in m.branch_parameters(name):
-                    p.requires_grad_(name == adapter_name and not inference_mode)
-        self._active_name = adapter_name
+                    p.requires_grad_(name in names and not inference_mode)
+        self._active_names = names
 
     def _new_adapter_checks(self, adapter_name: Any, config: Any) -> None:
         self._check_new_name(adapter_name)
@@ -497,7 +517,7 @@ class AdapterModel(nn.Module):
         from .inject import attach_extra_lora
 
         disabled = any(m.disable_adapters for m in self._lora_layers())
-        attach_extra_lora(swaps, adapter_name, self._active_name)
+        attach_extra_lora(swaps, adapter_name, list(self._active_names))
         for swap in swaps:
             swap.layer.disable_adapters = disabled
         if config.base_model_name_or_path is None:
@@ -505,9 +525,10 @@ class AdapterModel(nn.Module):
         self._extra_configs[adapter_name] = config
 
     def delete_adapter(self, adapter_name: str) -> None:
-        """Delete a named adapter, as PEFT's: an unknown one is an error; the active one may be
-        deleted (the default adapter becomes active, with a warning). The default adapter
-        itself cannot be deleted here (la.unload_adapter removes the adapters)."""
+        """Delete a named adapter, as PEFT's: an unknown one is an error; an active one may be
+        deleted (the other active adapters stay active, their parameters as they were; if it
+        was the only one, the default adapter becomes active, with a warning). The default
+        adapter itself cannot be deleted here (la.unload_adapter removes the adapters)."""
         if adapter_name == DEFAULT_ADAPTER:
             raise ValueError(
                 "the 'default' adapter cannot be deleted (its weights are the model's "
@@ -518,7 +539,12 @@ class AdapterModel(nn.Module):
                 f"adapter {adapter_name!r} does not exist; this model's adapters: "
                 f"{list(self.peft_config)}"
             )
-        if adapter_name == self._active_name:
+        remaining = [n for n in self._active_names if n != adapter_name]
+        if remaining and remaining != self._active_names:  # one of several active
+            for m in self._lora_layers():
+                m.active_adapters = list(remaining)
+            self._active_names = remaining
+        elif not remaining:
             import warnings
 
             warnings.warn(

@@ -4,9 +4,11 @@
 (its parameters, optimizer state, saving and methods untouched); `restore_peft` undoes it.
 PEFT's bitsandbytes LoRA layers (QLoRA: `Linear4bit`, `Linear8bitLt`) keep their base
 layer's own quantized product and get our branch added into it (`ops.lora_add`).
-A layer our op cannot run (DoRA, lora_bias, another quantized or a non-Linear base, several
-active adapters, another LoRA variant) keeps PEFT's forward and is reported by name with the
-reason.
+Several active adapters (PEFT's `set_adapter([...])` on the LoraModel) run on a float base:
+the first on the fused op, each further one added into its output (`ops.lora_add`).
+A layer our op cannot run (DoRA on a quantized base or among several active adapters,
+lora_bias, another quantized or a non-Linear base, several active adapters on a quantized
+base, another LoRA variant) keeps PEFT's forward and is reported by name with the reason.
 """
 
 from __future__ import annotations
@@ -97,7 +99,7 @@ def _static_reason(
     base = layer.get_base_layer()
     kind = f"{type(base).__module__.split('.')[0]} {type(base).__name__}"
     if peft_quant and isinstance(layer, peft_quant):
-        return _adapter_reason(layer, _quant_variant_reason)
+        return _adapter_reason(layer, _quant_variant_reason, several=False)
     if not isinstance(layer, peft_linear):
         if isinstance(base, nn.Linear):  # PEFT's LoRA layers for bitsandbytes, torchao, ...
             return f"quantized base layer ({kind}): our op needs a plain float weight"
@@ -123,35 +125,56 @@ def _quant_variant_reason(layer: nn.Module, adapter: str) -> Optional[str]:
     return why
 
 
-def _adapter_reason(layer: nn.Module, variant_reason=_variant_reason) -> Optional[str]:
-    """Why the active adapters of this layer keep it on PEFT's path (several, or a variant)."""
+def _adapter_reason(
+    layer: nn.Module, variant_reason=_variant_reason, several: bool = True
+) -> Optional[str]:
+    """Why the active adapters of this layer keep it on PEFT's path (a variant; several where
+    `several` is False, or several with a DoRA adapter among them), or None."""
     active = [a for a in layer.active_adapters if a in layer.lora_A]
-    if len(active) > 1:
-        return f"several active adapters ({', '.join(active)}): our op runs one"
+    if len(active) > 1 and not several:
+        return (
+            f"several active adapters ({', '.join(active)}) on a quantized base: our op runs "
+            "one there"
+        )
     for adapter in active:
         why = variant_reason(layer, adapter)
         if why:
             return why
+    if len(active) > 1 and any(getattr(layer, "use_dora", {}).get(a, False) for a in active):
+        return (
+            f"several active adapters ({', '.join(active)}) with a DoRA adapter among them: "
+            "PEFT's DoRA rescales a base output that holds the other adapters' updates, which "
+            "our op does not"
+        )
     return None
 
 
 def _peft_lora_forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-    """Replacement forward for a PEFT LoRA Linear: one fused op instead of PEFT's chain.
-    Whatever our op does not cover at this call goes to PEFT's own forward."""
+    """Replacement forward for a PEFT LoRA Linear: one fused op instead of PEFT's chain (with
+    several active adapters, the first on it and each further one added by `ops.lora_add`,
+    in PEFT's order). Whatever our op does not cover at this call goes to PEFT's forward."""
     active = [a for a in self.active_adapters if a in self.lora_A]
     if (
-        args or kwargs or self.disable_adapters or self.merged or len(active) != 1
-        or _variant_reason(self, active[0]) is not None
+        args or kwargs or self.disable_adapters or self.merged or not active
+        or _adapter_reason(self) is not None
     ):
         return getattr(self, _ORIGINAL)(x, *args, **kwargs)
     name = active[0]
     base = self.get_base_layer()
     lora_a, lora_b = self.lora_A[name], self.lora_B[name]
     dora = _dora_module(self, name) if getattr(self, "use_dora", {}).get(name, False) else None
-    dropout = self.lora_dropout[name]
-    p = float(getattr(dropout, "p", 0.0)) if self.training else 0.0
+    p = _dropout_p(self, name)
+    more = [(self.lora_A[a], self.lora_B[a], float(self.scaling[a]), _dropout_p(self, a))
+            for a in active[1:]]
 
     def fused() -> Tensor:
+        y = first()
+        xc = x if x.dtype == y.dtype else x.to(y.dtype)
+        for a, b, scaling, p_a in more:  # PEFT: result + each further adapter's branch
+            y = ops.lora_add(y, xc, a.weight, b.weight, scaling=scaling, dropout_p=p_a)
+        return y
+
+    def first() -> Tensor:
         weight, bias = frozen_aware(base, "weight"), frozen_aware(base, "bias")
         weight = weight.t() if self.fan_in_fan_out else weight
         xc, weight, bias = autocast_inputs(x, weight, bias)
@@ -168,7 +191,13 @@ def _peft_lora_forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
 
     # under FSDP1 with PEFT's wrap policy lora_A / lora_B are units of their own (see _sharded)
     units = (base, lora_a, lora_b) + ((dora,) if dora is not None else ())
+    units += tuple(m for a, b, _, _ in more for m in (a, b))
     return within_units(units, fused)
+
+
+def _dropout_p(layer: nn.Module, adapter: str) -> float:
+    """The dropout probability of `adapter`'s branch in this forward (0 in eval mode)."""
+    return float(getattr(layer.lora_dropout[adapter], "p", 0.0)) if layer.training else 0.0
 
 
 def _peft_quant_lora_forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
@@ -188,8 +217,7 @@ def _peft_quant_lora_forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tens
         return getattr(self, _ORIGINAL)(x, *args, **kwargs)
     name = active[0]
     lora_a, lora_b = self.lora_A[name], self.lora_B[name]
-    dropout = self.lora_dropout[name]
-    p = float(getattr(dropout, "p", 0.0)) if self.training else 0.0
+    p = _dropout_p(self, name)
     y0 = self.get_base_layer()(x)
     # PEFT asks torch.is_autocast_enabled() without a device: CUDA autocast only
     if torch.is_autocast_enabled() and x.device.type == "cuda":
@@ -238,8 +266,11 @@ def accelerate_peft(peft_model: nn.Module) -> nn.Module:
     The same modules and parameters stay (optimizer state, saving and PEFT's own methods are
     untouched); only each LoRA Linear's forward changes. On PEFT's bitsandbytes 4-bit / 8-bit
     LoRA layers (QLoRA) the quantized base keeps its own product and our op adds the branch.
-    A layer our op cannot run keeps PEFT's forward and is named in the report with the reason
-    (DoRA, lora_bias, another quantized base, Embedding/Conv LoRA, several active adapters);
+    Several active adapters run on a float base (the first on the fused op, the others added
+    by `ops.lora_add`). A layer our op cannot run keeps PEFT's forward and is named in the
+    report with the reason (DoRA on a quantized base or among several active adapters,
+    lora_bias, another quantized base, Embedding/Conv LoRA, several active adapters on a
+    quantized base);
     the report is logged, warned about
     when some layers stay on PEFT, and attached as `peft_model.llm_adapters_report`
     (an `AccelerationReport`). Returns the model; `restore_peft` undoes it.
