@@ -80,6 +80,15 @@ def test_enumeration_covers_every_kernel_dtype_and_option(enumeration):
     for kernel in ("lora._main_kernel", "lora._dx_kernel"):  # lora_linear, and lora_add's
         assert {r["constexprs"]["HAS_BASE"] for r in rows if r["kernel"] == kernel} == {
             True, False}
+    # DoRA: the column scale with and without the saved T, over W and over y0 (dora_add)
+    # (lora_add has no base bias: HAS_BIAS without HAS_BASE is DoRA's epilogue bias only)
+    assert {(c["COL_SCALE"], c["SAVE_T"], c["HAS_BASE"], c["HAS_BIAS"]) for c in main} >= {
+        (s, t, base, bias) for s, t in ((False, False), (True, False), (True, True))
+        for base in (True, False) for bias in (True, False) if s or base or not bias}
+    dx = [r["constexprs"] for r in rows if r["kernel"] == "lora._dx_kernel"]
+    assert {(c["COL_SCALE"], c["HAS_BASE"], c["DROPOUT"]) for c in dx} == {
+        (s, base, d) for s in (True, False) for base in (True, False) for d in (True, False)
+        if not (s and not base)}  # dora_add's dx does not read g: no column scale there
     fwd = [r["constexprs"] for r in rows if r["kernel"] == "series._series_forward_kernel"]
     assert {c["HAS_DROPOUT"] for c in fwd} == {False, True}
     assert {c["ONE_R_TILE"] for c in fwd} == {False, True}

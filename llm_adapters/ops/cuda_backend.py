@@ -292,7 +292,7 @@ def _column_scale(t, col_scale, bias, save_t):
 
 def _dora_terms(g, col_scale, t, need_bias, need_col):
     """gc = c ⊙ g (g's dtype), dbias = Σ g and dc = Σ g ⊙ T (float32)."""
-    if need_col and t.numel() == 0:
+    if need_col and t.dim() != 2:  # an empty [0]: no T kept
         raise RuntimeError("the DoRA column scale needs a gradient, but its forward ran with "
                            "save_t=False and kept no T")
     gc = (g * col_scale).to(g.dtype)

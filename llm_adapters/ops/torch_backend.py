@@ -269,7 +269,7 @@ def dora_add_forward(x, y0, a, b, bias, col_scale, scaling, p, seed, save_t, mas
 
 def _dora_grads(g, b, col_scale, scaling, s_pre, t, need_b, need_bias, need_col):
     """gc = c ⊙ g (g's dtype), dS = s·gc b, dB = s·gcᵀ S, dbias = Σ g, dc = Σ g ⊙ T."""
-    if need_col and t.numel() == 0:
+    if need_col and t.dim() != 2:  # an empty [0]: no T kept
         raise RuntimeError("the DoRA column scale needs a gradient, but its forward ran with "
                            "save_t=False and kept no T")
     acc = acc_dtype(g.dtype)
