@@ -3,7 +3,7 @@
 # newer ones). In a fresh virtual environment under SCRATCH_DIR: install that stack from the
 # package registry (numpy as pip resolves it), install this project without its dependencies,
 # import every module of llm_adapters/triton_kernels (compiled mode, as on a GPU, and under the
-# interpreter), then run the Triton interpreter tests of the LoRA and series kernels.
+# interpreter), then run the Triton interpreter tests of the LoRA, DoRA, series and grouped kernels.
 #
 #   benchmarks/triton36_check.sh SCRATCH_DIR [PYTEST_ARGS...]
 #
@@ -56,6 +56,7 @@ TRITON_INTERPRET=1 "$PY" -c "$IMPORT_ALL"
 
 if [ $# -eq 0 ]; then
   set -- tests/test_triton_lora.py tests/test_triton_series.py tests/test_triton_lora_add.py \
+    tests/test_triton_dora.py \
     tests/test_grouped_lora.py
 fi
 stamp "tests: pytest $*"
