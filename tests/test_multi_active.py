@@ -166,6 +166,27 @@ def test_layer_dropout_per_branch_is_seeded_and_unbiased():
     assert (mean - clean).abs().max() < 0.1 * spread
 
 
+def test_two_active_adapters_compile_in_one_graph_like_eager():
+    torch.manual_seed(0)
+    base = torch.nn.Linear(13, 11)
+    layer = la.LoraLinear(base, 4, 8.0, init_lora_weights=False)
+    layer.add_branch("b", LoraBranch(13, 11, 2, 6.0, init_lora_weights=False))
+    base.requires_grad_(False)
+    layer.active_adapter = ["b", "default"]
+    x = torch.randn(2, 5, 13, requires_grad=True)
+
+    def run(fn):
+        y = fn(x)
+        leaves = [x] + [p for p in layer.parameters() if p.requires_grad]
+        return y, torch.autograd.grad(y.square().sum(), leaves)
+
+    (y, grads), (want, want_grads) = run(
+        torch.compile(layer, backend="aot_eager", fullgraph=True)), run(layer)
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-6)
+    for a, b in zip(grads, want_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_quantized_base_with_two_active_adapters():
     bnb = pytest.importorskip("bitsandbytes")
     torch.manual_seed(0)
