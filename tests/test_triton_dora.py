@@ -195,3 +195,18 @@ def test_float64_runs_in_pytorch_with_the_philox_mask():
                 assert value.numel() == 0
                 continue
             assert _err(value, ref[name]) < 1e-12, name
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("add", [False, True], ids=["dora", "dora_add"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_gpu_llama_shapes(add, dtype):
+    """A LLaMA-7B projection (K = N = 4096, r = 16) and a ragged shape, dropout on, T kept:
+    the compiled kernels (not the interpreter) against the float64 reference."""
+    for m, k, n, r in ((2048, 4096, 4096, 16), (1000, 1000, 3000, 24)):
+        v = _make(m, k, n, r, dtype, True, False)
+        got = _run(v, 0.1, SEED, True, add)
+        ref = _reference(v, 0.1, SEED, add)
+        for name in ("y", "t", "dx", "dbias", "da", "db", "dcol", *(("dy0",) if add else ())):
+            out_dtype = dtype if name in ("y", "t", "dx", "dy0") else torch.float32
+            _check(name, got[name], ref[name], dtype, out_dtype)
