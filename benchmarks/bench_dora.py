@@ -17,14 +17,13 @@ faster), with the machine's load beside them.
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
-import time
 
 import torch
 
 from llm_adapters import ops
 from llm_adapters.bench.load import describe_load
+from llm_adapters.bench.results import write_ab_json
+from llm_adapters.bench.timing import medians_in_turns
 from llm_adapters.ops.dora import weight_row_norm_sq
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -66,16 +65,6 @@ def _ours(layer):
     return run
 
 
-def _time(fn, device: str) -> float:
-    if device == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    fn()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - t0
-
-
 def _step(fn, x, leaves):
     def run():
         y = fn(x)
@@ -108,14 +97,7 @@ def run_case(mode: str, m: int, kn: int, r: int, device: str, dtype: torch.dtype
             return run
 
         fns = {"ours": no_grad(ours), "peft": no_grad(layer)}
-    for fn in fns.values():  # warm-up
-        fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    order = list(fns)
-    for i in range(rounds):
-        for k in order[i % 2:] + order[: i % 2]:
-            times[k].append(_time(fns[k], device))
-    med = {k: statistics.median(v) for k, v in times.items()}
+    med = medians_in_turns(fns, device, rounds)
     return {
         "mode": mode, "tokens": m, "K=N": kn, "r": r, "dtype": str(dtype).replace("torch.", ""),
         "ours_ms": med["ours"] * 1e3, "peft_ms": med["peft"] * 1e3,
@@ -147,18 +129,7 @@ def main(argv=None) -> int:
             print(f"{mode:8} {m:6} {row['ours_ms']:9.3f} {row['peft_ms']:9.3f}"
                   f" {row['peft_over_ours']:10.2f}x {row['max_abs_diff']:10.2e}")
     if args.json:
-        import platform
-
-        import peft
-
-        meta = {"device": args.device if args.device != "cuda" else
-                torch.cuda.get_device_name(), "cpu": platform.processor() or platform.machine(),
-                "threads": torch.get_num_threads(), "torch": torch.__version__,
-                "peft": peft.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC",
-                                                                time.gmtime()), "load": load,
-                "load_after": describe_load()}
-        with open(args.json, "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+        write_ab_json(args.json, args.device, rows, load)
     return 0
 
 

@@ -18,14 +18,13 @@ sequences on the bare base ("__base__").
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
-import time
 
 import torch
 
 from llm_adapters import ops
 from llm_adapters.bench.load import describe_load
+from llm_adapters.bench.results import write_ab_json
+from llm_adapters.bench.timing import medians_in_turns
 
 
 def _peft_layer(kn: int, r: int, g: int, device: str, dtype: torch.dtype):
@@ -66,16 +65,6 @@ def _ours(layer, g: int):
     return run
 
 
-def _time(fn, device: str) -> float:
-    if device == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    fn()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - t0
-
-
 def run_case(kind: str, b: int, t: int, g: int, kn: int, r: int, device: str,
              dtype: torch.dtype, rounds: int) -> dict:
     per_seq = 1 if kind == "decode" else t
@@ -93,14 +82,7 @@ def run_case(kind: str, b: int, t: int, g: int, kn: int, r: int, device: str,
         scale = float(want.abs().max())
         assert err <= 1e-3 * scale, f"ours and PEFT's differ by {err} (scale {scale})"
         fns = {"ours": lambda: ours(x, index), "peft": lambda: layer(x, adapter_names=names)}
-        for fn in fns.values():  # warm-up
-            fn()
-        times: dict[str, list[float]] = {k: [] for k in fns}
-        order = list(fns)
-        for i in range(rounds):
-            for k in order[i % 2:] + order[: i % 2]:
-                times[k].append(_time(fns[k], device))
-    med = {k: statistics.median(v) for k, v in times.items()}
+        med = medians_in_turns(fns, device, rounds)
     return {
         "case": kind, "sequences": b, "tokens_per_sequence": per_seq, "rows": rows,
         "adapters": g, "K=N": kn, "r": r, "dtype": str(dtype).replace("torch.", ""),
@@ -135,17 +117,7 @@ def main(argv=None) -> int:
             print(f"{kind:8} {g:8} {row['rows']:5} {row['ours_ms']:9.3f} {row['peft_ms']:9.3f}"
                   f" {row['peft_over_ours']:10.2f}x {row['max_abs_diff']:10.2e}")
     if args.json:
-        import platform
-
-        import peft
-
-        meta = {"device": args.device if args.device != "cuda" else
-                torch.cuda.get_device_name(), "cpu": platform.processor() or platform.machine(),
-                "threads": torch.get_num_threads(), "torch": torch.__version__,
-                "peft": peft.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC",
-                                                                time.gmtime()), "load": load}
-        with open(args.json, "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+        write_ab_json(args.json, args.device, rows, load)
     return 0
 
 

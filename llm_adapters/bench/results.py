@@ -366,3 +366,16 @@ def save_figure(fig: Any, path: str) -> str:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def write_ab_json(path: str, device: str, rows: list[dict[str, Any]],
+                  load: Optional[dict[str, Any]]) -> None:
+    """The rows of an A/B script under benchmarks/ with the machine, versions, date and the
+    load before and after the runs."""
+    meta = {
+        **environment(torch.device(device)),
+        "cpu": platform.processor() or platform.machine(),
+        "load": load, "load_after": load_now(),
+    }
+    with open(path, "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)

@@ -9,6 +9,7 @@ the end-to-end benchmark.
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -182,3 +183,24 @@ class StepClock:
         _sync(self.device)
         t1, c1 = time.perf_counter(), time.process_time()
         self.wall_ms, self.cpu_ms = (t1 - self._t0) * 1e3, (c1 - self._c0) * 1e3
+
+
+def medians_in_turns(fns: dict[str, Callable[[], Any]], device: str,
+                     rounds: int) -> dict[str, float]:
+    """Median wall seconds of each callable, after one warm-up call each: called in turns, the
+    order rotated every round, so load on a shared machine falls on all of them alike (the
+    A/B scripts under benchmarks/). A CUDA device is synchronised around every call."""
+    dev = torch.device(device)
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    order = list(fns)
+    for i in range(rounds):
+        shift = i % len(order)
+        for k in order[shift:] + order[:shift]:
+            _sync(dev)
+            t0 = time.perf_counter()
+            fns[k]()
+            _sync(dev)
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
