@@ -63,22 +63,29 @@ def _init_lora(
 
 class LoraBranch(nn.Module):
     """A named LoRA adapter of a `LoraLinear` other than the default one: `lora_A` [r, K] and
-    `lora_B` [N, r] under PEFT's parameter names, its own rank, scaling and dropout."""
+    `lora_B` [N, r] under PEFT's parameter names, its own rank, scaling and dropout; with
+    `use_dora`, DoRA's magnitude `lora_magnitude_vector` [N] too (the layer that takes the
+    branch sets it to ‖W + s·B A‖ of its base, `LoraLinear.init_branch_magnitude`)."""
 
     def __init__(
         self, k: int, n: int, r: int, lora_alpha: float, lora_dropout: float = 0.0,
         use_rslora: bool = False, init_lora_weights: bool = True, factory=None,
+        use_dora: bool = False,
     ) -> None:
         super().__init__()
         self.in_features, self.out_features = k, n
         _init_lora(self, k, n, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights,
                    factory or {})
+        self.use_dora = bool(use_dora)
+        if self.use_dora:
+            self.lora_magnitude_vector = nn.Parameter(torch.ones(n, **(factory or {})))
 
     def delta_weight(self) -> Tensor:
         return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
 
     def extra_repr(self) -> str:
-        return f"r={self.r}, scaling={self.scaling:g}, dropout={self.lora_dropout}"
+        dora = ", dora=True" if self.use_dora else ""
+        return f"r={self.r}, scaling={self.scaling:g}, dropout={self.lora_dropout}{dora}"
 
 
 class LoraLinear(nn.Module):
@@ -105,8 +112,11 @@ class LoraLinear(nn.Module):
     be active at once (`active_adapters`, PEFT's list; `active_adapter` is its first): the
     output is then base(x) plus each active adapter's branch that this layer holds, the first
     on the path above, each further one added into it (`ops.lora_add`, its own dropout and
-    scaling); a DoRA default adapter among several active is refused. A layer wrapped only for
-    another adapter has no default one (`has_default` False, no `lora_A` / `lora_B` of its own).
+    scaling); a DoRA adapter among several active is refused. A named adapter may be DoRA
+    too (`LoraBranch.use_dora`): active alone it runs as the default one's DoRA does, with its
+    own A, B, magnitude, scaling and dropout and the layer's cached ‖W_n‖² (mixed batches run
+    plain LoRA adapters only). A layer wrapped only for another adapter has no default one
+    (`has_default` False, no `lora_A` / `lora_B` of its own).
     """
 
     def __init__(
@@ -192,9 +202,14 @@ class LoraLinear(nn.Module):
         if module is None:
             return []
         params = [module.lora_A.weight, module.lora_B.weight]
-        if module is self and self.use_dora:
-            params.append(self.lora_magnitude_vector)
+        if module.use_dora:
+            params.append(module.lora_magnitude_vector)
         return params
+
+    def is_dora(self, name: str) -> bool:
+        """Whether this layer holds adapter `name` as a DoRA adapter."""
+        module = self.branch(name)
+        return module is not None and module.use_dora
 
     @property
     def fan_in_fan_out(self) -> bool:
@@ -221,10 +236,12 @@ class LoraLinear(nn.Module):
         """‖W_n‖² of the base weight `w` [N, K] as the op sees it (`cached_weight_norm_sq`)."""
         return cached_weight_norm_sq(self, self.base_layer.weight, w)
 
-    def weight_norm(self) -> Tensor:
-        """‖W + s·B A‖ per output row [N] of the current (unmerged) base, detached, float32."""
+    def weight_norm(self, owner: nn.Module | None = None) -> Tensor:
+        """‖W + s·B A‖ per output row [N] of the current (unmerged) base, detached, float32,
+        for the default adapter or `owner` (a `LoraBranch` of this layer's base)."""
+        owner = self if owner is None else owner
         w = self._base_nk()
-        return dora_weight_norm(w, self.lora_A.weight, self.lora_B.weight, self.scaling,
+        return dora_weight_norm(w, owner.lora_A.weight, owner.lora_B.weight, owner.scaling,
                                 self._weight_norm_sq(w))
 
     def reset_magnitude(self) -> None:
@@ -234,6 +251,20 @@ class LoraLinear(nn.Module):
             return
         with torch.no_grad():
             self.lora_magnitude_vector.copy_(self.weight_norm())
+
+    def init_branch_magnitude(self, branch: LoraBranch) -> None:
+        """A DoRA branch's m = ‖W + s·B A‖ per row of this layer's (unmerged) base, as PEFT
+        initialises a named DoRA adapter; the branch need not be added yet."""
+        if not branch.use_dora:
+            return
+        if self.merged and self.has_default:
+            raise ValueError(
+                "a new DoRA adapter's magnitude is initialised from the unmerged base weight, "
+                "but the default adapter is merged into it: unmerge it first "
+                "(la.unmerge_adapter)"
+            )
+        with torch.no_grad():
+            branch.lora_magnitude_vector.copy_(self.weight_norm(branch))
 
     def _dora_merge(self, sign: int) -> None:
         """W' = c ⊙ (W + s·B A) with c = m / ‖W + s·B A‖ from the unmerged W (sign +1), and its
@@ -326,7 +357,7 @@ class LoraLinear(nn.Module):
         names = [n for n in self.active_adapters if self.branch(n) is not None]
         if not names:  # this layer has none of the active adapters
             return self.base_layer(x)
-        if len(names) > 1 and self.use_dora and DEFAULT_ADAPTER in names:
+        if len(names) > 1 and any(self.is_dora(n) for n in names):
             raise NotImplementedError(DORA_AMONG_SEVERAL)
         y = self._adapter_forward(x, names[0])
         for name in names[1:]:  # base(x) + the first branch, then each further branch added
@@ -345,34 +376,38 @@ class LoraLinear(nn.Module):
     def _adapter_forward(self, x: Tensor, name: str) -> Tensor:
         """base(x) + adapter `name`'s update (this layer holds it): the fused op on a float
         base, the base's own product plus `ops.lora_add` on a quantized one; DoRA for a DoRA
-        default adapter."""
-        if name != DEFAULT_ADAPTER:
-            branch = self.branch(name)
-            p = branch.lora_dropout if self.training else 0.0
-            return self._lora_forward(x, branch.lora_A, branch.lora_B, branch.scaling, p)
-        p = self.lora_dropout if self.training else 0.0
-        if not self.use_dora:
-            return self._lora_forward(x, self.lora_A, self.lora_B, self.scaling, p)
+        adapter (the default one or a named one)."""
+        owner = self if name == DEFAULT_ADAPTER else self.branch(name)
+        p = owner.lora_dropout if self.training else 0.0
+        if not owner.use_dora:
+            return self._lora_forward(x, owner.lora_A, owner.lora_B, owner.scaling, p)
+        return self._dora_forward(x, owner, p)
+
+    def _dora_forward(self, x: Tensor, owner: nn.Module, p: float) -> Tensor:
+        """base(x) + DoRA's update of `owner` (this layer, or a DoRA `LoraBranch` of it), with
+        its A, B, magnitude and scaling and this layer's cached ‖W_n‖² (of the base only):
+        `ops.dora_linear` on a float base, the base's own product plus `dora_add` on a
+        quantized one."""
+        lora_a, lora_b = owner.lora_A, owner.lora_B
         if self.quant is not None:
             y0 = self.base_layer(x)
             x = x if x.dtype == y0.dtype else x.to(y0.dtype)
             w = self._base_nk().to(x.dtype)  # dequantized once per forward, as PEFT
             # the base gathered its own weight above
-            return within_units((self.lora_A, self.lora_B), lambda: dora_add(
-                y0, x, w, getattr(self.base_layer, "bias", None), self.lora_A.weight,
-                self.lora_B.weight, self.lora_magnitude_vector, scaling=self.scaling,
+            return within_units((lora_a, lora_b), lambda: dora_add(
+                y0, x, w, getattr(self.base_layer, "bias", None), lora_a.weight,
+                lora_b.weight, owner.lora_magnitude_vector, scaling=owner.scaling,
                 dropout_p=p, weight_norm_sq=self._weight_norm_sq(w),
             ))
 
         def dora() -> Tensor:
             xc, w, b = autocast_inputs(x, *base_weight_bias(self.base_layer))
             return ops.dora_linear(
-                xc, w, b, self.lora_A.weight, self.lora_B.weight,
-                self.lora_magnitude_vector, scaling=self.scaling, dropout_p=p,
-                weight_norm_sq=self._weight_norm_sq(w),
+                xc, w, b, lora_a.weight, lora_b.weight, owner.lora_magnitude_vector,
+                scaling=owner.scaling, dropout_p=p, weight_norm_sq=self._weight_norm_sq(w),
             )
 
-        return within_units((self.base_layer, self.lora_A, self.lora_B), dora)
+        return within_units((self.base_layer, lora_a, lora_b), dora)
 
     def _mixed_forward(self, x: Tensor, rows: list[str]) -> Tensor:
         """A mixed-adapter batch (inference): row i of `x` [B, ..., K] gets adapter `rows[i]`
@@ -382,9 +417,11 @@ class LoraLinear(nn.Module):
                 f"adapter_names has {len(rows)} entries but the batch has {x.shape[0]} rows"
             )
         names = [n for n in dict.fromkeys(rows) if self.branch(n) is not None]
-        if self.use_dora and DEFAULT_ADAPTER in names:
+        dora = [n for n in names if self.is_dora(n)]
+        if dora:
             raise NotImplementedError(
-                "adapter_names= with a DoRA default adapter is not supported (plain LoRA only)"
+                f"adapter_names= with DoRA adapter(s) {dora} is not supported (mixed batches "
+                "run plain LoRA adapters only): run a DoRA adapter with set_adapter"
             )
         y0 = self.base_layer(x)
         if not names:

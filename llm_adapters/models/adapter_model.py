@@ -419,11 +419,11 @@ class AdapterModel(nn.Module):
                 f"set_adapter({names}): adapter(s) {repeated} named more than once; name each "
                 "active adapter once"
             )
-        if len(names) > 1 and DEFAULT_ADAPTER in names and any(
-            m.use_dora and m.has_default for m in self._lora_layers()
-        ):
+        dora = [n for n in names if any(m.is_dora(n) for m in self._lora_layers())]
+        if len(names) > 1 and dora:
             raise NotImplementedError(
-                f"set_adapter({names}): the default adapter is DoRA; {DORA_AMONG_SEVERAL}"
+                f"set_adapter({names}): {', '.join(map(repr, dora))} "
+                f"{'is' if len(dora) == 1 else 'are'} DoRA; {DORA_AMONG_SEVERAL}"
             )
         return names
 

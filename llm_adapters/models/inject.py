@@ -392,10 +392,10 @@ class ExtraSwap:
 
 
 def plan_extra_lora(model: nn.Module, config: LoraConfig, loading: bool = False) -> list[ExtraSwap]:
-    """Where another named LoRA adapter goes in `model` (a causal LM that has adapter layers
-    already), validated, the model untouched. Fills in `config.target_modules`."""
+    """Where another named LoRA (or DoRA) adapter goes in `model` (a causal LM that has
+    adapter layers already), validated, the model untouched. Fills in `config.target_modules`.
+    A new DoRA adapter's magnitude is ‖W + s·B A‖ of each unmerged base weight (PEFT's)."""
     unsupported = [
-        (config.use_dora, "use_dora=True (DoRA)"),
         (config.bias != "none", f"bias={config.bias!r}"),
         (bool(config.modules_to_save), "modules_to_save"),
         (config.init_lora_weights == "eva" and not loading, "init_lora_weights='eva'"),
@@ -404,7 +404,8 @@ def plan_extra_lora(model: nn.Module, config: LoraConfig, loading: bool = False)
         if bad:
             raise ValueError(
                 f"{what} is not supported for an adapter other than 'default' (several "
-                "adapters per model: plain LoRA only for the others)"
+                "adapters per model: LoRA or DoRA adapters with no trained base parameters for "
+                "the others)"
             )
     targets = _resolve_targets(model, config, "lora")
     modules = dict(model.named_modules())
@@ -453,9 +454,11 @@ def plan_extra_lora(model: nn.Module, config: LoraConfig, loading: bool = False)
         k, n = layer.in_features, layer.out_features
         branch = LoraBranch(
             k, n, config.rank_for(name), config.alpha_for(name), config.lora_dropout,
-            config.use_rslora, init is not False, adapter_factory(base),
+            config.use_rslora, init is not False, adapter_factory(base), config.use_dora,
         )
         _init_lora(branch, init)
+        if not loading:  # DoRA: m = ‖W + s·B A‖ of the initial A, B (as PEFT); loaded: saved
+            layer.init_branch_magnitude(branch)
         swaps.append(ExtraSwap(name, layer, branch, parent, attr))
     return swaps
 

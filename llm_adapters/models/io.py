@@ -118,16 +118,26 @@ def _extra_parameters(wrapper: AdapterModel, adapter_name: str) -> dict[str, nn.
     from ..layers import LoraLinear
 
     keyed = {}
+    config = wrapper._extra_configs[adapter_name]
     for name, layer in wrapper.get_base_model().named_modules():
         if isinstance(layer, LoraLinear):
             branch = layer.branch(adapter_name)
             if branch is not None:
-                for pname in ("lora_A.weight", "lora_B.weight"):
-                    module, _, attr = pname.partition(".")
-                    keyed[layer_key(wrapper._extra_configs[adapter_name], name, pname)] = getattr(
-                        getattr(branch, module), attr
-                    )
+                keyed.update(_branch_keys(config, name, branch))
     return {clean_name(k): p for k, p in keyed.items()}
+
+
+def _branch_keys(config: AdapterConfig, layer_name: str, branch: nn.Module) -> dict:
+    """file key -> parameter of a named adapter's `LoraBranch` in the layer `layer_name`:
+    `lora_A.weight`, `lora_B.weight` and, for DoRA, PEFT's file key of the magnitude
+    (`<layer>.lora_magnitude_vector`, as the default adapter's)."""
+    keyed = {
+        layer_key(config, layer_name, "lora_A.weight"): branch.lora_A.weight,
+        layer_key(config, layer_name, "lora_B.weight"): branch.lora_B.weight,
+    }
+    if branch.use_dora:
+        keyed[layer_key(config, layer_name, DORA_KEY[1:])] = branch.lora_magnitude_vector
+    return keyed
 
 
 def _extra_states(model: AdapterModel) -> dict[str, dict[str, Tensor]]:
@@ -403,9 +413,7 @@ def _load_extra(
     swaps = plan_extra_lora(base, config, loading=True)
     expected = {}
     for swap in swaps:
-        for pname in ("lora_A", "lora_B"):
-            key = layer_key(config, swap.name, f"{pname}.weight")
-            expected[key] = getattr(swap.branch, pname).weight
+        expected.update(_branch_keys(config, swap.name, swap.branch))
     check_saved_tensors(adapter_path, expected, tensors)
     with torch.no_grad():
         for key, p in expected.items():
