@@ -11,7 +11,7 @@ import warnings
 
 import pytest
 import torch
-from tiny_models import tiny_batch, tiny_model
+from tiny_models import adapter_state, assert_adapter_state, tiny_batch, tiny_model
 
 import llm_adapters as la
 from llm_adapters import ops
@@ -47,20 +47,7 @@ def _logits(model, batch=None):
         return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
 
 
-def _snapshot(model):
-    return {k: v.clone() for k, v in model.state_dict().items()}, {
-        n: p.requires_grad for n, p in model.named_parameters()
-    }, model.active_adapters, list(model.peft_config), [
-        (m.active_adapters, m.merged) for m in model.get_base_model().modules()
-        if isinstance(m, la.LoraLinear)
-    ]
-
-
-def _same(before, model):
-    assert _snapshot(model)[1:] == before[1:]
-    now = model.state_dict()
-    assert list(now) == list(before[0])
-    assert all(torch.equal(now[k], v) for k, v in before[0].items())
+_snapshot, _same = adapter_state, assert_adapter_state
 
 
 def _peft_name(ours: str) -> str:

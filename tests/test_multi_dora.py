@@ -12,7 +12,7 @@ import warnings
 
 import pytest
 import torch
-from tiny_models import tiny_batch, tiny_model
+from tiny_models import adapter_state, assert_adapter_state, tiny_batch, tiny_model
 
 import llm_adapters as la
 from llm_adapters import ops
@@ -97,20 +97,7 @@ def _grads(model, seed=5):
     }
 
 
-def _snapshot(model):
-    return {k: v.clone() for k, v in model.state_dict().items()}, {
-        n: p.requires_grad for n, p in model.named_parameters()
-    }, model.active_adapters, list(model.peft_config), [
-        (m.active_adapters, m.merged) for m in model.get_base_model().modules()
-        if isinstance(m, la.LoraLinear)
-    ]
-
-
-def _same(before, model):
-    assert _snapshot(model)[1:] == before[1:]
-    now = model.state_dict()
-    assert list(now) == list(before[0])
-    assert all(torch.equal(now[k], v) for k, v in before[0].items())
+_snapshot, _same = adapter_state, assert_adapter_state
 
 
 def _files(path):

@@ -52,3 +52,24 @@ def tiny_batch(batch: int = 2, length: int = 9, seed: int = 1) -> dict[str, torc
     mask[0, :2] = 0
     labels = ids.masked_fill(mask == 0, -100)
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def adapter_state(model):
+    """What a refused call must leave as it was: the state dict, which parameters train, the
+    active adapters, the adapters, and each LoRA layer's active list and merged flag."""
+    from llm_adapters import LoraLinear
+
+    return {k: v.clone() for k, v in model.state_dict().items()}, {
+        n: p.requires_grad for n, p in model.named_parameters()
+    }, model.active_adapters, list(model.peft_config), [
+        (m.active_adapters, m.merged) for m in model.get_base_model().modules()
+        if isinstance(m, LoraLinear)
+    ]
+
+
+def assert_adapter_state(before, model):
+    """`model` is in the state `adapter_state` recorded as `before`, tensors bit for bit."""
+    assert adapter_state(model)[1:] == before[1:]
+    now = model.state_dict()
+    assert list(now) == list(before[0])
+    assert all(torch.equal(now[k], v) for k, v in before[0].items())
