@@ -66,6 +66,7 @@ from torch import Tensor
 from .. import _cuda_build
 from .._numerics import ACTIVATION_CODES, dropout_threshold
 from . import _cuda_ops
+from .torch_backend import _column_scale
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -282,12 +283,6 @@ def _lora_backward(g, x, weight, a, b, scale_t, scaling, p, seed, activation, s_
         g_sum if need_bb else _empty(g),
         d_scale if need_scale else _empty(g),
     )
-
-
-def _column_scale(t, col_scale, bias, save_t):
-    """(c ⊙ T + bias rounded once from float32, T or an empty tensor)."""
-    y = t * col_scale if bias is None else torch.addcmul(bias.float(), t, col_scale)
-    return y.to(t.dtype), (t if save_t else t.new_empty(0))
 
 
 def _dora_terms(g, col_scale, t, need_bias, need_col):
