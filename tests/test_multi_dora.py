@@ -399,10 +399,6 @@ def test_bad_input_is_refused_and_the_model_untouched(tmp_path):
     before = _snapshot(model)
     rows = tiny_batch()
     cases = [
-        (lambda: model.set_adapter(["default", "b"]), NotImplementedError,
-         "'b' is DoRA; several active adapters with a DoRA adapter among them"),
-        (lambda: model.set_adapter(["other", "b"]), NotImplementedError,
-         "'b' is DoRA; several active adapters with a DoRA adapter among them"),
         (lambda: model(**rows, adapter_names=["b", "default"]), NotImplementedError,
          r"adapter_names= with DoRA adapter\(s\) \['b'\] is not supported"),
         (lambda: model(**rows, adapter_names=["other", "b"]), NotImplementedError,

@@ -21,11 +21,6 @@ from ._sharded import base_weight_bias, within_units
 
 DEFAULT_ADAPTER = "default"  # the adapter held as lora_A / lora_B (PEFT's first adapter's name)
 EXTRA_PREFIX = "lora_extra."  # parameter names of the other named adapters start with this
-DORA_AMONG_SEVERAL = (
-    "several active adapters with a DoRA adapter among them are not supported (PEFT's DoRA "
-    "would rescale a base output that already holds the other adapters' updates): activate "
-    "the DoRA adapter alone"
-)
 
 
 def cached_weight_norm_sq(holder: nn.Module, owner: Tensor, w: Tensor) -> Tensor:
@@ -112,11 +107,12 @@ class LoraLinear(nn.Module):
     be active at once (`active_adapters`, PEFT's list; `active_adapter` is its first): the
     output is then base(x) plus each active adapter's branch that this layer holds, the first
     on the path above, each further one added into it (`ops.lora_add`, its own dropout and
-    scaling); a DoRA adapter among several active is refused. A named adapter may be DoRA
-    too (`LoraBranch.use_dora`): active alone it runs as the default one's DoRA does, with its
-    own A, B, magnitude, scaling and dropout and the layer's cached ‖W_n‖² (mixed batches run
-    plain LoRA adapters only). A layer wrapped only for another adapter has no default one
-    (`has_default` False, no `lora_A` / `lora_B` of its own).
+    scaling); a further DoRA adapter rescales the output so far as PEFT's does (`dora_add`,
+    `_add_dora_branch`). A named adapter may be DoRA too (`LoraBranch.use_dora`): it runs as
+    the default one's DoRA does, with its own A, B, magnitude, scaling and dropout and the
+    layer's cached ‖W_n‖² (mixed batches run plain LoRA adapters only). A layer wrapped only
+    for another adapter has no default one (`has_default` False, no `lora_A` / `lora_B` of
+    its own).
     """
 
     def __init__(
@@ -357,12 +353,40 @@ class LoraLinear(nn.Module):
         names = [n for n in self.active_adapters if self.branch(n) is not None]
         if not names:  # this layer has none of the active adapters
             return self.base_layer(x)
-        if len(names) > 1 and any(self.is_dora(n) for n in names):
-            raise NotImplementedError(DORA_AMONG_SEVERAL)
         y = self._adapter_forward(x, names[0])
         for name in names[1:]:  # base(x) + the first branch, then each further branch added
-            y = self._add_branch(y, x, self.branch(name))
+            branch = self.branch(name)
+            y = self._add_dora_branch(y, x, branch) if branch.use_dora else self._add_branch(
+                y, x, branch)
         return y
+
+    def _add_dora_branch(self, y: Tensor, x: Tensor, branch: nn.Module) -> Tensor:
+        """A further active DoRA adapter (`branch`: this layer, or a DoRA `LoraBranch`) on the
+        output `y` of the layer so far, as PEFT runs it (`dora_add`, y standing for the base
+        output): without dropout c ⊙ (y − b + s·B A x) + b, so the DoRA scale also rescales
+        the earlier adapters' updates in y; under dropout y + (c − 1) ⊙ D(x) Wᵀ + c ⊙ s·B A
+        D(x), with this adapter's own D(x) of the layer's input. c = m / ‖W + s·B A‖ of the
+        base weight with this adapter's A and B only."""
+        p = branch.lora_dropout if self.training else 0.0
+        lora_a, lora_b = branch.lora_A, branch.lora_B
+        if self.quant is not None:
+            xq = x if x.dtype == y.dtype else x.to(y.dtype)
+            w = self._base_nk().to(y.dtype)  # dequantized, as for the first DoRA adapter
+            return within_units((lora_a, lora_b), lambda: dora_add(
+                y, xq, w, getattr(self.base_layer, "bias", None), lora_a.weight,
+                lora_b.weight, branch.lora_magnitude_vector, scaling=branch.scaling,
+                dropout_p=p, weight_norm_sq=self._weight_norm_sq(w),
+            ))
+
+        def add() -> Tensor:
+            xc, w, b = autocast_inputs(x, *base_weight_bias(self.base_layer))
+            xc, w = (t if t.dtype == y.dtype else t.to(y.dtype) for t in (xc, w))
+            return dora_add(
+                y, xc, w, b, lora_a.weight, lora_b.weight, branch.lora_magnitude_vector,
+                scaling=branch.scaling, dropout_p=p, weight_norm_sq=self._weight_norm_sq(w),
+            )
+
+        return within_units((self.base_layer, lora_a, lora_b), add)
 
     def _add_branch(self, y: Tensor, x: Tensor, branch: nn.Module) -> Tensor:
         """y + s · B A D(x) for another active adapter's `branch` (its own scaling and dropout),

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from ..config import AdapterConfig
 from ..layers import BottleneckAdapter, LoraLinear, PrefixEncoder, PromptEmbedding
 from ..layers._quant import param_numel
-from ..layers.lora import DEFAULT_ADAPTER, DORA_AMONG_SEVERAL  # DEFAULT_ADAPTER: PEFT's name
+from ..layers.lora import DEFAULT_ADAPTER  # DEFAULT_ADAPTER: PEFT's name
 
 
 def _cache_class():
@@ -400,7 +400,7 @@ class AdapterModel(nn.Module):
 
     def _check_adapter_names(self, adapter_name: Any) -> list[str]:
         """The adapter names of `set_adapter(adapter_name)` (one name or a list), checked:
-        known, no repeats, not empty, no DoRA adapter among several. Checks only."""
+        known, no repeats, not empty. Checks only."""
         names = list(adapter_name) if isinstance(adapter_name, (list, tuple)) else [adapter_name]
         if not names:
             raise ValueError(
@@ -418,12 +418,6 @@ class AdapterModel(nn.Module):
             raise ValueError(
                 f"set_adapter({names}): adapter(s) {repeated} named more than once; name each "
                 "active adapter once"
-            )
-        dora = [n for n in names if any(m.is_dora(n) for m in self._lora_layers())]
-        if len(names) > 1 and dora:
-            raise NotImplementedError(
-                f"set_adapter({names}): {', '.join(map(repr, dora))} "
-                f"{'is' if len(dora) == 1 else 'are'} DoRA; {DORA_AMONG_SEVERAL}"
             )
         return names
 

@@ -6,9 +6,10 @@ PEFT's bitsandbytes LoRA layers (QLoRA: `Linear4bit`, `Linear8bitLt`) keep their
 layer's own quantized product and get our branch added into it (`ops.lora_add`).
 Several active adapters (PEFT's `set_adapter([...])` on the LoraModel) run on a float base:
 the first on the fused op, each further one added into its output (`ops.lora_add`).
-A layer our op cannot run (DoRA on a quantized base or among several active adapters,
-lora_bias, another quantized or a non-Linear base, several active adapters on a quantized
-base, another LoRA variant) keeps PEFT's forward and is reported by name with the reason.
+A further active DoRA adapter rescales the output so far as PEFT's does (`ops.dora_add`).
+A layer our op cannot run (DoRA on a quantized base, lora_bias, another quantized or a
+non-Linear base, several active adapters on a quantized base, another LoRA variant) keeps
+PEFT's forward and is reported by name with the reason.
 """
 
 from __future__ import annotations
@@ -129,7 +130,7 @@ def _adapter_reason(
     layer: nn.Module, variant_reason=_variant_reason, several: bool = True
 ) -> Optional[str]:
     """Why the active adapters of this layer keep it on PEFT's path (a variant; several where
-    `several` is False, or several with a DoRA adapter among them), or None."""
+    `several` is False), or None."""
     active = [a for a in layer.active_adapters if a in layer.lora_A]
     if len(active) > 1 and not several:
         return (
@@ -140,58 +141,58 @@ def _adapter_reason(
         why = variant_reason(layer, adapter)
         if why:
             return why
-    if len(active) > 1 and any(getattr(layer, "use_dora", {}).get(a, False) for a in active):
-        return (
-            f"several active adapters ({', '.join(active)}) with a DoRA adapter among them: "
-            "PEFT's DoRA rescales a base output that holds the other adapters' updates, which "
-            "our op does not"
-        )
     return None
 
 
 def _peft_lora_forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
     """Replacement forward for a PEFT LoRA Linear: one fused op instead of PEFT's chain (with
-    several active adapters, the first on it and each further one added by `ops.lora_add`,
-    in PEFT's order). Whatever our op does not cover at this call goes to PEFT's forward."""
+    several active adapters, the first on it and each further one added in PEFT's order: a
+    LoRA one by `ops.lora_add`, a DoRA one by `dora_add` on the output so far, as PEFT's DoRA
+    takes it for the base result). Whatever our op does not cover at this call goes to
+    PEFT's forward."""
     active = [a for a in self.active_adapters if a in self.lora_A]
     if (
         args or kwargs or self.disable_adapters or self.merged or not active
         or _adapter_reason(self) is not None
     ):
         return getattr(self, _ORIGINAL)(x, *args, **kwargs)
-    name = active[0]
     base = self.get_base_layer()
-    lora_a, lora_b = self.lora_A[name], self.lora_B[name]
-    dora = _dora_module(self, name) if getattr(self, "use_dora", {}).get(name, False) else None
-    p = _dropout_p(self, name)
-    more = [(self.lora_A[a], self.lora_B[a], float(self.scaling[a]), _dropout_p(self, a))
-            for a in active[1:]]
+    adapters = [
+        (self.lora_A[a], self.lora_B[a], float(self.scaling[a]), _dropout_p(self, a),
+         _dora_module(self, a) if getattr(self, "use_dora", {}).get(a, False) else None)
+        for a in active
+    ]
 
     def fused() -> Tensor:
-        y = first()
-        xc = x if x.dtype == y.dtype else x.to(y.dtype)
-        for a, b, scaling, p_a in more:  # PEFT: result + each further adapter's branch
-            y = ops.lora_add(y, xc, a.weight, b.weight, scaling=scaling, dropout_p=p_a)
-        return y
-
-    def first() -> Tensor:
         weight, bias = frozen_aware(base, "weight"), frozen_aware(base, "bias")
         weight = weight.t() if self.fan_in_fan_out else weight
         xc, weight, bias = autocast_inputs(x, weight, bias)
+        (lora_a, lora_b, scaling, p, dora), more = adapters[0], adapters[1:]
         if dora is not None:  # PEFT's DoRA math, the row norm detached as PEFT does
-            return ops.dora_linear(
-                xc, weight, bias, lora_a.weight, lora_b.weight, dora.weight,
-                scaling=float(self.scaling[name]), dropout_p=p,
-                weight_norm_sq=cached_weight_norm_sq(dora, base.weight, weight),
+            y = ops.dora_linear(
+                xc, weight, bias, lora_a.weight, lora_b.weight, dora.weight, scaling=scaling,
+                dropout_p=p, weight_norm_sq=cached_weight_norm_sq(dora, base.weight, weight),
             )
-        return ops.lora_linear(
-            xc, weight, bias, lora_a.weight, lora_b.weight,
-            scaling=float(self.scaling[name]), dropout_p=p,
-        )
+        else:
+            y = ops.lora_linear(
+                xc, weight, bias, lora_a.weight, lora_b.weight, scaling=scaling, dropout_p=p,
+            )
+        if more and xc.dtype != y.dtype:
+            xc, weight = xc.to(y.dtype), weight.to(y.dtype)
+        for lora_a, lora_b, scaling, p, dora in more:  # PEFT: each further adapter on result
+            if dora is None:
+                y = ops.lora_add(y, xc, lora_a.weight, lora_b.weight, scaling=scaling,
+                                 dropout_p=p)
+            else:
+                y = ops.dora_add(
+                    y, xc, weight, bias, lora_a.weight, lora_b.weight, dora.weight,
+                    scaling=scaling, dropout_p=p,
+                    weight_norm_sq=cached_weight_norm_sq(dora, base.weight, weight),
+                )
+        return y
 
     # under FSDP1 with PEFT's wrap policy lora_A / lora_B are units of their own (see _sharded)
-    units = (base, lora_a, lora_b) + ((dora,) if dora is not None else ())
-    units += tuple(m for a, b, _, _ in more for m in (a, b))
+    units = (base,) + tuple(m for a, b, _, _, d in adapters for m in (a, b, d) if m is not None)
     return within_units(units, fused)
 
 
@@ -267,13 +268,12 @@ def accelerate_peft(peft_model: nn.Module) -> nn.Module:
     untouched); only each LoRA Linear's forward changes. On PEFT's bitsandbytes 4-bit / 8-bit
     LoRA layers (QLoRA) the quantized base keeps its own product and our op adds the branch.
     Several active adapters run on a float base (the first on the fused op, the others added
-    by `ops.lora_add`). A layer our op cannot run keeps PEFT's forward and is named in the
-    report with the reason (DoRA on a quantized base or among several active adapters,
+    by `ops.lora_add`, or `ops.dora_add` for a DoRA one). A layer our op cannot run keeps
+    PEFT's forward and is named in the report with the reason (DoRA on a quantized base,
     lora_bias, another quantized base, Embedding/Conv LoRA, several active adapters on a
-    quantized base);
-    the report is logged, warned about
-    when some layers stay on PEFT, and attached as `peft_model.llm_adapters_report`
-    (an `AccelerationReport`). Returns the model; `restore_peft` undoes it.
+    quantized base); the report is logged, warned about when some layers stay on PEFT, and
+    attached as `peft_model.llm_adapters_report` (an `AccelerationReport`). Returns the
+    model; `restore_peft` undoes it.
     """
     peft_linear, lora_layer = _peft_classes()
     layers = _lora_layers(peft_model, lora_layer)

@@ -5,6 +5,7 @@
     y = lora_add(y0, x, lora_a, lora_b, scaling=2.0)  # the branch into a base output y0
     z = series_adapter(h, down, up, scaling=1.0, activation="tanh", dropout_p=0.0)
     y = dora_linear(x, weight, bias, lora_a, lora_b, magnitude, scaling=2.0)  # DoRA
+    y = dora_add(y0, x, weight, bias, lora_a, lora_b, magnitude, scaling=2.0)  # on y0
     y0 = lora_grouped_add(y0, x, adapter_index, [a0, a1], [b0, b1], [2.0, 1.0])  # per-row
 
 Every input is validated here, once, so each backend sees 2-D contiguous activations and
@@ -38,7 +39,7 @@ from ._dispatch import (
     resolve_backend,
     shape_dependent,
 )
-from .dora import dora_linear  # noqa: E402  (uses the package's lora_linear)
+from .dora import dora_add, dora_linear  # noqa: E402  (uses the package's lora_linear)
 from .grouped import lora_grouped_add
 
 __all__ = [
@@ -49,6 +50,7 @@ __all__ = [
     "available_backends",
     "backend_status",
     "canonical_activation",
+    "dora_add",
     "dora_linear",
     "dropout_mask",
     "lora_add",

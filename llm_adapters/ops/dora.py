@@ -45,9 +45,6 @@ from .._numerics import acc_dtype, dropout_threshold
 # functions (lora_linear, the dispatch) are looked up on it at call time.
 _ops = sys.modules[__name__.rpartition(".")[0]]
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
 def weight_row_norm_sq(weight: Tensor) -> Tensor:
     """‖W_n‖² per output row of a base weight [N, K] (a transposed view is fine), in float32
     (float64 for a float64 weight), without a float32 copy of W."""
@@ -119,17 +116,6 @@ class _DropProduct(torch.autograd.Function):
         return dx, None, None, None
 
 
-def _check(name: str, t: Tensor, shape: tuple[int, ...], device: torch.device) -> None:
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if tuple(t.shape) != shape:
-        raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {shape}")
-    if t.device != device:
-        raise ValueError(f"{name} is on {t.device}, but the input is on {device}")
-    if t.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{name} has dtype {t.dtype}; expected a floating dtype")
-
-
 def _check_dora(x, weight, bias, lora_a, lora_b, magnitude, scaling, dropout_p, weight_norm_sq,
                 bias_dtype=True) -> tuple[int, int, int]:
     """The checks dora_linear and dora_add share; returns (n, k, r)."""
@@ -151,18 +137,18 @@ def _check_dora(x, weight, bias, lora_a, lora_b, magnitude, scaling, dropout_p, 
             scaling, bool):
         raise TypeError(f"DoRA scaling must be a float (alpha / r), got {scaling!r}")
     _ops._check_common(x, "x", r, dropout_p, "identity", float(scaling))
-    _check("weight", weight, (n, k), x.device)
-    _check("lora_a", lora_a, (r, k), x.device)
-    _check("lora_b", lora_b, (n, r), x.device)
-    _check("magnitude", magnitude, (n,), x.device)
+    _ops._check_tensor("weight", weight, (n, k), x.device)
+    _ops._check_tensor("lora_a", lora_a, (r, k), x.device)
+    _ops._check_tensor("lora_b", lora_b, (n, r), x.device)
+    _ops._check_tensor("magnitude", magnitude, (n,), x.device)
     if weight.dtype != x.dtype:
         raise TypeError(f"weight dtype {weight.dtype} does not match x dtype {x.dtype}")
     if bias is not None:
-        _check("bias", bias, (n,), x.device)
+        _ops._check_tensor("bias", bias, (n,), x.device)
         if bias_dtype and bias.dtype != x.dtype:
             raise TypeError(f"bias dtype {bias.dtype} does not match x dtype {x.dtype}")
     if weight_norm_sq is not None:
-        _check("weight_norm_sq", weight_norm_sq, (n,), x.device)
+        _ops._check_tensor("weight_norm_sq", weight_norm_sq, (n,), x.device)
     return n, k, r
 
 
@@ -263,9 +249,11 @@ def dora_add(
         p = 0:  y = y0 + (c − 1) ⊙ (y0 − b) + c ⊙ s·B A x = c ⊙ (y0 − b + s·B A x) + b
         p > 0:  y = y0 + (c − 1) ⊙ D(x) Wᵀ + c ⊙ s·B A D(x)
     computed by the op "dora_add" on y0 − b, plus (c − 1) ⊙ (D(x) Wᵀ − (y0 − b)) under dropout;
-    dy0 = g in all, so autograd runs the base layer's own backward. `weight` is read for the
-    row norms and, under dropout, for D(x) Wᵀ (held for backward); bias is the base layer's
-    (any float dtype). Other arguments as in `dora_linear`.
+    dy0 = c ⊙ g (p = 0) or g (p > 0), and autograd runs the base layer's own backward from it.
+    y0 may hold more than the base product (earlier adapters' updates: PEFT hands a further
+    DoRA adapter the output so far as its base result, and so does `LoraLinear`). `weight` is
+    read for the row norms and, under dropout, for D(x) Wᵀ (held for backward); bias is the
+    base layer's (any float dtype). Other arguments as in `dora_linear`.
     """
     n, k, r = _check_dora(x, weight, bias, lora_a, lora_b, magnitude, scaling, dropout_p,
                           weight_norm_sq, bias_dtype=False)
