@@ -1,5 +1,6 @@
 // expand: out = in + keep·scale·φ(H) wᵀ + bias, on the CUDA cores (expand_block) and with the
-// rank product on the tensor cores for 16-bit out (expand_tc_block).
+// rank product on the tensor cores for 16-bit out (expand_tc_block); with a column scale c,
+// DoRA's epilogue out = c ⊙ (in + keep·scale·φ(H) wᵀ) + bias, optionally storing the sum T.
 #pragma once
 
 #include "common.cuh"
@@ -41,13 +42,18 @@ struct ExpandArgs {
   const float* scale_ptr;  // one float on the device, or null
   float scaling;
   DropoutParams drop;
-  bool vec_ok;  // in and out 16-byte aligned and N a multiple of the vector width
+  bool vec_ok;  // in, out (and t_out) 16-byte aligned and N a multiple of the vector width
+  // DoRA: out = col_scale ⊙ (in + ...) + bias, the sum T = in + ... rounded into t_out when
+  // it is not null. Null col_scale (the default of a brace-initialised ExpandArgs): no scale.
+  const float* col_scale = nullptr;  // [N] or null
+  T* t_out = nullptr;                // [M, N] like out, or null
 };
 
 // The epilogue of an expand tile, shared by both variants: thread (tx = tid % 16, ty = tid / 16)
 // owns rows m0 + ty + 16 i and the 8 columns n0 + 8 tx + c; acc[i][c] · mult is its part of
 // φ(H) wᵀ. Adds keep · scaling · scale · acc · mult + bias to `in` and writes `out` (16-byte
-// vectors where aligned).
+// vectors where aligned). With a column scale the sum is kept in float32, scaled, the bias
+// added after the scale, and rounded once into `out` (DoRA's epilogue; T into t_out as well).
 template <typename T>
 LA_HOST_DEVICE void expand_epilogue(const ExpandArgs<T>& a, int64_t m0, int64_t n0, int tid,
                                     const float (&acc)[kExpandTM][kExpandTN], float mult) {
@@ -68,7 +74,7 @@ LA_HOST_DEVICE void expand_epilogue(const ExpandArgs<T>& a, int64_t m0, int64_t 
           !keep_element(a.drop, static_cast<uint64_t>(m * a.N + n))) {
         v = 0.f;
       }
-      if (a.bias != nullptr && n < a.N) v += a.bias[n];
+      if (a.col_scale == nullptr && a.bias != nullptr && n < a.N) v += a.bias[n];
       val[c] = v;
     }
     const int64_t row = m * a.N;
@@ -80,13 +86,27 @@ LA_HOST_DEVICE void expand_epilogue(const ExpandArgs<T>& a, int64_t m0, int64_t 
         load_vec(a.in + row + nb + c0, base);
         LA_UNROLL
         for (int c = 0; c < V; ++c) base[c] += val[c0 + c];
+        if (a.col_scale != nullptr) {
+          if (a.t_out != nullptr) store_vec(a.t_out + row + nb + c0, base);
+          LA_UNROLL
+          for (int c = 0; c < V; ++c) {
+            const int64_t n = nb + c0 + c;
+            base[c] = base[c] * a.col_scale[n] + (a.bias != nullptr ? a.bias[n] : 0.f);
+          }
+        }
         store_vec(a.out + row + nb + c0, base);
       }
     } else {
       LA_UNROLL
       for (int c = 0; c < kExpandTN; ++c) {
         const int64_t n = nb + c;
-        if (n < a.N) a.out[row + n] = static_cast<T>(static_cast<float>(a.in[row + n]) + val[c]);
+        if (n >= a.N) continue;
+        float sum = static_cast<float>(a.in[row + n]) + val[c];
+        if (a.col_scale != nullptr) {
+          if (a.t_out != nullptr) a.t_out[row + n] = static_cast<T>(sum);
+          sum = sum * a.col_scale[n] + (a.bias != nullptr ? a.bias[n] : 0.f);
+        }
+        a.out[row + n] = static_cast<T>(sum);
       }
     }
   }

@@ -321,12 +321,15 @@ at::Tensor shrink(const at::Tensor& x, const at::Tensor& w, const c10::optional<
 template <typename T>
 ExpandArgs<T> expand_args(const at::Tensor& out, const at::Tensor& in, const at::Tensor& h,
                           int64_t act, const at::Tensor& w, const float* bias,
-                          const float* scale_ptr, double scaling, DropoutParams drop) {
+                          const float* scale_ptr, double scaling, DropoutParams drop,
+                          const float* col_scale = nullptr, T* t_out = nullptr) {
   const int64_t N = out.size(1);
+  const bool vec_ok = vec_aligned<T>(out.data_ptr(), N) && vec_aligned<T>(in.data_ptr(), N) &&
+                      (t_out == nullptr || vec_aligned<T>(t_out, N));
   return ExpandArgs<T>{out.data_ptr<T>(), in.data_ptr<T>(), out.size(0), N, h.data_ptr<float>(),
                        h.size(1), static_cast<int>(act), w.data_ptr<float>(), w.stride(0),
                        w.stride(1), bias, scale_ptr, static_cast<float>(scaling), drop,
-                       vec_aligned<T>(out.data_ptr(), N) && vec_aligned<T>(in.data_ptr(), N)};
+                       vec_ok, col_scale, t_out};
 }
 
 // expand_tc_block for 16-bit out (the CUDA-core kernel's tiles and grid). float32 never gets
@@ -347,7 +350,9 @@ void expand_tc(const ExpandArgs<T>& args, Grid grid, const Exec& exec) {
 void expand_add_(const at::Tensor& out, const c10::optional<at::Tensor>& input,
                  const at::Tensor& h, int64_t act, const at::Tensor& w,
                  const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& scale,
-                 double scaling, int64_t threshold, int64_t seed, bool tensor_cores) {
+                 double scaling, int64_t threshold, int64_t seed, bool tensor_cores,
+                 const c10::optional<at::Tensor>& col_scale,
+                 const c10::optional<at::Tensor>& t_out) {
   check_matrix(out, "expand_add_: out");
   check_matrix(h, "expand_add_: h");
   check_matrix(w, "expand_add_: w");
@@ -374,6 +379,18 @@ void expand_add_(const at::Tensor& out, const c10::optional<at::Tensor>& input,
                 in.sizes());
   }
   check_f32_vector(bias, N, out, "expand_add_: bias");
+  check_f32_vector(col_scale, N, out, "expand_add_: col_scale");
+  if (t_out.has_value()) {
+    const at::Tensor& t = t_out.value();
+    TORCH_CHECK(col_scale.has_value(),
+                "llm_adapters_C: expand_add_: t_out (DoRA's T) needs a col_scale");
+    check_same_device(t, out, "expand_add_: t_out");
+    TORCH_CHECK(t.scalar_type() == out.scalar_type() && t.sizes() == out.sizes() &&
+                    t.is_contiguous() && !t.is_same(out),
+                "llm_adapters_C: expand_add_: t_out must be a contiguous tensor of out's dtype ",
+                out.scalar_type(), " and shape ", out.sizes(), " other than out, got ",
+                t.scalar_type(), " ", t.sizes());
+  }
   if (scale.has_value()) {
     const at::Tensor& s = scale.value();
     check_same_device(s, out, "expand_add_: scale");
@@ -392,7 +409,9 @@ void expand_add_(const at::Tensor& out, const c10::optional<at::Tensor>& input,
   const bool tc = use_tensor_cores(out, tensor_cores);
   LA_DISPATCH_FLOAT_HALF_BF16(out.scalar_type(), "expand_add_", [&] {
     const ExpandArgs<scalar_t> args = expand_args<scalar_t>(
-        out, in, h, act, w, bias_ptr, scale_ptr, scaling, make_dropout(threshold, seed));
+        out, in, h, act, w, bias_ptr, scale_ptr, scaling, make_dropout(threshold, seed),
+        col_scale.has_value() ? col_scale.value().data_ptr<float>() : nullptr,
+        t_out.has_value() ? t_out.value().data_ptr<scalar_t>() : nullptr);
     if (tc) {
       expand_tc(args, grid, exec);
     } else if (exec.cuda) {

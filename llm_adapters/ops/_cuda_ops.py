@@ -23,10 +23,13 @@ SCHEMAS = {
     "shrink": "(Tensor x, Tensor w, Tensor? bias, int threshold, float out_scale, int seed, "
               "bool tensor_cores=True) -> Tensor",
     # out = input (or out) + keep · scaling · scale · φ(h) wᵀ + bias: h [M, r] f32, w [N, r] f32;
-    # tensor_cores: φ(h) wᵀ on the tensor cores for 16-bit out (sm_80+), as shrink's
+    # tensor_cores: φ(h) wᵀ on the tensor cores for 16-bit out (sm_80+), as shrink's;
+    # col_scale [N] f32 (DoRA): out = col_scale ⊙ (input + ...) + bias, one rounding, and the
+    # sum T = input + ... into t_out (out's dtype and shape) when given
     "expand_add_": "(Tensor(a!) out, Tensor? input, Tensor h, int act, Tensor w, Tensor? bias, "
                    "Tensor? scale, float scaling, int threshold, int seed, "
-                   "bool tensor_cores=True) -> ()",
+                   "bool tensor_cores=True, Tensor? col_scale=None, Tensor(b!)? t_out=None) "
+                   "-> ()",
     # Σ_m D(x)[m, n] φ(h[m, j]): x [M, N], h [M, r] f32 -> [N, r] f32; tensor_cores as shrink's
     "reduce_rows": "(Tensor x, Tensor h, int act, int threshold, int seed, "
                    "bool tensor_cores=True) -> Tensor",
@@ -59,7 +62,7 @@ def _fake_shrink(x, w, bias, threshold, out_scale, seed, tensor_cores=True):
 
 
 def _fake_expand_add_(out, input, h, act, w, bias, scale, scaling, threshold, seed,
-                      tensor_cores=True):
+                      tensor_cores=True, col_scale=None, t_out=None):
     return None
 
 

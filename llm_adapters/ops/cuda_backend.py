@@ -8,7 +8,8 @@ Nothing here is imported by the package until `backend="cuda"` (or auto on a GPU
 The C++ registers six low-level ops under `torch.ops.llm_adapters_C` (see csrc/ops.cpp):
     shrink          S = D(x) wᵀ·c (+ bias)          one read of x, Philox dropout fused;
                                                     tensor cores for 16-bit x (see below)
-    expand_add_     out = in + keep·s·φ(H) wᵀ + bias  in place into the cuBLAS output when in = out
+    expand_add_     out = in + keep·s·φ(H) wᵀ + bias  in place into the cuBLAS output when in = out;
+                    with a column scale c: out = c ⊙ (in + ...) + bias (DoRA), T kept if asked
     reduce_rows     Σ_m D(X)[m, :]ᵀ φ(H)[m, :]        skinny reduction over M (dA, dDn);
                                                     tensor cores for 16-bit X
     series_forward  fused series forward, one block per 64 rows of h (DESIGN §2.2)
@@ -25,6 +26,11 @@ LoRA backward:            grad_rows(g, B): dS = s·(g B) ⊙ φ'(S) and dB = s·
                           dA = reduce_rows(x with the mask, dS)ᵀ / keep
 lora_add (y0 given):      S as above; y = y0 + s·φ(S) Bᵀ + b_b (expand_add_ with in = y0, into a
                           new y); backward as LoRA's without g W: dx = 0 (memset) += D'(dS A)
+DoRA (dora, dora_add):    as LoRA's / lora_add's forward with the column scale and the bias in
+                          the expand's epilogue (one rounding of c ⊙ T + b from float32; T itself
+                          stored only when the magnitude needs a gradient); backward: gc = c ⊙ g
+                          once (one elementwise pass: cuBLAS's dx = gc W reads it), then LoRA's
+                          kernels on gc; dc = Σ g ⊙ T
 Series forward:           series_forward: per 64-row block, S = D(h) Dnᵀ + d_b (float32, all
                           rank tiles), then z = h + s·φ(S) Upᵀ + u_b re-reading the block's h
 Series backward:          grad_rows(g, Up, dh_w = Dn): dS, dUp and dh = g + D'(dS Dn) in one
@@ -66,7 +72,6 @@ from torch import Tensor
 from .. import _cuda_build
 from .._numerics import ACTIVATION_CODES, dropout_threshold
 from . import _cuda_ops
-from .torch_backend import _column_scale
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -296,13 +301,29 @@ def _dora_terms(g, col_scale, t, need_bias, need_col):
     return gc, d_bias, d_col
 
 
+def _dora_expand(C, x, y, y_in, s_pre, b, bias, col_scale, scaling, save_t):
+    """DoRA's epilogue in the expand: y = c ⊙ (y_in + s·S Bᵀ) + bias rounded once from the
+    float32 sum (y_in None: y itself, the cuBLAS output, in place), T = y_in + s·S Bᵀ into a
+    new tensor when `save_t` (else an empty one)."""
+    t = torch.empty_like(y) if save_t else x.new_empty(0)
+    C.expand_add_(
+        y, y_in, s_pre, ACTIVATION_CODES["identity"], _f32(b).contiguous(),
+        None if bias is None else _f32(bias).contiguous(), None, float(scaling), 0, 0,
+        TENSOR_CORES, col_scale.to(torch.float32).contiguous(), t if save_t else None,
+    )
+    return y, t
+
+
 def dora_forward(x, weight, bias, a, b, col_scale, scaling, p, seed, save_t):
-    """DoRA (ops/_backend.py): T from lora_forward's kernels, then the column scale and the
-    bias as one elementwise pass (not fused into the expand's epilogue here)."""
-    t, s_pre, mask = lora_forward(x, weight, None, a, b, None, None, None, scaling, p, seed,
-                                  "identity")
-    y, t = _column_scale(t, col_scale, bias, save_t)
-    return y, s_pre, mask, t
+    """DoRA (ops/_backend.py): S = shrink(x, A), y = x Wᵀ (cuBLAS), then the expand with the
+    column scale and bias in its epilogue (`_dora_expand`)."""
+    _check_dtype(x, "x")
+    C = load_extension()
+    threshold, inv_keep = _dropout(p)
+    s_pre = C.shrink(x, _f32(a), None, threshold, inv_keep, int(seed), TENSOR_CORES)
+    y = (x @ weight.t()).contiguous()
+    y, t = _dora_expand(C, x, y, None, s_pre, b, bias, col_scale, scaling, save_t)
+    return y, s_pre, _empty(x, torch.bool), t
 
 
 def dora_backward(g, x, weight, a, b, col_scale, scaling, p, seed, s_pre, mask, t, needs):
@@ -316,11 +337,16 @@ def dora_backward(g, x, weight, a, b, col_scale, scaling, p, seed, s_pre, mask, 
 
 
 def dora_add_forward(x, y0, a, b, bias, col_scale, scaling, p, seed, save_t):
-    """DoRA over a base output y0 without its bias: T = lora_add_forward's, then c ⊙ T + b."""
-    t, s_pre, mask = lora_add_forward(x, y0, a, b, None, None, None, scaling, p, seed,
-                                      "identity")
-    y, t = _column_scale(t, col_scale, bias, save_t)
-    return y, s_pre, mask, t
+    """DoRA over a base output y0 without its bias: the shrink, then the expand from y0 into a
+    new y with the column scale and bias in its epilogue."""
+    _check_dtype(x, "x")
+    C = load_extension()
+    threshold, inv_keep = _dropout(p)
+    s_pre = C.shrink(x, _f32(a), None, threshold, inv_keep, int(seed), TENSOR_CORES)
+    y0 = y0.contiguous()
+    y, t = _dora_expand(C, x, torch.empty_like(y0), y0, s_pre, b, bias, col_scale, scaling,
+                        save_t)
+    return y, s_pre, _empty(x, torch.bool), t
 
 
 def dora_add_backward(g, x, a, b, col_scale, scaling, p, seed, s_pre, mask, t, needs):
