@@ -3,13 +3,13 @@
 `accelerate_peft` swaps only each PEFT LoRA Linear's forward, so the model stays a PEFT model
 (its parameters, optimizer state, saving and methods untouched); `restore_peft` undoes it.
 PEFT's bitsandbytes LoRA layers (QLoRA: `Linear4bit`, `Linear8bitLt`) keep their base
-layer's own quantized product and get our branch added into it (`ops.lora_add`).
+layer's own quantized product and get each active adapter's branch added into it
+(`ops.lora_add`; a DoRA one, QDoRA, by `ops.dora_add` with the dequantized weight).
 Several active adapters (PEFT's `set_adapter([...])` on the LoraModel) run on a float base:
 the first on the fused op, each further one added into its output (`ops.lora_add`).
 A further active DoRA adapter rescales the output so far as PEFT's does (`ops.dora_add`).
-A layer our op cannot run (DoRA on a quantized base, lora_bias, another quantized or a
-non-Linear base, several active adapters on a quantized base, another LoRA variant) keeps
-PEFT's forward and is reported by name with the reason.
+A layer our op cannot run (lora_bias, another quantized or a non-Linear base, another LoRA
+variant) keeps PEFT's forward and is reported by name with the reason.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..layers._base import Conv1D, autocast_inputs
+from ..layers._quant import dequantized_weight, quant_format
 from ..layers._sharded import frozen_aware, within_units
 from ..layers.lora import cached_weight_norm_sq
 
@@ -100,7 +101,7 @@ def _static_reason(
     base = layer.get_base_layer()
     kind = f"{type(base).__module__.split('.')[0]} {type(base).__name__}"
     if peft_quant and isinstance(layer, peft_quant):
-        return _adapter_reason(layer, _quant_variant_reason, several=False)
+        return _adapter_reason(layer)
     if not isinstance(layer, peft_linear):
         if isinstance(base, nn.Linear):  # PEFT's LoRA layers for bitsandbytes, torchao, ...
             return f"quantized base layer ({kind}): our op needs a plain float weight"
@@ -114,31 +115,11 @@ def _static_reason(
     return _adapter_reason(layer)
 
 
-def _quant_variant_reason(layer: nn.Module, adapter: str) -> Optional[str]:
-    """`_variant_reason` for a quantized base, where our op runs plain LoRA only."""
-    why = _variant_reason(layer, adapter)
-    if why is None and (
-        getattr(layer, "use_dora", {}).get(adapter, False)
-        or getattr(layer, "lora_bias", {}).get(adapter, False)
-        or getattr(layer, "lora_variant", {}).get(adapter) is not None
-    ):
-        why = "DoRA / lora_bias / a LoRA variant on a quantized base is not supported by our op"
-    return why
-
-
-def _adapter_reason(
-    layer: nn.Module, variant_reason=_variant_reason, several: bool = True
-) -> Optional[str]:
-    """Why the active adapters of this layer keep it on PEFT's path (a variant; several where
-    `several` is False), or None."""
+def _adapter_reason(layer: nn.Module) -> Optional[str]:
+    """Why one of the active adapters of this layer keeps it on PEFT's path, or None."""
     active = [a for a in layer.active_adapters if a in layer.lora_A]
-    if len(active) > 1 and not several:
-        return (
-            f"several active adapters ({', '.join(active)}) on a quantized base: our op runs "
-            "one there"
-        )
     for adapter in active:
-        why = variant_reason(layer, adapter)
+        why = _variant_reason(layer, adapter)
         if why:
             return why
     return None
@@ -203,38 +184,56 @@ def _dropout_p(layer: nn.Module, adapter: str) -> float:
 
 def _peft_quant_lora_forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
     """Replacement forward for PEFT's bitsandbytes LoRA layers (Linear4bit / Linear8bitLt):
-    the quantized base layer computes its own product, our op adds the branch into it
-    (`ops.lora_add`: one GEMM into the base output, dropout on the branch input only, no
-    [M, N] branch tensor). Dtypes as PEFT's forward: outside CUDA autocast the branch runs in
-    lora_A's dtype and the sum comes back in the base output's; under CUDA autocast the sum
-    is in the promotion of the base output's dtype and autocast's (PEFT's `result + output`),
-    our branch in that dtype too. Whatever our op does not cover goes to PEFT's forward."""
+    the quantized base layer computes its own product, our op adds each active adapter's
+    branch into it in PEFT's order (`ops.lora_add`: one GEMM into the base output, dropout on
+    the branch input only, no [M, N] branch tensor; a DoRA adapter by `ops.dora_add` on the
+    output so far with the dequantized weight, as PEFT's QDoRA). Dtypes as PEFT's forward:
+    outside CUDA autocast each branch runs in its lora_A's dtype and the sum comes back in
+    the base output's; under CUDA autocast the sum is in the promotion of the base output's
+    dtype and autocast's (PEFT's `result + output`), our branch in that dtype too. Whatever
+    our op does not cover goes to PEFT's forward."""
     active = [a for a in self.active_adapters if a in self.lora_A]
     if (
-        args or kwargs or self.disable_adapters or self.merged or len(active) != 1
-        or _quant_variant_reason(self, active[0]) is not None
+        args or kwargs or self.disable_adapters or self.merged or not active
+        or _adapter_reason(self) is not None
         or not getattr(self, "cast_input_dtype_enabled", True)
     ):
         return getattr(self, _ORIGINAL)(x, *args, **kwargs)
-    name = active[0]
-    lora_a, lora_b = self.lora_A[name], self.lora_B[name]
-    p = _dropout_p(self, name)
-    y0 = self.get_base_layer()(x)
+    base = self.get_base_layer()
+    adapters = [
+        (self.lora_A[a], self.lora_B[a], float(self.scaling[a]), _dropout_p(self, a),
+         _dora_module(self, a) if getattr(self, "use_dora", {}).get(a, False) else None)
+        for a in active
+    ]
+    y = self.get_base_layer()(x)
     # PEFT asks torch.is_autocast_enabled() without a device: CUDA autocast only
-    if torch.is_autocast_enabled() and x.device.type == "cuda":
-        dtype = out_dtype = torch.promote_types(y0.dtype, torch.get_autocast_dtype("cuda"))
-    else:
-        dtype, out_dtype = lora_a.weight.dtype, y0.dtype
+    autocast = torch.is_autocast_enabled() and x.device.type == "cuda"
+    out_dtype = (torch.promote_types(y.dtype, torch.get_autocast_dtype("cuda")) if autocast
+                 else y.dtype)
+    weight = None  # the dequantized base weight, once per forward if a DoRA adapter needs it
 
-    def branch() -> Tensor:
-        y = ops.lora_add(
-            y0.to(dtype), x.to(dtype), lora_a.weight, lora_b.weight,
-            scaling=float(self.scaling[name]), dropout_p=p,
+    def branch(lora_a, lora_b, scaling, p, dora) -> Tensor:
+        nonlocal weight
+        dtype = out_dtype if autocast else lora_a.weight.dtype
+        y_in, xc = y.to(dtype), x.to(dtype)
+        if dora is None:
+            return ops.lora_add(y_in, xc, lora_a.weight, lora_b.weight, scaling=scaling,
+                                dropout_p=p)
+        if weight is None:
+            weight = dequantized_weight(base, quant_format(base))
+        w = weight.to(dtype)
+        return ops.dora_add(
+            y_in, xc, w, getattr(base, "bias", None), lora_a.weight, lora_b.weight,
+            dora.weight, scaling=scaling, dropout_p=p,
+            weight_norm_sq=cached_weight_norm_sq(dora, base.weight, w),
         )
-        return y.to(out_dtype)
 
     # under FSDP1 with PEFT's wrap policy lora_A / lora_B are units of their own (see _sharded)
-    return within_units((lora_a, lora_b), branch)
+    for lora_a, lora_b, scaling, p, dora in adapters:
+        units = (lora_a, lora_b) + ((dora,) if dora is not None else ())
+        y = within_units(units, lambda a=lora_a, b=lora_b, s=scaling, q=p, d=dora: branch(
+            a, b, s, q, d)).to(out_dtype)
+    return y
 
 
 def _quant_classes() -> tuple[type, ...]:
@@ -266,14 +265,14 @@ def accelerate_peft(peft_model: nn.Module) -> nn.Module:
 
     The same modules and parameters stay (optimizer state, saving and PEFT's own methods are
     untouched); only each LoRA Linear's forward changes. On PEFT's bitsandbytes 4-bit / 8-bit
-    LoRA layers (QLoRA) the quantized base keeps its own product and our op adds the branch.
-    Several active adapters run on a float base (the first on the fused op, the others added
-    by `ops.lora_add`, or `ops.dora_add` for a DoRA one). A layer our op cannot run keeps
-    PEFT's forward and is named in the report with the reason (DoRA on a quantized base,
-    lora_bias, another quantized base, Embedding/Conv LoRA, several active adapters on a
-    quantized base); the report is logged, warned about when some layers stay on PEFT, and
-    attached as `peft_model.llm_adapters_report` (an `AccelerationReport`). Returns the
-    model; `restore_peft` undoes it.
+    LoRA layers (QLoRA, QDoRA) the quantized base keeps its own product and our ops add each
+    active adapter's branch. Several active adapters run on our ops (on a float base the
+    first fused, the others added by `ops.lora_add`, or `ops.dora_add` for a DoRA one). A
+    layer our op cannot run keeps PEFT's forward and is named in the report with the reason
+    (lora_bias, another quantized base, Embedding/Conv LoRA, another LoRA variant); the report
+    is logged, warned about when some layers stay on PEFT, and attached as
+    `peft_model.llm_adapters_report` (an `AccelerationReport`). Returns the model;
+    `restore_peft` undoes it.
     """
     peft_linear, lora_layer = _peft_classes()
     layers = _lora_layers(peft_model, lora_layer)
