@@ -219,6 +219,38 @@ def test_dora_op_without_x_grad_and_norm_formula():
     assert dm.shape == (40,) and torch.isfinite(dm).all()
 
 
+@pytest.mark.parametrize("add", [False, True], ids=["dora_linear", "dora_add"])
+def test_dropout_saves_no_mask_for_backward(add):
+    """Under dropout the correction term draws the keep-mask again in backward instead of
+    holding a bool [M, K] tensor per layer: the one mask saved is the torch backend's own (its
+    shrink keeps it, as its LoRA does; the kernels keep none), nothing else [M, K] but x."""
+    t = _inputs(9, 24, 40, 5, torch.float32)
+    x = t["x"].requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda s: saved.append(s) or s, lambda s: s):
+        if add:
+            y0 = torch.addmm(t["bias"], x, t["weight"].t())  # base(x), as a layer's
+            y = ops.dora_add(y0, x, t["weight"], t["bias"], t["lora_a"], t["lora_b"],
+                             t["magnitude"], 0.7, dropout_p=0.3, seed=5, backend="torch")
+        else:
+            y = ops.dora_linear(x, t["weight"], t["bias"], t["lora_a"], t["lora_b"],
+                                t["magnitude"], 0.7, dropout_p=0.3, seed=5, backend="torch")
+    masks = [s for s in saved if s.dtype == torch.bool]
+    assert len(masks) == 1 and masks[0].shape == x.shape
+    assert all(s.data_ptr() == x.data_ptr() or s is masks[0] or s.shape != x.shape
+               for s in saved)  # x itself (as a view of it), the mask, smaller tensors
+    g = torch.randn_like(y)
+    (dx,) = torch.autograd.grad(y, [x], g)
+    # the same gradient as the float64 formula with the mask the seed gives
+    keep = ops.dropout_mask((9, 24), 0.3, 5, backend="torch")
+    x64 = x.detach().double().requires_grad_()
+    ref = peft_dora_reference(x64, t["weight"].double(), t["bias"].double(),
+                              t["lora_a"].double(), t["lora_b"].double(),
+                              t["magnitude"].double(), 0.7, keep, dropout_threshold(0.3)[1])
+    (want,) = torch.autograd.grad(ref, [x64], g.double())
+    torch.testing.assert_close(dx.double(), want, rtol=1e-4, atol=1e-5)
+
+
 def test_dora_op_bad_input_names_the_problem():
     t = _inputs(7, 24, 40, 5, torch.float32)
     args = dict(x=t["x"], weight=t["weight"], bias=t["bias"], lora_a=t["lora_a"],

@@ -77,43 +77,30 @@ def dora_weight_norm(
         return (wsq + (2.0 * s) * cross + (s * s) * quad).clamp_min_(0.0).sqrt_()
 
 
-class _DropResidual(torch.autograd.Function):
-    """E = (D(x) − x) Wᵀ = (x ⊙ (mk − 1)) Wᵀ for a bool keep-mask and the kept scale; saves the
-    mask only (W is the frozen base weight, held by reference)."""
+class _DroppedProduct(torch.autograd.Function):
+    """(x ⊙ f(mk)) Wᵀ for the backend's keep-mask mk of a dropout seed, f(kept) = `on`,
+    f(dropped) = `off`: E = (D(x) − x) Wᵀ with (on, off) = (1/keep − 1, −1), P = D(x) Wᵀ with
+    (1/keep, 0). Saves no mask: backward draws it again from the seed (as the kernels do), so
+    training holds only W (the frozen base weight, or a quantized base's dequantized one, by
+    reference) and the seed."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, keep: Tensor, inv_keep: float) -> Tensor:
-        ctx.save_for_backward(weight, keep)
-        ctx.inv_keep = inv_keep
-        return torch.where(keep, x * (inv_keep - 1.0), -x) @ weight.t()
+    def forward(ctx, x: Tensor, weight: Tensor, seed: Tensor, on: float, off: float,
+                mask_args: tuple) -> Tensor:
+        ctx.save_for_backward(weight, seed)
+        ctx.on, ctx.off, ctx.mask_args = on, off, mask_args
+        keep = _keep_mask(*mask_args, x, seed)
+        return torch.where(keep, x * on, x * off if off else 0.0) @ weight.t()
 
     @staticmethod
     def backward(ctx, ge: Tensor):
-        weight, keep = ctx.saved_tensors
+        weight, seed = ctx.saved_tensors
         dx = None
         if ctx.needs_input_grad[0]:
-            gw = ge @ weight
-            dx = torch.where(keep, gw * (ctx.inv_keep - 1.0), -gw)
-        return dx, None, None, None
-
-
-class _DropProduct(torch.autograd.Function):
-    """P = D(x) Wᵀ = (x ⊙ mk) Wᵀ for a bool keep-mask and the kept scale (the dequantized
-    weight of a quantized base, held for backward as PEFT's F.linear holds it)."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, keep: Tensor, inv_keep: float) -> Tensor:
-        ctx.save_for_backward(weight, keep)
-        ctx.inv_keep = inv_keep
-        return torch.where(keep, x * inv_keep, 0.0) @ weight.t()
-
-    @staticmethod
-    def backward(ctx, gp: Tensor):
-        weight, keep = ctx.saved_tensors
-        dx = None
-        if ctx.needs_input_grad[0]:
-            dx = torch.where(keep, (gp @ weight) * ctx.inv_keep, 0.0)
-        return dx, None, None, None
+            gw = ge @ weight  # [M, K]: x's shape, dtype and device, so the same mask
+            keep = _keep_mask(*ctx.mask_args, gw, seed)
+            dx = torch.where(keep, gw * ctx.on, gw * ctx.off if ctx.off else 0.0)
+        return dx, None, None, None, None, None
 
 
 def _check_dora(x, weight, bias, lora_a, lora_b, magnitude, scaling, dropout_p, weight_norm_sq,
@@ -164,7 +151,7 @@ def _(x2, p, seed, backend):
     return x2.new_empty(x2.shape, dtype=torch.bool)
 
 
-def _keep_mask(op: str, x2: Tensor, backend: Optional[str], n: int, r: int, p: float,
+def _keep_mask(op: str, backend: Optional[str], n: int, r: int, p: float, x2: Tensor,
                seed: Tensor) -> Tensor:
     """The keep-mask of the backend `op` ran on, for this seed and shape."""
     impl = _ops._op(op, x2, backend, n, r, p).backend
@@ -223,8 +210,9 @@ def dora_linear(
     y = _run("dora", x2, backend, n, r, p,
              (x2, weight, bias, lora_a, lora_b, c, float(scaling), p, seed_t, save_t))
     if p > 0:
-        keep = _keep_mask("dora", x2, backend, n, r, p, seed_t)
-        e = _DropResidual.apply(x2, weight, keep, dropout_threshold(p)[1])
+        inv_keep = dropout_threshold(p)[1]
+        e = _DroppedProduct.apply(x2, weight, seed_t, inv_keep - 1.0, -1.0,
+                                  ("dora", backend, n, r, p))
         y = torch.addcmul(y, c - 1.0, e).to(x.dtype)
     return y.view(*x.shape[:-1], n)
 
@@ -274,7 +262,7 @@ def dora_add(
     y = _run("dora_add", x2, backend, n, r, p,
              (x2, unbiased, lora_a, lora_b, epilogue_bias, c, float(scaling), p, seed_t, save_t))
     if p > 0:
-        keep = _keep_mask("dora_add", x2, backend, n, r, p, seed_t)
-        e = _DropProduct.apply(x2, weight.detach(), keep, dropout_threshold(p)[1]) - unbiased
+        e = _DroppedProduct.apply(x2, weight.detach(), seed_t, dropout_threshold(p)[1], 0.0,
+                                  ("dora_add", backend, n, r, p)) - unbiased
         y = torch.addcmul(y, c - 1.0, e).to(x.dtype)
     return y.view(*x.shape[:-1], n)
