@@ -8,7 +8,7 @@ import warnings
 
 import pytest
 import torch
-from tiny_models import tiny_batch, tiny_model
+from tiny_models import nf4_linear, tiny_batch, tiny_model
 
 import llm_adapters as la
 from llm_adapters import ops
@@ -417,13 +417,8 @@ def test_dora_bad_configs_leave_the_model_untouched(tmp_path):
 
 def _bnb4_layer(k=72, n=40):
     """A DoRA LoraLinear on a bitsandbytes NF4 base with a bias; trained-looking weights."""
-    bnb = pytest.importorskip("bitsandbytes")
-    torch.manual_seed(0)
-    lin = torch.nn.Linear(k, n)
-    q = bnb.nn.Linear4bit(k, n, bias=True, compute_dtype=torch.float32, quant_type="nf4")
-    q.weight = bnb.nn.Params4bit(lin.weight.data.clone(), requires_grad=False, quant_type="nf4")
-    q.bias = torch.nn.Parameter(lin.bias.data.clone(), requires_grad=False)
-    layer = la.layers.LoraLinear(q.to("cpu"), r=5, lora_alpha=10, lora_dropout=0.25,
+    pytest.importorskip("bitsandbytes")
+    layer = la.layers.LoraLinear(nf4_linear(k, n), r=5, lora_alpha=10, lora_dropout=0.25,
                                  use_dora=True)
     _perturb(layer)
     return layer

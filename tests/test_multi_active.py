@@ -11,7 +11,14 @@ import warnings
 
 import pytest
 import torch
-from tiny_models import adapter_state, assert_adapter_state, tiny_batch, tiny_model
+from tiny_models import (
+    adapter_state,
+    assert_adapter_state,
+    count_calls,
+    nf4_linear,
+    tiny_batch,
+    tiny_model,
+)
 
 import llm_adapters as la
 from llm_adapters import ops
@@ -100,12 +107,7 @@ def _layer64(k=13, n=11):
 
 def test_layer_output_and_every_gradient_match_float64(monkeypatch):
     layer = _layer64()
-    calls = []
-    for op in ("lora_linear", "lora_add"):
-        real = getattr(ops, op)
-        monkeypatch.setattr(
-            ops, op, lambda *a, _r=real, _o=op, **kw: calls.append(_o) or _r(*a, **kw)
-        )
+    calls = count_calls(monkeypatch, ops, ("lora_linear", "lora_add"))
     x = torch.randn(2, 5, 13, dtype=torch.float64, requires_grad=True)
     g = torch.randn(2, 5, 11, dtype=torch.float64)
     active = ["c", "default", "b", "missing"]  # "missing": a name this layer lacks, skipped
@@ -178,14 +180,8 @@ def test_two_active_adapters_compile_in_one_graph_like_eager():
 
 
 def test_quantized_base_with_two_active_adapters():
-    bnb = pytest.importorskip("bitsandbytes")
-    torch.manual_seed(0)
-    lin = torch.nn.Linear(72, 40)
-    base = bnb.nn.Linear4bit(72, 40, bias=True, compute_dtype=torch.float32, quant_type="nf4")
-    base.weight = bnb.nn.Params4bit(lin.weight.data.clone(), requires_grad=False,
-                                    quant_type="nf4")
-    base.bias = torch.nn.Parameter(lin.bias.data.clone(), requires_grad=False)
-    base = base.to("cpu")
+    pytest.importorskip("bitsandbytes")
+    base = nf4_linear()
     layer = la.LoraLinear(base, 4, 8.0, init_lora_weights=False)
     layer.add_branch("other", LoraBranch(72, 40, 2, 6.0, init_lora_weights=False))
     layer.active_adapter = BOTH
@@ -358,29 +354,32 @@ def _accelerate(model):
     return acceleration_report(model), " ".join(str(w.message) for w in caught)
 
 
-def test_accelerate_peft_runs_two_active_adapters_on_our_ops(monkeypatch):
-    peft = pytest.importorskip("peft")
-    theirs = _peft_twin(_two_adapters(), peft)
+def _accelerated_like_peft(theirs, monkeypatch, counted, want_calls, n_grads):
+    """accelerate_peft on PEFT's model `theirs` (q_proj, v_proj, o_proj adapted in 2 layers):
+    every layer on our ops, the `counted` ops called as `want_calls` (in any order), logits
+    and the `n_grads` adapter gradients as PEFT's; restored after."""
     batch = tiny_batch()
     want = _logits(theirs.eval(), batch)
     theirs.train()(**batch).loss.backward()
     want_grads = {n: p.grad.clone() for n, p in theirs.named_parameters() if p.grad is not None}
-    assert len(want_grads) == 16
+    assert len(want_grads) == n_grads
     theirs.zero_grad()
     report, message = _accelerate(theirs)
     assert len(report.accelerated) == 6 and not report.left_on_peft and not message
     assert theirs.base_model.active_adapters == BOTH
-    calls = []
-    for op in ("lora_linear", "lora_add"):
-        real = getattr(ops, op)
-        monkeypatch.setattr(
-            ops, op, lambda *a, _r=real, _o=op, **kw: calls.append(_o) or _r(*a, **kw)
-        )
+    calls = count_calls(monkeypatch, ops, counted)
     torch.testing.assert_close(_logits(theirs.eval(), batch), want, **TOL)
-    # q_proj and o_proj hold one of the two, v_proj both: 6 fused calls, 2 added branches
-    assert sorted(calls) == ["lora_add"] * 2 + ["lora_linear"] * 6
+    assert sorted(calls) == sorted(want_calls)
     theirs.train()(**batch).loss.backward()
     for n, p in theirs.named_parameters():
         if n in want_grads:
             _close_grad(p.grad, want_grads[n], n)
     la.restore_peft(theirs)
+
+
+def test_accelerate_peft_runs_two_active_adapters_on_our_ops(monkeypatch):
+    peft = pytest.importorskip("peft")
+    # q_proj and o_proj hold one of the two, v_proj both: 6 fused calls, 2 added branches
+    _accelerated_like_peft(_peft_twin(_two_adapters(), peft), monkeypatch,
+                           ("lora_linear", "lora_add"),
+                           ["lora_add"] * 2 + ["lora_linear"] * 6, n_grads=16)

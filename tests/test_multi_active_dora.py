@@ -7,27 +7,25 @@ logits and gradients in both orders, torch.compile, and `accelerate_peft`."""
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 from test_multi_active import (
     BOTH,
     TOL,
+    _accelerated_like_peft,
     _close_grad,
     _logits,
     _peft_name,
     _peft_twin,
     _two_adapters,
 )
-from tiny_models import tiny_batch
+from tiny_models import count_calls, nf4_linear, tiny_batch
 
 import llm_adapters as la
 from llm_adapters import ops
 from llm_adapters._numerics import dropout_threshold
 from llm_adapters.layers import lora as lora_module
 from llm_adapters.layers.lora import LoraBranch
-from llm_adapters.models.peft_interop import acceleration_report
 
 K, N = 13, 11
 F64 = dict(dtype=torch.float64)
@@ -92,10 +90,7 @@ def _check_grads(layer, x, y, want, active):
 ])
 def test_layer_matches_peft_formula_in_float64(active, monkeypatch):
     layer = _layer64()
-    calls = []
-    real = lora_module.dora_add
-    monkeypatch.setattr(lora_module, "dora_add",
-                        lambda *a, **kw: calls.append("dora_add") or real(*a, **kw))
+    calls = count_calls(monkeypatch, lora_module, ("dora_add",))
     layer.active_adapter = active
     x = torch.randn(2, 5, K, **F64, requires_grad=True)
     y = layer(x)
@@ -144,14 +139,8 @@ def test_layer_under_dropout_matches_peft_formula_with_the_same_masks(active, mo
 
 
 def test_quantized_base_with_a_dora_adapter_among_several():
-    bnb = pytest.importorskip("bitsandbytes")
-    torch.manual_seed(0)
-    lin = torch.nn.Linear(72, 40)
-    base = bnb.nn.Linear4bit(72, 40, bias=True, compute_dtype=torch.float32, quant_type="nf4")
-    base.weight = bnb.nn.Params4bit(lin.weight.data.clone(), requires_grad=False,
-                                    quant_type="nf4")
-    base.bias = torch.nn.Parameter(lin.bias.data.clone(), requires_grad=False)
-    base = base.to("cpu")
+    pytest.importorskip("bitsandbytes")
+    base = nf4_linear()
     layer = la.LoraLinear(base, 4, 8.0, init_lora_weights=False)
     br = LoraBranch(72, 40, 2, 6.0, init_lora_weights=False, use_dora=True)
     layer.init_branch_magnitude(br)
@@ -239,28 +228,7 @@ def test_accelerate_peft_runs_dora_among_several_active_on_our_ops(monkeypatch):
     default, other = dict(use_dora=True), dict(use_dora=True)
     theirs = _peft_twin(_two_adapters(default=default, other=other), peft, default=default,
                         other=other)
-    batch = tiny_batch()
-    want = _logits(theirs.eval(), batch)
-    theirs.train()(**batch).loss.backward()
-    want_grads = {n: p.grad.clone() for n, p in theirs.named_parameters() if p.grad is not None}
-    assert len(want_grads) == 16 + 8  # every adapter's A, B and magnitude in 8 layers
-    theirs.zero_grad()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        la.accelerate_peft(theirs)
-    report = acceleration_report(theirs)
-    assert len(report.accelerated) == 6 and not report.left_on_peft and not caught
-    calls = []
-    for op in ("dora_linear", "dora_add"):
-        real = getattr(ops, op)
-        monkeypatch.setattr(
-            ops, op, lambda *a, _r=real, _o=op, **kw: calls.append(_o) or _r(*a, **kw)
-        )
-    torch.testing.assert_close(_logits(theirs.eval(), batch), want, **TOL)
-    # q_proj and o_proj hold one of the two, v_proj both: 6 fused calls, 2 added on them
-    assert sorted(calls) == ["dora_add"] * 2 + ["dora_linear"] * 6
-    theirs.train()(**batch).loss.backward()
-    for n, p in theirs.named_parameters():
-        if n in want_grads:
-            _close_grad(p.grad, want_grads[n], n)
-    la.restore_peft(theirs)
+    # q_proj and o_proj hold one of the two, v_proj both: 6 fused calls, 2 added on them;
+    # every adapter's A, B and magnitude in 8 layers train
+    _accelerated_like_peft(theirs, monkeypatch, ("dora_linear", "dora_add"),
+                           ["dora_add"] * 2 + ["dora_linear"] * 6, n_grads=16 + 8)

@@ -9,7 +9,7 @@ import warnings
 
 import pytest
 import torch
-from tiny_models import tiny_batch, tiny_model
+from tiny_models import nf4_linear, tiny_batch, tiny_model
 
 import llm_adapters as la
 
@@ -344,14 +344,8 @@ def test_mixed_batch_matches_peft():
 
 
 def test_other_adapter_on_a_quantized_base():
-    bnb = pytest.importorskip("bitsandbytes")
-    torch.manual_seed(0)
-    lin = torch.nn.Linear(72, 40)
-    base = bnb.nn.Linear4bit(72, 40, bias=True, compute_dtype=torch.float32, quant_type="nf4")
-    base.weight = bnb.nn.Params4bit(lin.weight.data.clone(), requires_grad=False,
-                                    quant_type="nf4")
-    base.bias = torch.nn.Parameter(lin.bias.data.clone(), requires_grad=False)
-    base = base.to("cpu")
+    pytest.importorskip("bitsandbytes")
+    base = nf4_linear()
     layer = la.LoraLinear(base, 4, 8.0)
     branch = la.layers.lora.LoraBranch(72, 40, 2, 6.0, init_lora_weights=False)
     layer.add_branch("other", branch)

@@ -73,3 +73,28 @@ def assert_adapter_state(before, model):
     now = model.state_dict()
     assert list(now) == list(before[0])
     assert all(torch.equal(now[k], v) for k, v in before[0].items())
+
+
+def nf4_linear(k: int = 72, n: int = 40, seed: int = 0) -> torch.nn.Module:
+    """A bitsandbytes NF4 Linear4bit [n, k] with a bias (float32 compute), quantized from a
+    seeded nn.Linear, frozen, on CPU; the caller skips when bitsandbytes is missing."""
+    import bitsandbytes as bnb
+
+    torch.manual_seed(seed)
+    lin = torch.nn.Linear(k, n)
+    q = bnb.nn.Linear4bit(k, n, bias=True, compute_dtype=torch.float32, quant_type="nf4")
+    q.weight = bnb.nn.Params4bit(lin.weight.data.clone(), requires_grad=False, quant_type="nf4")
+    q.bias = torch.nn.Parameter(lin.bias.data.clone(), requires_grad=False)
+    return q.to("cpu")
+
+
+def count_calls(monkeypatch, holder, names) -> list[str]:
+    """Replace each function `holder.<name>` for `name` in `names` by one that records its
+    name in the returned list, in call order, and then calls the original."""
+    calls: list[str] = []
+    for name in names:
+        real = getattr(holder, name)
+        monkeypatch.setattr(
+            holder, name, lambda *a, _r=real, _n=name, **kw: calls.append(_n) or _r(*a, **kw)
+        )
+    return calls

@@ -367,26 +367,31 @@ class LoraLinear(nn.Module):
         the earlier adapters' updates in y; under dropout y + (c − 1) ⊙ D(x) Wᵀ + c ⊙ s·B A
         D(x), with this adapter's own D(x) of the layer's input. c = m / ‖W + s·B A‖ of the
         base weight with this adapter's A and B only."""
-        p = branch.lora_dropout if self.training else 0.0
-        lora_a, lora_b = branch.lora_A, branch.lora_B
-        if self.quant is not None:
-            xq = x if x.dtype == y.dtype else x.to(y.dtype)
-            w = self._base_nk().to(y.dtype)  # dequantized, as for the first DoRA adapter
-            return within_units((lora_a, lora_b), lambda: dora_add(
-                y, xq, w, getattr(self.base_layer, "bias", None), lora_a.weight,
-                lora_b.weight, branch.lora_magnitude_vector, scaling=branch.scaling,
-                dropout_p=p, weight_norm_sq=self._weight_norm_sq(w),
-            ))
+        return self._dora_add(y, x, branch, branch.lora_dropout if self.training else 0.0)
 
-        def add() -> Tensor:
-            xc, w, b = autocast_inputs(x, *base_weight_bias(self.base_layer))
+    def _dora_add(self, y: Tensor, x: Tensor, owner: nn.Module, p: float) -> Tensor:
+        """`dora_add` of `owner`'s DoRA update on `y` (a quantized base's own output, or the
+        layer's output so far), with the base weight (a quantized base's dequantized once per
+        forward, as PEFT) for the row norms and, under dropout, D(x) Wᵀ."""
+        lora_a, lora_b = owner.lora_A, owner.lora_B
+
+        def add(w: Tensor, b: Tensor | None, xc: Tensor) -> Tensor:
             xc, w = (t if t.dtype == y.dtype else t.to(y.dtype) for t in (xc, w))
             return dora_add(
-                y, xc, w, b, lora_a.weight, lora_b.weight, branch.lora_magnitude_vector,
-                scaling=branch.scaling, dropout_p=p, weight_norm_sq=self._weight_norm_sq(w),
+                y, xc, w, b, lora_a.weight, lora_b.weight, owner.lora_magnitude_vector,
+                scaling=owner.scaling, dropout_p=p, weight_norm_sq=self._weight_norm_sq(w),
             )
 
-        return within_units((self.base_layer, lora_a, lora_b), add)
+        if self.quant is not None:  # the base gathered its own weight in its forward
+            w = self._base_nk()
+            return within_units((lora_a, lora_b), lambda: add(
+                w, getattr(self.base_layer, "bias", None), x))
+
+        def float_base() -> Tensor:
+            xc, w, b = autocast_inputs(x, *base_weight_bias(self.base_layer))
+            return add(w, b, xc)
+
+        return within_units((self.base_layer, lora_a, lora_b), float_base)
 
     def _add_branch(self, y: Tensor, x: Tensor, branch: nn.Module) -> Tensor:
         """y + s · B A D(x) for another active adapter's `branch` (its own scaling and dropout),
@@ -412,17 +417,9 @@ class LoraLinear(nn.Module):
         its A, B, magnitude and scaling and this layer's cached ‖W_n‖² (of the base only):
         `ops.dora_linear` on a float base, the base's own product plus `dora_add` on a
         quantized one."""
-        lora_a, lora_b = owner.lora_A, owner.lora_B
         if self.quant is not None:
-            y0 = self.base_layer(x)
-            x = x if x.dtype == y0.dtype else x.to(y0.dtype)
-            w = self._base_nk().to(x.dtype)  # dequantized once per forward, as PEFT
-            # the base gathered its own weight above
-            return within_units((lora_a, lora_b), lambda: dora_add(
-                y0, x, w, getattr(self.base_layer, "bias", None), lora_a.weight,
-                lora_b.weight, owner.lora_magnitude_vector, scaling=owner.scaling,
-                dropout_p=p, weight_norm_sq=self._weight_norm_sq(w),
-            ))
+            return self._dora_add(self.base_layer(x), x, owner, p)
+        lora_a, lora_b = owner.lora_A, owner.lora_B
 
         def dora() -> Tensor:
             xc, w, b = autocast_inputs(x, *base_weight_bias(self.base_layer))
