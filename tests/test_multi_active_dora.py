@@ -14,6 +14,7 @@ from test_multi_active import (
     TOL,
     _accelerated_like_peft,
     _close_grad,
+    _compiled_like_eager,
     _logits,
     _peft_name,
     _peft_twin,
@@ -159,18 +160,7 @@ def test_dora_among_several_compiles_in_one_graph_like_eager():
     layer = _layer64()
     layer.float()
     layer.active_adapter = ["default", "b", "c"]
-    x = torch.randn(2, 5, K, requires_grad=True)
-
-    def run(fn):
-        y = fn(x)
-        leaves = [x] + [p for p in layer.parameters() if p.requires_grad]
-        return y, torch.autograd.grad(y.square().sum(), leaves)
-
-    (y, grads), (want, want_grads) = run(
-        torch.compile(layer, backend="aot_eager", fullgraph=True)), run(layer)
-    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-6)
-    for a, b in zip(grads, want_grads):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    _compiled_like_eager(layer, torch.randn(2, 5, K, requires_grad=True), grad_atol=1e-5)
 
 
 # ---- a model against PEFT -------------------------------------------------------------------
