@@ -14,6 +14,7 @@ variant) keeps PEFT's forward and is reported by name with the reason.
 
 from __future__ import annotations
 
+import functools
 import logging
 import types
 import warnings
@@ -138,11 +139,7 @@ def _peft_lora_forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
     ):
         return getattr(self, _ORIGINAL)(x, *args, **kwargs)
     base = self.get_base_layer()
-    adapters = [
-        (self.lora_A[a], self.lora_B[a], float(self.scaling[a]), _dropout_p(self, a),
-         _dora_module(self, a) if getattr(self, "use_dora", {}).get(a, False) else None)
-        for a in active
-    ]
+    adapters = _branches(self, active)
 
     def fused() -> Tensor:
         weight, bias = frozen_aware(base, "weight"), frozen_aware(base, "bias")
@@ -177,6 +174,16 @@ def _peft_lora_forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
     return within_units(units, fused)
 
 
+def _branches(layer: nn.Module, active: list[str]) -> list[tuple]:
+    """(lora_A, lora_B, scaling, dropout p in this forward, DoRA magnitude module or None) of
+    each of `active`, in order."""
+    return [
+        (layer.lora_A[a], layer.lora_B[a], float(layer.scaling[a]), _dropout_p(layer, a),
+         _dora_module(layer, a) if getattr(layer, "use_dora", {}).get(a, False) else None)
+        for a in active
+    ]
+
+
 def _dropout_p(layer: nn.Module, adapter: str) -> float:
     """The dropout probability of `adapter`'s branch in this forward (0 in eval mode)."""
     return float(getattr(layer.lora_dropout[adapter], "p", 0.0)) if layer.training else 0.0
@@ -200,12 +207,8 @@ def _peft_quant_lora_forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tens
     ):
         return getattr(self, _ORIGINAL)(x, *args, **kwargs)
     base = self.get_base_layer()
-    adapters = [
-        (self.lora_A[a], self.lora_B[a], float(self.scaling[a]), _dropout_p(self, a),
-         _dora_module(self, a) if getattr(self, "use_dora", {}).get(a, False) else None)
-        for a in active
-    ]
-    y = self.get_base_layer()(x)
+    adapters = _branches(self, active)
+    y = base(x)
     # PEFT asks torch.is_autocast_enabled() without a device: CUDA autocast only
     autocast = torch.is_autocast_enabled() and x.device.type == "cuda"
     out_dtype = (torch.promote_types(y.dtype, torch.get_autocast_dtype("cuda")) if autocast
@@ -229,10 +232,9 @@ def _peft_quant_lora_forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tens
         )
 
     # under FSDP1 with PEFT's wrap policy lora_A / lora_B are units of their own (see _sharded)
-    for lora_a, lora_b, scaling, p, dora in adapters:
-        units = (lora_a, lora_b) + ((dora,) if dora is not None else ())
-        y = within_units(units, lambda a=lora_a, b=lora_b, s=scaling, q=p, d=dora: branch(
-            a, b, s, q, d)).to(out_dtype)
+    for spec in adapters:
+        units = tuple(m for m in (spec[0], spec[1], spec[4]) if m is not None)
+        y = within_units(units, functools.partial(branch, *spec)).to(out_dtype)
     return y
 
 

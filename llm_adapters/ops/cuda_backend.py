@@ -301,29 +301,33 @@ def _dora_terms(g, col_scale, t, need_bias, need_col):
     return gc, d_bias, d_col
 
 
-def _dora_expand(C, x, y, y_in, s_pre, b, bias, col_scale, scaling, save_t):
-    """DoRA's epilogue in the expand: y = c ⊙ (y_in + s·S Bᵀ) + bias rounded once from the
-    float32 sum (y_in None: y itself, the cuBLAS output, in place), T = y_in + s·S Bᵀ into a
-    new tensor when `save_t` (else an empty one)."""
+def _dora_forward(x, weight, y0, a, b, bias, col_scale, scaling, p, seed, save_t):
+    """DoRA's forward for dora_forward (y0 None: the expand adds into y = x Wᵀ from cuBLAS, in
+    place) and dora_add_forward (into a new y from y0): S = shrink(x, A), then the expand with
+    the column scale and bias in its epilogue, y = c ⊙ (in + s·S Bᵀ) + bias rounded once from
+    the float32 sum, and T = in + s·S Bᵀ into a new tensor when `save_t` (else an empty one)."""
+    _check_dtype(x, "x")
+    C = load_extension()
+    threshold, inv_keep = _dropout(p)
+    s_pre = C.shrink(x, _f32(a), None, threshold, inv_keep, int(seed), TENSOR_CORES)
+    if y0 is None:
+        y, y_in = (x @ weight.t()).contiguous(), None
+    else:
+        y_in = y0.contiguous()
+        y = torch.empty_like(y_in)
     t = torch.empty_like(y) if save_t else x.new_empty(0)
     C.expand_add_(
         y, y_in, s_pre, ACTIVATION_CODES["identity"], _f32(b).contiguous(),
         None if bias is None else _f32(bias).contiguous(), None, float(scaling), 0, 0,
         TENSOR_CORES, col_scale.to(torch.float32).contiguous(), t if save_t else None,
     )
-    return y, t
+    return y, s_pre, _empty(x, torch.bool), t
 
 
 def dora_forward(x, weight, bias, a, b, col_scale, scaling, p, seed, save_t):
     """DoRA (ops/_backend.py): S = shrink(x, A), y = x Wᵀ (cuBLAS), then the expand with the
-    column scale and bias in its epilogue (`_dora_expand`)."""
-    _check_dtype(x, "x")
-    C = load_extension()
-    threshold, inv_keep = _dropout(p)
-    s_pre = C.shrink(x, _f32(a), None, threshold, inv_keep, int(seed), TENSOR_CORES)
-    y = (x @ weight.t()).contiguous()
-    y, t = _dora_expand(C, x, y, None, s_pre, b, bias, col_scale, scaling, save_t)
-    return y, s_pre, _empty(x, torch.bool), t
+    column scale and bias in its epilogue (`_dora_forward`)."""
+    return _dora_forward(x, weight, None, a, b, bias, col_scale, scaling, p, seed, save_t)
 
 
 def dora_backward(g, x, weight, a, b, col_scale, scaling, p, seed, s_pre, mask, t, needs):
@@ -338,15 +342,8 @@ def dora_backward(g, x, weight, a, b, col_scale, scaling, p, seed, s_pre, mask, 
 
 def dora_add_forward(x, y0, a, b, bias, col_scale, scaling, p, seed, save_t):
     """DoRA over a base output y0 without its bias: the shrink, then the expand from y0 into a
-    new y with the column scale and bias in its epilogue."""
-    _check_dtype(x, "x")
-    C = load_extension()
-    threshold, inv_keep = _dropout(p)
-    s_pre = C.shrink(x, _f32(a), None, threshold, inv_keep, int(seed), TENSOR_CORES)
-    y0 = y0.contiguous()
-    y, t = _dora_expand(C, x, torch.empty_like(y0), y0, s_pre, b, bias, col_scale, scaling,
-                        save_t)
-    return y, s_pre, _empty(x, torch.bool), t
+    new y with the column scale and bias in its epilogue (`_dora_forward`)."""
+    return _dora_forward(x, None, y0, a, b, bias, col_scale, scaling, p, seed, save_t)
 
 
 def dora_add_backward(g, x, a, b, col_scale, scaling, p, seed, s_pre, mask, t, needs):
