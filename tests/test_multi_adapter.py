@@ -216,12 +216,12 @@ def test_bad_input_is_refused_and_the_model_untouched(tmp_path):
          ValueError, "modules_to_save is not supported for an adapter other than 'default'"),
         (lambda: model.add_adapter("x", la.LoraConfig(r=2, target_modules=["nope"])),
          ValueError, "not found"),
-        (lambda: model.add_adapter("x", la.BottleneckConfig(bottleneck_size=4)), ValueError,
-         "bottleneck adapter cannot be added.*LoRA only"),
+        (lambda: model.add_adapter("x", la.BottleneckConfig(target_modules=["v_proj"])),
+         ValueError, r"'model.layers.0.self_attn.v_proj' already holds LoRA adapter\(s\)"),
         (lambda: model.add_adapter("x", la.PrefixTuningConfig(num_virtual_tokens=2)),
-         ValueError, "prefix tuning adapter cannot be added.*LoRA only"),
+         ValueError, "prefix tuning adapter cannot be added.*LoRA and bottleneck adapters"),
         (lambda: model.add_adapter("x", la.PromptTuningConfig(num_virtual_tokens=2)),
-         ValueError, "prompt tuning adapter cannot be added.*LoRA only"),
+         ValueError, "prompt tuning adapter cannot be added.*LoRA and bottleneck adapters"),
         (lambda: la.merge_adapter(model), RuntimeError, "active adapter is 'other'"),
         (lambda: la.load_adapter(model, str(tmp_path / "none"), adapter_name="other"),
          ValueError, "already exists"),
@@ -255,7 +255,7 @@ def test_bad_input_is_refused_and_the_model_untouched(tmp_path):
     with pytest.raises(ValueError, match="first adapter is named 'default'"):
         la.load_adapter(tiny_model("llama"), str(tmp_path / "k"), adapter_name="k")
     prompt = la.get_adapter_model(tiny_model("llama"), la.PromptTuningConfig(num_virtual_tokens=2))
-    with pytest.raises(ValueError, match="default adapter is prompt tuning.*LoRA only"):
+    with pytest.raises(ValueError, match="default adapter is prompt tuning.*not beside a soft prompt"):
         prompt.add_adapter("x", la.LoraConfig(r=2))
     assert list(prompt.peft_config) == ["default"]
 

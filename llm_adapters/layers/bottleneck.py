@@ -9,6 +9,10 @@ Series placements run on the fused `ops.series_adapter`, the parallel one on
 base layer; the parallel one adds its branch into the layer's own output (`ops.lora_add`).
 Parameter names follow LLM-Adapters: `adapter_down`, `adapter_up`, and `adapter_scale` when
 the scaling is learned.
+
+A model may hold adapters of several kinds side by side (LoRA on attention, a series adapter on
+the MLP), each named: `adapter_name` says which named adapter a layer belongs to, and `active`
+whether that adapter is among the model's active ones (an inactive layer runs as its base).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from .. import ops
 from ._base import autocast_inputs, linear_dims
 from ._quant import adapter_factory, quant_format
 from ._sharded import base_weight_bias, within_units
+from .lora import DEFAULT_ADAPTER
 
 PLACEMENTS = ("input", "output", "parallel")
 INITS = ("bert", "mam_adapter", "zero_up")
@@ -85,6 +90,8 @@ class BottleneckAdapter(nn.Module):
             self.adapter_scale = None
             self.scaling = float(scaling)
         self.disable_adapters = False
+        self.adapter_name = DEFAULT_ADAPTER  # the named adapter this layer belongs to
+        self.active = True  # whether that adapter is active (set by the model's set_adapter)
 
     def _scale(self):
         return self.adapter_scale if self.adapter_scale is not None else self.scaling
@@ -102,7 +109,7 @@ class BottleneckAdapter(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.disable_adapters:
+        if self.disable_adapters or not self.active:
             return self.base_layer(x)
         # the adapter's weights are read inside the FSDP units that own them, if any
         units = (self.adapter_down, self.adapter_up)
@@ -138,7 +145,8 @@ class BottleneckAdapter(nn.Module):
         return ops.lora_linear(x, w, b, **self._branch())
 
     def extra_repr(self) -> str:
+        name = "" if self.adapter_name == DEFAULT_ADAPTER else f"adapter={self.adapter_name}, "
         return (
-            f"placement={self.placement}, bottleneck={self.adapter_down.out_features}, "
+            f"{name}placement={self.placement}, bottleneck={self.adapter_down.out_features}, "
             f"non_linearity={self.non_linearity}"
         )

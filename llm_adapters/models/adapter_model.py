@@ -92,9 +92,9 @@ def refuse_adapted(model: nn.Module) -> None:
         raise ValueError(
             "the model already has adapters (an adapter of kind "
             f"{_adapter_kind(model.adapter_config)}); several adapters per model: add another "
-            "LoRA adapter with model.add_adapter(name, config) or la.load_adapter(model, path, "
-            "adapter_name=name), or unload it first with la.unload_adapter (merge_and_unload "
-            "for LoRA)"
+            "LoRA or bottleneck adapter with model.add_adapter(name, config) or "
+            "la.load_adapter(model, path, adapter_name=name), or unload it first with "
+            "la.unload_adapter (merge_and_unload for LoRA)"
         )
     for name, module in model.named_modules():
         if isinstance(module, (LoraLinear, BottleneckAdapter)):
@@ -153,8 +153,9 @@ class AdapterModel(nn.Module):
 
     LoRA and bottleneck adapters live inside the causal LM (`get_base_model()`, its Linear
     layers replaced in place); prefix and prompt tuning keep their parameters here and feed
-    them in at forward. Attributes not found here are looked up on the causal LM. One adapter
-    per model, named "default" as in PEFT.
+    them in at forward. Attributes not found here are looked up on the causal LM. The first
+    adapter is named "default" as in PEFT; `add_adapter` adds other named LoRA or bottleneck
+    adapters (kinds side by side on different layers), `set_adapter` chooses the active ones.
     """
 
     # transformers' Trainer trains a quantized model only with adapters attached, which it
@@ -169,7 +170,7 @@ class AdapterModel(nn.Module):
         self.prompt_embedding: Optional[PromptEmbedding] = None
         self._frozen_state: dict[str, bool] = {}
         self._soft_disabled = False
-        self._extra_configs: dict[str, AdapterConfig] = {}  # other named adapters (LoRA)
+        self._extra_configs: dict[str, AdapterConfig] = {}  # other named adapters
         self._active_names = [DEFAULT_ADAPTER]  # PEFT's active adapters, in their order
         params = inspect.signature(base_model.forward).parameters
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
@@ -272,6 +273,19 @@ class AdapterModel(nn.Module):
             raise ValueError(
                 f"adapter_names: unknown adapter(s) {unknown}; this model's adapters: "
                 f"{list(self.peft_config)} (and '__base__' for none)"
+            )
+        bottleneck = [n for n in self.peft_config if not self._is_lora(n)]
+        named = sorted(set(adapter_names) & set(bottleneck))
+        if named:
+            raise ValueError(
+                f"adapter_names: {named} are bottleneck adapters; a mixed batch chooses among "
+                "LoRA adapters only (and '__base__')"
+            )
+        running = [n for n in self._active_names if n in bottleneck]
+        if running and not self._adapters_disabled():
+            raise ValueError(
+                f"adapter_names=: the bottleneck adapter(s) {running} are active and would run "
+                "on every row; set_adapter to LoRA adapters only before a mixed batch"
             )
         if batch is not None and batch != len(adapter_names):
             raise ValueError(
@@ -398,6 +412,18 @@ class AdapterModel(nn.Module):
     def _lora_layers(self) -> list[LoraLinear]:
         return [m for m in self.get_base_model().modules() if isinstance(m, LoraLinear)]
 
+    def _bottleneck_layers(self) -> list[BottleneckAdapter]:
+        return [m for m in self.get_base_model().modules() if isinstance(m, BottleneckAdapter)]
+
+    def _is_lora(self, adapter_name: str) -> bool:
+        from ..config import LoraConfig
+
+        return isinstance(self.peft_config[adapter_name], LoraConfig)
+
+    def _adapters_disabled(self) -> bool:
+        layers = [*self._lora_layers(), *self._bottleneck_layers()]
+        return bool(layers) and all(m.disable_adapters for m in layers)
+
     def _check_adapter_names(self, adapter_name: Any) -> list[str]:
         """The adapter names of `set_adapter(adapter_name)` (one name or a list), checked:
         known, no repeats, not empty. Checks only."""
@@ -426,7 +452,8 @@ class AdapterModel(nn.Module):
     ) -> None:
         """Make `adapter_name` the active adapter, or a list of names the active adapters, as
         PEFT's LoraModel: each LoRA layer adds the update of every active adapter it holds,
-        their parameters train (unless `inference_mode`) and every other adapter's are frozen;
+        each bottleneck layer runs if its adapter is active (as its base otherwise), their
+        parameters train (unless `inference_mode`) and every other adapter's are frozen;
         a merged model is unmerged first (with a warning) unless the default adapter alone
         stays active. Checked first: on error the model is untouched."""
         names = self._check_adapter_names(adapter_name)
@@ -447,6 +474,12 @@ class AdapterModel(nn.Module):
             for name in m.adapter_names():
                 for p in m.branch_parameters(name):
                     p.requires_grad_(name in names and not inference_mode)
+        from .inject import own_parameters
+
+        for m in self._bottleneck_layers():
+            m.active = m.adapter_name in names
+            for _, p in own_parameters(m):
+                p.requires_grad_(m.active and not inference_mode)
         self._active_names = names
 
     def _new_adapter_checks(self, adapter_name: Any, config: Any) -> None:
@@ -465,23 +498,25 @@ class AdapterModel(nn.Module):
             raise ValueError(f"adapter name {adapter_name!r}: names with '__' are reserved")
 
     def _check_new_config(self, config: Any) -> None:
-        from ..config import LoraConfig
+        from ..config import BottleneckConfig, LoraConfig
 
-        if not isinstance(config, LoraConfig):
+        if not isinstance(config, (LoraConfig, BottleneckConfig)):
             kind = _adapter_kind(config) if isinstance(config, AdapterConfig) else (
                 type(config).__name__
             )
             raise ValueError(
                 f"add_adapter: a {kind} adapter cannot be added: several adapters per model are "
-                "supported for LoRA only (an la.LoraConfig)"
+                "supported for LoRA and bottleneck adapters (an la.LoraConfig or "
+                "la.BottleneckConfig); a soft prompt is the model's only adapter"
             )
         default = self.adapter_config
-        if not isinstance(default, LoraConfig):
+        if not isinstance(default, (LoraConfig, BottleneckConfig)):
             raise ValueError(
                 f"add_adapter: this model's default adapter is {_adapter_kind(default)}; "
-                "several adapters per model are supported for LoRA only"
+                "several adapters per model are supported for LoRA and bottleneck adapters, "
+                "not beside a soft prompt"
             )
-        if default.bias != "none" or default.modules_to_save:
+        if isinstance(default, LoraConfig) and (default.bias != "none" or default.modules_to_save):
             raise ValueError(
                 "add_adapter: the default adapter trains base biases or modules_to_save, which "
                 "other adapters would share; several adapters are not supported for it"
@@ -495,25 +530,36 @@ class AdapterModel(nn.Module):
             )
 
     def add_adapter(self, adapter_name: str, peft_config: AdapterConfig, **_: Any) -> None:
-        """Add another named LoRA adapter (PEFT's `add_adapter`): on the same layers as the
-        default one or others, any rank. It is not made active (call `set_adapter`) and its
-        parameters are frozen until it is. Checked first: on error the model is untouched."""
+        """Add another named adapter (PEFT's `add_adapter`). A LoRA adapter goes on the same
+        layers as the default one or others, any rank; a bottleneck adapter (series, AdapterP
+        or parallel) on Linear layers no other adapter holds, so kinds sit side by side (LoRA
+        on attention, a series adapter on the MLP). It is not made active (call
+        `set_adapter`, with a list to run several) and its parameters are frozen until it is.
+        Checked first: on error the model is untouched."""
         import dataclasses
-
-        from .inject import plan_extra_lora
 
         self._new_adapter_checks(adapter_name, peft_config)
         config = dataclasses.replace(peft_config)
-        swaps = plan_extra_lora(self.get_base_model(), config)
-        self._attach_extra(adapter_name, config, swaps)
+        self._attach_extra(adapter_name, config, self._plan_extra(config))
+
+    def _plan_extra(self, config: AdapterConfig, loading: bool = False) -> list:
+        from ..config import LoraConfig
+        from .inject import plan_extra_bottleneck, plan_extra_lora
+
+        plan = plan_extra_lora if isinstance(config, LoraConfig) else plan_extra_bottleneck
+        return plan(self.get_base_model(), config, loading=loading)
 
     def _attach_extra(self, adapter_name: str, config: AdapterConfig, swaps: list) -> None:
-        from .inject import attach_extra_lora
+        from ..config import LoraConfig
+        from .inject import attach_extra_bottleneck, attach_extra_lora
 
-        disabled = any(m.disable_adapters for m in self._lora_layers())
-        attach_extra_lora(swaps, adapter_name, list(self._active_names))
-        for swap in swaps:
-            swap.layer.disable_adapters = disabled
+        disabled = self._adapters_disabled()
+        if isinstance(config, LoraConfig):
+            attach_extra_lora(swaps, adapter_name, list(self._active_names))
+            for swap in swaps:
+                swap.layer.disable_adapters = disabled
+        else:
+            attach_extra_bottleneck(swaps, adapter_name, list(self._active_names), disabled)
         if config.base_model_name_or_path is None:
             config.base_model_name_or_path = self.adapter_config.base_model_name_or_path
         self._extra_configs[adapter_name] = config
@@ -548,12 +594,16 @@ class AdapterModel(nn.Module):
             self.set_adapter(DEFAULT_ADAPTER)
         base = self.get_base_model()
         modules = dict(base.named_modules())
+        lora = self._is_lora(adapter_name)
         for name, m in list(modules.items()):
-            if isinstance(m, LoraLinear):
+            if isinstance(m, LoraLinear) and lora:
                 m.delete_branch(adapter_name)
-                if not m.has_default and not m.adapter_names():  # wrapped for it alone
-                    parent_name, _, attr = name.rpartition(".")
-                    setattr(modules[parent_name], attr, m.base_layer)
+                unwrap = not m.has_default and not m.adapter_names()  # wrapped for it alone
+            else:
+                unwrap = isinstance(m, BottleneckAdapter) and m.adapter_name == adapter_name
+            if unwrap:
+                parent_name, _, attr = name.rpartition(".")
+                setattr(modules[parent_name], attr, m.base_layer)
         del self._extra_configs[adapter_name]
 
     def _set_layers_disabled(self, disabled: bool) -> None:

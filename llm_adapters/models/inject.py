@@ -208,11 +208,28 @@ def _saved_module_swaps(model: nn.Module, config: AdapterConfig) -> list[Swap]:
     return swaps
 
 
+def _outside_adapter_layers(modules: dict[str, nn.Module]) -> list[str]:
+    """The names of `modules` that are not inside an adapter layer (its base, A, B, ...)."""
+    inside = [n for n, m in modules.items() if isinstance(m, ADAPTER_LAYERS)]
+    return [n for n in modules if n and not any(n.startswith(o + ".") for o in inside)]
+
+
+def _held_by(module: nn.Module) -> str:
+    """Which named adapter(s) an adapter layer holds, for error messages."""
+    if isinstance(module, LoraLinear):
+        return f"LoRA adapter(s) {module.adapter_names()}"
+    if isinstance(module, BottleneckAdapter):
+        return f"bottleneck adapter {module.adapter_name!r} ({module.placement} placement)"
+    return "a modules_to_save copy"
+
+
 def _plan_linear_adapters(
-    model: nn.Module, config: AdapterConfig, loading: bool = False
+    model: nn.Module, config: AdapterConfig, loading: bool = False, extra: bool = False
 ) -> list[Swap]:
     """Which modules to replace by what, validated; nothing in `model` changes here.
-    Fills in `config.target_modules` with the family default when it was None."""
+    Fills in `config.target_modules` with the family default when it was None. `extra`: a
+    further named bottleneck adapter of a model that has adapters already, on layers of its
+    own (adapters of different kinds do not share a layer)."""
     kind = _config_kind(config)
     lora = isinstance(config, LoraConfig)
     if lora and config.init_lora_weights == "eva" and not loading:
@@ -224,13 +241,14 @@ def _plan_linear_adapters(
     targets = _resolve_targets(model, config, kind)
     config.target_modules = targets
     existing = next(adapter_modules(model), None)
-    if existing is not None:
+    if existing is not None and not extra:
         raise ValueError(
             f"the model already has adapters (at {existing[0]!r}); unload them first "
             "(llm_adapters.unload_adapter)"
         )
     modules = dict(model.named_modules())
-    matched = [name for name in modules if name and _matches(name, targets)]
+    names = _outside_adapter_layers(modules) if extra else [n for n in modules if n]
+    matched = [name for name in names if _matches(name, targets)]
     if isinstance(targets, list):
         missing = [t for t in targets if not any(_matches(n, [t]) for n in matched)]
         if missing:
@@ -256,6 +274,12 @@ def _plan_linear_adapters(
     swaps = []
     for name in chosen:
         module = modules[name]
+        if isinstance(module, ADAPTER_LAYERS):
+            raise ValueError(
+                f"target_modules: module {name!r} already holds {_held_by(module)}; a layer "
+                "holds adapters of one kind, and one bottleneck adapter at most (choose other "
+                "target_modules)"
+            )
         quant_format(module)  # a quantized layout no adapter can wrap: an error naming it
         if not is_adaptable(module):
             raise ValueError(
@@ -409,12 +433,7 @@ def plan_extra_lora(model: nn.Module, config: LoraConfig, loading: bool = False)
             )
     targets = _resolve_targets(model, config, "lora")
     modules = dict(model.named_modules())
-    inside = [n for n, m in modules.items() if isinstance(m, ADAPTER_LAYERS)]
-
-    def candidate(name: str) -> bool:  # not a module inside an adapter layer (its base, A, B)
-        return bool(name) and not any(name.startswith(o + ".") for o in inside)
-
-    matched = [n for n in modules if candidate(n) and _matches(n, targets)]
+    matched = [n for n in _outside_adapter_layers(modules) if _matches(n, targets)]
     if isinstance(targets, list):
         missing = [t for t in targets if not any(_matches(n, [t]) for n in matched)]
         if missing:
@@ -433,8 +452,9 @@ def plan_extra_lora(model: nn.Module, config: LoraConfig, loading: bool = False)
             base, layer, parent, attr = module.base_layer, module, None, ""
         elif isinstance(module, ADAPTER_LAYERS):
             raise ValueError(
-                f"target_modules: module {name!r} holds a {type(module).__name__} of the "
-                "default adapter; only LoRA layers can take another adapter"
+                f"target_modules: module {name!r} already holds {_held_by(module)}; only a "
+                "LoRA layer can take another LoRA adapter (adapters of different kinds go on "
+                "different layers)"
             )
         else:
             quant_format(module)
@@ -477,3 +497,29 @@ def attach_extra_lora(
                 p.requires_grad_(False)
             swap.layer.active_adapter = active
             setattr(swap.parent, swap.attr, swap.layer)
+
+
+# ---- other named bottleneck adapters (adapters of different kinds side by side) ------------
+def plan_extra_bottleneck(
+    model: nn.Module, config: BottleneckConfig, loading: bool = False
+) -> list[Swap]:
+    """Where another named bottleneck adapter goes in `model` (a causal LM that has adapter
+    layers already): on Linear layers no other adapter holds, validated, the model untouched.
+    Fills in `config.target_modules` with the family default when it was None."""
+    return _plan_linear_adapters(model, config, loading, extra=True)
+
+
+def attach_extra_bottleneck(
+    swaps: list[Swap], adapter_name: str, active: list[str], disabled: bool
+) -> None:
+    """Apply a plan from `plan_extra_bottleneck` (nothing here can fail): each new layer
+    belongs to `adapter_name`, runs only while that adapter is in `active`, and its parameters
+    train only then (a new adapter is not active, as in PEFT, so they start frozen)."""
+    for swap in swaps:
+        layer = swap.new
+        layer.adapter_name = adapter_name
+        layer.active = adapter_name in active
+        layer.disable_adapters = disabled
+        for _, p in own_parameters(layer):
+            p.requires_grad_(False)
+        setattr(swap.parent, swap.attr, layer)

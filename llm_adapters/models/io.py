@@ -3,9 +3,10 @@
 A saved adapter is a folder with `adapter_config.json` and `adapter_model.safetensors`
 (older PEFT / LLM-Adapters releases wrote `adapter_model.bin`, which loads too). How a
 parameter is named in the file is decided in one place, the key-naming section below, which
-both saving and loading use. A model with other named LoRA adapters (`add_adapter`) is saved
-as PEFT saves one: the default adapter at the top, each other one in a sub-folder named after
-it, its keys without the adapter's name.
+both saving and loading use. A model with other named adapters (`add_adapter`: LoRA, or
+bottleneck adapters beside them) is saved as PEFT saves one: the default adapter at the top,
+each other one in a sub-folder named after it, its keys without the adapter's name (a
+bottleneck sub-folder holds our config and keys, as a bottleneck adapter saved alone).
 """
 
 from __future__ import annotations
@@ -34,7 +35,6 @@ from .inject import (
     attach_adapters,
     own_parameters,
     plan_adapters,
-    plan_extra_lora,
 )
 from .saved_modules import SAVED_PREFIX
 from .targets import model_type
@@ -99,12 +99,19 @@ def _adapter_parameters(wrapper: AdapterModel) -> dict[str, nn.Parameter]:
     soft = wrapper.prefix_encoder if wrapper.prefix_encoder is not None else (
         wrapper.prompt_embedding
     )
-    params = dict(_keyed_parameters(config, adapter_modules(base), soft))
+    layers = [(n, m) for n, m in adapter_modules(base) if _holds_default(m)]
+    params = dict(_keyed_parameters(config, layers, soft))
     if isinstance(config, LoraConfig) and config.bias != "none":
         for name, p in base.named_parameters():
             if name.endswith("bias") and p.requires_grad:
                 params[bias_key(name)] = p
     return {clean_name(k): p for k, p in params.items()}
+
+
+def _holds_default(layer: nn.Module) -> bool:
+    """Whether an adapter layer's own parameters are the default adapter's (a bottleneck layer
+    of another named adapter holds that one's)."""
+    return getattr(layer, "adapter_name", DEFAULT_ADAPTER) == DEFAULT_ADAPTER
 
 
 def _adapter_state(wrapper: AdapterModel) -> dict[str, Tensor]:
@@ -113,14 +120,16 @@ def _adapter_state(wrapper: AdapterModel) -> dict[str, Tensor]:
 
 
 def _extra_parameters(wrapper: AdapterModel, adapter_name: str) -> dict[str, nn.Parameter]:
-    """file key -> parameter of the named (non-default) LoRA adapter, keyed as the default
-    adapter's are (PEFT's layout: no adapter name in the key)."""
-    from ..layers import LoraLinear
+    """file key -> parameter of the named (non-default) adapter, keyed as a default adapter
+    of its kind is (PEFT's layout: no adapter name in the key)."""
+    from ..layers import BottleneckAdapter, LoraLinear
 
     keyed = {}
     config = wrapper._extra_configs[adapter_name]
     for name, layer in wrapper.get_base_model().named_modules():
-        if isinstance(layer, LoraLinear):
+        if isinstance(layer, BottleneckAdapter) and layer.adapter_name == adapter_name:
+            keyed.update(_keyed_parameters(config, [(name, layer)], None))
+        elif isinstance(layer, LoraLinear):
             branch = layer.branch(adapter_name)
             if branch is not None:
                 keyed.update(_branch_keys(config, name, branch))
@@ -337,8 +346,9 @@ def load_adapter(
     the adapter is frozen and the model put in eval mode, as PEFT does.
 
     With an `adapter_name` other than "default", `model` is an `AdapterModel` (with its default
-    LoRA adapter) and the saved LoRA adapter is added to it under that name, not made active
-    (PEFT's `load_adapter`); a sub-folder of a multi-adapter save is such an adapter.
+    LoRA or bottleneck adapter) and the saved LoRA or bottleneck adapter is added to it under
+    that name, not made active (PEFT's `load_adapter`); a sub-folder of a multi-adapter save is
+    such an adapter.
     """
     if adapter_name != DEFAULT_ADAPTER:
         return _load_extra(model, adapter_path, adapter_name, is_trainable)
@@ -391,7 +401,8 @@ def load_adapter(
 def _load_extra(
     model: nn.Module, adapter_path: str, adapter_name: str, is_trainable: bool
 ) -> AdapterModel:
-    """`load_adapter` under another name: add the saved LoRA adapter to `model`."""
+    """`load_adapter` under another name: add the saved LoRA or bottleneck adapter to
+    `model`."""
     from . import llm_adapters_format as theirs
 
     if not isinstance(model, AdapterModel):
@@ -402,18 +413,22 @@ def _load_extra(
     model._check_new_name(adapter_name)
     if theirs.is_llm_adapters_checkpoint(adapter_path):
         raise ValueError(
-            f"adapter at {adapter_path!r} is an LLM-Adapters checkpoint: only PEFT-format LoRA "
-            "adapters can be added under another name"
+            f"adapter at {adapter_path!r} is an LLM-Adapters checkpoint: only adapters in this "
+            "library's (PEFT's) format can be added under another name; load it alone and "
+            "save it with la.save_adapter first"
         )
     config = load_config(adapter_path)
     model._new_adapter_checks(adapter_name, config)
     tensors, metadata = _read_weights(adapter_path)
     base = model.get_base_model()
     _check_model_type(adapter_path, metadata, base)
-    swaps = plan_extra_lora(base, config, loading=True)
+    swaps = model._plan_extra(config, loading=True)
     expected = {}
     for swap in swaps:
-        expected.update(_branch_keys(config, swap.name, swap.branch))
+        if isinstance(config, LoraConfig):
+            expected.update(_branch_keys(config, swap.name, swap.branch))
+        else:
+            expected.update(_keyed_parameters(config, [(swap.name, swap.new)], None))
     check_saved_tensors(adapter_path, expected, tensors)
     with torch.no_grad():
         for key, p in expected.items():
