@@ -109,7 +109,12 @@ class BottleneckAdapter(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.disable_adapters or not self.active:
+        if self.disable_adapters:
+            return self.base_layer(x)
+        rows = self.__dict__.get("row_adapters")
+        if rows is not None:
+            return self._mixed_forward(x, rows)
+        if not self.active:
             return self.base_layer(x)
         # the adapter's weights are read inside the FSDP units that own them, if any
         units = (self.adapter_down, self.adapter_up)
@@ -125,6 +130,34 @@ class BottleneckAdapter(nn.Module):
             xc = x if x.dtype == y0.dtype else x.to(y0.dtype)
             return within_units(units, lambda: ops.lora_add(y0, xc, **self._branch()))
         return within_units((self.base_layer, *units), lambda: self._parallel(x))
+
+    def _mixed_forward(self, x: Tensor, rows: list[str]) -> Tensor:
+        """A mixed-adapter batch (inference): the rows of `x` [B, ..., K] whose entry in `rows`
+        is this layer's adapter get it, every other row runs as the base (the model sets
+        `row_adapters` for the duration of the call)."""
+        if x.shape[0] != len(rows):
+            raise ValueError(
+                f"adapter_names has {len(rows)} entries but the batch has {x.shape[0]} rows"
+            )
+        picked = [i for i, name in enumerate(rows) if name == self.adapter_name]
+        if not picked:
+            return self.base_layer(x)
+        idx = torch.tensor(picked, dtype=torch.long, device=x.device)
+        units = (self.adapter_down, self.adapter_up)
+
+        def on_rows(t: Tensor, fn) -> Tensor:  # t with fn applied to the picked rows only
+            return t.index_copy(0, idx, within_units(units, lambda: fn(t.index_select(0, idx))))
+
+        if self.placement == "input":
+            return self.base_layer(on_rows(x, self._series))
+        y0 = self.base_layer(x)
+        if self.placement == "output":
+            return on_rows(y0, self._series)
+        xc = (x if x.dtype == y0.dtype else x.to(y0.dtype)).index_select(0, idx)
+        return y0.index_copy(
+            0, idx, within_units(units, lambda: ops.lora_add(y0.index_select(0, idx), xc,
+                                                             **self._branch()))
+        )
 
     def _branch(self) -> dict:
         """The parallel branch's arguments, shared by `ops.lora_linear` (float base) and

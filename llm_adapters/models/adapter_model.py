@@ -253,16 +253,19 @@ class AdapterModel(nn.Module):
 
     @contextlib.contextmanager
     def _mixed_batch(self, adapter_names: Any, batch: Optional[int], expand: int = 1):
-        """Inside: every LoRA layer gives row i of the batch adapter `adapter_names[i]`
-        ("__base__": none), PEFT's mixed-adapter batch (inference, LoRA only); `expand`: rows
-        per entry (generate repeats each row for beams and returned sequences)."""
+        """Inside: every LoRA and bottleneck layer gives row i of the batch adapter
+        `adapter_names[i]` ("__base__": none), PEFT's mixed-adapter batch (inference; a row
+        runs one adapter, whatever is active); `expand`: rows per entry (generate repeats each
+        row for beams and returned sequences)."""
         if self.training:
             raise ValueError(
                 "adapter_names= is for inference: call model.eval() first (PEFT refuses it "
                 "in training mode too)"
             )
         if self.prefix_encoder is not None or self.prompt_embedding is not None:
-            raise ValueError("adapter_names= is for LoRA adapters; this model's is a soft prompt")
+            raise ValueError(
+                "adapter_names= is for LoRA and bottleneck adapters; this model's is a soft prompt"
+            )
         if isinstance(adapter_names, str) or not isinstance(adapter_names, (list, tuple)):
             raise TypeError(
                 f"adapter_names must be a list of adapter names (one per row), got "
@@ -274,19 +277,7 @@ class AdapterModel(nn.Module):
                 f"adapter_names: unknown adapter(s) {unknown}; this model's adapters: "
                 f"{list(self.peft_config)} (and '__base__' for none)"
             )
-        bottleneck = [n for n in self.peft_config if not self._is_lora(n)]
-        named = sorted(set(adapter_names) & set(bottleneck))
-        if named:
-            raise ValueError(
-                f"adapter_names: {named} are bottleneck adapters; a mixed batch chooses among "
-                "LoRA adapters only (and '__base__')"
-            )
-        running = [n for n in self._active_names if n in bottleneck]
-        if running and not self._adapters_disabled():
-            raise ValueError(
-                f"adapter_names=: the bottleneck adapter(s) {running} are active and would run "
-                "on every row; set_adapter to LoRA adapters only before a mixed batch"
-            )
+
         if batch is not None and batch != len(adapter_names):
             raise ValueError(
                 f"adapter_names has {len(adapter_names)} entries but the batch has {batch} rows"
@@ -294,6 +285,7 @@ class AdapterModel(nn.Module):
         layers = self._lora_layers()
         if any(m.merged for m in layers):
             raise ValueError("adapter_names= needs an unmerged model: unmerge the adapter first")
+        layers += self._bottleneck_layers()
         rows = [n for n in adapter_names for _ in range(expand)]
         try:
             for m in layers:
