@@ -11,7 +11,7 @@ import os
 
 import pytest
 import torch
-from tiny_models import tiny_batch, tiny_model
+from tiny_models import nf4_linear, tiny_batch, tiny_model
 
 import llm_adapters as la
 from llm_adapters.layers import BottleneckAdapter
@@ -142,6 +142,10 @@ def test_a_bottleneck_default_with_a_lora_adapter_beside_it():
     model.delete_adapter("attn")
     assert not any(isinstance(m, la.LoraLinear) for m in model.modules())
     torch.testing.assert_close(_logits(model), _logits(bottleneck), **EXACT)
+    model.add_adapter("attn", la.LoraConfig(**LORA))
+    plain = model.unload()  # every adapter layer of both kinds goes
+    assert not any(isinstance(m, (la.LoraLinear, BottleneckAdapter)) for m in plain.modules())
+    torch.testing.assert_close(_logits(plain), _logits(tiny_model("llama")), **EXACT)
 
 
 def test_only_the_active_adapters_train():
@@ -240,6 +244,27 @@ def test_mixed_batch_rows_match_each_adapter_alone(kind):
     with model.disable_adapter(), torch.no_grad():
         base = _logits(model, batch)
     assert all((out[i] - base[i]).abs().max() > 1e-3 for i in (0, 1, 3))
+
+
+@pytest.mark.parametrize("placement", ["input", "output", "parallel"])
+def test_mixed_rows_of_a_bottleneck_layer_on_a_quantized_base(placement):
+    pytest.importorskip("bitsandbytes")
+    base = nf4_linear()
+    k = 72 if placement != "output" else 40
+    layer = BottleneckAdapter(base, 6, placement, use_bias=True)
+    if placement == "input":  # an input-side adapter's up projection gives K features
+        assert layer.adapter_up.out_features == k
+    layer.adapter_name = "mlp"
+    x = torch.randn(3, 5, 72)
+    rows = ["mlp", "__base__", "mlp"]
+    with torch.no_grad():
+        layer.row_adapters = rows
+        mixed = layer(x)
+        del layer.row_adapters
+        on, off = layer(x), base(x)
+    torch.testing.assert_close(mixed[[0, 2]], on[[0, 2]], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(mixed[1], off[1], rtol=0, atol=0)
+    assert (on[1] - off[1]).abs().max() > 1e-3
 
 
 def _state(model):
