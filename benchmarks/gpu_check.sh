@@ -2,7 +2,8 @@
 # The one-command GPU check: the self-check (`llm-adapters check`: every backend vs float64),
 # GPU tests, the skinny kernels' bandwidth, op benchmarks, the measured backend table, the
 # end-to-end benchmark at default sizes and its QLoRA case (LoRA on a 4-bit NF4 base, ours vs
-# PEFT), everything written into OUT_DIR, a summary table printed last. The part budgets add
+# PEFT), the mixed-adapter batch and DoRA layer benchmarks (ours vs PEFT), everything written
+# into OUT_DIR, a summary table printed last. The part budgets add
 # up to 450 s (under 8 minutes with the setup around them).
 #
 #   benchmarks/gpu_check.sh OUT_DIR              on a machine with an NVIDIA GPU
@@ -12,7 +13,7 @@
 #
 # Installs nothing. Uses $PYTHON (default: python3, else python) from the repository root.
 # Time budget per part (seconds), overridable: T_CHECK, T_TESTS, T_KERNELS, T_OPS, T_TUNE, T_E2E,
-# T_QLORA.
+# T_QLORA, T_MIXED, T_DORA.
 # SKIP_PARTS="kernels ..." leaves parts out (shown as skipped; they do not fail the run).
 # Exit status: 0 when every part that ran passed, 1 otherwise (the summary says which).
 
@@ -86,8 +87,10 @@ echo "environment: $OUT/environment.txt"
 grep -E '^(torch|triton|transformers|peft|backend|gpu)' "$OUT/environment.txt" | sed 's/^/  /'
 
 # ---- the plan --------------------------------------------------------------------------------
-# Budgets: on a GPU they add up to 450 s (check 75, tests 105, kernels 45, ops 85, tune 65,
-# e2e 55, qlora 20), leaving 30 s for the environment record and the summary within 8 minutes.
+# Budgets: on a GPU they add up to 450 s (check 75, tests 95, kernels 40, ops 80, tune 55,
+# e2e 55, qlora 20, mixed 15, dora 15), leaving 30 s for the environment record and the summary
+# within 8 minutes. The mixed-batch and DoRA parts time one 4096 x 4096 bf16 layer (a few
+# rounds each: a first figure, not a tuned one).
 # The QLoRA case runs in a process of its own, so that it cannot cost the e2e part its rows:
 # about 10 s of start-up and model building (an estimate: not yet timed on a GPU), then
 # 2 x 13 steps (3 of them warm-up) of the e2e GPU model (LLaMA-7B widths, 4 layers, 4 x 1024
@@ -103,9 +106,16 @@ if [ "$MODE" = cpu ]; then
   TUNE_ARGS=(--device cpu --tokens 64 --hidden 64 --rank 8 --dropout 0)
   # two candidates to choose between on a CPU: torch, and triton under the interpreter
   TUNE_ENV=(env TRITON_INTERPRET=1)
+  T_MIXED="${T_MIXED:-240}" T_DORA="${T_DORA:-240}"
+  MIXED_ARGS=(--device cpu --kn 64 --r 4 --sequences 4 --prefill-tokens 8 --adapters 1 4
+              --rounds 1)
+  DORA_ARGS=(--device cpu --kn 64 --r 4 --tokens 32 --rounds 1)
 else
-  T_CHECK="${T_CHECK:-75}" T_TESTS="${T_TESTS:-105}" T_OPS="${T_OPS:-85}"
-  T_TUNE="${T_TUNE:-65}" T_E2E="${T_E2E:-55}" T_QLORA="${T_QLORA:-20}"
+  T_CHECK="${T_CHECK:-75}" T_TESTS="${T_TESTS:-95}" T_OPS="${T_OPS:-80}"
+  T_TUNE="${T_TUNE:-55}" T_E2E="${T_E2E:-55}" T_QLORA="${T_QLORA:-20}"
+  T_MIXED="${T_MIXED:-15}" T_DORA="${T_DORA:-15}"
+  MIXED_ARGS=(--device cuda --kn 4096 --r 16 --dtype bf16 --adapters 1 4 16 --rounds 5)
+  DORA_ARGS=(--device cuda --kn 4096 --r 16 --dtype bf16 --tokens 1024 4096 --rounds 5)
   CHECK_ARGS=(--device cuda)
   BENCH_ARGS=(--device cuda)  # an error, not a silent CPU run, if torch sees no GPU
   TEST_ARGS=(-m gpu)
@@ -144,14 +154,19 @@ if [ "$MODE" = cpu ]; then  # the host emulation (after a JIT build of the exten
   T_KERNELS="${T_KERNELS:-400}"
   KERNEL_ARGS=(--device cpu --m 64 300 --k 256 --r 16 --reps 2)
 else
-  T_KERNELS="${T_KERNELS:-45}"
+  T_KERNELS="${T_KERNELS:-40}"
   KERNEL_ARGS=(--device cuda --m 512 2048 8192 16384 --k 4096 --r 16 --dtype bfloat16)
 fi
 CMD_KERNELS=(timeout --kill-after=20 "$T_KERNELS" "$PYTHON" -m llm_adapters.bench.kernels
              "${KERNEL_ARGS[@]}" --out "$OUT")
 
-BUDGET=$(( T_CHECK + T_TESTS + T_KERNELS + T_OPS + T_TUNE + T_E2E + T_QLORA ))
-echo "part budgets: ${BUDGET} s (check $T_CHECK, tests $T_TESTS, kernels $T_KERNELS, ops $T_OPS, tune $T_TUNE, e2e $T_E2E, qlora $T_QLORA)"
+CMD_MIXED=(timeout --kill-after=20 "$T_MIXED" "$PYTHON" benchmarks/bench_mixed.py "${MIXED_ARGS[@]}"
+           --json "$OUT/bench-mixed.json")
+CMD_DORA=(timeout --kill-after=20 "$T_DORA" "$PYTHON" benchmarks/bench_dora.py "${DORA_ARGS[@]}"
+          --json "$OUT/bench-dora.json")
+
+BUDGET=$(( T_CHECK + T_TESTS + T_KERNELS + T_OPS + T_TUNE + T_E2E + T_QLORA + T_MIXED + T_DORA ))
+echo "part budgets: ${BUDGET} s (check $T_CHECK, tests $T_TESTS, kernels $T_KERNELS, ops $T_OPS, tune $T_TUNE, e2e $T_E2E, qlora $T_QLORA, mixed $T_MIXED, dora $T_DORA)"
 
 declare -A RC SECS
 run_part() {  # name logfile command...
@@ -186,6 +201,8 @@ run_part ops "$OUT/bench-ops.log" "${CMD_OPS[@]}"
 run_part tune "$OUT/tune-backends.log" "${CMD_TUNE[@]}"
 run_part e2e "$OUT/bench-e2e.log" "${CMD_E2E[@]}"
 run_part qlora "$OUT/bench-qlora.log" "${CMD_QLORA[@]}"
+run_part mixed "$OUT/bench-mixed.log" "${CMD_MIXED[@]}"
+run_part dora "$OUT/bench-dora.log" "${CMD_DORA[@]}"
 
 # ---- the summary, last -------------------------------------------------------------------
 TOTAL=$(( $(date +%s) - START ))
@@ -193,7 +210,7 @@ echo
 echo "== summary ($OUT, ${TOTAL} s in all)"
 printf '%-6s %-12s %6s  %s\n' part status secs log
 status=0
-for part in check tests kernels ops tune e2e qlora; do
+for part in check tests kernels ops tune e2e qlora mixed dora; do
   rc="${RC[$part]}"
   case "$rc" in
     0) st=ok ;;
@@ -211,6 +228,8 @@ for part in check tests kernels ops tune e2e qlora; do
     e2e) log=bench-e2e.log ;;
     qlora) log=bench-qlora.log ;;
     kernels) log=bench-kernels.log ;;
+    mixed) log=bench-mixed.log ;;
+    dora) log=bench-dora.log ;;
   esac
   printf '%-6s %-12s %6s  %s\n' "$part" "$st" "${SECS[$part]}" "$log"
 done

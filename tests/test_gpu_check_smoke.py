@@ -20,7 +20,7 @@ from llm_adapters.ops import cuda_backend
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
-PARTS = ("check", "tests", "kernels", "ops", "tune", "e2e")
+PARTS = ("check", "tests", "kernels", "ops", "tune", "e2e", "qlora", "mixed", "dora")
 
 
 def _summary(stdout: str) -> dict[str, str]:
@@ -74,6 +74,8 @@ def test_gpu_check_cpu_smoke(tmp_path, monkeypatch):
     assert (out / "pytest-gpu.xml").is_file()
     assert list(out.glob("*.jsonl")), sorted(p.name for p in out.iterdir())
     assert (out / "backend_table.json").is_file()
+    for name in ("bench-mixed.json", "bench-dora.json"):  # ours vs PEFT, rows written
+        assert json.loads((out / name).read_text())["rows"], name
 
 
 def test_gpu_plan_fits_eight_minutes(tmp_path):
