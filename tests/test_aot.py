@@ -172,7 +172,7 @@ def test_exit_status_on_a_synthetic_overflow(monkeypatch, tmp_path):
         return rows, [(0, cc, "cfg", {}) for cc in aot.TARGETS]
 
     def results(shared):
-        def fake_run(jobs, n_jobs, cache, log=print):
+        def fake_run(jobs, n_jobs, cache, log=print, cached_only=False):
             return [
                 {"error": None, "shared": shared, "regs": 64, "stack": 0, "local": 0,
                  "mma": True, "wgmma": True, "compile_s": 0.0, "cached": False}
@@ -193,6 +193,57 @@ def test_exit_status_on_a_synthetic_overflow(monkeypatch, tmp_path):
     report = json.loads((tmp_path / "bad" / "aot.json").read_text())
     assert any("over shared memory" in f for f in report["failures"])
     assert any("model too low" in f for f in report["failures"])
+
+
+def test_cached_only_reports_what_the_cache_holds(monkeypatch, tmp_path):
+    """--cached-only compiles nothing: cached results are checked as usual, the others are
+    counted pending and their fit checks use the model."""
+    from llm_adapters.triton_kernels import aot
+
+    variant = {
+        "kernel": "lora._main_kernel", "signature": (("x_ptr", "*bf16"),), "constexprs": (),
+        "divisible": (), "count": 1, "example": "synthetic",
+    }
+    jobs = {cc: {"synthetic": cc} for cc in aot.TARGETS}
+
+    def fake_plan(variants, subset):
+        rows = [
+            {"variant": 0, "cc": cc, "launchable": ["cfg"], "untuned": "cfg",
+             "model": {"cfg": 1000}, "_cfgs": {}}
+            for cc in aot.TARGETS
+        ]
+        return rows, [(0, cc, "cfg", jobs[cc]) for cc in aot.TARGETS]
+
+    def never(*_):
+        raise AssertionError("--cached-only must not compile")
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(aot.lora, "_INTERPRET", False)
+    monkeypatch.setattr(aot.series, "_INTERPRET", False)
+    monkeypatch.setattr(aot, "enumerate_launches", lambda grid=None, jobs=1: [variant])
+    monkeypatch.setattr(aot, "plan", fake_plan)
+    monkeypatch.setattr(aot, "compile_job", never)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    first = min(aot.TARGETS)
+
+    def cached(shared):
+        res = {"error": None, "shared": shared, "regs": 64, "stack": 0, "local": 0,
+               "mma": True, "wgmma": True, "compile_s": 1.0}
+        (cache / f"{aot._job_hash(jobs[first])}.json").write_text(json.dumps(res))
+
+    cached(900)
+    out = tmp_path / "ok"
+    assert aot.main(["--full", "--cached-only", "--cache", str(cache), "--out", str(out)]) == 0
+    report = json.loads((out / "aot.json").read_text())
+    assert report["meta"]["pending"] == 1 and report["meta"]["cached"] == 1
+    assert report["figures"]["pending"] == 1
+    assert "Partial: 1 of 2 compiles done, 1 pending" in (out / "aot.md").read_text()
+    # a cached result over the limit still fails the check
+    cached(200_000)
+    assert aot.main(["--full", "--cached-only", "--cache", str(cache), "--out", str(out)]) == 1
+    with pytest.raises(SystemExit):
+        aot.main(["--cached-only", "--cache", "none", "--out", str(out)])
 
 
 def test_refuses_to_run_under_the_interpreter(monkeypatch, tmp_path):

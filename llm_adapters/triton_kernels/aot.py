@@ -29,6 +29,11 @@ What it does, in order:
 (and every AUTOTUNE=0 choice), each at the variant where the model puts its shared memory
 highest; the fit checks then cover every variant through the model, which the compiles hold to
 account. `--full` compiles every variant with every launchable config on both targets.
+
+`--cached-only` compiles nothing: it reports on the results the cache holds (from runs of the
+same plan, possibly interrupted: the cache makes a long `--full` resumable) and counts the
+rest as pending. Its table is then partial, and says so; the fit checks of a pending compile
+fall back on the model, as those of configs the subset does not compile do.
 """
 
 from __future__ import annotations
@@ -200,8 +205,11 @@ def _default_cache() -> Path:
     return Path(base) / "aot"
 
 
-def run_jobs(jobs: list[dict], n_jobs: int, cache: Path | None, log=print) -> list[dict]:
-    """Compile every job (cached results are reused); returns results in job order."""
+def run_jobs(
+    jobs: list[dict], n_jobs: int, cache: Path | None, log=print, cached_only: bool = False
+) -> list[dict]:
+    """Compile every job (cached results are reused); returns results in job order. With
+    `cached_only`, compile nothing: a job the cache lacks gets {"pending": True}."""
     results: list[dict | None] = [None] * len(jobs)
     todo = []
     for i, job in enumerate(jobs):
@@ -211,7 +219,11 @@ def run_jobs(jobs: list[dict], n_jobs: int, cache: Path | None, log=print) -> li
         else:
             todo.append(i)
     log(f"aot: {len(jobs)} compiles, {len(jobs) - len(todo)} cached, {len(todo)} to run "
-        f"on {n_jobs} process(es)")
+        f"on {n_jobs} process(es)" + (" (cached only: left pending)" if cached_only else ""))
+    if cached_only:
+        for i in todo:
+            results[i] = {"error": None, "pending": True, "cached": False}
+        return results  # type: ignore[return-value]
 
     def done(i, res):
         results[i] = {**res, "cached": False}
@@ -307,6 +319,9 @@ def check(variants, rows, compiles, results) -> tuple[dict, list[str]]:
     for (vi, cc, cid, _), res in zip(compiles, results):
         v = variants[vi]
         name = f"{v['kernel']} sm_{cc} [{cid}] {v['example']}"
+        if res.get("pending"):
+            fig["pending"] += 1
+            continue
         if res.get("error"):
             fails.append(f"compile error: {name}: {res['error']}")
             fig["compile_errors"] += 1
@@ -335,7 +350,7 @@ def check(variants, rows, compiles, results) -> tuple[dict, list[str]]:
 
         def bytes_of(cid, row=row, cc=cc):
             res = by_key.get((row["variant"], cc, cid))
-            if res is not None and not res.get("error"):
+            if res is not None and not res.get("error") and not res.get("pending"):
                 return res["shared"], "compiled"
             return row["model"].get(cid), "model"
 
@@ -359,7 +374,7 @@ def check(variants, rows, compiles, results) -> tuple[dict, list[str]]:
     # heavy spills where the same variant has a non-spilling launchable config
     for row in rows:
         res = {cid: by_key.get((row["variant"], row["cc"], cid)) for cid in row["launchable"]}
-        res = {k: r for k, r in res.items() if r and not r.get("error")}
+        res = {k: r for k, r in res.items() if r and not r.get("error") and not r.get("pending")}
         clean = [k for k, r in res.items() if not r.get("stack")]
         for r in res.values():
             if (r.get("stack") or 0) >= _HEAVY_SPILL and clean:
@@ -372,9 +387,13 @@ _HEAVY_SPILL = 1024
 
 
 def _summary_md(meta, variants, rows, compiles, results, fig, fails) -> str:
+    pending = fig.get("pending", 0)
     lines = [
         f"# Ahead-of-time compile check ({meta['subset']})",
         "",
+        *([f"Partial: {fig['compiles'] - pending:,} of {fig['compiles']:,} compiles done, "
+           f"{pending:,} pending (not compiled yet; their fit checks use the model).", ""]
+          if pending else []),
         f"triton {meta['triton']}, torch {meta['torch']}; targets "
         + ", ".join(f"sm_{cc} ({lim:,} B shared per block)" for cc, lim in TARGETS.items())
         + f"; {meta['wall_s']:.0f} s wall, {meta['jobs']} process(es), {meta['compiled']} compiled "
@@ -383,7 +402,7 @@ def _summary_md(meta, variants, rows, compiles, results, fig, fails) -> str:
         "| figure | value |",
         "|---|---|",
     ]
-    for k in ("variants", "compiles", "compile_errors", "launchable_over", "no_fit",
+    for k in ("variants", "compiles", "pending", "compile_errors", "launchable_over", "no_fit",
               "untuned_over", "model_under", "over_smem", "spilling", "heavy_spill_avoidable",
               "fma_ieee"):
         lines.append(f"| {k} | {fig.get(k, 0)} |")
@@ -403,7 +422,7 @@ def _summary_md(meta, variants, rows, compiles, results, fig, fails) -> str:
     agg = defaultdict(list)
     row_of = {(r["variant"], r["cc"]): r for r in rows}
     for (vi, cc, cid, _), res in zip(compiles, results):
-        if res.get("error"):
+        if res.get("error") or res.get("pending"):
             continue
         v = variants[vi]
         model = row_of[(vi, cc)]["model"].get(cid)
@@ -425,7 +444,7 @@ def _summary_md(meta, variants, rows, compiles, results, fig, fails) -> str:
     spills = [
         (res["stack"], variants[vi]["kernel"], cc, cid)
         for (vi, cc, cid, _), res in zip(compiles, results)
-        if not res.get("error") and (res.get("stack") or 0) > 0
+        if not res.get("error") and not res.get("pending") and (res.get("stack") or 0) > 0
     ]
     lines += ["", "## Spilling compiles (stack bytes per thread)", ""]
     seen = set()
@@ -454,6 +473,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="folder for aot.json and aot.md")
     parser.add_argument("--cache", type=Path, default=None,
                         help=f"result cache (default {_default_cache()}; 'none' disables)")
+    parser.add_argument("--cached-only", action="store_true",
+                        help="compile nothing: report on what the cache holds, the rest pending")
     parser.add_argument("--kernel", action="append", default=None,
                         help="only this kernel id (repeatable), e.g. lora._main_kernel")
     args = parser.parse_args(argv)
@@ -473,13 +494,17 @@ def main(argv: list[str] | None = None) -> int:
     rows, compiles = plan(variants, subset)
     print(f"aot: {len(variants)} launch variants, {len(compiles)} distinct compiles ({subset}), "
           f"enumerated in {time.perf_counter() - t0:.1f} s")
-    results = run_jobs([job for *_, job in compiles], max(1, args.jobs), cache)
+    if args.cached_only and cache is None:
+        parser.error("--cached-only reads the cache: do not pass --cache none")
+    results = run_jobs([job for *_, job in compiles], max(1, args.jobs), cache,
+                       cached_only=args.cached_only)
     fig, fails = check(variants, rows, compiles, results)
     meta = {
         "subset": subset, "triton": triton.__version__, "torch": torch.__version__,
         "wall_s": time.perf_counter() - t0, "jobs": args.jobs,
         "cached": sum(1 for r in results if r.get("cached")),
-        "compiled": sum(1 for r in results if not r.get("cached")),
+        "compiled": sum(1 for r in results if not r.get("cached") and not r.get("pending")),
+        "pending": sum(1 for r in results if r.get("pending")),
         "compile_s": round(sum(r.get("compile_s", 0) for r in results if not r.get("cached")), 1),
     }
     args.out.mkdir(parents=True, exist_ok=True)
