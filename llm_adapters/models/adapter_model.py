@@ -277,7 +277,6 @@ class AdapterModel(nn.Module):
                 f"adapter_names: unknown adapter(s) {unknown}; this model's adapters: "
                 f"{list(self.peft_config)} (and '__base__' for none)"
             )
-
         if batch is not None and batch != len(adapter_names):
             raise ValueError(
                 f"adapter_names has {len(adapter_names)} entries but the batch has {batch} rows"
