@@ -8,7 +8,7 @@ import warnings
 
 import pytest
 import torch
-from tiny_models import nf4_linear, tiny_batch, tiny_model
+from tiny_models import nf4_linear, perturb, tiny_batch, tiny_model
 
 import llm_adapters as la
 from llm_adapters import ops
@@ -285,17 +285,6 @@ def _logits(model):
         return model(**tiny_batch()).logits
 
 
-def _perturb(model, seed=0):
-    """Trained-looking DoRA weights: random A and B, the magnitude moved off its init."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_A" in name or "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
-            elif "lora_magnitude_vector" in name:
-                p.mul_(1 + 0.3 * torch.randn(p.shape, generator=gen))
-
-
 def _config(family, **fields):
     return dict(r=4, lora_alpha=8, target_modules=TARGETS[family], use_dora=True,
                 task_type="CAUSAL_LM", **fields)
@@ -313,7 +302,7 @@ def test_peft_dora_adapter_loads_with_equal_logits_and_back(family, rslora, tmp_
         warnings.simplefilter("ignore")  # PEFT's fan_in_fan_out notice for Conv1D
         theirs = peft.get_peft_model(tiny_model(family),
                                      peft.LoraConfig(**_config(family, use_rslora=rslora)))
-    _perturb(theirs)
+    perturb(theirs)
     theirs.eval()
     want = _logits(theirs)
     theirs.save_pretrained(str(tmp_path / "peft"))
@@ -346,7 +335,7 @@ def test_our_dora_adapter_loads_in_peft_and_trains_like_it(family, tmp_path):
         torch.testing.assert_close(layer.lora_magnitude_vector, theirs_init.weight,
                                    rtol=1e-6, atol=1e-6)
     # training step, dropout inactive: every adapter gradient as PEFT's
-    _perturb(ours, seed=3)
+    perturb(ours, seed=3)
     la.save_adapter(ours, str(tmp_path))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -369,7 +358,7 @@ def test_dora_init_is_the_base_model_and_merge_unmerge_round_trip():
     base_logits = _logits(tiny_model("gpt2"))
     model = la.get_adapter_model(tiny_model("gpt2"), la.LoraConfig(**_config("gpt2")))
     torch.testing.assert_close(_logits(model), base_logits, rtol=1e-6, atol=1e-6)
-    _perturb(model)
+    perturb(model)
     want = _logits(model)
     layer = model.get_base_model().transformer.h[0].attn.c_attn
     w0 = layer.base_layer.weight.detach().clone()
@@ -393,7 +382,7 @@ def test_weight_norm_cache_follows_the_base_weight():
         w.mul_(2.0)  # an in-place change bumps the version counter
     second = layer._weight_norm_sq(w)
     torch.testing.assert_close(second, 4 * first)
-    _perturb(model)
+    perturb(model)
     x = torch.randn(3, 32)
     ref = peft_dora_reference(x, w, None, layer.lora_A.weight, layer.lora_B.weight,
                               layer.lora_magnitude_vector, layer.scaling)
@@ -420,7 +409,7 @@ def _bnb4_layer(k=72, n=40):
     pytest.importorskip("bitsandbytes")
     layer = la.layers.LoraLinear(nf4_linear(k, n), r=5, lora_alpha=10, lora_dropout=0.25,
                                  use_dora=True)
-    _perturb(layer)
+    perturb(layer)
     return layer
 
 

@@ -11,7 +11,7 @@ import os
 
 import pytest
 import torch
-from tiny_models import nf4_linear, tiny_batch, tiny_model
+from tiny_models import nf4_linear, perturb, tiny_batch, tiny_model
 
 import llm_adapters as la
 from llm_adapters.layers import BottleneckAdapter
@@ -26,13 +26,8 @@ KINDS = {
 EXACT = dict(rtol=0, atol=0)
 
 
-def _perturb(model, seed=0):
-    """Non-zero values for every adapter parameter (LoRA's B starts at 0)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_" in n or "adapter_" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+def _perturb(model, seed=0):  # non-zero values for every adapter parameter (LoRA's B is 0)
+    perturb(model, seed, names=("lora_A", "lora_B", "adapter_"))
 
 
 def _lora_then_bottleneck(kind):

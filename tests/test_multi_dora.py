@@ -12,7 +12,7 @@ import warnings
 
 import pytest
 import torch
-from tiny_models import adapter_state, assert_adapter_state, tiny_batch, tiny_model
+from tiny_models import adapter_state, assert_adapter_state, perturb, tiny_batch, tiny_model
 
 import llm_adapters as la
 from llm_adapters import ops
@@ -40,24 +40,13 @@ def _quiet(make):
         return make()
 
 
-def _perturb(model, seed=0):
-    """Trained-looking weights: random A and B, every magnitude moved off its init."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_A" in n or "lora_B" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-            elif "lora_magnitude_vector" in n:
-                p.mul_(1 + 0.3 * torch.randn(p.shape, generator=g))
-
-
-def _model(family="llama", default=None, b=None, perturb=True):
+def _model(family="llama", default=None, b=None, trained=True):
     model = la.get_adapter_model(
         tiny_model(family), la.LoraConfig(**_default_fields(family, **(default or {})))
     )
     model.add_adapter("b", la.LoraConfig(**_b_fields(family, **(b or {}))))
-    if perturb:
-        _perturb(model)
+    if trained:
+        perturb(model)
     return model
 
 
@@ -249,7 +238,7 @@ def test_dora_branch_on_a_quantized_base_is_the_dora_layer_alone():
 def test_a_new_named_dora_adapter_starts_as_the_model_without_it():
     """PEFT's init (B = 0, m = ‖W‖): the adapter "b" active gives the default adapter's
     model without "b" (the base on b's own layers)."""
-    model = _model(perturb=False)
+    model = _model(trained=False)
     base = _logits(tiny_model("llama"))
     model.set_adapter("b")
     torch.testing.assert_close(_logits(model), base, **TOL)
@@ -314,7 +303,7 @@ def test_we_load_peft_named_dora_adapter_and_save_it_back(family, tmp_path):
     theirs = _quiet(lambda: peft.get_peft_model(tiny_model(family), peft.LoraConfig(
         **_default_fields(family), task_type="CAUSAL_LM")))
     theirs.add_adapter("b", peft.LoraConfig(**_b_fields(family), task_type="CAUSAL_LM"))
-    _perturb(theirs)
+    perturb(theirs)
     theirs.eval()
     theirs.save_pretrained(str(tmp_path / "peft"))
     ours = la.load_adapter(tiny_model(family), str(tmp_path / "peft"))
@@ -348,7 +337,7 @@ def test_our_save_loads_back_and_a_checkpoint_resume_restores_the_magnitude(tmp_
                if n.endswith("b.lora_magnitude_vector"))
     torch.testing.assert_close(_logits(loaded), want, rtol=0, atol=0)
     fresh = _model()
-    _perturb(fresh, seed=9)
+    perturb(fresh, seed=9)
     fresh.set_adapter("b")
     load_weights_in_place(fresh, str(tmp_path))
     torch.testing.assert_close(_logits(fresh), want, rtol=0, atol=0)
@@ -361,7 +350,7 @@ def test_accelerate_peft_runs_an_active_named_dora_adapter_on_our_ops(monkeypatc
     theirs = peft.get_peft_model(tiny_model("llama"), peft.LoraConfig(
         **_default_fields("llama"), task_type="CAUSAL_LM"))
     theirs.add_adapter("b", peft.LoraConfig(**_b_fields("llama"), task_type="CAUSAL_LM"))
-    _perturb(theirs)
+    perturb(theirs)
     theirs.set_adapter("b")
     batch = tiny_batch()
     want = _logits(theirs.eval(), batch)
@@ -393,7 +382,7 @@ def test_accelerate_peft_runs_an_active_named_dora_adapter_on_our_ops(monkeypatc
 def test_bad_input_is_refused_and_the_model_untouched(tmp_path):
     model = _model()
     model.add_adapter("other", la.LoraConfig(r=2, target_modules=["k_proj", "v_proj"]))
-    _perturb(model, seed=1)
+    perturb(model, seed=1)
     model.set_adapter("b")
     model.eval()
     before = _snapshot(model)
@@ -432,7 +421,7 @@ def test_bad_input_is_refused_and_the_model_untouched(tmp_path):
         la.load_adapter(model, str(tmp_path / "save" / "b"), adapter_name="c")
     _same(before, model)
     # a new DoRA adapter on a merged model: its magnitude needs the unmerged base weight
-    merged = _model(perturb=True)
+    merged = _model(trained=True)
     la.merge_adapter(merged)
     before = _snapshot(merged)
     with pytest.raises(ValueError, match="default adapter is merged.*unmerge it first"):

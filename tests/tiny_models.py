@@ -98,3 +98,15 @@ def count_calls(monkeypatch, holder, names) -> list[str]:
             holder, name, lambda *a, _r=real, _n=name, **kw: calls.append(_n) or _r(*a, **kw)
         )
     return calls
+
+
+def perturb(model, seed: int = 0, names=("lora_A", "lora_B")) -> None:
+    """Trained-looking adapter weights, in place: each parameter whose name contains one of
+    `names` drawn N(0, 0.2²), each DoRA magnitude scaled by 1 + 0.3·N(0, 1) (off its init)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if any(key in name for key in names):
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+            elif "lora_magnitude_vector" in name:
+                p.mul_(1 + 0.3 * torch.randn(p.shape, generator=gen))
