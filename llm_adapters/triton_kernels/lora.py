@@ -141,7 +141,7 @@ def _smem_model(kernel: str, cfg: triton.Config, nargs: dict, cc: int) -> int:
     if kernel == "_shrink_kernel":
         bm, bk = kw["BLOCK_M"], kw["BLOCK_K"]
         ex, ea = nargs["x_ptr"].element_size(), nargs["a_ptr"].element_size()
-        return st * (bm * bk * ex + bk * br * ea)
+        return st * (bm * bk * ex + bk * br * ea) + (bm * bk * ex if nargs["DROPOUT"] else 0)
     if kernel == "_reduce_kernel":
         bm, bc = kw["BLOCK_M"], kw["BLOCK_C"]
         per = bm * bc * nargs["x_ptr"].element_size()

@@ -95,8 +95,8 @@ def _smem_model(kernel: str, config: triton.Config, nargs: dict, cc: int) -> int
     bound: pipelined loads are counted num_stages deep. Per stage the row-block
     kernels buffer an activation tile [BM, BN] and a weight tile [BN, BR] (weights already in
     the activations' dtype), plus S or dS tiles [BM, BR] (fp32) when r is tiled; the
-    weight-gradient kernel buffers g and h [BM, BN] and dS and S [BM, BR] in fp32. Held against
-    the compiler's numbers by `aot` (which fails if a compile needs more)."""
+    weight-gradient kernel buffers g and h [BM, BN] and dS and S [BM, BR] in fp32; with dropout
+    one more [BM, BN] tile (a layout conversion). Held against the compiler by `aot`."""
     bm, bn = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
     block_r = nargs["BLOCK_R"]
     # num_stages buffers on both targets: an upper bound (sm_80 and the kernels without wgmma
@@ -111,7 +111,7 @@ def _smem_model(kernel: str, config: triton.Config, nargs: dict, cc: int) -> int
         per_stage = bm * bn * act + bn * block_r * nargs["dn_ptr"].element_size()
         if not nargs["ONE_R_TILE"]:
             per_stage += bm * block_r * 4
-    return buf * per_stage
+    return buf * per_stage + (bm * bn * act if nargs.get("HAS_DROPOUT") else 0)
 
 
 # Tried first when LLM_ADAPTERS_TRITON_AUTOTUNE=0 (taken if it fits sm_80 and sm_90).
