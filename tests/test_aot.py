@@ -251,3 +251,64 @@ def test_refuses_to_run_under_the_interpreter(monkeypatch, tmp_path):
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert aot.main(["--out", str(tmp_path)]) == 2
+
+
+def test_seed_carries_results_of_an_earlier_report(monkeypatch, tmp_path):
+    """--seed puts an earlier report's compile results into the cache under their job hashes;
+    entries with an error, pending ones and ones whose job is unknown are not seeded, so a
+    second run reports them from the cache as the first run did."""
+    import gzip
+
+    from llm_adapters.triton_kernels import aot
+
+    variant = {
+        "kernel": "lora._main_kernel", "signature": (("x_ptr", "*bf16"),), "constexprs": (),
+        "divisible": (), "count": 1, "example": "synthetic",
+    }
+    jobs = {cc: {"synthetic": cc} for cc in aot.TARGETS}
+
+    def fake_plan(variants, subset):
+        rows = [
+            {"variant": 0, "cc": cc, "launchable": ["cfg"], "untuned": "cfg",
+             "model": {"cfg": 1000}, "_cfgs": {}}
+            for cc in aot.TARGETS
+        ]
+        return rows, [(0, cc, "cfg", jobs[cc]) for cc in aot.TARGETS]
+
+    def never(*_):
+        raise AssertionError("a seeded run must not compile")
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(aot.lora, "_INTERPRET", False)
+    monkeypatch.setattr(aot.series, "_INTERPRET", False)
+    monkeypatch.setattr(aot, "enumerate_launches", lambda grid=None, jobs=1: [variant])
+    monkeypatch.setattr(aot, "plan", fake_plan)
+    monkeypatch.setattr(aot, "compile_job", never)
+    first, second = sorted(aot.TARGETS)
+    good = {"error": None, "shared": 900, "regs": 64, "stack": 0, "local": 0,
+            "mma": True, "wgmma": True, "compile_s": 1.0}
+    report = {"compiles": [
+        {"variant": 0, "cc": first, "config": "cfg", "job": aot._job_hash(jobs[first]),
+         "cached": False, **good},
+        {"variant": 0, "cc": second, "config": "cfg", "job": aot._job_hash(jobs[second]),
+         "cached": False, **{**good, "error": "CompilationError: x"}},
+        {"variant": 0, "cc": second, "config": "cfg", "job": "0" * 32, "pending": True},
+    ]}
+    seed = tmp_path / "aot.json.gz"
+    with gzip.open(seed, "wt") as f:
+        json.dump(report, f)
+    cache = tmp_path / "cache"
+    assert aot.seed_cache([seed], cache) == 1
+    assert json.loads((cache / f"{aot._job_hash(jobs[first])}.json").read_text()) == good
+    assert aot.seed_cache([seed], cache) == 0  # already there
+    out = tmp_path / "out"
+    assert aot.main(["--full", "--cached-only", "--seed", str(seed), "--cache", str(cache),
+                     "--out", str(out)]) == 0
+    written = json.loads((out / "aot.json").read_text())
+    assert written["meta"]["cached"] == 1 and written["meta"]["pending"] == 1
+    by_cc = {c["cc"]: c for c in written["compiles"]}
+    assert by_cc[first]["job"] == aot._job_hash(jobs[first]) and by_cc[first]["shared"] == 900
+    # the written report seeds a fresh cache in turn
+    assert aot.seed_cache([out / "aot.json"], tmp_path / "cache2") == 1
+    with pytest.raises(SystemExit):
+        aot.main(["--seed", str(seed), "--cache", "none", "--out", str(out)])

@@ -34,12 +34,18 @@ account. `--full` compiles every variant with every launchable config on both ta
 same plan, possibly interrupted: the cache makes a long `--full` resumable) and counts the
 rest as pending. Its table is then partial, and says so; the fit checks of a pending compile
 fall back on the model, as those of configs the subset does not compile do.
+
+`--seed REPORT` first puts the results of an earlier report (its aot.json, gzipped or not)
+into the cache, each under its job's hash (kernel source, compile key, Triton version), so a
+`--full` grid that takes longer than one machine's time goes on from a committed report on
+another machine, and the results of changed kernels are never reused.
 """
 
 from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import gzip
 import hashlib
 import json
 import multiprocessing
@@ -203,6 +209,32 @@ def _default_cache() -> Path:
         os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "llm_adapters"
     )
     return Path(base) / "aot"
+
+
+def seed_cache(reports: list[Path], cache: Path) -> int:
+    """Put the compile results of earlier reports (aot.json, or aot.json.gz) into the cache;
+    returns how many were new. A result is keyed by its job's hash, which covers the kernel's
+    source, the compile key and the Triton version, so a result of changed source or another
+    Triton version is never matched: it only takes room. This carries a --full run that does
+    not fit one machine's session over to the next machine."""
+    added = 0
+    cache.mkdir(parents=True, exist_ok=True)
+    for report in reports:
+        opener = gzip.open if report.suffix == ".gz" else open
+        with opener(report, "rt") as f:
+            compiles = json.load(f).get("compiles", [])
+        for entry in compiles:
+            key = entry.get("job")
+            if not key or entry.get("pending") or entry.get("error") is not None:
+                continue
+            path = cache / f"{key}.json"
+            if path.exists():
+                continue
+            res = {k: v for k, v in entry.items()
+                   if k not in ("variant", "cc", "config", "cached", "job")}
+            path.write_text(json.dumps(res))
+            added += 1
+    return added
 
 
 def run_jobs(
@@ -475,6 +507,9 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"result cache (default {_default_cache()}; 'none' disables)")
     parser.add_argument("--cached-only", action="store_true",
                         help="compile nothing: report on what the cache holds, the rest pending")
+    parser.add_argument("--seed", action="append", type=Path, default=[],
+                        help="add the compile results of an earlier aot.json[.gz] to the cache "
+                             "first (repeatable); results of other sources never match")
     parser.add_argument("--kernel", action="append", default=None,
                         help="only this kernel id (repeatable), e.g. lora._main_kernel")
     args = parser.parse_args(argv)
@@ -496,6 +531,10 @@ def main(argv: list[str] | None = None) -> int:
           f"enumerated in {time.perf_counter() - t0:.1f} s")
     if args.cached_only and cache is None:
         parser.error("--cached-only reads the cache: do not pass --cache none")
+    if args.seed:
+        if cache is None:
+            parser.error("--seed fills the cache: do not pass --cache none")
+        print(f"aot: {seed_cache(args.seed, cache)} results seeded into {cache}")
     results = run_jobs([job for *_, job in compiles], max(1, args.jobs), cache,
                        cached_only=args.cached_only)
     fig, fails = check(variants, rows, compiles, results)
@@ -533,8 +572,8 @@ def main(argv: list[str] | None = None) -> int:
             for r in rows
         ],
         "compiles": [
-            {"variant": vi, "cc": cc, "config": cid, **res}
-            for (vi, cc, cid, _), res in zip(compiles, results)
+            {"variant": vi, "cc": cc, "config": cid, "job": _job_hash(job), **res}
+            for (vi, cc, cid, job), res in zip(compiles, results)
         ],
     }
     (args.out / "aot.json").write_text(
