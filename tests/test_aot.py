@@ -312,3 +312,29 @@ def test_seed_carries_results_of_an_earlier_report(monkeypatch, tmp_path):
     assert aot.seed_cache([out / "aot.json"], tmp_path / "cache2") == 1
     with pytest.raises(SystemExit):
         aot.main(["--seed", str(seed), "--cache", "none", "--out", str(out)])
+
+
+def test_a_result_cached_by_another_process_is_not_compiled_again(monkeypatch, tmp_path):
+    """run_jobs looks at the cache again just before each compile: a result another process
+    wrote since the run started is taken (marked cached) and not rewritten."""
+    from llm_adapters.triton_kernels import aot
+
+    jobs = [{"synthetic": 1}, {"synthetic": 2}]
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    res = {"error": None, "shared": 1, "regs": 1, "stack": 0, "local": 0, "mma": True,
+           "wgmma": False, "compile_s": 0.5}
+    compiled = []
+
+    def fake_compile(job):
+        compiled.append(job)
+        # the other process finishes job 2 while this one compiles job 1
+        (cache / f"{aot._job_hash(jobs[1])}.json").write_text(json.dumps(res))
+        return {**res, "shared": 2}
+
+    monkeypatch.setattr(aot, "compile_job", fake_compile)
+    out = aot.run_jobs(jobs, 1, cache, log=lambda *_: None)
+    assert compiled == [jobs[0]]
+    assert out[0]["shared"] == 2 and out[0]["cached"] is False
+    assert out[1]["shared"] == 1 and out[1]["cached"] is True
+    assert json.loads((cache / f"{aot._job_hash(jobs[0])}.json").read_text())["shared"] == 2

@@ -237,6 +237,15 @@ def seed_cache(reports: list[Path], cache: Path) -> int:
     return added
 
 
+def _compile_unless_cached(job: dict, cache: Path | None) -> dict:
+    """compile_job, unless another process (say a `--kernel` run beside a `--full` one) has
+    cached the result since this run looked."""
+    path = cache / f"{_job_hash(job)}.json" if cache else None
+    if path is not None and path.exists():
+        return {**json.loads(path.read_text()), "cached": True}
+    return compile_job(job)
+
+
 def run_jobs(
     jobs: list[dict], n_jobs: int, cache: Path | None, log=print, cached_only: bool = False
 ) -> list[dict]:
@@ -258,8 +267,8 @@ def run_jobs(
         return results  # type: ignore[return-value]
 
     def done(i, res):
-        results[i] = {**res, "cached": False}
-        if cache is not None and res.get("error") is None:
+        results[i] = {"cached": False, **res}
+        if cache is not None and res.get("error") is None and not res.get("cached"):
             cache.mkdir(parents=True, exist_ok=True)
             tmp = cache / f".{_job_hash(jobs[i])}.{os.getpid()}.tmp"
             tmp.write_text(json.dumps(res))
@@ -268,13 +277,13 @@ def run_jobs(
     t0 = time.perf_counter()
     if n_jobs <= 1:
         for n, i in enumerate(todo, 1):
-            done(i, compile_job(jobs[i]))
+            done(i, _compile_unless_cached(jobs[i], cache))
             if n % 20 == 0:
                 log(f"aot: {n}/{len(todo)} compiled, {time.perf_counter() - t0:.0f} s")
     else:
         ctx = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
         with concurrent.futures.ProcessPoolExecutor(n_jobs, mp_context=ctx) as pool:
-            futs = {pool.submit(compile_job, jobs[i]): i for i in todo}
+            futs = {pool.submit(_compile_unless_cached, jobs[i], cache): i for i in todo}
             for n, fut in enumerate(concurrent.futures.as_completed(futs), 1):
                 done(futs[fut], fut.result())
                 if n % 20 == 0:
