@@ -463,3 +463,32 @@ def test_autotune_space_fits_shared_memory(cc, monkeypatch):
                 series._configs(kind, interpret=False), args, target=(cc, limit), autotune=False
             )
             assert len(kept) == 1
+
+
+@pytest.mark.parametrize("ieee", [False, True], ids=["tensor-cores", "ieee-fp32"])
+def test_weight_gradient_configs_keep_their_accumulators_in_registers(ieee):
+    """At BR = 256 the weight-gradient kernel's two fp32 accumulators ([BR, BN] and [BN, BR])
+    spilled 400-3,800 B per thread with 4 warps (AOT compiles for sm_80 / sm_90); pruning keeps
+    only configs with at most 128 (tensor cores) or 64 (FMA) per thread there, and some remain
+    on both targets, so the fallback to every config is not what makes it launch."""
+    from types import SimpleNamespace
+
+    from llm_adapters.triton_kernels import _limits, series
+
+    size = 4 if ieee else 2
+    t = SimpleNamespace(element_size=lambda: size, device=torch.device("cuda"))
+    name = "_series_backward_weights_kernel"
+    configs = series._configs("weights", interpret=False)
+    for r in (64, 256):
+        args = {"h_ptr": t, "g_ptr": t, "dn_ptr": t, "R": r, "BLOCK_R": r, "ONE_R_TILE": True,
+                "IEEE": ieee, "HAS_DROPOUT": True}
+        budget = 64 if ieee else 128
+        fits = [c for c in configs
+                if 2 * r * c.kwargs["BLOCK_N"] <= budget * 32 * c.num_warps]
+        for cc, limit in _limits.TARGETS.items():
+            for autotune in (True, False):
+                kept = series._prune(name)(configs, args, target=(cc, limit), autotune=autotune)
+                assert kept and all(c in fits for c in kept), (r, cc, autotune, kept)
+                assert all(series._smem_model(name, c, args, cc) <= limit for c in kept)
+        if r == 256:
+            assert len(fits) < len(configs)  # the 4-warp configs are out there

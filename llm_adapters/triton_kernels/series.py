@@ -82,6 +82,8 @@ def _configs(kernel: str, interpret: bool = _INTERPRET) -> list[triton.Config]:
             (32, 64, 4, 2),
             (64, 64, 4, 3),
             (64, 128, 8, 3),
+            (32, 64, 8, 2),  # BR = 256: 128 fp32 accumulators per thread (4 warps spill)
+            (16, 32, 8, 2),  # BR = 256 with IEEE fp32 (FMA): 64 per thread
         ]
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
@@ -118,16 +120,20 @@ def _smem_model(kernel: str, config: triton.Config, nargs: dict, cc: int) -> int
 _DEFAULT = {"rows": (32, 64, 4, 3), "weights": (64, 64, 4, 3)}
 
 
-def _fma_fits(kernel: str, config: triton.Config, nargs: dict) -> bool:
-    """IEEE fp32 products compile to FMA, not tensor cores: the [BM, BR] accumulator (the
-    [BR, BN] and [BN, BR] ones in the weight-gradient kernel) then lives in registers with its
-    operands, and past 64 accumulators per thread the compiled kernels spill tens of KB per
-    thread (and take minutes of ptxas). Tensor-core variants are not limited here."""
-    if not nargs.get("IEEE"):
-        return True
+def _accumulators_fit(kernel: str, config: triton.Config, nargs: dict) -> bool:
+    """Whether the fp32 accumulators fit in registers. IEEE fp32 products compile to FMA, not
+    tensor cores: the [BM, BR] accumulator (the [BR, BN] and [BN, BR] ones in the
+    weight-gradient kernel) then lives in registers with its operands, and past 64
+    accumulators per thread the compiled kernels spill tens of KB per thread (and take minutes
+    of ptxas). With tensor cores the weight-gradient kernel spills past 128 per thread (the
+    AOT check: 400-3,800 B of stack at BR = 256 with 4 warps; none with 8); the row-block
+    kernels are not limited there."""
     bm, bn = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
     br = nargs["BLOCK_R"]
-    acc = 2 * br * bn if kernel == "_series_backward_weights_kernel" else bm * max(br, bn)
+    weights = kernel == "_series_backward_weights_kernel"
+    if not nargs.get("IEEE"):
+        return not weights or 2 * br * bn <= 128 * 32 * config.num_warps
+    acc = 2 * br * bn if weights else bm * max(br, bn)
     return acc <= 64 * 32 * config.num_warps
 
 
@@ -145,7 +151,7 @@ def _prune(kernel: str):
         nargs = {**named_args, **kwargs}
         if target is None:
             target = _limits.target_of(nargs.get("h_ptr", nargs.get("g_ptr")))
-        configs = [c for c in configs if _fma_fits(kernel, c, nargs)] or list(configs)
+        configs = [c for c in configs if _accumulators_fit(kernel, c, nargs)] or list(configs)
         ordered = sorted(configs, key=lambda c: key(c) != default)
         return _limits.choose(
             ordered, lambda c, cc: _smem_model(kernel, c, nargs, cc), target, autotune
