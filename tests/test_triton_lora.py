@@ -458,15 +458,46 @@ def test_gpu_matches_torch_backend_without_dropout():
 
 
 def test_fp32_config_pruning():
-    # IEEE fp32 products run on FMA: tiles past 64 accumulators per thread are not launched
-    # (they spill), tensor-core variants keep them. The rule is checked without a GPU.
+    # IEEE fp32 products run on FMA: configs past 64 fp32 words per thread of accumulators and
+    # operand tiles are not launched (their AOT compiles spill 1-28 KB per thread), unless
+    # none is within 64, then the fewest; tensor-core variants keep every config.
+    from llm_adapters.triton_kernels import _limits
     from llm_adapters.triton_kernels import lora as kernels
 
     big = triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=4)
     small = triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4)
-    assert not kernels._fma_fits("_main_kernel", big, {"IEEE": True, "BLOCK_R": 16})
-    assert kernels._fma_fits("_main_kernel", small, {"IEEE": True, "BLOCK_R": 16})
-    assert kernels._fma_fits("_main_kernel", big, {"IEEE": False, "BLOCK_R": 16})
+    ieee, tc = {"IEEE": True, "BLOCK_R": 16}, {"IEEE": False, "BLOCK_R": 16}
+    # acc [64, 64] + x [64, 32] + W [32, 64] = 8192 words over 128 threads
+    assert kernels._fma_registers("_main_kernel", small, ieee) == 64
+    assert kernels._fma_registers("_main_kernel", big, ieee) == 192
+    assert kernels._fma_registers("_main_kernel", big, tc) == 0
+
+    def pick(configs, nargs, kernel="_main_kernel"):
+        return _limits.fewest_registers(
+            configs, lambda c: kernels._fma_registers(kernel, c, nargs)
+        )
+
+    assert pick([big, small], ieee) == [small]
+    assert pick([big, small], tc) == [big, small]
+    # r = 128 in the shrink: no config is within 64 words, the fewest is kept (not all)
+    shrink = kernels._shrink_configs(False)
+    kept = pick(shrink, {"IEEE": True, "BLOCK_R": 128}, "_shrink_kernel")
+    assert kept and len(kept) < len(shrink)
+    words = [kernels._fma_registers("_shrink_kernel", c, {"IEEE": True, "BLOCK_R": 128})
+             for c in shrink]
+    assert min(words) > 64 and all(
+        kernels._fma_registers("_shrink_kernel", c, {"IEEE": True, "BLOCK_R": 128}) == min(words)
+        for c in kept
+    )
+    # every lora kernel keeps a config in IEEE fp32 at every rank block the launchers use
+    gemm, reduce_ = kernels._gemm_configs(False), kernels._reduce_configs(False)
+    for br in (16, 64, 128):
+        for kernel, configs, extra in [
+            ("_main_kernel", gemm, {}), ("_dx_kernel", gemm, {"HAS_BASE": True}),
+            ("_shrink_kernel", shrink, {}),
+            ("_reduce_kernel", reduce_, {"DO_ROW": True, "DO_COL": True}),
+        ]:
+            assert pick(configs, {"IEEE": True, "BLOCK_R": br, **extra}, kernel), (kernel, br)
 
 
 def test_untuned_mode_keeps_one_config(monkeypatch):

@@ -466,29 +466,49 @@ def test_autotune_space_fits_shared_memory(cc, monkeypatch):
 
 
 @pytest.mark.parametrize("ieee", [False, True], ids=["tensor-cores", "ieee-fp32"])
-def test_weight_gradient_configs_keep_their_accumulators_in_registers(ieee):
-    """At BR = 256 the weight-gradient kernel's two fp32 accumulators ([BR, BN] and [BN, BR])
-    spilled 400-3,800 B per thread with 4 warps (AOT compiles for sm_80 / sm_90); pruning keeps
-    only configs with at most 128 (tensor cores) or 64 (FMA) per thread there, and some remain
-    on both targets, so the fallback to every config is not what makes it launch."""
+def test_pruning_keeps_only_configs_that_did_not_spill(ieee):
+    """The limits the AOT compiles (sm_80, sm_90) found: the weight-gradient kernel's two fp32
+    accumulators ([BR, BN] and [BN, BR]) spilled past 128 per thread with tensor cores (BR =
+    256, 4 warps: 400-3,800 B) and past 64 with FMA (IEEE fp32); FMA row tiles of more than
+    16 rows (32 in the weight-gradient kernel) spilled 2-30 KB from BR = 64 on. Pruning keeps
+    only configs within them, and some remain on both targets, so the fallback to every
+    config is not what makes a launch possible."""
     from types import SimpleNamespace
 
     from llm_adapters.triton_kernels import _limits, series
 
     size = 4 if ieee else 2
     t = SimpleNamespace(element_size=lambda: size, device=torch.device("cuda"))
-    name = "_series_backward_weights_kernel"
-    configs = series._configs("weights", interpret=False)
-    for r in (64, 256):
-        args = {"h_ptr": t, "g_ptr": t, "dn_ptr": t, "R": r, "BLOCK_R": r, "ONE_R_TILE": True,
-                "IEEE": ieee, "HAS_DROPOUT": True}
-        budget = 64 if ieee else 128
-        fits = [c for c in configs
-                if 2 * r * c.kwargs["BLOCK_N"] <= budget * 32 * c.num_warps]
-        for cc, limit in _limits.TARGETS.items():
-            for autotune in (True, False):
-                kept = series._prune(name)(configs, args, target=(cc, limit), autotune=autotune)
-                assert kept and all(c in fits for c in kept), (r, cc, autotune, kept)
-                assert all(series._smem_model(name, c, args, cc) <= limit for c in kept)
-        if r == 256:
-            assert len(fits) < len(configs)  # the 4-warp configs are out there
+    kernels = {
+        "_series_forward_kernel": "rows",
+        "_series_backward_rows_kernel": "rows",
+        "_series_backward_weights_kernel": "weights",
+    }
+
+    def within(name, c, br):
+        bm, bn, w = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps
+        weights = name == "_series_backward_weights_kernel"
+        if not ieee:
+            return not weights or 2 * br * bn <= 128 * 32 * w
+        acc = 2 * br * bn if weights else bm * max(br, bn)
+        return acc <= 64 * 32 * w and (br < 64 or bm <= (32 if weights else 16))
+
+    pruned_some = set()
+    for name, kind in kernels.items():
+        configs = series._configs(kind, interpret=False)
+        for br in (16, 64, 256):
+            args = {"h_ptr": t, "g_ptr": t, "dn_ptr": t, "R": br, "BLOCK_R": br,
+                    "ONE_R_TILE": True, "IEEE": ieee, "HAS_DROPOUT": True}
+            fits = [c for c in configs if within(name, c, br)]
+            for cc, limit in _limits.TARGETS.items():
+                for autotune in (True, False):
+                    kept = series._prune(name)(configs, args, target=(cc, limit),
+                                               autotune=autotune)
+                    assert kept and all(c in fits for c in kept), (name, br, cc, autotune)
+                    assert all(series._smem_model(name, c, args, cc) <= limit for c in kept)
+            if len(fits) < len(configs):
+                pruned_some.add(name)
+    # the limits bite: 4-warp weight configs at BR = 256; FMA row tiles of 32+ rows
+    assert "_series_backward_weights_kernel" in pruned_some
+    if ieee:
+        assert pruned_some == set(kernels)

@@ -40,6 +40,23 @@ def target_of(tensor) -> tuple[int, int] | None:
     return _device_target(tensor.device.index if tensor.device.index is not None else 0)
 
 
+def fewest_registers(configs: Sequence, words: Callable[[object], float], budget: int = 64) -> list:
+    """The configs whose `words(config)` (fp32 registers per thread that a kernel without
+    tensor cores keeps its accumulators and operand tiles in) is within `budget`, in list
+    order; when none is, those with the fewest. IEEE fp32 kernels compile to FMA, and the AOT
+    compiles (sm_80, sm_90) of the configs past 64 words spill 1-28 KB per thread where one
+    within 64 spills none (or, where every config spills, spills least)."""
+    configs = list(configs)
+    if not configs:
+        return configs
+    cost = {id(c): words(c) for c in configs}
+    ok = [c for c in configs if cost[id(c)] <= budget]
+    if ok:
+        return ok
+    least = min(cost.values())
+    return [c for c in configs if cost[id(c)] == least]
+
+
 def choose(
     configs: Sequence,
     cost: Callable[[object, int], int],

@@ -155,34 +155,34 @@ def _smem_model(kernel: str, cfg: triton.Config, nargs: dict, cc: int) -> int:
     raise KeyError(kernel)
 
 
-def _fma_fits(kernel: str, cfg: triton.Config, nargs: dict) -> bool:
-    """IEEE fp32 products compile to FMA, not tensor cores: the accumulator tiles then live in
-    registers with their operands, and past 64 accumulators per thread the compiled kernels
-    spill (up to tens of KB per thread). Tensor-core variants are not limited here."""
+def _fma_registers(kernel: str, cfg: triton.Config, nargs: dict) -> float:
+    """fp32 words per thread of the accumulators and inner-product operand tiles, which IEEE
+    fp32 (FMA, no tensor cores) keeps in registers; 0 with tensor cores (not limited here)."""
     if not nargs.get("IEEE"):
-        return True
-    kw = cfg.kwargs
-    br = nargs["BLOCK_R"]
-    if kernel == "_main_kernel":
-        acc = kw["BLOCK_M"] * kw["BLOCK_N"]
-    elif kernel == "_dx_kernel":  # the GEMM and the rank-r product
-        acc = (1 + bool(nargs.get("HAS_BASE", True))) * kw["BLOCK_M"] * kw["BLOCK_K"]
-    elif kernel == "_shrink_kernel":
-        acc = kw["BLOCK_M"] * br
-    else:
-        acc = (kw["BLOCK_C"] if nargs["DO_COL"] else 0) * br + kw["BLOCK_M"] * br
-    return acc <= 64 * 32 * cfg.num_warps
+        return 0.0
+    kw, br, bm = cfg.kwargs, nargs["BLOCK_R"], cfg.kwargs["BLOCK_M"]
+    if kernel == "_main_kernel":  # acc [BM, BN]; x [BM, BK], W [BK, BN]
+        words = bm * kw["BLOCK_N"] + kw["BLOCK_K"] * (bm + kw["BLOCK_N"])
+    elif kernel == "_dx_kernel":  # acc [BM, BK] of the GEMM and of the rank-r product; g, W
+        acc = (1 + bool(nargs.get("HAS_BASE", True))) * bm * kw["BLOCK_K"]
+        words = acc + kw["BLOCK_N"] * (bm + kw["BLOCK_K"])
+    elif kernel == "_shrink_kernel":  # acc [BM, BR]; x [BM, BK], A [BR, BK]
+        words = bm * br + kw["BLOCK_K"] * (bm + br)
+    else:  # x [BM, BC]; rows: acc [BM, BR] and Y [BC, BR]; cols: acc [BC, BR] and phi(Z)
+        bc, passes = kw["BLOCK_C"], nargs["DO_ROW"] + nargs["DO_COL"]
+        words = bm * bc + passes * (bm + bc) * br
+    return words / (32 * cfg.num_warps)
 
 
 def _prune(kernel: str):
     """early_config_prune for `kernel`: the configs `_smem_model` fits in the device's shared
-    memory (of those `_fma_fits` keeps for IEEE fp32), or the one LLM_ADAPTERS_TRITON_AUTOTUNE=0
-    takes (`_limits.choose`). `target` ((cc, limit)) and `autotune` override the device and the
-    environment (used by `aot`)."""
+    memory (for IEEE fp32, of those with few registers: `_fma_registers`), or the one
+    LLM_ADAPTERS_TRITON_AUTOTUNE=0 takes (`_limits.choose`). `target` ((cc, limit)) and
+    `autotune` override the device and the environment (used by `aot`)."""
 
     def prune(configs, named_args, target=None, autotune=None, **kwargs):
         nargs = {**named_args, **kwargs}
-        configs = [c for c in configs if _fma_fits(kernel, c, nargs)] or list(configs)
+        configs = _limits.fewest_registers(configs, lambda c: _fma_registers(kernel, c, nargs))
         if nargs.get("HAS_BASE") is False:  # no base GEMM loop: its depth changes nothing
             cols = "BLOCK_N" if kernel == "_main_kernel" else "BLOCK_K"  # the output tile's
             tiles = {}
