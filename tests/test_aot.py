@@ -338,3 +338,49 @@ def test_a_result_cached_by_another_process_is_not_compiled_again(monkeypatch, t
     assert out[0]["shared"] == 2 and out[0]["cached"] is False
     assert out[1]["shared"] == 1 and out[1]["cached"] is True
     assert json.loads((cache / f"{aot._job_hash(jobs[0])}.json").read_text())["shared"] == 2
+
+
+def test_an_avoidable_heavy_spill_fails_the_check(monkeypatch, tmp_path):
+    """Two launchable configs of one variant: one spilling 2 KB per thread while the other
+    spills nothing fails the check (the pruning should have dropped it); when both spill, the
+    spill is reported but not a failure (nothing better could launch)."""
+    from llm_adapters.triton_kernels import aot
+
+    variant = {
+        "kernel": "lora._main_kernel", "signature": (("x_ptr", "*bf16"),), "constexprs": (),
+        "divisible": (), "count": 1, "example": "synthetic",
+    }
+
+    def fake_plan(variants, subset):
+        rows = [
+            {"variant": 0, "cc": cc, "launchable": ["a", "b"], "untuned": "a",
+             "model": {"a": 1000, "b": 1000}, "_cfgs": {}}
+            for cc in aot.TARGETS
+        ]
+        return rows, [(0, cc, cid, {"cc": cc, "cid": cid}) for cc in aot.TARGETS
+                      for cid in ("a", "b")]
+
+    def results(stack_b):
+        def fake_run(jobs, n_jobs, cache, log=print, cached_only=False):
+            return [
+                {"error": None, "shared": 900, "regs": 255, "local": 0, "mma": True,
+                 "wgmma": True, "compile_s": 0.0, "cached": False,
+                 "stack": 2048 if job["cid"] == "a" else stack_b}
+                for job in jobs
+            ]
+        return fake_run
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(aot.lora, "_INTERPRET", False)
+    monkeypatch.setattr(aot.series, "_INTERPRET", False)
+    monkeypatch.setattr(aot, "enumerate_launches", lambda grid=None, jobs=1: [variant])
+    monkeypatch.setattr(aot, "plan", fake_plan)
+    monkeypatch.setattr(aot, "run_jobs", results(0))
+    assert aot.main(["--out", str(tmp_path / "bad"), "--cache", "none"]) == 1
+    report = json.loads((tmp_path / "bad" / "aot.json").read_text())
+    assert report["figures"]["heavy_spill_avoidable"] == len(aot.TARGETS)
+    assert all("heavy spill" in f for f in report["failures"])
+    monkeypatch.setattr(aot, "run_jobs", results(512))
+    assert aot.main(["--out", str(tmp_path / "ok"), "--cache", "none"]) == 0
+    report = json.loads((tmp_path / "ok" / "aot.json").read_text())
+    assert report["figures"]["spilling"] == 2 * len(aot.TARGETS)

@@ -22,8 +22,10 @@ What it does, in order:
    cached on disk, keyed by the kernel's source hash, the compile key and the Triton version.
 4. Writes aot.json (every variant and compile) and aot.md (a summary), and exits non-zero on a
    compile error, a launchable config over the target's shared memory, a variant with no config
-   that fits, a variant whose AUTOTUNE=0 config does not fit, or a compiled kernel needing more
-   shared memory than the pruning model said (the model is what keeps configs launchable).
+   that fits, a variant whose AUTOTUNE=0 config does not fit, a compiled kernel needing more
+   shared memory than the pruning model said (the model is what keeps configs launchable), or
+   a launchable config spilling 1 KB or more per thread where a launchable config of the same
+   variant and target spills nothing.
 
 `--subset ci` compiles, per kernel, dtype and target, every config that some variant can launch
 (and every AUTOTUNE=0 choice), each at the variant where the model puts its shared memory
@@ -412,14 +414,22 @@ def check(variants, rows, compiles, results) -> tuple[dict, list[str]]:
             fails.append(f"AUTOTUNE=0 config over shared memory ({how}): {name} "
                          f"[{row['untuned']}] {b} B > {limit} B")
             fig["untuned_over"] += 1
-    # heavy spills where the same variant has a non-spilling launchable config
+    # heavy spills where the same variant has a non-spilling launchable config: the pruning
+    # should not let the autotuner time (or AUTOTUNE=0 take) a config that spills KBs per
+    # thread when one that does not is there
     for row in rows:
+        v = variants[row["variant"]]
         res = {cid: by_key.get((row["variant"], row["cc"], cid)) for cid in row["launchable"]}
         res = {k: r for k, r in res.items() if r and not r.get("error") and not r.get("pending")}
         clean = [k for k, r in res.items() if not r.get("stack")]
-        for r in res.values():
+        for cid, r in res.items():
             if (r.get("stack") or 0) >= _HEAVY_SPILL and clean:
                 fig["heavy_spill_avoidable"] += 1
+                fails.append(
+                    f"heavy spill with a non-spilling config launchable: {v['kernel']} "
+                    f"sm_{row['cc']} [{cid}] {r['stack']} B per thread (none with {clean[0]}) "
+                    f"{v['example']}"
+                )
     return dict(fig), fails
 
 
