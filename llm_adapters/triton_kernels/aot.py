@@ -261,6 +261,9 @@ def run_jobs(
             results[i] = {**json.loads(path.read_text()), "cached": True}
         else:
             todo.append(i)
+    # in the order of the jobs' hashes: a run stopped part-way (the full grid) has compiled an
+    # even sample of every kernel, dtype and target rather than the first kernels in full
+    todo.sort(key=lambda i: _job_hash(jobs[i]))
     log(f"aot: {len(jobs)} compiles, {len(jobs) - len(todo)} cached, {len(todo)} to run "
         f"on {n_jobs} process(es)" + (" (cached only: left pending)" if cached_only else ""))
     if cached_only:
