@@ -459,7 +459,7 @@ def test_gpu_matches_torch_backend_without_dropout():
 
 def test_fp32_config_pruning():
     # IEEE fp32 products run on FMA: configs past 64 fp32 words per thread of accumulators and
-    # operand tiles are not launched (their AOT compiles spill 1-28 KB per thread), unless
+    # operand tiles are not launched (AOT compiles of them spilled up to 28 KB per thread), unless
     # none is within 64, then the fewest; tensor-core variants keep every config.
     from llm_adapters.triton_kernels import _limits
     from llm_adapters.triton_kernels import lora as kernels

@@ -44,8 +44,8 @@ def fewest_registers(configs: Sequence, words: Callable[[object], float], budget
     """The configs whose `words(config)` (fp32 registers per thread that a kernel without
     tensor cores keeps its accumulators and operand tiles in) is within `budget`, in list
     order; when none is, those with the fewest. IEEE fp32 kernels compile to FMA, and the AOT
-    compiles (sm_80, sm_90) of the configs past 64 words spill 1-28 KB per thread where one
-    within 64 spills none (or, where every config spills, spills least)."""
+    compiles (sm_80, sm_90) of configs past 64 words spilled up to 28 KB per thread, and the
+    kept ones spill the least of their variant's configs, or under 1 KB."""
     configs = list(configs)
     if not configs:
         return configs
