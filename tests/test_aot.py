@@ -155,21 +155,40 @@ def test_smem_model_bounds_the_compiled_kernels():
         assert model <= 3 * shared, (kernel, cc, shared, model)
 
 
-def test_exit_status_on_a_synthetic_overflow(monkeypatch, tmp_path):
-    from llm_adapters.triton_kernels import aot
+_SYNTHETIC = {
+    "kernel": "lora._main_kernel", "signature": (("x_ptr", "*bf16"),), "constexprs": (),
+    "divisible": (), "count": 1, "example": "synthetic",
+}
 
-    variant = {
-        "kernel": "lora._main_kernel", "signature": (("x_ptr", "*bf16"),), "constexprs": (),
-        "divisible": (), "count": 1, "example": "synthetic",
-    }
+
+def _job_of(cc, cid):
+    return {"synthetic": cc, "config": cid}
+
+
+def _synthetic(monkeypatch, configs=("cfg",)):
+    """Point aot's check at one synthetic variant whose `configs` are launchable on each target
+    (the first is AUTOTUNE=0's, 1000 B in the model); the compile of (cc, config) has the job
+    _job_of(cc, config). Returns the aot module."""
+    from llm_adapters.triton_kernels import aot
 
     def fake_plan(variants, subset):
         rows = [
-            {"variant": 0, "cc": cc, "launchable": ["cfg"], "untuned": "cfg",
-             "model": {"cfg": 1000}, "_cfgs": {}}
+            {"variant": 0, "cc": cc, "launchable": list(configs), "untuned": configs[0],
+             "model": {c: 1000 for c in configs}, "_cfgs": {}}
             for cc in aot.TARGETS
         ]
-        return rows, [(0, cc, "cfg", {}) for cc in aot.TARGETS]
+        return rows, [(0, cc, c, _job_of(cc, c)) for cc in aot.TARGETS for c in configs]
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(aot.lora, "_INTERPRET", False)
+    monkeypatch.setattr(aot.series, "_INTERPRET", False)
+    monkeypatch.setattr(aot, "enumerate_launches", lambda grid=None, jobs=1: [_SYNTHETIC])
+    monkeypatch.setattr(aot, "plan", fake_plan)
+    return aot
+
+
+def test_exit_status_on_a_synthetic_overflow(monkeypatch, tmp_path):
+    aot = _synthetic(monkeypatch)
 
     def results(shared):
         def fake_run(jobs, n_jobs, cache, log=print, cached_only=False):
@@ -180,11 +199,6 @@ def test_exit_status_on_a_synthetic_overflow(monkeypatch, tmp_path):
             ]
         return fake_run
 
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    monkeypatch.setattr(aot.lora, "_INTERPRET", False)
-    monkeypatch.setattr(aot.series, "_INTERPRET", False)
-    monkeypatch.setattr(aot, "enumerate_launches", lambda grid=None, jobs=1: [variant])
-    monkeypatch.setattr(aot, "plan", fake_plan)
     monkeypatch.setattr(aot, "run_jobs", results(900))
     assert aot.main(["--out", str(tmp_path / "ok"), "--cache", "none"]) == 0
     # over the A100's limit (and over the model): a launchable config that cannot launch
@@ -198,30 +212,12 @@ def test_exit_status_on_a_synthetic_overflow(monkeypatch, tmp_path):
 def test_cached_only_reports_what_the_cache_holds(monkeypatch, tmp_path):
     """--cached-only compiles nothing: cached results are checked as usual, the others are
     counted pending and their fit checks use the model."""
-    from llm_adapters.triton_kernels import aot
-
-    variant = {
-        "kernel": "lora._main_kernel", "signature": (("x_ptr", "*bf16"),), "constexprs": (),
-        "divisible": (), "count": 1, "example": "synthetic",
-    }
-    jobs = {cc: {"synthetic": cc} for cc in aot.TARGETS}
-
-    def fake_plan(variants, subset):
-        rows = [
-            {"variant": 0, "cc": cc, "launchable": ["cfg"], "untuned": "cfg",
-             "model": {"cfg": 1000}, "_cfgs": {}}
-            for cc in aot.TARGETS
-        ]
-        return rows, [(0, cc, "cfg", jobs[cc]) for cc in aot.TARGETS]
+    aot = _synthetic(monkeypatch)
+    jobs = {cc: _job_of(cc, "cfg") for cc in aot.TARGETS}
 
     def never(*_):
         raise AssertionError("--cached-only must not compile")
 
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    monkeypatch.setattr(aot.lora, "_INTERPRET", False)
-    monkeypatch.setattr(aot.series, "_INTERPRET", False)
-    monkeypatch.setattr(aot, "enumerate_launches", lambda grid=None, jobs=1: [variant])
-    monkeypatch.setattr(aot, "plan", fake_plan)
     monkeypatch.setattr(aot, "compile_job", never)
     cache = tmp_path / "cache"
     cache.mkdir()
@@ -259,30 +255,12 @@ def test_seed_carries_results_of_an_earlier_report(monkeypatch, tmp_path):
     second run reports them from the cache as the first run did."""
     import gzip
 
-    from llm_adapters.triton_kernels import aot
-
-    variant = {
-        "kernel": "lora._main_kernel", "signature": (("x_ptr", "*bf16"),), "constexprs": (),
-        "divisible": (), "count": 1, "example": "synthetic",
-    }
-    jobs = {cc: {"synthetic": cc} for cc in aot.TARGETS}
-
-    def fake_plan(variants, subset):
-        rows = [
-            {"variant": 0, "cc": cc, "launchable": ["cfg"], "untuned": "cfg",
-             "model": {"cfg": 1000}, "_cfgs": {}}
-            for cc in aot.TARGETS
-        ]
-        return rows, [(0, cc, "cfg", jobs[cc]) for cc in aot.TARGETS]
+    aot = _synthetic(monkeypatch)
+    jobs = {cc: _job_of(cc, "cfg") for cc in aot.TARGETS}
 
     def never(*_):
         raise AssertionError("a seeded run must not compile")
 
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    monkeypatch.setattr(aot.lora, "_INTERPRET", False)
-    monkeypatch.setattr(aot.series, "_INTERPRET", False)
-    monkeypatch.setattr(aot, "enumerate_launches", lambda grid=None, jobs=1: [variant])
-    monkeypatch.setattr(aot, "plan", fake_plan)
     monkeypatch.setattr(aot, "compile_job", never)
     first, second = sorted(aot.TARGETS)
     good = {"error": None, "shared": 900, "regs": 64, "stack": 0, "local": 0,
@@ -344,37 +322,18 @@ def test_an_avoidable_heavy_spill_fails_the_check(monkeypatch, tmp_path):
     """Two launchable configs of one variant: one spilling 2 KB per thread while the other
     spills nothing fails the check (the pruning should have dropped it); when both spill, the
     spill is reported but not a failure (nothing better could launch)."""
-    from llm_adapters.triton_kernels import aot
-
-    variant = {
-        "kernel": "lora._main_kernel", "signature": (("x_ptr", "*bf16"),), "constexprs": (),
-        "divisible": (), "count": 1, "example": "synthetic",
-    }
-
-    def fake_plan(variants, subset):
-        rows = [
-            {"variant": 0, "cc": cc, "launchable": ["a", "b"], "untuned": "a",
-             "model": {"a": 1000, "b": 1000}, "_cfgs": {}}
-            for cc in aot.TARGETS
-        ]
-        return rows, [(0, cc, cid, {"cc": cc, "cid": cid}) for cc in aot.TARGETS
-                      for cid in ("a", "b")]
+    aot = _synthetic(monkeypatch, configs=("a", "b"))
 
     def results(stack_b):
         def fake_run(jobs, n_jobs, cache, log=print, cached_only=False):
             return [
                 {"error": None, "shared": 900, "regs": 255, "local": 0, "mma": True,
                  "wgmma": True, "compile_s": 0.0, "cached": False,
-                 "stack": 2048 if job["cid"] == "a" else stack_b}
+                 "stack": 2048 if job["config"] == "a" else stack_b}
                 for job in jobs
             ]
         return fake_run
 
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    monkeypatch.setattr(aot.lora, "_INTERPRET", False)
-    monkeypatch.setattr(aot.series, "_INTERPRET", False)
-    monkeypatch.setattr(aot, "enumerate_launches", lambda grid=None, jobs=1: [variant])
-    monkeypatch.setattr(aot, "plan", fake_plan)
     monkeypatch.setattr(aot, "run_jobs", results(0))
     assert aot.main(["--out", str(tmp_path / "bad"), "--cache", "none"]) == 1
     report = json.loads((tmp_path / "bad" / "aot.json").read_text())
