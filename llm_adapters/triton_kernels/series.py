@@ -96,9 +96,9 @@ def _smem_model(kernel: str, config: triton.Config, nargs: dict, cc: int) -> int
     `cc`, from its launch arguments (`nargs`: pointers and constexprs by name), as an upper
     bound: pipelined loads are counted num_stages deep. Per stage the row-block
     kernels buffer an activation tile [BM, BN] and a weight tile [BN, BR] (weights already in
-    the activations' dtype), plus S or dS tiles [BM, BR] (fp32) when r is tiled; the
-    weight-gradient kernel buffers g and h [BM, BN] and dS and S [BM, BR] in fp32; with dropout
-    one more [BM, BN] tile (a layout conversion). Held against the compiler by `aot`."""
+    the activations' dtype), plus S or dS tiles [BM, BR] (fp32) when r is tiled, and one fp32
+    [BM, BN] tile (a layout conversion: 16 KB at 64x64, r = 256, sm_90); the weight-gradient
+    kernel g and h [BM, BN] and dS and S [BM, BR] in fp32, with dropout one more [BM, BN]."""
     bm, bn = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
     block_r = nargs["BLOCK_R"]
     # num_stages buffers on both targets: an upper bound (sm_80 and the kernels without wgmma
@@ -108,12 +108,12 @@ def _smem_model(kernel: str, config: triton.Config, nargs: dict, cc: int) -> int
     if kernel == "_series_backward_weights_kernel":
         act = nargs["g_ptr"].element_size()
         per_stage = 2 * bm * bn * act + 2 * bm * block_r * 4
+        extra = bm * bn * act if nargs.get("HAS_DROPOUT") else 0
     else:
         act = nargs.get("h_ptr", nargs.get("g_ptr")).element_size()
         per_stage = bm * bn * act + bn * block_r * nargs["dn_ptr"].element_size()
-        if not nargs["ONE_R_TILE"]:
-            per_stage += bm * block_r * 4
-    return buf * per_stage + (bm * bn * act if nargs.get("HAS_DROPOUT") else 0)
+        extra = bm * bn * 4 + (buf * bm * block_r * 4 if not nargs["ONE_R_TILE"] else 0)
+    return buf * per_stage + extra
 
 
 # Tried first when LLM_ADAPTERS_TRITON_AUTOTUNE=0 (taken if it fits sm_80 and sm_90).
