@@ -145,12 +145,12 @@ def _smem_model(kernel: str, cfg: triton.Config, nargs: dict, cc: int) -> int:
     if kernel == "_reduce_kernel":
         bm, bc = kw["BLOCK_M"], kw["BLOCK_C"]
         per = bm * bc * nargs["x_ptr"].element_size()
-        fixed = 0
+        fixed = bm * bc * nargs["x_ptr"].element_size() if nargs["DROPOUT"] else 0  # masked X
         if nargs["DO_COL"]:
             per += bm * br * 4  # Z fp32
         if nargs["DO_ROW"]:
             per += bm * br * 4  # the row partials read back
-            fixed = bc * br * nargs["y_ptr"].element_size()  # Y, loaded once per column tile
+            fixed += bc * br * nargs["y_ptr"].element_size()  # Y, loaded once per column tile
         return st * per + fixed
     raise KeyError(kernel)
 

@@ -125,9 +125,9 @@ def _accumulators_fit(kernel: str, config: triton.Config, nargs: dict) -> bool:
     tensor cores: the [BM, BR] accumulator (the [BR, BN] and [BN, BR] ones in the
     weight-gradient kernel) then lives in registers with its operands, and past 64
     accumulators per thread the compiled kernels spill tens of KB per thread (and take minutes
-    of ptxas); from BR = 64 on, FMA row tiles of more than 16 rows (32 in the weight-gradient
-    kernel) spill 2-30 KB per thread too (AOT compiles for sm_80 and sm_90; the 16-row ones
-    under 300 B). With tensor cores the weight-gradient kernel spills past 128 per thread
+    of ptxas); from BR = 64 on, FMA row tiles of more than 16 rows (32 in the weight gradient
+    below BR = 128) spill 1-30 KB per thread too (AOT compiles, sm_80 and sm_90; the 16-row
+    ones under 300 B). With tensor cores the weight-gradient kernel spills past 128 per thread
     (400-3,800 B at BR = 256 with 4 warps; none with 8); the row-block kernels are not limited
     there."""
     bm, bn = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
@@ -135,8 +135,8 @@ def _accumulators_fit(kernel: str, config: triton.Config, nargs: dict) -> bool:
     weights = kernel == "_series_backward_weights_kernel"
     if not nargs.get("IEEE"):
         return not weights or 2 * br * bn <= 128 * 32 * config.num_warps
-    acc = 2 * br * bn if weights else bm * max(br, bn)
-    return acc <= 64 * 32 * config.num_warps and (br < 64 or bm <= (32 if weights else 16))
+    acc, rows = (2 * br * bn, 32 if br < 128 else 16) if weights else (bm * max(br, bn), 16)
+    return acc <= 64 * 32 * config.num_warps and (br < 64 or bm <= rows)
 
 
 def _prune(kernel: str):
