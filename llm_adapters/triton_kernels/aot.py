@@ -217,8 +217,8 @@ def seed_cache(reports: list[Path], cache: Path) -> int:
     """Put the compile results of earlier reports (aot.json, or aot.json.gz) into the cache;
     returns how many were new. A result is keyed by its job's hash, which covers the kernel's
     source, the compile key and the Triton version, so a result of changed source or another
-    Triton version is never matched: it only takes room. This carries a --full run that does
-    not fit one machine's session over to the next machine."""
+    Triton version is never matched: it only takes room. This carries a --full run that one
+    machine does not finish over to the next machine."""
     added = 0
     cache.mkdir(parents=True, exist_ok=True)
     for report in reports:
