@@ -470,7 +470,7 @@ def test_pruning_keeps_only_configs_that_did_not_spill(ieee):
     """The limits the AOT compiles (sm_80, sm_90) found: the weight-gradient kernel's two fp32
     accumulators ([BR, BN] and [BN, BR]) spilled past 128 per thread with tensor cores (BR =
     256, 4 warps: 400-3,800 B) and past 64 with FMA (IEEE fp32); FMA row tiles of more than
-    16 rows (32 in the weight-gradient kernel below BR = 128) spilled 1-30 KB from BR = 64
+    16 rows (32 in the weight-gradient kernel below BR = 128) spilled up to 30 KB from BR = 64
     on. Pruning keeps only configs within them, and some remain on both targets, so the
     fallback to every config is not what makes a launch possible."""
     from types import SimpleNamespace

@@ -126,7 +126,7 @@ def _accumulators_fit(kernel: str, config: triton.Config, nargs: dict) -> bool:
     weight-gradient kernel) then lives in registers with its operands, and past 64
     accumulators per thread the compiled kernels spill tens of KB per thread (and take minutes
     of ptxas); from BR = 64 on, FMA row tiles of more than 16 rows (32 in the weight gradient
-    below BR = 128) spill 1-30 KB per thread too (AOT compiles, sm_80 and sm_90; the 16-row
+    below BR = 128) spill up to 30 KB per thread (AOT compiles, sm_80 and sm_90; the 16-row
     ones under 300 B). With tensor cores the weight-gradient kernel spills past 128 per thread
     (400-3,800 B at BR = 256 with 4 warps; none with 8); the row-block kernels are not limited
     there."""
