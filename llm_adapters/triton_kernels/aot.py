@@ -254,16 +254,17 @@ def run_jobs(
     """Compile every job (cached results are reused); returns results in job order. With
     `cached_only`, compile nothing: a job the cache lacks gets {"pending": True}."""
     results: list[dict | None] = [None] * len(jobs)
+    keys = [_job_hash(job) for job in jobs]
     todo = []
-    for i, job in enumerate(jobs):
-        path = cache / f"{_job_hash(job)}.json" if cache else None
+    for i, key in enumerate(keys):
+        path = cache / f"{key}.json" if cache else None
         if path is not None and path.exists():
             results[i] = {**json.loads(path.read_text()), "cached": True}
         else:
             todo.append(i)
     # in the order of the jobs' hashes: a run stopped part-way (the full grid) has compiled an
     # even sample of every kernel, dtype and target rather than the first kernels in full
-    todo.sort(key=lambda i: _job_hash(jobs[i]))
+    todo.sort(key=keys.__getitem__)
     log(f"aot: {len(jobs)} compiles, {len(jobs) - len(todo)} cached, {len(todo)} to run "
         f"on {n_jobs} process(es)" + (" (cached only: left pending)" if cached_only else ""))
     if cached_only:
@@ -275,9 +276,9 @@ def run_jobs(
         results[i] = {"cached": False, **res}
         if cache is not None and res.get("error") is None and not res.get("cached"):
             cache.mkdir(parents=True, exist_ok=True)
-            tmp = cache / f".{_job_hash(jobs[i])}.{os.getpid()}.tmp"
+            tmp = cache / f".{keys[i]}.{os.getpid()}.tmp"
             tmp.write_text(json.dumps(res))
-            tmp.replace(cache / f"{_job_hash(jobs[i])}.json")
+            tmp.replace(cache / f"{keys[i]}.json")
 
     t0 = time.perf_counter()
     if n_jobs <= 1:
