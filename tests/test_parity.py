@@ -87,6 +87,33 @@ def test_magnitude_sets_the_floor_of_a_cancelling_sum():
     parity.assert_parity("dscale", got, ref, ref, rel_floor=1e-6, magnitude=1.0)
 
 
+def test_scalar_magnitudes_are_the_sums_of_absolute_terms():
+    """With every term of the same sign nothing cancels, so each magnitude is |the gradient|;
+    with mixed signs it is larger than |the gradient|."""
+    t = {k: v.abs() for k, v in _lora_inputs(r=1).items()}
+    scale = torch.tensor(0.7, dtype=F64, requires_grad=True)
+    leaves = {k: v.clone().requires_grad_(k == "lora_a_bias") for k, v in t.items()}
+    keep = torch.rand(7, 9, generator=torch.Generator().manual_seed(1)) > 0.3
+
+    def grads(g, act):
+        y = parity.lora_reference(**leaves, scaling=scale, activation=act, keep=keep,
+                                  inv_keep=1.25)
+        return torch.autograd.grad(y, [scale, leaves["lora_a_bias"]], g)
+
+    for act, g in (("silu", torch.ones(7, 6, dtype=F64)),
+                   ("tanh", torch.randn(7, 6, generator=torch.Generator().manual_seed(2),
+                                        dtype=F64))):
+        d_scale, d_a_bias = grads(g, act)
+        mags = parity.lora_scalar_magnitudes({**t, "scale": scale}, g, activation=act,
+                                             keep=keep, inv_keep=1.25)
+        if act == "silu":  # S > 0: silu and silu' positive
+            assert mags["scale"] == pytest.approx(d_scale.item(), rel=1e-12)
+            assert mags["lora_a_bias"] == pytest.approx(d_a_bias.item(), rel=1e-12)
+        else:
+            assert mags["scale"] > abs(d_scale.item()) * (1 + 1e-6)
+            assert mags["lora_a_bias"] > abs(d_a_bias.item()) * (1 + 1e-6)
+
+
 def test_verdict_is_capped():
     ok, tol = parity.parity_verdict({"out": 0.3}, {"out": 0.4}, torch.float32)
     assert not ok and tol["out"] == pytest.approx(1000 * torch.finfo(torch.float32).eps)

@@ -136,28 +136,17 @@ def _check_case(m, k, n, r, dtype, act, p, seed=1234, lead=(), x_grad=True, w_tr
     y_same, lv_same = _run_ref(w, t, act, p, keep, dtype=None, x_grad=x_grad)
     sames = _grads(y_same, lv_same, g)
     _assert_parity("y", y.detach(), y_ref.detach(), y_same.detach(), dtype)
+    mags = parity.lora_scalar_magnitudes(lv_ref, g, activation=act, keep=keep,
+                                         inv_keep=dropout_threshold(p)[1])
     for name in _NAMES:
         if lv[name] is None or not isinstance(lv[name], torch.Tensor):
             continue
         if name == "x" and not x_grad:
             assert ours["x"] is None
             continue
-        mag = _scale_terms(lv_ref, g, act, keep, p) if name == "scale" else None
+        mag = mags.get(name) if refs[name].numel() == 1 else None
         _assert_parity(f"d{name}", ours[name], refs[name], sames[name], dtype, mag)
     return y.detach()
-
-
-def _scale_terms(lv, g, act, keep, p):
-    """Σ |gB| ⊙ |φ(S)| in float64: the magnitude of the sum that d(scale) is."""
-    x = lv["x"].detach().reshape(-1, lv["x"].shape[-1]).double()
-    if keep is not None:
-        _, inv_keep = dropout_threshold(p)
-        x = x * keep * inv_keep
-    s = x @ lv["lora_a"].detach().double().t()
-    if lv["lora_a_bias"] is not None:
-        s = s + lv["lora_a_bias"].detach().double()
-    gb = g.reshape(-1, g.shape[-1]).double() @ lv["lora_b"].detach().double()
-    return (gb.abs() * parity.ACTIVATION_FNS[act](s).abs()).sum().item()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -55,34 +55,6 @@ def _reference(lv, act, p, keep):
     return y0 + branch
 
 
-def _branch_terms(lv, g, keep, p):
-    """(S, gB) in float64: the pre-activation and the gradient reaching φ(S), unscaled."""
-    x = lv["x"].detach().reshape(-1, lv["x"].shape[-1]).double()
-    if keep is not None:
-        x = x * keep * dropout_threshold(p)[1]
-    s = x @ lv["lora_a"].detach().double().t()
-    if lv["lora_a_bias"] is not None:
-        s = s + lv["lora_a_bias"].detach().double()
-    gb = g.reshape(-1, g.shape[-1]).double() @ lv["lora_b"].detach().double()
-    return s, gb
-
-
-def _scale_terms(lv, g, act, keep, p):
-    """Σ |gB| ⊙ |φ(S)| in float64: the magnitude of the sum that d(scale) is."""
-    s, gb = _branch_terms(lv, g, keep, p)
-    return (gb.abs() * parity.ACTIVATION_FNS[act](s).abs()).sum().item()
-
-
-def _a_bias_terms(lv, g, act, keep, p):
-    """Σ_m |s (gB) ⊙ φ'(S)| in float64: the magnitude of the sum over rows that d(lora_a_bias)
-    is; at r = 1 a single number that cancels, as d(scale) does."""
-    s, gb = _branch_terms(lv, g, keep, p)
-    s.requires_grad_(True)
-    (dphi,) = torch.autograd.grad(parity.ACTIVATION_FNS[act](s).sum(), s)
-    scale = torch.as_tensor(lv["scale"]).detach().double().abs()
-    return (scale * gb.abs() * dphi.abs()).sum().item()
-
-
 def _assert_parity(name, got, ref, same, dtype, magnitude=None):
     # the floor of tests/test_triton_lora.py: four float32 roundings of the largest value; a
     # scalar (d(scale), d(lora_a_bias) at r = 1: both cancel) one rounding in the dtype of its
@@ -114,12 +86,10 @@ def _check_case(m, k, n, r, dtype, act, p, *, seed=1234, lead=(), x_grad=True, r
         lambda **a: _reference(a, act, p, keep), parity.leaves(t, None, wrt), g)
     _assert_parity("y", y, y_ref, y_same, dtype)
     assert torch.equal(ours["y0"], g)  # dy0 = g, handed on as it is
+    mags = parity.lora_scalar_magnitudes(lv, g, activation=act, keep=keep,
+                                         inv_keep=dropout_threshold(p)[1])
     for name in wrt:
-        mag = None
-        if name == "scale":
-            mag = _scale_terms(lv, g, act, keep, p)
-        elif name == "lora_a_bias" and refs[name].numel() == 1:
-            mag = _a_bias_terms(lv, g, act, keep, p)
+        mag = mags.get(name) if refs[name].numel() == 1 else None
         _assert_parity(f"d{name}", ours[name], refs[name], sames[name], dtype, mag)
     if not x_grad:
         assert lv["x"].grad is None and "x" not in ours

@@ -134,6 +134,35 @@ def series_reference(
     return z.reshape(h.shape)
 
 
+def lora_scalar_magnitudes(
+    inputs: Mapping[str, Any],
+    out_grad: Tensor,
+    *,
+    activation: str = "identity",
+    keep: Optional[Tensor] = None,
+    inv_keep: float = 1.0,
+) -> dict[str, float]:
+    """The sums of |terms| (float64) of the LoRA gradients that can be a single number that
+    cancels, to pass as `assert_parity`'s magnitude: {"scale": Σ |gB| ⊙ |φ(S)|,
+    "lora_a_bias": Σ |s| |gB| ⊙ |φ'(S)|} (the second one number only at r = 1).
+
+    inputs: "x", "lora_a", "lora_b", optional "lora_a_bias" and "scale" (missing: 1), as the
+    op takes them; out_grad the gradient of the output; keep / inv_keep the dropout's.
+    """
+    x = inputs["x"].detach().reshape(-1, inputs["x"].shape[-1]).double()
+    s = _dropped(x, keep, inv_keep) @ inputs["lora_a"].detach().double().t()
+    if inputs.get("lora_a_bias") is not None:
+        s = s + inputs["lora_a_bias"].detach().double()
+    gb = out_grad.reshape(-1, out_grad.shape[-1]).double() @ inputs["lora_b"].detach().double()
+    s.requires_grad_(True)
+    phi = ACTIVATION_FNS[activation](s)
+    (dphi,) = torch.autograd.grad(phi.sum(), s)
+    scale = inputs.get("scale", 1.0)
+    scale = abs(float(scale.detach() if isinstance(scale, Tensor) else scale))
+    return {"scale": (gb.abs() * phi.detach().abs()).sum().item(),
+            "lora_a_bias": (scale * gb.abs() * dphi.abs()).sum().item()}
+
+
 def leaves(
     inputs: Mapping[str, Any], dtype: Optional[torch.dtype] = None, wrt: Optional[Sequence] = None
 ) -> dict[str, Any]:
