@@ -449,7 +449,8 @@ def test_gpu_matches_torch_backend_without_dropout():
 def test_fp32_config_pruning():
     # IEEE fp32 products run on FMA: configs past 64 fp32 words per thread of accumulators and
     # operand tiles are not launched (AOT compiles of them spilled up to 28 KB per thread), unless
-    # none is within 64, then the fewest; tensor-core variants keep every config.
+    # none is within 64, then the fewest; tensor-core variants keep every config but the tf32
+    # reduce's wide one.
     from llm_adapters.triton_kernels import _limits
     from llm_adapters.triton_kernels import lora as kernels
 
@@ -487,6 +488,17 @@ def test_fp32_config_pruning():
             ("_reduce_kernel", reduce_, {"DO_ROW": True, "DO_COL": True}),
         ]:
             assert pick(configs, {"IEEE": True, "BLOCK_R": br, **extra}, kernel), (kernel, br)
+    # tf32 (fp32 on tensor cores): the reduce holds its X tile and X^T in registers; 128x64
+    # spilled 1.3-1.5 KB per thread on sm_80 where 64x64 spilled 200-344 B. bf16 keeps all.
+    from types import SimpleNamespace
+
+    for br in (16, 64, 128):
+        tf32 = {"IEEE": False, "BLOCK_R": br, "DO_ROW": False, "DO_COL": True}
+        kept = pick(reduce_, {**tf32, "x_ptr": SimpleNamespace(element_size=lambda: 4)},
+                    "_reduce_kernel")
+        assert [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_C"]) for c in kept] == [(64, 64), (32, 64)]
+        half = {**tf32, "x_ptr": SimpleNamespace(element_size=lambda: 2)}
+        assert pick(reduce_, half, "_reduce_kernel") == reduce_
 
 
 def test_untuned_mode_keeps_one_config(monkeypatch):

@@ -156,11 +156,12 @@ def _smem_model(kernel: str, cfg: triton.Config, nargs: dict, cc: int) -> int:
 
 
 def _fma_registers(kernel: str, cfg: triton.Config, nargs: dict) -> float:
-    """fp32 words per thread of the accumulators and inner-product operand tiles, which IEEE
-    fp32 (FMA, no tensor cores) keeps in registers; 0 with tensor cores (not limited here)."""
-    if not nargs.get("IEEE"):
-        return 0.0
+    """fp32 words per thread of accumulators and product operands IEEE fp32 (FMA) keeps in
+    registers; with tensor cores 0 but the tf32 reduce's X and X^T (128x64: 1.5 KB spilled)."""
     kw, br, bm = cfg.kwargs, nargs["BLOCK_R"], cfg.kwargs["BLOCK_M"]
+    if not nargs.get("IEEE"):
+        tf32 = kernel == "_reduce_kernel" and nargs["x_ptr"].element_size() == 4
+        return 2 * bm * kw["BLOCK_C"] / (32 * cfg.num_warps) if tf32 else 0.0
     if kernel == "_main_kernel":  # acc [BM, BN]; x [BM, BK], W [BK, BN]
         words = bm * kw["BLOCK_N"] + kw["BLOCK_K"] * (bm + kw["BLOCK_N"])
     elif kernel == "_dx_kernel":  # acc [BM, BK] of the GEMM and of the rank-r product; g, W
@@ -175,10 +176,9 @@ def _fma_registers(kernel: str, cfg: triton.Config, nargs: dict) -> float:
 
 
 def _prune(kernel: str):
-    """early_config_prune for `kernel`: the configs `_smem_model` fits in the device's shared
-    memory (for IEEE fp32, of those with few registers: `_fma_registers`), or the one
-    LLM_ADAPTERS_TRITON_AUTOTUNE=0 takes (`_limits.choose`). `target` ((cc, limit)) and
-    `autotune` override the device and the environment (used by `aot`)."""
+    """early_config_prune for `kernel`: of the configs few registers allow (`_fma_registers`),
+    those `_smem_model` fits in the device's shared memory, or the one AUTOTUNE=0 takes
+    (`_limits.choose`). `target` ((cc, limit)) and `autotune` override device and environment."""
 
     def prune(configs, named_args, target=None, autotune=None, **kwargs):
         nargs = {**named_args, **kwargs}

@@ -121,22 +121,22 @@ _DEFAULT = {"rows": (32, 64, 4, 3), "weights": (64, 64, 4, 3)}
 
 
 def _accumulators_fit(kernel: str, config: triton.Config, nargs: dict) -> bool:
-    """Whether the fp32 accumulators fit in registers. IEEE fp32 products compile to FMA, not
-    tensor cores: the [BM, BR] accumulator (the [BR, BN] and [BN, BR] ones in the
-    weight-gradient kernel) then lives in registers with its operands, and past 64
-    accumulators per thread the compiled kernels spill tens of KB per thread (and take minutes
-    of ptxas); from BR = 64 on, FMA row tiles of more than 16 rows (32 in the weight gradient
-    below BR = 128) spill up to 30 KB per thread (AOT compiles, sm_80 and sm_90; the 16-row
-    ones under 300 B). With tensor cores the weight-gradient kernel spills past 128 per thread
-    (400-3,800 B at BR = 256 with 4 warps; none with 8); the row-block kernels are not limited
-    there."""
+    """Whether the fp32 accumulators and tiles fit in registers (rules from AOT compiles of
+    every config, sm_80 and sm_90). IEEE fp32 compiles to FMA: the [BM, BR] accumulator (the
+    [BR, BN] and [BN, BR] ones in the weight gradient) within 64 per thread, and rows: 16 from
+    BR = 64, weights: 32 below BR = 128, else 16 (more spilled up to 30 KB; 64 rows at BR = 16
+    1,072 B). With tensor cores the row kernels' S or dS [BM, BR] within 64 per thread (128
+    rows at BR = 256 spilled 2.9 KB), and the weight gradient's accumulators and [BM, BR],
+    [BM, BN] tiles (2 each) within 160 (past it 0.5-2.4 KB spilled; within, at most 128 B).
+    (16, 64, 4, 2) passes every row rule, (16, 32, 8, 2) every weight one: none is left empty."""
     bm, bn = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
-    br = nargs["BLOCK_R"]
+    br, threads = nargs["BLOCK_R"], 32 * config.num_warps
     weights = kernel == "_series_backward_weights_kernel"
     if not nargs.get("IEEE"):
-        return not weights or 2 * br * bn <= 128 * 32 * config.num_warps
+        words = 2 * (br * bn + bm * br + bm * bn) if weights else bm * br
+        return words <= (160 if weights else 64) * threads
     acc, rows = (2 * br * bn, 32 if br < 128 else 16) if weights else (bm * max(br, bn), 16)
-    return acc <= 64 * 32 * config.num_warps and (br < 64 or bm <= rows)
+    return acc <= 64 * threads and ((bm <= rows) if weights else (br < 64 or bm <= rows))
 
 
 def _prune(kernel: str):
