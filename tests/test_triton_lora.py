@@ -488,6 +488,18 @@ def test_fp32_config_pruning():
             ("_reduce_kernel", reduce_, {"DO_ROW": True, "DO_COL": True}),
         ]:
             assert pick(configs, {"IEEE": True, "BLOCK_R": br, **extra}, kernel), (kernel, br)
+    # the FMA-only GEMM tile: never with tensor cores; in IEEE fp32 the dx kernel's only one
+    # (64x64 tiles with 4 warps, 80 words, spilled 3.4 KB on sm_80; 8 warps: 40 words, none)
+    def tiles(kept):
+        return [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_stages,
+                 c.num_warps) for c in kept]
+
+    for br in (16, 64):
+        for kernel in ("_main_kernel", "_dx_kernel"):
+            assert kernels._FMA_ONLY not in tiles(pick(gemm, {"IEEE": False, "BLOCK_R": br},
+                                                       kernel))
+        assert tiles(pick(gemm, {"IEEE": True, "BLOCK_R": br, "HAS_BASE": True},
+                          "_dx_kernel")) == [kernels._FMA_ONLY]
     # tf32 (fp32 on tensor cores): the reduce holds its X tile and X^T in registers; 128x64
     # spilled 1.3-1.5 KB per thread on sm_80 where 64x64 spilled 200-344 B. bf16 keeps all.
     from types import SimpleNamespace

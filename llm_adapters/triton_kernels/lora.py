@@ -58,17 +58,16 @@ from .dropout import keep_bits
 _MAX_R_CHUNK = 64
 # The reductions over M keep a [BLOCK_C, R] accumulator per program: r up to 128 in one pass.
 _MAX_R_REDUCE = 128
+_FMA_ONLY = (64, 64, 32, 3, 8)  # a GEMM tile (BM, BN, BK, stages, warps) for IEEE fp32 alone
 
 
 def _gemm_configs(interpret: bool = _INTERPRET) -> list[triton.Config]:
     if interpret:
-        # One small config: the interpreter runs each program in numpy, and several K
-        # iterations plus ragged tails keep the odd test shapes honest.
+        # One small config (the interpreter runs programs in numpy); K loops, ragged tails.
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4})]
-    # sm_80 / sm_90 tensor-core tiles. Kept short on purpose: the autotuner compiles every
-    # config on first use (seconds each), per dtype, for each of the two GEMMs. The first that
-    # fits both targets is the AUTOTUNE=0 choice (see _limits.choose); `_smem_model` prunes the
-    # ones that cannot launch on the device at hand.
+    # sm_80 / sm_90 tiles, few on purpose: the autotuner compiles every config on first use
+    # (seconds each), per dtype, for each GEMM. The first that fits both targets is the
+    # AUTOTUNE=0 choice (_limits.choose); `_smem_model` prunes what cannot launch there.
     cfg = [
         (128, 256, 64, 3, 8),
         (128, 128, 64, 4, 4),
@@ -77,6 +76,7 @@ def _gemm_configs(interpret: bool = _INTERPRET) -> list[triton.Config]:
         (128, 128, 32, 4, 4),  # fp32: half the K depth per stage
         (64, 64, 32, 4, 4),  # fp32, and decode-sized M
         (64, 64, 32, 3, 4),  # fits an A100 in fp32 at any rank tile (the others may not)
+        _FMA_ONLY,  # IEEE fp32 only: the dx kernel's 64x64 tiles with 4 warps spilled 3.4 KB
     ]
     return [
         triton.Config(
@@ -93,8 +93,7 @@ def _shrink_configs(interpret: bool = _INTERPRET) -> list[triton.Config]:
         return [triton.Config({"BLOCK_M": 32, "BLOCK_K": 32})]
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_stages=st, num_warps=w)
-        # the last fits both targets for every rank tile and weight dtype (r = 256 with fp32
-        # adapter weights would overflow an A100 with the others)
+        # the last fits both targets at any rank tile and weight dtype (fp32 at r = 256: A100)
         for bm, bk, st, w in [(64, 128, 4, 4), (32, 128, 4, 4), (32, 64, 3, 4)]
     ]
 
@@ -111,17 +110,15 @@ def _reduce_configs(interpret: bool = _INTERPRET) -> list[triton.Config]:
 
 def _smem_model(kernel: str, cfg: triton.Config, nargs: dict, cc: int) -> int:
     """Bytes of shared memory the compiled `kernel` allocates with `cfg`, from its launch
-    arguments (`nargs`: pointer arguments and constexprs by name), on compute capability `cc`.
-
-    An upper bound, not an exact count: every software-pipelined loop is taken to buffer
+    arguments (`nargs`: pointer arguments and constexprs by name), on compute capability `cc`:
+    an upper bound, not an exact count. Every software-pipelined loop is taken to buffer
     num_stages copies of the tiles it loads (in their load dtype), and the K loop's buffers and
     the rank-r epilogue's are counted as both live. The compiler keeps num_stages - 1 on sm_80
     and without wgmma, and sometimes reuses the K loop's space for the epilogue: the bound is
     up to ~2x on those (the price: a few configs that would fit are not timed there).
     `aot` fails if a compiled kernel ever needs more than this."""
     del cc  # one bound for both targets (see above)
-    kw, st = cfg.kwargs, cfg.num_stages
-    br = nargs["BLOCK_R"]
+    kw, st, br = cfg.kwargs, cfg.num_stages, nargs["BLOCK_R"]
     if kernel in ("_main_kernel", "_dx_kernel"):
         bm, bn, bk = kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"]
         if kernel == "_main_kernel":
@@ -156,10 +153,13 @@ def _smem_model(kernel: str, cfg: triton.Config, nargs: dict, cc: int) -> int:
 
 
 def _fma_registers(kernel: str, cfg: triton.Config, nargs: dict) -> float:
-    """fp32 words per thread of accumulators and product operands IEEE fp32 (FMA) keeps in
-    registers; with tensor cores 0 but the tf32 reduce's X and X^T (128x64: 1.5 KB spilled)."""
+    """fp32 words per thread of the accumulators and product operands FMA (IEEE fp32) keeps in
+    registers; tensor cores: 0, the tf32 reduce's X and X^T, inf for the FMA-only tile."""
     kw, br, bm = cfg.kwargs, nargs["BLOCK_R"], cfg.kwargs["BLOCK_M"]
-    if not nargs.get("IEEE"):
+    tile = (bm, kw.get("BLOCK_N"), kw.get("BLOCK_K"), cfg.num_stages, cfg.num_warps)
+    if not nargs.get("IEEE"):  # and with tensor cores never the FMA-only GEMM tile
+        if tile == _FMA_ONLY and kernel in ("_main_kernel", "_dx_kernel"):
+            return float("inf")
         tf32 = kernel == "_reduce_kernel" and nargs["x_ptr"].element_size() == 4
         return 2 * bm * kw["BLOCK_C"] / (32 * cfg.num_warps) if tf32 else 0.0
     if kernel == "_main_kernel":  # acc [BM, BN]; x [BM, BK], W [BK, BN]
