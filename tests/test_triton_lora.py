@@ -500,6 +500,15 @@ def test_fp32_config_pruning():
                                                        kernel))
         assert tiles(pick(gemm, {"IEEE": True, "BLOCK_R": br, "HAS_BASE": True},
                           "_dx_kernel")) == [kernels._FMA_ONLY]
+    # IEEE fp32 reduce over both passes holds X and X^T: at BR = 16 the 64x64 tile (96 words)
+    # spilled 0.5-2.5 KB where 32x64 (56) spilled at most 16 B; one pass keeps 64x64 (48)
+    def reduce_tiles(**nargs):
+        kept = pick(reduce_, {"IEEE": True, "BLOCK_R": 16, **nargs}, "_reduce_kernel")
+        return [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_C"]) for c in kept]
+
+    assert reduce_tiles(DO_ROW=True, DO_COL=True) == [(32, 64)]
+    assert reduce_tiles(DO_ROW=False, DO_COL=True) == [(64, 64), (32, 64)]
+    assert reduce_tiles(DO_ROW=True, DO_COL=False) == [(64, 64), (32, 64)]
     # tf32 (fp32 on tensor cores): the reduce holds its X tile and X^T in registers; 128x64
     # spilled 1.3-1.5 KB per thread on sm_80 where 64x64 spilled 200-344 B. bf16 keeps all.
     from types import SimpleNamespace

@@ -169,9 +169,9 @@ def _fma_registers(kernel: str, cfg: triton.Config, nargs: dict) -> float:
         words = acc + kw["BLOCK_N"] * (bm + kw["BLOCK_K"])
     elif kernel == "_shrink_kernel":  # acc [BM, BR]; x [BM, BK], A [BR, BK]
         words = bm * br + kw["BLOCK_K"] * (bm + br)
-    else:  # x [BM, BC]; rows: acc [BM, BR] and Y [BC, BR]; cols: acc [BC, BR] and phi(Z)
+    else:  # x [BM, BC] (both passes: and X^T); rows: acc [BM, BR], Y [BC, BR]; cols: acc, phi(Z)
         bc, passes = kw["BLOCK_C"], nargs["DO_ROW"] + nargs["DO_COL"]
-        words = bm * bc + passes * (bm + bc) * br
+        words = bm * bc * (1 + (passes == 2)) + passes * (bm + bc) * br
     return words / (32 * cfg.num_warps)
 
 
