@@ -41,7 +41,12 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 from tiny_models import VOCAB, tiny_model  # noqa: E402
-from torchrun_helpers import read_reports, run_torchrun, write_report  # noqa: E402
+from torchrun_helpers import (  # noqa: E402
+    close_process_group,
+    read_reports,
+    run_torchrun,
+    write_report,
+)
 
 import llm_adapters as la  # noqa: E402
 
@@ -259,7 +264,7 @@ def _worker(out: str) -> None:
         report["seconds"]["peft"] = time.perf_counter() - start
     finally:
         write_report(out, rank, report)
-        dist.destroy_process_group()
+        close_process_group()
 
 
 # ---- the tests -------------------------------------------------------------------------------

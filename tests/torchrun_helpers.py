@@ -31,6 +31,21 @@ def run_torchrun(script: str, out: Path, nproc: int = 2, timeout: int = 600) -> 
     return seconds
 
 
+def close_process_group() -> None:
+    """End a worker's gloo group (call it in the worker's `finally`): a barrier, so that every
+    rank is done, then destroy_process_group. A rank that tears its side down while another
+    still talks to it can abort in gloo's threads ("terminate called without an active
+    exception") after its work is done. While an exception propagates there is no barrier (the
+    other ranks may never reach it): that rank fails at once, and torchrun stops the rest."""
+    import torch.distributed as dist
+
+    try:
+        if sys.exc_info()[0] is None:
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
 def write_report(out: str, rank: int, report: dict) -> None:
     """Leave a worker's measurements for the test: `report-<rank>.json` in `out`."""
     with open(os.path.join(out, f"report-{rank}.json"), "w") as f:
