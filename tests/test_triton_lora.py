@@ -451,6 +451,8 @@ def test_fp32_config_pruning():
     # operand tiles are not launched (AOT compiles of them spilled up to 28 KB per thread), unless
     # none is within 64, then the fewest; tensor-core variants keep every config but the tf32
     # reduce's wide one.
+    from types import SimpleNamespace
+
     from llm_adapters.triton_kernels import _limits
     from llm_adapters.triton_kernels import lora as kernels
 
@@ -506,20 +508,18 @@ def test_fp32_config_pruning():
         kept = pick(reduce_, {"IEEE": True, "BLOCK_R": 16, **nargs}, "_reduce_kernel")
         return [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_C"]) for c in kept]
 
+    def x_of(size):
+        return SimpleNamespace(element_size=lambda: size)
+
     assert reduce_tiles(DO_ROW=True, DO_COL=True) == [(32, 64)]
     assert reduce_tiles(DO_ROW=False, DO_COL=True) == [(64, 64), (32, 64)]
     assert reduce_tiles(DO_ROW=True, DO_COL=False) == [(64, 64), (32, 64)]
     # tf32 (fp32 on tensor cores): the reduce holds its X tile and X^T in registers; 128x64
     # spilled 1.3-1.5 KB per thread on sm_80 where 64x64 spilled 200-344 B. bf16 keeps all.
-    from types import SimpleNamespace
-
     for br in (16, 64, 128):
         tf32 = {"IEEE": False, "BLOCK_R": br, "DO_ROW": False, "DO_COL": True}
-        kept = pick(reduce_, {**tf32, "x_ptr": SimpleNamespace(element_size=lambda: 4)},
-                    "_reduce_kernel")
-        assert [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_C"]) for c in kept] == [(64, 64), (32, 64)]
-        half = {**tf32, "x_ptr": SimpleNamespace(element_size=lambda: 2)}
-        assert pick(reduce_, half, "_reduce_kernel") == reduce_
+        assert reduce_tiles(**tf32, x_ptr=x_of(4)) == [(64, 64), (32, 64)]
+        assert pick(reduce_, {**tf32, "x_ptr": x_of(2)}, "_reduce_kernel") == reduce_
 
 
 def test_untuned_mode_keeps_one_config(monkeypatch):
